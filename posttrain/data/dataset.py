@@ -1,0 +1,153 @@
+"""Data sources, mixtures, and the tokenized SFT dataset every stage builds on.
+
+A :class:`DataSource` is a file (or save_to_disk directory), its format (``auto`` by
+default) and a mixture weight. Several sources form a mixture: each source contributes
+``total * weight / sum(weights)`` examples, where ``total`` is the sum of all source
+sizes unless ``mixture_size`` is set; a source asked for more examples than it has is
+repeated (then sampled without replacement for the remainder), one asked for fewer is
+subsampled, both seeded. With one source nothing is resampled.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from posttrain.config import ConfigError, doc
+from posttrain.data.formats import SFT_FORMATS, SFTRecord, detect_sft_format, to_sft_record
+from posttrain.data.loading import BadRowError, BadRows, iter_rows
+from posttrain.data.tokenize import TokenizedExample, TokenizeStats, tokenize_record
+from posttrain.log import log
+
+
+@dataclass
+class DataSource:
+    """One data file in a mixture."""
+
+    path: str = doc("A .jsonl/.json/.parquet/.csv file or a datasets.save_to_disk directory.")
+    format: str = doc(f"Row format: auto or one of {', '.join(SFT_FORMATS)}.", "auto")
+    weight: float = doc("Mixture weight (relative share of examples).", 1.0)
+
+    def validate(self) -> None:
+        if self.format != "auto" and self.format not in SFT_FORMATS:
+            raise ConfigError(f"format {self.format!r} is not auto or one of {SFT_FORMATS}")
+        if self.weight <= 0:
+            raise ConfigError(f"weight of {self.path} must be positive")
+
+    @classmethod
+    def from_string(cls, s: str) -> "DataSource":
+        return cls(path=s)
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they become token ids."""
+
+    train: list[DataSource] = doc("Training data: one or more sources (a mixture).", default_factory=list)
+    eval: list[DataSource] = doc("Held-out data for eval loss/perplexity; empty = split off eval_fraction.",
+                                 default_factory=list)
+    eval_fraction: float = doc("Share of train rows held out when no eval data is given (0 = none).", 0.05)
+    max_length: int = doc("Maximum tokens per example.", 1024)
+    too_long: str = doc("Examples longer than max_length: error, truncate_prompt (drop tokens from the left, "
+                        "never trained ones) or drop (counted).", "error")
+    skip_bad_rows: bool = doc("Skip and count bad rows instead of stopping at the first.", False)
+    mixture_size: int = doc("Total examples drawn from a multi-source mixture (0 = sum of source sizes).", 0)
+    max_examples: int = doc("Use at most this many training examples (0 = all); for quick runs.", 0)
+
+    def validate(self) -> None:
+        if self.too_long not in ("error", "truncate_prompt", "drop"):
+            raise ConfigError(f"data.too_long: {self.too_long!r} is not error, truncate_prompt or drop")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError("data.eval_fraction must be in [0, 1)")
+        if self.max_length < 2:
+            raise ConfigError("data.max_length must be at least 2")
+
+
+def read_sft_records(source: DataSource, bad: BadRows) -> list[SFTRecord]:
+    """Canonical records of one source; the format is detected from its first row if 'auto'."""
+    fmt = None if source.format == "auto" else source.format
+    records = []
+    for row in iter_rows(source.path, bad):
+        try:
+            if fmt is None:
+                fmt = detect_sft_format(row.data, row.origin)
+            records.append(to_sft_record(row, fmt))
+        except BadRowError as e:
+            bad.handle(e)
+    return records
+
+
+def mix(sources: list[list], weights: list[float], seed: int, total: int = 0) -> list:
+    """Seeded mixture of item lists by weight (see module docstring)."""
+    if len(sources) == 1 and not total:
+        return list(sources[0])
+    rng = random.Random(seed)
+    total = total or sum(len(s) for s in sources)
+    wsum = sum(weights)
+    out = []
+    for items, w in zip(sources, weights):
+        want = round(total * w / wsum)
+        if not items or not want:
+            continue
+        reps, rest = divmod(want, len(items))
+        out.extend(list(items) * reps)
+        out.extend(rng.sample(list(items), rest))
+    rng.shuffle(out)
+    return out
+
+
+@dataclass
+class SFTData:
+    """Tokenized train and eval examples plus what loading had to skip or change."""
+
+    train: list[TokenizedExample]
+    eval: list[TokenizedExample]
+    bad: BadRows
+    stats: TokenizeStats = field(default_factory=TokenizeStats)
+    formats: dict[str, str] = field(default_factory=dict)
+
+
+def tokenize_all(tok, records: list[SFTRecord], cfg: DataConfig, bad: BadRows,
+                 stats: TokenizeStats) -> list[TokenizedExample]:
+    out: list[TokenizedExample] = []
+    for rec in records:
+        try:
+            out.extend(tokenize_record(tok, rec, cfg.max_length, cfg.too_long, stats))
+        except BadRowError as e:
+            bad.handle(e)
+    return out
+
+
+def load_sft_data(tok, cfg: DataConfig, seed: int = 0) -> SFTData:
+    """Read, validate, mix, split and tokenize the SFT data of ``cfg``."""
+    if not cfg.train:
+        raise ConfigError("data.train: no training data given")
+    bad = BadRows(skip=cfg.skip_bad_rows)
+    stats = TokenizeStats()
+    per_source = [read_sft_records(s, bad) for s in cfg.train]
+    for s, recs in zip(cfg.train, per_source):
+        if not recs:
+            raise ConfigError(f"{s.path}: no usable rows" + (f" ({bad.summary()})" if bad.total else ""))
+    records = mix(per_source, [s.weight for s in cfg.train], seed, cfg.mixture_size)
+    if cfg.eval:
+        eval_records = [r for s in cfg.eval for r in read_sft_records(s, bad)]
+    elif cfg.eval_fraction > 0 and len(records) >= 20:
+        rng = random.Random(seed + 1)
+        idx = list(range(len(records)))
+        rng.shuffle(idx)
+        n_eval = max(1, int(len(records) * cfg.eval_fraction))
+        held = set(idx[:n_eval])
+        eval_records = [records[i] for i in sorted(held)]
+        records = [r for i, r in enumerate(records) if i not in held]
+    else:
+        eval_records = []
+    if cfg.max_examples:
+        records = records[: cfg.max_examples]
+    train = tokenize_all(tok, records, cfg, bad, stats)
+    evals = tokenize_all(tok, eval_records, cfg, bad, stats)
+    if not train:
+        raise ConfigError("no training examples left after tokenisation (" + (stats.summary() or bad.summary()) + ")")
+    for line in (bad.summary() if bad.total else "", stats.summary()):
+        if line:
+            log(line)
+    return SFTData(train, evals, bad, stats)

@@ -1,0 +1,181 @@
+"""Raw rows -> canonical records.
+
+Supervised (SFT) row formats, recognised from the first row of a file unless given:
+
+=================  ==============================================================================
+``messages``       ``{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", ...}]}``
+``prompt_completion`` ``{"prompt": "2+2?", "completion": "4"}`` (strings or message lists)
+``alpaca``         ``{"instruction": "Add", "input": "2 and 2", "output": "4"}`` (``input`` optional)
+``sharegpt``       ``{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", ...}]}``
+``text``           ``{"text": "raw document"}``: continued pre-training, loss on every token
+=================  ==============================================================================
+
+Every conversational format becomes a list of ``{"role", "content"}`` messages, to be
+rendered by the model's chat template; the loss later covers every assistant turn.
+Prompt-only formats (for online RL) are ``prompt`` (string or messages) or ``messages``
+ending in a user turn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from posttrain.data.loading import BadRowError, Row
+
+SFT_FORMATS = ("messages", "prompt_completion", "alpaca", "sharegpt", "text")
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "system": "system", "tool": "tool"}
+
+
+@dataclass
+class SFTRecord:
+    """One supervised example: a conversation (chat template) or a plain text."""
+
+    origin: str
+    messages: list[dict[str, str]] | None = None
+    text: str | None = None
+
+
+@dataclass
+class PromptRecord:
+    """One prompt for generation or online RL; ``fields`` keeps the row's other columns."""
+
+    origin: str
+    messages: list[dict[str, str]]
+    fields: dict[str, Any]
+
+
+def detect_sft_format(row: dict[str, Any], origin: str = "") -> str:
+    """The SFT format of ``row`` from its keys (most specific first)."""
+    if "messages" in row:
+        return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if "text" in row:
+        return "text"
+    raise BadRowError(
+        origin, None,
+        f"unrecognised row format: keys {sorted(row)}; expected one of messages, conversations, "
+        "prompt+completion, instruction+output, text (or set the dataset's format explicitly)",
+    )
+
+
+def _string(row: Row, key: str, *, allow_empty: bool = False) -> str:
+    if key not in row.data or row.data[key] is None:
+        raise BadRowError(row.origin, key, "missing field")
+    value = row.data[key]
+    if not isinstance(value, str):
+        raise BadRowError(row.origin, key, f"wrong type: expected a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise BadRowError(row.origin, key, "empty")
+    return value
+
+
+def _messages(row: Row, key: str, value: Any, *, role_key="role", content_key="content",
+              role_map: dict[str, str] | None = None) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise BadRowError(row.origin, key, "expected a non-empty list of messages"
+                          + ("" if isinstance(value, list) else f", got {type(value).__name__}"))
+    out = []
+    for i, m in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(m, dict):
+            raise BadRowError(row.origin, where, f"expected an object, got {type(m).__name__}")
+        role, content = m.get(role_key), m.get(content_key)
+        if role_map is not None:
+            role = role_map.get(str(role).lower()) if role is not None else None
+            if role is None:
+                raise BadRowError(row.origin, f"{where}.{role_key}",
+                                  f"unknown speaker {m.get(role_key)!r} (expected one of {sorted(role_map)})")
+        if role not in ROLES:
+            raise BadRowError(row.origin, f"{where}.{role_key}", f"unknown role {role!r} (expected one of {ROLES})")
+        if not isinstance(content, str):
+            raise BadRowError(row.origin, f"{where}.{content_key}",
+                              "missing field" if content is None else
+                              f"wrong type: expected a string, got {type(content).__name__}")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _check_assistant_turns(row: Row, key: str, messages: list[dict[str, str]]) -> None:
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
+        raise BadRowError(row.origin, key, "no assistant turn to train on")
+    for i in turns:
+        if not messages[i]["content"].strip():
+            raise BadRowError(row.origin, f"{key}[{i}].content", "empty assistant message")
+
+
+def to_sft_record(row: Row, fmt: str) -> SFTRecord:
+    """Canonical record of ``row`` in format ``fmt``; raises BadRowError naming the field."""
+    d = row.data
+    if fmt == "messages":
+        msgs = _messages(row, "messages", d.get("messages"))
+        _check_assistant_turns(row, "messages", msgs)
+        return SFTRecord(row.origin, messages=msgs)
+    if fmt == "sharegpt":
+        msgs = _messages(row, "conversations", d.get("conversations"), role_key="from", content_key="value",
+                         role_map=SHAREGPT_ROLES)
+        _check_assistant_turns(row, "conversations", msgs)
+        return SFTRecord(row.origin, messages=msgs)
+    if fmt == "prompt_completion":
+        prompt, completion = d.get("prompt"), d.get("completion")
+        if isinstance(prompt, list):
+            p_msgs = _messages(row, "prompt", prompt)
+        else:
+            p_msgs = [{"role": "user", "content": _string(row, "prompt")}]
+        if isinstance(completion, list):
+            c_msgs = _messages(row, "completion", completion)
+            _check_assistant_turns(row, "completion", c_msgs)
+        else:
+            c_msgs = [{"role": "assistant", "content": _string(row, "completion")}]
+        return SFTRecord(row.origin, messages=p_msgs + c_msgs)
+    if fmt == "alpaca":
+        instruction = _string(row, "instruction")
+        extra = d.get("input")
+        if extra is not None and not isinstance(extra, str):
+            raise BadRowError(row.origin, "input", f"wrong type: expected a string, got {type(extra).__name__}")
+        user = instruction if not (extra or "").strip() else f"{instruction}\n\n{extra}"
+        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": _string(row, "output")}]
+        if isinstance(d.get("system"), str) and d["system"].strip():
+            msgs.insert(0, {"role": "system", "content": d["system"]})
+        return SFTRecord(row.origin, messages=msgs)
+    if fmt == "text":
+        return SFTRecord(row.origin, text=_string(row, "text"))
+    raise ValueError(f"unknown SFT format {fmt!r}; expected one of {SFT_FORMATS}")
+
+
+def to_prompt_record(row: Row) -> PromptRecord:
+    """A prompt row: ``prompt`` (string or messages), or ``messages`` ending in a user turn."""
+    d = row.data
+    if "prompt" in d:
+        if isinstance(d["prompt"], list):
+            msgs = _messages(row, "prompt", d["prompt"])
+        else:
+            msgs = [{"role": "user", "content": _string(row, "prompt")}]
+        rest = {k: v for k, v in d.items() if k != "prompt"}
+    elif "messages" in d:
+        msgs = _messages(row, "messages", d["messages"])
+        if msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]  # the reference answer is kept as a field, the model answers anew
+            rest = {k: v for k, v in d.items() if k != "messages"}
+            rest.setdefault("reference", d["messages"][-1]["content"])
+        else:
+            rest = {k: v for k, v in d.items() if k != "messages"}
+        if not msgs:
+            raise BadRowError(row.origin, "messages", "no prompt before the assistant turn")
+    elif "instruction" in d:
+        instruction = _string(row, "instruction")
+        extra = d.get("input") or ""
+        msgs = [{"role": "user", "content": instruction if not extra.strip() else f"{instruction}\n\n{extra}"}]
+        rest = {k: v for k, v in d.items() if k not in ("instruction", "input")}
+    else:
+        raise BadRowError(row.origin, "prompt", f"missing field (a prompt row needs 'prompt' or 'messages'; "
+                          f"keys: {sorted(d)})")
+    return PromptRecord(row.origin, msgs, rest)

@@ -1,0 +1,231 @@
+"""Token ids and loss masks from canonical records; batching.
+
+Loss mask. A conversation is rendered once by the model's chat template and tokenized
+with character offsets. For each assistant turn ``i`` the template is also rendered for
+``messages[:i]`` with the generation prompt and for ``messages[:i+1]``: the characters
+between the two are that turn's content and end-of-turn marker. Tokens inside those
+spans are trained on, up to and including the first EOS token after the content (the
+template's end-of-turn token, ``<|im_end|>`` for ChatML) and nothing after it (the
+newline between turns is not predicted). System and user turns and the generation prompt
+(``<|im_start|>assistant\\n``) are never trained on. Plain ``text`` rows train on every
+token and end with EOS.
+
+Too long. ``too_long`` says what happens to a conversation longer than ``max_length``:
+``error`` (a bad row; with ``skip_bad_rows`` it is counted and skipped), ``drop``
+(skipped and counted, with no error), or ``truncate_prompt`` (tokens are removed from the
+left of the sequence, never from a trained span; if the trained part alone is too long
+the row is dropped and counted). ``text`` rows longer than ``max_length`` are split into
+consecutive windows, all trained on (the usual continued pre-training treatment).
+
+Batching. Both collators give the same loss for the same examples:
+``pad`` right-pads to the longest row of the batch (batches are grouped by length, so
+little is padded); ``flatten`` concatenates the batch into one row with ``position_ids``
+restarting at 0 for each sequence, which transformers' attention turns into a
+block-diagonal mask, so no sequence sees another.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from posttrain.data.formats import SFTRecord
+from posttrain.data.loading import BadRowError
+
+IGNORE = -100
+
+
+class ChatTemplateError(ValueError):
+    """The tokenizer has no chat template, or one whose renders do not nest."""
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE where not trained on
+    origin: str
+
+    @property
+    def num_trained(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+@dataclass
+class TokenizeStats:
+    """What tokenisation did to the data, reported at the end of loading."""
+
+    truncated: int = 0
+    dropped_too_long: int = 0
+    split_text: int = 0
+    reasons: Counter = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        parts = []
+        if self.truncated:
+            parts.append(f"{self.truncated} truncated from the left")
+        if self.dropped_too_long:
+            parts.append(f"{self.dropped_too_long} dropped as too long")
+        if self.split_text:
+            parts.append(f"{self.split_text} long texts split into windows")
+        return ", ".join(parts)
+
+
+def _render(tok, messages, add_generation_prompt: bool) -> str:
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_char_spans(tok, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans to train on (see module docstring)."""
+    if not getattr(tok, "chat_template", None):
+        raise ChatTemplateError(
+            "the tokenizer has no chat template; conversational data needs one (use a chat model or "
+            "'text' rows)"
+        )
+    full = _render(tok, messages, add_generation_prompt=False)
+    spans = []
+    eos = tok.eos_token or ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _render(tok, messages[:i], add_generation_prompt=True) if i else ""
+        upto = _render(tok, messages[: i + 1], add_generation_prompt=False)
+        if not full.startswith(upto) or not upto.startswith(before):
+            raise ChatTemplateError(
+                "the chat template does not render conversations as prefixes of each other, so assistant "
+                "turns cannot be located (templates that rewrite earlier turns are not supported yet)"
+            )
+        content_at = upto.find(m["content"], len(before))
+        if content_at < 0:
+            raise ChatTemplateError("the chat template altered an assistant message's text")
+        end = content_at + len(m["content"])
+        eos_at = upto.find(eos, end) if eos else -1
+        end = eos_at + len(eos) if eos_at >= 0 else len(upto.rstrip())
+        spans.append((len(before), end))
+    return full, spans
+
+
+def tokenize_conversation(tok, messages: list[dict[str, str]], origin: str = "") -> TokenizedExample:
+    text, spans = assistant_char_spans(tok, messages)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [IGNORE] * len(ids)
+    for t, (s, e) in enumerate(offsets):
+        if e <= s:
+            continue
+        for a, b in spans:
+            if s >= a and e <= b:
+                labels[t] = ids[t]
+                break
+    return TokenizedExample(ids, labels, origin)
+
+
+def tokenize_text(tok, text: str, origin: str = "") -> TokenizedExample:
+    ids = tok(text, add_special_tokens=True)["input_ids"]
+    if tok.eos_token_id is not None:
+        ids = ids + [tok.eos_token_id]
+    return TokenizedExample(ids, list(ids), origin)
+
+
+def tokenize_record(
+    tok, rec: SFTRecord, max_length: int, too_long: str, stats: TokenizeStats
+) -> list[TokenizedExample]:
+    """Token ids and labels for one record, with the too-long policy applied.
+
+    Returns zero examples (dropped, counted in ``stats``), one, or several (split text).
+    Raises BadRowError for ``too_long='error'``.
+    """
+    if rec.text is not None:
+        ex = tokenize_text(tok, rec.text, rec.origin)
+        if len(ex.input_ids) <= max_length:
+            return [ex]
+        stats.split_text += 1
+        return [
+            TokenizedExample(ex.input_ids[i : i + max_length], ex.labels[i : i + max_length], rec.origin)
+            for i in range(0, len(ex.input_ids), max_length)
+            if len(ex.input_ids[i : i + max_length]) > 1
+        ]
+    ex = tokenize_conversation(tok, rec.messages or [], rec.origin)
+    if ex.num_trained == 0:
+        raise BadRowError(rec.origin, "messages", "no trained tokens after applying the chat template")
+    n = len(ex.input_ids)
+    if n <= max_length:
+        return [ex]
+    if too_long == "error":
+        raise BadRowError(
+            rec.origin, "messages",
+            f"too long: {n} tokens > max_length {max_length} (set too_long to truncate_prompt or drop, "
+            "or skip_bad_rows: true)",
+        )
+    first_trained = next(i for i, x in enumerate(ex.labels) if x != IGNORE)
+    cut = n - max_length
+    if too_long == "truncate_prompt" and cut <= first_trained:
+        stats.truncated += 1
+        return [TokenizedExample(ex.input_ids[cut:], ex.labels[cut:], rec.origin)]
+    stats.dropped_too_long += 1
+    return []
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, mega: int = 64) -> list[list[int]]:
+    """Shuffled batches of indices whose members have similar lengths.
+
+    Indices are shuffled with ``seed``, cut into windows of ``mega`` batches, each window
+    sorted by length and cut into batches, and the batch order shuffled again: random
+    across the epoch, with little padding inside a batch.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * mega
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w : w + window], key=lambda i: -lengths[i])
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def collate_pad(examples: list[TokenizedExample], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, Any]:
+    """Right-padded batch: input_ids, attention_mask, labels, each (B, T)."""
+    width = max(len(e.input_ids) for e in examples)
+    width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_flatten(examples: list[TokenizedExample]) -> dict[str, Any]:
+    """Padding-free batch: all sequences in one row (1, sum T_i) with restarting position_ids.
+
+    The first label of every sequence is IGNORE so no token is predicted across a boundary.
+    """
+    ids, labels, pos = [], [], []
+    for e in examples:
+        ids.extend(e.input_ids)
+        labels.extend([IGNORE] + e.labels[1:])
+        pos.extend(range(len(e.input_ids)))
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([pos], dtype=torch.long),
+    }
+
+
+def collate(examples: list[TokenizedExample], mode: str, pad_id: int) -> dict[str, Any]:
+    if mode == "flatten":
+        return collate_flatten(examples)
+    if mode == "pad":
+        return collate_pad(examples, pad_id)
+    raise ValueError(f"unknown batching mode {mode!r} (pad or flatten)")

