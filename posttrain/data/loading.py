@@ -43,14 +43,14 @@ class BadRows:
 
     skip: bool = False
     counts: Counter = field(default_factory=Counter)
-    examples: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
 
     def handle(self, err: BadRowError) -> None:
         if not self.skip:
             raise err
         self.counts[err.reason.split(":")[0]] += 1
-        if len(self.examples) < 20:
-            self.examples.append(str(err))
+        if len(self.errors) < 100_000:
+            self.errors.append(str(err))
 
     @property
     def total(self) -> int:

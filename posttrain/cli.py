@@ -1,0 +1,309 @@
+"""``posttrain`` command line: a thin layer that maps arguments onto configs and calls stages.
+
+Commands::
+
+    posttrain sft --config recipes/sft.yaml [key=value ...]   supervised fine-tuning
+    posttrain data inspect FILE [--model M] [--kind sft|prompts]
+    posttrain chat MODEL                                       interactive, streaming, multi-turn
+    posttrain generate MODEL --prompts FILE [--out FILE]
+    posttrain demo [--quick]                                   the main job
+    posttrain report RUN_DIR                                   plots + HTML of a run
+    posttrain config sft                                       every config key with its doc
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from posttrain.config import ConfigError, describe, load_config
+from posttrain.log import console, die, log
+
+STAGES = {"sft": ("posttrain.stages.sft", "SFTConfig")}
+
+
+def _stage_config_cls(name: str):
+    import importlib
+
+    module, cls = STAGES[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def _config_help(cls) -> str:
+    lines = ["config keys (set in the YAML file or as key=value; sections with dots):"]
+    for key, tp, default, help_ in describe(cls):
+        lines.append(f"  {key} ({tp}, default {default})\n      {help_}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- sft
+
+
+def cmd_sft(args) -> int:
+    from posttrain.stages.sft import SFTConfig, train
+
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append("resume=true")
+    cfg = load_config(SFTConfig, args.config, overrides)
+    result = train(cfg)
+    from posttrain.report import write_report
+
+    log(f"report: {write_report(result.run_dir)}")
+    return 0
+
+
+# --------------------------------------------------------------------------- data inspect
+
+
+def _mark_trained(tok, ids: list[int], labels: list[int]) -> str:
+    """Decoded tokens with the trained spans wrapped in ⟦ ⟧."""
+    from posttrain.data.tokenize import IGNORE
+
+    out, inside, run = [], False, []
+
+    def flush():
+        if run:
+            text = tok.decode(run)
+            out.append(f"⟦{text}⟧" if inside else text)
+
+    for t, lab in zip(ids, labels):
+        trained = lab != IGNORE
+        if trained != inside:
+            flush()
+            run, inside = [], trained
+        run.append(t)
+    flush()
+    return "".join(out)
+
+
+def cmd_data_inspect(args) -> int:
+    from posttrain.data.dataset import DataSource, read_sft_records
+    from posttrain.data.formats import detect_sft_format, to_prompt_record
+    from posttrain.data.loading import BadRowError, BadRows, iter_rows
+    from posttrain.data.tokenize import TokenizeStats, tokenize_record
+    from posttrain.models import load_tokenizer, resolve_model_path
+
+    path = Path(args.file)
+    bad = BadRows(skip=True)
+    tok = load_tokenizer(resolve_model_path(args.model))
+    if args.kind == "preference":
+        die("preference data inspection arrives with the preference stages (not implemented yet)")
+    console.rule(f"{path}")
+    if args.kind == "prompts":
+        records = []
+        for row in iter_rows(path, bad):
+            try:
+                records.append(to_prompt_record(row))
+            except BadRowError as e:
+                bad.handle(e)
+        console.print(f"{len(records)} prompt rows")
+        lengths = [len(tok.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True)) for r in records]
+        for r in records[: args.n]:
+            console.print(f"[dim]{r.origin}[/dim]")
+            console.print(tok.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False),
+                          markup=False, highlight=False)
+    else:
+        first = next(iter(iter_rows(path, BadRows(skip=True))), None)
+        fmt = args.format
+        if fmt == "auto" and first is not None:
+            try:
+                fmt = detect_sft_format(first.data, first.origin)
+                console.print(f"format: [bold]{fmt}[/bold] (recognised from the keys of the first row: "
+                              f"{sorted(first.data)})")
+            except BadRowError as e:
+                bad.handle(e)
+        records = read_sft_records(DataSource(path=str(path), format=fmt), bad) if fmt != "auto" else []
+        stats = TokenizeStats()
+        examples = []
+        for rec in records:
+            try:
+                examples.extend(tokenize_record(tok, rec, args.max_length, "error", stats))
+            except BadRowError as e:
+                bad.handle(e)
+        console.print(f"{len(records)} rows read, {len(examples)} tokenised examples; trained tokens are "
+                      "shown inside ⟦ ⟧")
+        for ex in examples[: args.n]:
+            console.rule(f"[dim]{ex.origin}: {len(ex.input_ids)} tokens, {ex.num_trained} trained[/dim]")
+            console.print(_mark_trained(tok, ex.input_ids, ex.labels), markup=False, highlight=False)
+        lengths = [len(e.input_ids) for e in examples]
+        trained = [e.num_trained for e in examples]
+        if trained:
+            console.print(f"trained tokens per example: mean {statistics.mean(trained):.1f}, total {sum(trained)}")
+    if lengths:
+        q = statistics.quantiles(lengths, n=20) if len(lengths) > 1 else [lengths[0]] * 19
+        console.print(f"token lengths: n={len(lengths)} min={min(lengths)} mean={statistics.mean(lengths):.1f} "
+                      f"median={statistics.median(lengths):.0f} p95={q[18]:.0f} max={max(lengths)}")
+    if bad.total:
+        console.print(f"[bold red]{bad.total} bad rows:[/bold red]")
+        for e in bad.errors:
+            console.print(f"  {e}", markup=False, highlight=False)
+        return 1
+    console.print("no bad rows")
+    return 0
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def cmd_generate(args) -> int:
+    from posttrain.data.formats import to_prompt_record
+    from posttrain.data.loading import BadRowError, BadRows, iter_rows
+    from posttrain.models import load_model
+    from posttrain.rollout import SamplingConfig, generate
+
+    bad = BadRows(skip=args.skip_bad_rows)
+    records = []
+    for row in iter_rows(args.prompts, bad):
+        try:
+            records.append(to_prompt_record(row))
+        except BadRowError as e:
+            bad.handle(e)
+    model, tok = load_model(args.model, with_tokenizer=True)
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                         batch_size=args.batch_size, seed=args.seed)
+    completions = generate(model, tok, [r.messages for r in records], cfg)
+    out = open(args.out, "w") if args.out else sys.stdout
+    for r, c in zip(records, completions):
+        out.write(json.dumps({"prompt": r.messages, "completion": c, **r.fields}) + "\n")
+    if args.out:
+        out.close()
+        log(f"wrote {len(completions)} completions to {args.out}")
+    if bad.total:
+        log(bad.summary())
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from transformers import TextStreamer
+
+    from posttrain.models import load_model
+    from posttrain.rollout import SamplingConfig, generate
+
+    model, tok = load_model(args.model, with_tokenizer=True)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=1)
+    console.print("chat with the model; /reset clears the conversation, /exit (or Ctrl-D) quits", style="dim")
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    while True:
+        try:
+            user = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if user.strip() in ("/exit", "/quit"):
+            return 0
+        if user.strip() == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not user.strip():
+            continue
+        history.append({"role": "user", "content": user})
+        print("assistant> ", end="", flush=True)
+        reply = generate(model, tok, [history], cfg, streamer=streamer)[0]
+        history.append({"role": "assistant", "content": reply})
+
+
+# --------------------------------------------------------------------------- misc
+
+
+def cmd_demo(args) -> int:
+    from posttrain.demo import run_demo
+
+    run_demo(args.output_dir, quick=args.quick)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from posttrain.report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
+def cmd_config(args) -> int:
+    print(_config_help(_stage_config_cls(args.stage)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from posttrain.models import EMBEDDED_NAME
+
+    p = argparse.ArgumentParser(prog="posttrain", description="Post-train a causal LM into an assistant.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from posttrain.stages.sft import SFTConfig
+
+    s = sub.add_parser("sft", help="supervised fine-tuning", epilog=_config_help(SFTConfig),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--config", help="YAML file of config keys (e.g. recipes/sft.yaml)")
+    s.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-4 model.lora=true")
+    s.set_defaults(func=cmd_sft)
+
+    d = sub.add_parser("data", help="inspect data files")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    di = dsub.add_parser("inspect", help="how rows are recognised and tokenised; lists every bad row")
+    di.add_argument("file")
+    di.add_argument("--model", default=EMBEDDED_NAME, help="model whose tokenizer and chat template to use")
+    di.add_argument("--kind", default="sft", choices=["sft", "preference", "prompts"])
+    di.add_argument("--format", default="auto", help="row format (default: recognised from the first row)")
+    di.add_argument("--max-length", type=int, default=1024, help="rows longer than this are reported as bad")
+    di.add_argument("-n", type=int, default=3, help="examples to print")
+    di.set_defaults(func=cmd_data_inspect)
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat with a model (streaming)")
+    c.add_argument("model", nargs="?", default=EMBEDDED_NAME)
+    c.add_argument("--system", default="", help="system prompt")
+    c.add_argument("--max-new-tokens", type=int, default=512)
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.set_defaults(func=cmd_chat)
+
+    g = sub.add_parser("generate", help="complete every prompt of a file")
+    g.add_argument("model", nargs="?", default=EMBEDDED_NAME)
+    g.add_argument("--prompts", required=True, help="file of prompt rows (prompt or messages)")
+    g.add_argument("--out", help="output JSONL (default: stdout)")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--skip-bad-rows", action="store_true")
+    g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("demo", help="the main job: SFT the embedded model on reasoning data, before/after")
+    m.add_argument("--quick", action="store_true", help="about one minute instead of several")
+    m.add_argument("--output-dir", default="runs/demo")
+    m.set_defaults(func=cmd_demo)
+
+    r = sub.add_parser("report", help="write report.html and report.png for a run directory")
+    r.add_argument("run_dir")
+    r.set_defaults(func=cmd_report)
+
+    k = sub.add_parser("config", help="list every config key of a stage with its documentation")
+    k.add_argument("stage", choices=sorted(STAGES))
+    k.set_defaults(func=cmd_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from posttrain.data.loading import BadRowError
+    from posttrain.data.tokenize import ChatTemplateError
+    from posttrain.models import ModelNotFoundError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ConfigError, BadRowError, ModelNotFoundError, ChatTemplateError, FileNotFoundError) as e:
+        die(str(e))
+    except OSError as e:
+        die(f"{e}")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: files -> rows (loading) -> canonical records (formats) -> token ids + loss masks (tokenize)."""

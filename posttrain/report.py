@@ -1,0 +1,99 @@
+"""Plots and an HTML page for a run directory (``posttrain report RUN_DIR``).
+
+Reads ``metrics.jsonl`` and draws one panel per metric namespace prefix group
+(``loss/*`` together, then each other key), writes ``report.png`` and ``report.html``
+(the plot, the resolved config, the last metric values, and ``samples.jsonl`` as a
+table when present).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from posttrain.engine import read_metrics
+
+
+def _series(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    out: dict[str, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
+    for r in records:
+        for k, v in r.items():
+            if k in ("step", "time") or not isinstance(v, (int, float)):
+                continue
+            out[k][0].append(r["step"])
+            out[k][1].append(float(v))
+    return dict(out)
+
+
+def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
+    """``report.png``: loss curves together, then one panel per other metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    series = _series(read_metrics(run_dir))
+    if not series:
+        return None
+    losses = sorted(k for k in series if k.startswith("loss/"))
+    others = [k for k in sorted(series) if not k.startswith("loss/") and len(series[k][0]) > 1]
+    panels = ([losses] if losses else []) + [[k] for k in others]
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False)
+    for ax, keys in zip(axes.flat, panels):
+        for k in keys:
+            xs, ys = series[k]
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, label=k)
+        ax.set_title(", ".join(keys) if len(keys) < 3 else "losses")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(run_dir.name)
+    fig.tight_layout()
+    path = Path(out) if out else run_dir / "report.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """``report.html`` (and ``report.png``) for ``run_dir``; returns the HTML path."""
+    run_dir = Path(run_dir)
+    png = plot_metrics(run_dir)
+    records = read_metrics(run_dir)
+    last: dict[str, float] = {}
+    for r in records:
+        last.update({k: v for k, v in r.items() if k not in ("time",)})
+    parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(run_dir.name)}</title></head><body>",
+             f"<h1>posttrain run: {html.escape(str(run_dir))}</h1>"]
+    if png:
+        parts.append(f"<img src='{png.name}' style='max-width:100%'>")
+    if last:
+        parts.append("<h2>Last values</h2><table border=1 cellpadding=3>")
+        parts += [f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in sorted(last.items())]
+        parts.append("</table>")
+    samples = run_dir / "samples.jsonl"
+    if samples.is_file():
+        rows = [json.loads(x) for x in samples.read_text().splitlines() if x.strip()]
+        if rows:
+            keys = list(rows[0])
+            parts.append("<h2>Samples</h2><table border=1 cellpadding=3><tr>"
+                         + "".join(f"<th>{html.escape(k)}</th>" for k in keys) + "</tr>")
+            for r in rows[:50]:
+                parts.append("<tr>" + "".join(f"<td><pre>{html.escape(str(r.get(k, '')))}</pre></td>" for k in keys)
+                             + "</tr>")
+            parts.append("</table>")
+    cfg = run_dir / "config.yaml"
+    if cfg.is_file():
+        parts.append(f"<h2>Config</h2><pre>{html.escape(cfg.read_text())}</pre>")
+    parts.append("</body></html>")
+    out = run_dir / "report.html"
+    out.write_text("\n".join(parts))
+    return out
