@@ -1,0 +1,217 @@
+"""Readers, row formats, bad-row reporting, loss masks (decoded) and batching."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from posttrain.config import load_config
+from posttrain.data.dataset import DataConfig, DataSource, load_sft_data, mix, read_sft_records
+from posttrain.data.formats import detect_sft_format, to_prompt_record, to_sft_record
+from posttrain.data.loading import BadRowError, BadRows, Row, iter_rows
+from posttrain.data.tokenize import (IGNORE, TokenizeStats, collate_flatten, collate_pad, length_grouped_batches,
+                                     tokenize_conversation, tokenize_record)
+from tests.conftest import write_jsonl
+
+ROWS = {
+    "messages": {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                              {"role": "assistant", "content": "Hello!"}]},
+    "prompt_completion": {"prompt": "2+2?", "completion": "4"},
+    "alpaca": {"instruction": "Add the numbers", "input": "2 and 3", "output": "5"},
+    "sharegpt": {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
+    "text": {"text": "Once upon a time."},
+}
+
+
+def trained_text(tok, ex) -> list[str]:
+    """Decode each maximal run of trained tokens."""
+    runs, cur = [], []
+    for t, lab in zip(ex.input_ids, ex.labels):
+        if lab != IGNORE:
+            cur.append(t)
+        elif cur:
+            runs.append(tok.decode(cur))
+            cur = []
+    if cur:
+        runs.append(tok.decode(cur))
+    return runs
+
+
+@pytest.mark.parametrize("fmt", list(ROWS))
+def test_detect_and_convert(fmt):
+    row = Row(ROWS[fmt], "f.jsonl:1")
+    assert detect_sft_format(row.data) == fmt
+    rec = to_sft_record(row, fmt)
+    if fmt == "text":
+        assert rec.text == "Once upon a time." and rec.messages is None
+    else:
+        assert rec.messages[-1]["role"] == "assistant"
+
+
+def test_alpaca_joins_input_and_prompt_completion_messages():
+    rec = to_sft_record(Row(ROWS["alpaca"], "x"), "alpaca")
+    assert rec.messages == [{"role": "user", "content": "Add the numbers\n\n2 and 3"},
+                            {"role": "assistant", "content": "5"}]
+    row = Row({"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "a"}]},
+              "x")
+    assert to_sft_record(row, "prompt_completion").messages[1] == {"role": "assistant", "content": "a"}
+
+
+@pytest.mark.parametrize("fmt,expected", [
+    ("messages", ["Hello!<|im_end|>"]),
+    ("prompt_completion", ["4<|im_end|>"]),
+    ("alpaca", ["5<|im_end|>"]),
+    ("sharegpt", ["Hello!<|im_end|>"]),
+])
+def test_loss_mask_is_exactly_the_assistant_reply(smol_tokenizer, fmt, expected):
+    rec = to_sft_record(Row(ROWS[fmt], "x"), fmt)
+    ex = tokenize_conversation(smol_tokenizer, rec.messages)
+    assert trained_text(smol_tokenizer, ex) == expected
+    # everything else (system, user turns, the '<|im_start|>assistant\n' header) is untrained
+    full = smol_tokenizer.decode(ex.input_ids)
+    assert full.endswith("<|im_end|>\n") and "<|im_start|>assistant\n" in full
+
+
+def test_loss_mask_multi_turn(smol_tokenizer):
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "first answer"},
+            {"role": "user", "content": "b"}, {"role": "assistant", "content": "second answer"}]
+    ex = tokenize_conversation(smol_tokenizer, msgs)
+    assert trained_text(smol_tokenizer, ex) == ["first answer<|im_end|>", "second answer<|im_end|>"]
+
+
+def test_text_rows_train_every_token(smol_tokenizer):
+    stats = TokenizeStats()
+    (ex,) = tokenize_record(smol_tokenizer, to_sft_record(Row(ROWS["text"], "x"), "text"), 64, "error", stats)
+    assert ex.labels == ex.input_ids and ex.input_ids[-1] == smol_tokenizer.eos_token_id
+    long = to_sft_record(Row({"text": "word " * 100}, "x"), "text")
+    windows = tokenize_record(smol_tokenizer, long, 32, "error", stats)
+    assert len(windows) > 2 and all(len(w.input_ids) <= 32 for w in windows) and stats.split_text == 1
+    assert sum(len(w.input_ids) for w in windows) == len(tokenize_record(smol_tokenizer, long, 10**6, "error",
+                                                                         stats)[0].input_ids)
+
+
+def test_too_long_policies(smol_tokenizer):
+    rec = to_sft_record(Row({"prompt": "long question " * 30, "completion": "short"}, "f.jsonl:7"),
+                        "prompt_completion")
+    with pytest.raises(BadRowError, match=r"f.jsonl:7: field 'messages': too long: \d+ tokens > max_length 40"):
+        tokenize_record(smol_tokenizer, rec, 40, "error", TokenizeStats())
+    stats = TokenizeStats()
+    (ex,) = tokenize_record(smol_tokenizer, rec, 40, "truncate_prompt", stats)
+    assert len(ex.input_ids) == 40 and trained_text(smol_tokenizer, ex) == ["short<|im_end|>"]
+    assert stats.truncated == 1
+    assert tokenize_record(smol_tokenizer, rec, 40, "drop", stats) == [] and stats.dropped_too_long == 1
+    # when the trained part alone is too long, truncation would cut trained tokens: dropped and counted
+    rec2 = to_sft_record(Row({"prompt": "q", "completion": "answer " * 50}, "x"), "prompt_completion")
+    assert tokenize_record(smol_tokenizer, rec2, 40, "truncate_prompt", stats) == []
+    assert stats.dropped_too_long == 2
+
+
+def test_readers_agree(tmp_path):
+    import datasets
+    import pandas as pd
+
+    rows = [ROWS["prompt_completion"], {"prompt": "3+3?", "completion": "6"}]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
+    pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "d_arrow"))
+    for name in ("d.jsonl", "d.json", "d.parquet", "d.csv", "d_arrow"):
+        got = [r.data for r in iter_rows(tmp_path / name, BadRows())]
+        assert got == rows, name
+    origins = [r.origin for r in iter_rows(tmp_path / "d.csv", BadRows())]
+    assert origins[0].endswith("d.csv:2")  # line 1 is the header
+
+
+def test_csv_messages_column_is_decoded(tmp_path):
+    import pandas as pd
+
+    pd.DataFrame([{"messages": json.dumps(ROWS["messages"]["messages"])}]).to_csv(tmp_path / "m.csv", index=False)
+    recs = read_sft_records(DataSource(path=str(tmp_path / "m.csv")), BadRows())
+    assert recs[0].messages[-1]["content"] == "Hello!"
+
+
+def test_bad_rows_error_names_file_line_field(tmp_path):
+    f = write_jsonl(tmp_path / "bad.jsonl", [
+        ROWS["messages"],
+        '{"messages": [ broken',
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 5}]},
+        {"messages": [{"role": "user", "content": "q"}]},
+        {"messages": [{"role": "robot", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]},
+    ])
+    with pytest.raises(BadRowError, match=r"bad.jsonl:2: invalid JSON"):
+        read_sft_records(DataSource(path=str(f)), BadRows())
+    bad = BadRows(skip=True)
+    recs = read_sft_records(DataSource(path=str(f)), bad)
+    assert len(recs) == 1 and bad.total == 5
+    text = "\n".join(bad.errors)
+    assert f"{f}:3: field 'messages[1].content': wrong type: expected a string, got int" in text
+    assert f"{f}:4: field 'messages': no assistant turn" in text
+    assert f"{f}:5: field 'messages[0].role': unknown role 'robot'" in text
+    assert f"{f}:6: field 'messages[1].content': empty assistant message" in text
+    assert "skipped 5 bad rows" in bad.summary()
+
+
+def test_missing_and_empty_fields(tmp_path):
+    with pytest.raises(BadRowError, match="field 'completion': missing field"):
+        to_sft_record(Row({"prompt": "q", "completion": None}, "x:1"), "prompt_completion")
+    with pytest.raises(BadRowError, match="field 'output': empty"):
+        to_sft_record(Row({"instruction": "q", "output": ""}, "x:1"), "alpaca")
+    with pytest.raises(BadRowError, match="unrecognised row format"):
+        detect_sft_format({"question": "q"}, "x:1")
+
+
+def test_prompt_records():
+    rec = to_prompt_record(Row({"prompt": "q", "answer": "4"}, "x"))
+    assert rec.messages == [{"role": "user", "content": "q"}] and rec.fields == {"answer": "4"}
+    rec = to_prompt_record(Row(ROWS["messages"], "x"))
+    assert rec.messages[-1]["role"] == "user" and rec.fields["reference"] == "Hello!"
+
+
+def test_mixture_weights():
+    a, b = list(range(100)), list(range(1000, 1010))
+    out = mix([a, b], [3.0, 1.0], seed=0, total=80)
+    assert len(out) == 80
+    assert sum(x >= 1000 for x in out) == 20  # b is repeated to reach its share
+    assert mix([a, b], [3.0, 1.0], seed=0, total=80) == out  # seeded
+
+
+def test_load_sft_data_mixture_and_skip(tmp_path, smol_tokenizer):
+    write_jsonl(tmp_path / "a.jsonl", [ROWS["messages"]] * 30 + ["not json"])
+    write_jsonl(tmp_path / "b.jsonl", [ROWS["text"]] * 10)
+    cfg = load_config(DataConfig, None, ["skip_bad_rows=true", "eval_fraction=0.1", "mixture_size=40"])
+    cfg.train = [DataSource(str(tmp_path / "a.jsonl"), weight=1), DataSource(str(tmp_path / "b.jsonl"), weight=1)]
+    data = load_sft_data(smol_tokenizer, cfg, seed=0)
+    assert len(data.train) + len(data.eval) == 40 and len(data.eval) == 4
+    assert data.bad.total == 1
+    n_text = sum(ex.labels == ex.input_ids for ex in data.train + data.eval)
+    assert n_text == 20
+
+
+def test_length_grouped_batches_cover_everything_once():
+    lengths = [5, 50, 6, 49, 7, 48, 8, 47, 100, 1]
+    batches = length_grouped_batches(lengths, 2, seed=3, mega=2)
+    assert sorted(i for b in batches for i in b) == list(range(10))
+    assert batches == length_grouped_batches(lengths, 2, seed=3, mega=2)
+    assert batches != length_grouped_batches(lengths, 2, seed=4, mega=2)
+
+
+def test_flatten_equals_pad_no_cross_contamination(smol_tokenizer, tiny_model_dir):
+    """Packed sequences see only themselves: per-token log-probs equal the padded batch's."""
+    from posttrain.logprobs import batch_logprobs
+    from posttrain.models import load_model
+
+    model = load_model(tiny_model_dir, "float32")
+    msgs = [[{"role": "user", "content": "q" * (i + 1)}, {"role": "assistant", "content": "answer " * (i + 1)}]
+            for i in range(4)]
+    exs = [tokenize_conversation(smol_tokenizer, m) for m in msgs]
+    with torch.no_grad():
+        padded = batch_logprobs(model, collate_pad(exs, smol_tokenizer.pad_token_id))
+        flat = batch_logprobs(model, collate_flatten(exs))
+        single = torch.cat([batch_logprobs(model, collate_pad([e], 0)) for e in exs])
+    assert padded.shape == flat.shape == single.shape
+    torch.testing.assert_close(flat, single, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded, single, atol=1e-5, rtol=1e-5)
