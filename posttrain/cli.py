@@ -7,6 +7,7 @@ Commands::
     posttrain chat MODEL                                       interactive, streaming, multi-turn
     posttrain generate MODEL --prompts FILE [--out FILE]
     posttrain demo [--quick]                                   the main job
+    posttrain synth arithmetic --n N --out FILE                verifiable task data
     posttrain report RUN_DIR                                   plots + HTML of a run
     posttrain config sft                                       every config key with its doc
 """
@@ -217,6 +218,17 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_synth(args) -> int:
+    from posttrain.synth.tasks import arithmetic_problems
+
+    problems = arithmetic_problems(args.n, args.split, seed=args.seed)
+    rows = [p.as_sft_row() if args.kind == "sft" else p.as_prompt_row() for p in problems]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    log(f"wrote {len(rows)} {args.split} {args.kind} rows to {args.out}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from posttrain.report import write_report
 
@@ -279,6 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--quick", action="store_true", help="about one minute instead of several")
     m.add_argument("--output-dir", default="runs/demo")
     m.set_defaults(func=cmd_demo)
+
+    y = sub.add_parser("synth", help="generate verifiable task data with worked solutions")
+    y.add_argument("task", choices=["arithmetic"])
+    y.add_argument("--n", type=int, default=400, help="number of distinct questions")
+    y.add_argument("--split", default="train", choices=["train", "test"], help="disjoint question splits")
+    y.add_argument("--kind", default="sft", choices=["sft", "prompts"], help="worked solutions or prompts only")
+    y.add_argument("--seed", type=int, default=0)
+    y.add_argument("--out", required=True)
+    y.set_defaults(func=cmd_synth)
 
     r = sub.add_parser("report", help="write report.html and report.png for a run directory")
     r.add_argument("run_dir")

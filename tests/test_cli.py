@@ -1,0 +1,76 @@
+"""The command line: help for every command, data inspect, sft from a recipe, generate, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from posttrain.cli import build_parser, main
+from tests.conftest import write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("argv", [[], ["sft"], ["data", "inspect"], ["chat"], ["generate"], ["demo"], ["report"],
+                                  ["synth"], ["config"]])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: posttrain" in out
+    if argv == ["sft"]:
+        assert "model.lora_r" in out and "data.too_long" in out  # every config key documented
+
+
+def test_data_inspect_good_and_bad(tiny_model_dir, tmp_path, capsys):
+    good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "2+2?", "completion": "4"}] * 3)
+    assert main(["data", "inspect", str(good), "--model", str(tiny_model_dir)]) == 0
+    err = capsys.readouterr().err
+    assert "prompt_completion" in err and "⟦4<|im_end|>⟧" in err and "token lengths" in err
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "2+2?", "completion": "4"}, "{oops",
+                                               {"prompt": "q", "completion": 7}])
+    assert main(["data", "inspect", str(bad), "--model", str(tiny_model_dir)]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:2: invalid JSON" in err and f"{bad}:3: field 'completion': wrong type" in err
+
+
+def test_sft_from_recipe_with_overrides(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    code = main(["sft", "--config", str(REPO / "recipes" / "sft.yaml"), f"model.name_or_path={tiny_model_dir}",
+                 f"data.train={REPO / 'examples/data/arithmetic_train.jsonl'}",
+                 f"data.eval={REPO / 'examples/data/arithmetic_test.jsonl'}", f"output_dir={out}", "max_steps=2",
+                 "batch_size=2", "save_every=0", "tensorboard=false"])
+    assert code == 0
+    assert (out / "model" / "model.safetensors").is_file() and (out / "report.html").is_file()
+    assert (out / "report.png").is_file()
+
+
+def test_config_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sft", "lrr=1"])
+    assert e.value.code == 2
+    assert "unknown config key 'lrr'. Did you mean 'lr'?" in capsys.readouterr().err
+
+
+def test_generate(tiny_model_dir, tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi", "id": 1}, {"prompt": "Hello there", "id": 2}])
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", str(tiny_model_dir), "--prompts", str(prompts), "--out", str(out),
+                 "--max-new-tokens", "5"]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [1, 2] and all(isinstance(r["completion"], str) for r in rows)
+
+
+def test_synth_writes_rows(tmp_path):
+    out = tmp_path / "s.jsonl"
+    assert main(["synth", "arithmetic", "--n", "5", "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 5
+
+
+def test_parser_lists_every_command():
+    text = build_parser().format_help()
+    for cmd in ("sft", "data", "chat", "generate", "demo", "report", "synth", "config"):
+        assert cmd in text
