@@ -11,11 +11,16 @@
 * :class:`Metrics`: ``metrics.jsonl`` (one JSON object per logged step, namespaced keys
   such as ``loss/train``, ``perf/tokens_per_s``) mirrored to TensorBoard.
 * :func:`progress`: a rich progress bar with rate and ETA.
+* :class:`TrainConfig`: the optimisation, schedule, eval and checkpoint keys every
+  training stage shares (each stage's config adds its own); :class:`EpochBatches`, the
+  resumable data order; :func:`open_training` / :func:`resume`: the setup lines every
+  stage's loop starts with.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import random
@@ -24,13 +29,17 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import yaml
 
+from posttrain.config import ConfigError, doc
+from posttrain.data.dataset import DataConfig
 from posttrain.log import is_main_process, log, warn
+from posttrain.models import ModelConfig
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -110,6 +119,75 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+# --------------------------------------------------------------------------- shared training config
+
+
+@dataclass
+class TrainConfig:
+    """Keys shared by every training stage (a stage's config adds its own and may change defaults)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    output_dir: str = doc("Run directory (config, metrics, checkpoints, final model).", "runs/train")
+    seed: int = doc("Seed for data order, dropout and initialisation.", 0)
+    epochs: float = doc("Passes over the training data (ignored when max_steps > 0).", 1.0)
+    max_steps: int = doc("Optimizer steps to run (0 = from epochs).", 0)
+    batch_size: int = doc("Examples (or pairs) per micro-batch.", 8)
+    grad_accum: int = doc("Micro-batches per optimizer step.", 1)
+    lr: float = doc("Peak learning rate (LoRA usually wants ~10x the full fine-tuning rate).", 2e-5)
+    weight_decay: float = doc("AdamW weight decay (not applied to norms and biases).", 0.0)
+    adam_beta1: float = doc("AdamW beta1.", 0.9)
+    adam_beta2: float = doc("AdamW beta2.", 0.999)
+    schedule: str = doc("LR schedule after warmup: cosine, linear, constant_with_warmup, constant.", "cosine")
+    warmup_ratio: float = doc("Share of steps with linear LR warmup.", 0.03)
+    max_grad_norm: float = doc("Gradient clipping norm (0 = off).", 1.0)
+    eval_every: int = doc("Evaluate on held-out data every N steps (0 = at the end only).", 0)
+    eval_batch_size: int = doc("Examples per eval batch.", 16)
+    save_every: int = doc("Write a resumable checkpoint every N steps (0 = only at the end).", 0)
+    keep_last: int = doc("Checkpoints to keep (older ones are deleted).", 2)
+    resume: bool = doc("Continue from the last complete checkpoint in output_dir.", False)
+    merge_lora: bool = doc("Under LoRA, also save the adapter merged into the base as model-merged/.", False)
+    log_every: int = doc("Log metrics every N steps.", 1)
+    tensorboard: bool = doc("Also write TensorBoard event files.", True)
+
+    def validate(self) -> None:
+        if self.schedule not in ("cosine", "linear", "constant_with_warmup", "constant"):
+            raise ConfigError(f"schedule: {self.schedule!r} is not cosine, linear, constant_with_warmup, constant")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("batch_size and grad_accum must be at least 1")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ConfigError("set epochs > 0 or max_steps > 0")
+
+    def total_steps(self, batches_per_epoch: int) -> int:
+        return self.max_steps or max(1, math.ceil(batches_per_epoch * self.epochs / self.grad_accum))
+
+
+class EpochBatches:
+    """Micro-batch ``m`` of the run as example indices; a pure function of (seed, m).
+
+    Batch ``m`` is batch ``m % per_epoch`` of epoch ``m // per_epoch``, each epoch a seeded
+    length-grouped shuffle, so a resumed run needs only the step number to continue.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths = lengths
+        self.batch_size, self.seed = batch_size, seed
+        self.per_epoch = math.ceil(len(lengths) / batch_size)
+        self._cache: dict[int, list[list[int]]] = {}
+
+    def __getitem__(self, m: int) -> list[int]:
+        from posttrain.data.tokenize import length_grouped_batches
+
+        epoch, i = divmod(m, self.per_epoch)
+        if epoch not in self._cache:
+            self._cache = {epoch: length_grouped_batches(self.lengths, self.batch_size, self.seed + epoch)}
+        return self._cache[epoch][i]
+
+    def for_step(self, step: int, grad_accum: int) -> list[list[int]]:
+        """The micro-batches of optimizer step ``step`` (1-based)."""
+        return [self[(step - 1) * grad_accum + j] for j in range(grad_accum)]
+
+
 # --------------------------------------------------------------------------- model + optimizer
 
 
@@ -157,6 +235,28 @@ class Trainable:
 
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
+
+
+def open_training(cfg: TrainConfig, model, total_steps: int) -> "Trainable":
+    """AdamW + warmup/decay schedule for ``model`` as ``cfg`` says."""
+    return Trainable(model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
+                     warmup_steps=round(cfg.warmup_ratio * total_steps), total_steps=total_steps,
+                     schedule=cfg.schedule)
+
+
+def resume(cfg: TrainConfig, run_dir: Path, trainable: "Trainable") -> tuple[int, "Metrics"]:
+    """(step to continue after, metrics log): restores the last complete checkpoint when
+    ``cfg.resume`` and drops logged records past it (the resumed run rewrites them)."""
+    start = 0
+    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, trainable)["step"]
+        log(f"resumed from {ckpt} (step {start})")
+    elif cfg.resume:
+        log("resume: no complete checkpoint found, starting from step 0")
+    metrics = Metrics(run_dir, cfg.tensorboard)
+    metrics.truncate_after(start)
+    return start, metrics
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -336,7 +436,7 @@ def describe_device(device: torch.device, dtype: torch.dtype) -> str:
 
 
 __all__ = [
-    "Metrics", "Trainable", "checkpoints", "describe_device", "file_fingerprint", "latest_checkpoint",
+    "EpochBatches", "Metrics", "TrainConfig", "Trainable", "open_training", "resume", "checkpoints", "describe_device", "file_fingerprint", "latest_checkpoint",
     "load_checkpoint", "log", "peak_rss_mb", "progress", "read_metrics", "rng_state", "save_checkpoint",
     "save_model_dir", "seed_everything", "set_rng_state", "setup_run",
 ]

@@ -74,3 +74,17 @@ def batch_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1
 
 def num_targets(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE).sum())
+
+
+def sequence_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row sums of target log-probs and target counts, each ``(B,)``, for a padded batch.
+
+    ``sum_t log p(y_t | y_<t)`` over each row's target tokens: the sequence log-likelihood
+    of a completion (DPO, reference log-probs, judges).
+    """
+    lp = batch_logprobs(model, batch, temperature)  # (N,)
+    select = batch["labels"][:, 1:] != IGNORE  # (B, T-1)
+    rows = select.nonzero()[:, 0]  # row of each target, in the same row-major order as lp
+    sums = torch.zeros(select.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)
+    return sums, select.sum(1)

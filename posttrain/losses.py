@@ -1,13 +1,17 @@
 """Losses as pure functions of tensors.
 
-Each takes per-token quantities computed by :func:`posttrain.logprobs.token_logprobs`
-and returns a scalar to minimise. Later stages add the preference and policy-gradient
-losses here.
+Each takes per-token or per-sequence quantities (log-probs from
+:func:`posttrain.logprobs.token_logprobs`, rewards from a scalar head) and returns a
+scalar to minimise. Implemented: SFT negative log-likelihood; Bradley–Terry reward-model
+loss with margin, soft labels and reward centering; the DPO family (DPO, IPO, hinge,
+conservative DPO via label smoothing); per-step binary cross-entropy for process reward
+models. Shapes are given in each docstring; ``B`` counts pairs.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def sft_loss(logprobs: torch.Tensor, normalizer: float | int | None = None) -> torch.Tensor:
@@ -27,3 +31,142 @@ def sft_loss(logprobs: torch.Tensor, normalizer: float | int | None = None) -> t
     if n == 0:
         return logprobs.sum() * 0.0  # keeps the graph (all ranks must call backward)
     return -logprobs.sum() / n
+
+
+# --------------------------------------------------------------------------- preference losses
+
+
+def weighted_mean(values: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum(w * v) / sum(w)`` (plain mean without weights); shapes ``(B,)``."""
+    if weight is None:
+        return values.mean()
+    return (values * weight).sum() / weight.sum().clamp_min(1e-12)
+
+
+def soft_logsigmoid_loss(logits: torch.Tensor, label: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Per-pair ``-(q log σ(z) + (1 - q) log σ(-z))`` for target probability ``q``; shape ``(B,)``.
+
+    With ``q = 1`` this is ``-log σ(z)``. The binary cross-entropy of a preference whose
+    label says "chosen is better with probability q" (soft labels from an AI judge, or
+    conservative DPO's label smoothing).
+    """
+    pos = F.logsigmoid(logits)
+    if isinstance(label, float) and label == 1.0:
+        return -pos
+    return -(label * pos + (1 - label) * F.logsigmoid(-logits))
+
+
+def bradley_terry_loss(
+    r_chosen: torch.Tensor,
+    r_rejected: torch.Tensor,
+    margin: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    label: torch.Tensor | float = 1.0,
+    center_coef: float = 0.0,
+) -> torch.Tensor:
+    """Reward-model loss ``-log σ(r_c - r_r - m)`` (+ ``η · mean((r_c + r_r)^2)``).
+
+    Bradley–Terry pairwise loss as in InstructGPT (Ouyang et al. 2022, eq. 1); ``margin``
+    ``m`` as in Llama 2 (Touvron et al. 2023); the optional centering term (Eisenstein et
+    al. 2023) keeps rewards near zero mean, as TRL's ``center_rewards_coefficient``.
+
+    Args:
+        r_chosen, r_rejected: ``(B,)`` scalar rewards.
+        margin: ``(B,)`` required reward gap, or None (0).
+        weight: ``(B,)`` pair weights (a ranked prompt's pairs share weight 1), or None.
+        label: ``(B,)`` or scalar probability that chosen is preferred (soft labels).
+        center_coef: η of the centering term (0 = off).
+    """
+    z = r_chosen - r_rejected
+    if margin is not None:
+        z = z - margin
+    loss = weighted_mean(soft_logsigmoid_loss(z, label), weight)
+    if center_coef:
+        loss = loss + center_coef * weighted_mean((r_chosen + r_rejected) ** 2, weight)
+    return loss
+
+
+def dpo_sigmoid(delta: torch.Tensor, beta: float, label: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023, eq. 7): ``-log σ(β Δ)`` per pair, with
+    ``Δ = (log π(y_c) - log π_ref(y_c)) - (log π(y_r) - log π_ref(y_r))``. With a soft label
+    ``q`` (conservative DPO, label smoothing ε gives q = 1 - ε) the loss is
+    ``-q log σ(βΔ) - (1-q) log σ(-βΔ)``."""
+    return soft_logsigmoid_loss(beta * delta, label)
+
+
+def ipo(delta: torch.Tensor, beta: float, label: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """IPO (Azar et al. 2023, eq. 17): ``(Δ - 1/(2β))^2`` per pair, β playing the paper's τ.
+
+    ``Δ`` is expected length-normalised (per-token average log-ratios), as TRL computes it and
+    as the IPO authors' reported results use; see :func:`dpo_loss`. A soft label q sets the
+    target to ``(2q - 1)/(2β)``, which is ``1/(2β)`` for q = 1."""
+    target = (2 * label - 1) / (2 * beta)
+    return (delta - target) ** 2
+
+
+def hinge(delta: torch.Tensor, beta: float, label: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """SLiC-style hinge (Zhao et al. 2023): ``max(0, 1 - β Δ)`` per pair (labels are hard:
+    a pair with q < 0.5 is flipped)."""
+    sign = torch.where(torch.as_tensor(label) >= 0.5, 1.0, -1.0)
+    return torch.relu(1 - beta * sign * delta)
+
+
+DPO_LOSSES = {"sigmoid": dpo_sigmoid, "ipo": ipo, "hinge": hinge}
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    label: torch.Tensor | float = 1.0,
+    weight: torch.Tensor | None = None,
+    chosen_len: torch.Tensor | None = None,
+    rejected_len: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The DPO family on summed completion log-probs; returns (loss, chosen reward, rejected reward).
+
+    Args:
+        chosen_logps, rejected_logps: ``(B,)`` policy log-probs summed over completion tokens.
+        ref_chosen_logps, ref_rejected_logps: ``(B,)`` the same under the frozen reference.
+        beta: β, the strength of the implicit KL constraint.
+        loss_type: ``sigmoid`` (DPO), ``ipo`` or ``hinge`` (see :data:`DPO_LOSSES`).
+        label_smoothing: ε of conservative DPO (Mitchell 2023): labels are flipped with
+            probability ε, i.e. the target probability becomes ``(1-ε) q + ε (1-q)``.
+        label: ``(B,)`` or scalar probability that chosen is preferred (soft AI-judge labels).
+        weight: ``(B,)`` pair weights for the mean, or None.
+        chosen_len, rejected_len: ``(B,)`` completion token counts; required by ``ipo``,
+            whose log-ratios are averaged per token.
+
+    The implicit rewards ``β (log π - log π_ref)`` are returned detached, per pair.
+    """
+    if loss_type not in DPO_LOSSES:
+        raise ValueError(f"unknown DPO loss {loss_type!r}; expected one of {sorted(DPO_LOSSES)}")
+    chosen_ratio = chosen_logps - ref_chosen_logps
+    rejected_ratio = rejected_logps - ref_rejected_logps
+    if loss_type == "ipo":
+        if chosen_len is None or rejected_len is None:
+            raise ValueError("ipo needs chosen_len and rejected_len (per-token averaged log-ratios)")
+        delta = chosen_ratio / chosen_len.clamp_min(1) - rejected_ratio / rejected_len.clamp_min(1)
+    else:
+        delta = chosen_ratio - rejected_ratio
+    q = label if not label_smoothing else (1 - label_smoothing) * label + label_smoothing * (1 - label)
+    losses = DPO_LOSSES[loss_type](delta, beta, q)
+    return weighted_mean(losses, weight), (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
+
+
+# --------------------------------------------------------------------------- process reward
+
+
+def step_bce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Process-reward loss: binary cross-entropy of each step's score against its label.
+
+    Args:
+        logits: ``(S,)`` one logit per step (all steps of the batch, flattened).
+        labels: ``(S,)`` step correctness in [0, 1] (hard 0/1 or soft, e.g. Math-Shepherd's
+            Monte-Carlo estimates).
+    """
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from posttrain.config import ConfigError, doc
 from posttrain.data.formats import SFT_FORMATS, SFTRecord, detect_sft_format, to_sft_record
 from posttrain.data.loading import BadRowError, BadRows, iter_rows
+from posttrain.data.preference import (PREFERENCE_FORMATS, PreferencePair, read_preference_records,
+                                       tokenize_pair)
 from posttrain.data.tokenize import TokenizedExample, TokenizeStats, tokenize_record
 from posttrain.log import log
 
@@ -25,12 +27,13 @@ class DataSource:
     """One data file in a mixture."""
 
     path: str = doc("A .jsonl/.json/.parquet/.csv file or a datasets.save_to_disk directory.")
-    format: str = doc(f"Row format: auto or one of {', '.join(SFT_FORMATS)}.", "auto")
+    format: str = doc(f"Row format: auto or one of {', '.join(SFT_FORMATS + PREFERENCE_FORMATS)} (SFT "
+                      "formats for sft, preference formats for rm/dpo).", "auto")
     weight: float = doc("Mixture weight (relative share of examples).", 1.0)
 
     def validate(self) -> None:
-        if self.format != "auto" and self.format not in SFT_FORMATS:
-            raise ConfigError(f"format {self.format!r} is not auto or one of {SFT_FORMATS}")
+        if self.format != "auto" and self.format not in SFT_FORMATS + PREFERENCE_FORMATS:
+            raise ConfigError(f"format {self.format!r} is not auto or one of {SFT_FORMATS + PREFERENCE_FORMATS}")
         if self.weight <= 0:
             raise ConfigError(f"weight of {self.path} must be positive")
 
@@ -118,36 +121,83 @@ def tokenize_all(tok, records: list[SFTRecord], cfg: DataConfig, bad: BadRows,
     return out
 
 
-def load_sft_data(tok, cfg: DataConfig, seed: int = 0) -> SFTData:
-    """Read, validate, mix, split and tokenize the SFT data of ``cfg``."""
-    if not cfg.train:
-        raise ConfigError("data.train: no training data given")
-    bad = BadRows(skip=cfg.skip_bad_rows)
-    stats = TokenizeStats()
-    per_source = [read_sft_records(s, bad) for s in cfg.train]
+def split_records(per_source: list[list], cfg: DataConfig, seed: int, read_eval) -> tuple[list, list]:
+    """(train, eval) records: the weighted mixture, then the eval set (given, or split off)."""
     for s, recs in zip(cfg.train, per_source):
         if not recs:
-            raise ConfigError(f"{s.path}: no usable rows" + (f" ({bad.summary()})" if bad.total else ""))
+            raise ConfigError(f"{s.path}: no usable rows")
     records = mix(per_source, [s.weight for s in cfg.train], seed, cfg.mixture_size)
     if cfg.eval:
-        eval_records = [r for s in cfg.eval for r in read_sft_records(s, bad)]
+        eval_records = [r for s in cfg.eval for r in read_eval(s)]
     elif cfg.eval_fraction > 0 and len(records) >= 20:
         rng = random.Random(seed + 1)
         idx = list(range(len(records)))
         rng.shuffle(idx)
-        n_eval = max(1, int(len(records) * cfg.eval_fraction))
-        held = set(idx[:n_eval])
+        held = set(idx[: max(1, int(len(records) * cfg.eval_fraction))])
         eval_records = [records[i] for i in sorted(held)]
         records = [r for i, r in enumerate(records) if i not in held]
     else:
         eval_records = []
     if cfg.max_examples:
         records = records[: cfg.max_examples]
+    return records, eval_records
+
+
+def report_loading(bad: BadRows, stats: TokenizeStats) -> None:
+    for line in (bad.summary() if bad.total else "", stats.summary()):
+        if line:
+            log(line)
+
+
+def load_sft_data(tok, cfg: DataConfig, seed: int = 0) -> SFTData:
+    """Read, validate, mix, split and tokenize the SFT data of ``cfg``."""
+    if not cfg.train:
+        raise ConfigError("data.train: no training data given")
+    bad = BadRows(skip=cfg.skip_bad_rows)
+    stats = TokenizeStats()
+    read = lambda s: read_sft_records(s, bad)  # noqa: E731
+    records, eval_records = split_records([read(s) for s in cfg.train], cfg, seed, read)
     train = tokenize_all(tok, records, cfg, bad, stats)
     evals = tokenize_all(tok, eval_records, cfg, bad, stats)
     if not train:
         raise ConfigError("no training examples left after tokenisation (" + (stats.summary() or bad.summary()) + ")")
-    for line in (bad.summary() if bad.total else "", stats.summary()):
-        if line:
-            log(line)
+    report_loading(bad, stats)
     return SFTData(train, evals, bad, stats)
+
+
+@dataclass
+class PreferenceData:
+    """Tokenized train and eval comparisons plus what loading had to skip or change."""
+
+    train: list[PreferencePair]
+    eval: list[PreferencePair]
+    bad: BadRows
+    stats: TokenizeStats = field(default_factory=TokenizeStats)
+
+
+def load_preference_data(tok, cfg: DataConfig, seed: int = 0) -> PreferenceData:
+    """Read, validate, mix, split and tokenize preference data (see posttrain.data.preference)."""
+    if not cfg.train:
+        raise ConfigError("data.train: no training data given")
+    bad = BadRows(skip=cfg.skip_bad_rows)
+    stats = TokenizeStats()
+    read = lambda s: read_preference_records(s.path, s.format, bad)  # noqa: E731
+    records, eval_records = split_records([read(s) for s in cfg.train], cfg, seed, read)
+
+    def tokenize(recs):
+        out = []
+        for rec in recs:
+            try:
+                pair = tokenize_pair(tok, rec, cfg.max_length, cfg.too_long, stats)
+            except BadRowError as e:
+                bad.handle(e)
+                continue
+            if pair is not None:
+                out.append(pair)
+        return out
+
+    train, evals = tokenize(records), tokenize(eval_records)
+    if not train:
+        raise ConfigError("no training pairs left after tokenisation (" + (stats.summary() or bad.summary()) + ")")
+    report_loading(bad, stats)
+    return PreferenceData(train, evals, bad, stats)

@@ -78,8 +78,13 @@ def _render(tok, messages, add_generation_prompt: bool) -> str:
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def assistant_char_spans(tok, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans to train on (see module docstring)."""
+def assistant_char_spans(tok, messages: list[dict[str, str]], train_from: int = 0
+                         ) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans to train on (see module docstring).
+
+    Only assistant turns at index ``>= train_from`` are trained on (preference data trains
+    on the completion only, never on assistant turns inside its prompt).
+    """
     if not getattr(tok, "chat_template", None):
         raise ChatTemplateError(
             "the tokenizer has no chat template; conversational data needs one (use a chat model or "
@@ -89,7 +94,7 @@ def assistant_char_spans(tok, messages: list[dict[str, str]]) -> tuple[str, list
     spans = []
     eos = tok.eos_token or ""
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < train_from:
             continue
         before = _render(tok, messages[:i], add_generation_prompt=True) if i else ""
         upto = _render(tok, messages[: i + 1], add_generation_prompt=False)
@@ -108,8 +113,9 @@ def assistant_char_spans(tok, messages: list[dict[str, str]]) -> tuple[str, list
     return full, spans
 
 
-def tokenize_conversation(tok, messages: list[dict[str, str]], origin: str = "") -> TokenizedExample:
-    text, spans = assistant_char_spans(tok, messages)
+def tokenize_conversation(tok, messages: list[dict[str, str]], origin: str = "", train_from: int = 0
+                          ) -> TokenizedExample:
+    text, spans = assistant_char_spans(tok, messages, train_from)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     labels = [IGNORE] * len(ids)
@@ -151,22 +157,33 @@ def tokenize_record(
     ex = tokenize_conversation(tok, rec.messages or [], rec.origin)
     if ex.num_trained == 0:
         raise BadRowError(rec.origin, "messages", "no trained tokens after applying the chat template")
-    n = len(ex.input_ids)
+    cut = length_cut([ex], max_length, too_long, stats, rec.origin)
+    return [] if cut is None else [TokenizedExample(ex.input_ids[cut:], ex.labels[cut:], rec.origin)]
+
+
+def length_cut(examples: list[TokenizedExample], max_length: int, too_long: str, stats: TokenizeStats,
+               origin: str, field: str = "messages") -> int | None:
+    """How many tokens to remove from the left of each of ``examples`` (0 if all fit), or None to drop.
+
+    Several examples (the chosen and rejected sides of a preference pair) share one cut, so
+    a shared prompt stays identical. Applies the ``too_long`` policy of the module docstring.
+    """
+    n = max(len(e.input_ids) for e in examples)
     if n <= max_length:
-        return [ex]
+        return 0
     if too_long == "error":
         raise BadRowError(
-            rec.origin, "messages",
+            origin, field,
             f"too long: {n} tokens > max_length {max_length} (set too_long to truncate_prompt or drop, "
             "or skip_bad_rows: true)",
         )
-    first_trained = next(i for i, x in enumerate(ex.labels) if x != IGNORE)
     cut = n - max_length
+    first_trained = min(next(i for i, x in enumerate(e.labels) if x != IGNORE) for e in examples)
     if too_long == "truncate_prompt" and cut <= first_trained:
         stats.truncated += 1
-        return [TokenizedExample(ex.input_ids[cut:], ex.labels[cut:], rec.origin)]
+        return cut
     stats.dropped_too_long += 1
-    return []
+    return None
 
 
 # --------------------------------------------------------------------------- batching

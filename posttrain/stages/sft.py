@@ -19,59 +19,32 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from posttrain import engine
 from posttrain.config import ConfigError, doc
-from posttrain.data.dataset import DataConfig, SFTData, load_sft_data
-from posttrain.data.tokenize import TokenizedExample, collate, length_grouped_batches
+from posttrain.data.dataset import SFTData, load_sft_data
+from posttrain.data.tokenize import TokenizedExample, collate
 from posttrain.log import log
 from posttrain.logprobs import batch_logprobs, num_targets
 from posttrain.losses import sft_loss
-from posttrain.models import ModelConfig, count_parameters, prepare_model
+from posttrain.models import count_parameters, prepare_model
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(engine.TrainConfig):
     """Supervised fine-tuning (``posttrain sft``)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
     output_dir: str = doc("Run directory (config, metrics, checkpoints, final model).", "runs/sft")
-    seed: int = doc("Seed for data order, dropout and initialisation.", 0)
-    epochs: float = doc("Passes over the training data (ignored when max_steps > 0).", 1.0)
-    max_steps: int = doc("Optimizer steps to run (0 = from epochs).", 0)
-    batch_size: int = doc("Examples per micro-batch.", 8)
-    grad_accum: int = doc("Micro-batches per optimizer step.", 1)
-    lr: float = doc("Peak learning rate (LoRA usually wants ~10x the full fine-tuning rate).", 2e-5)
-    weight_decay: float = doc("AdamW weight decay (not applied to norms and biases).", 0.0)
-    adam_beta1: float = doc("AdamW beta1.", 0.9)
-    adam_beta2: float = doc("AdamW beta2.", 0.999)
-    schedule: str = doc("LR schedule after warmup: cosine, linear, constant_with_warmup.", "cosine")
-    warmup_ratio: float = doc("Share of steps with linear LR warmup.", 0.03)
-    max_grad_norm: float = doc("Gradient clipping norm (0 = off).", 1.0)
     batching: str = doc("pad (length-grouped, right-padded) or flatten (padding-free, one packed row).", "pad")
-    eval_every: int = doc("Evaluate held-out loss every N steps (0 = at the end only).", 0)
-    eval_batch_size: int = doc("Examples per eval batch.", 16)
-    save_every: int = doc("Write a resumable checkpoint every N steps (0 = only at the end).", 0)
-    keep_last: int = doc("Checkpoints to keep (older ones are deleted).", 2)
-    resume: bool = doc("Continue from the last complete checkpoint in output_dir.", False)
-    merge_lora: bool = doc("Under LoRA, also save the adapter merged into the base as model-merged/.", False)
-    log_every: int = doc("Log metrics every N steps.", 1)
-    tensorboard: bool = doc("Also write TensorBoard event files.", True)
 
     def validate(self) -> None:
+        super().validate()
         if self.batching not in ("pad", "flatten"):
             raise ConfigError(f"batching: {self.batching!r} is not pad or flatten")
-        if self.schedule not in ("cosine", "linear", "constant_with_warmup", "constant"):
-            raise ConfigError(f"schedule: {self.schedule!r} is not cosine, linear, constant_with_warmup, constant")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ConfigError("batch_size and grad_accum must be at least 1")
-        if self.max_steps <= 0 and self.epochs <= 0:
-            raise ConfigError("set epochs > 0 or max_steps > 0")
 
 
 @dataclass
@@ -82,22 +55,6 @@ class SFTResult:
     train_loss: float
     eval_loss: float | None
     tokens_per_s: float
-
-
-class EpochBatches:
-    """Micro-batch ``m`` of the run as example indices; a pure function of (seed, m)."""
-
-    def __init__(self, examples: list[TokenizedExample], batch_size: int, seed: int):
-        self.lengths = [len(e.input_ids) for e in examples]
-        self.batch_size, self.seed = batch_size, seed
-        self.per_epoch = math.ceil(len(examples) / batch_size)
-        self._cache: dict[int, list[list[int]]] = {}
-
-    def __getitem__(self, m: int) -> list[int]:
-        epoch, i = divmod(m, self.per_epoch)
-        if epoch not in self._cache:
-            self._cache = {epoch: length_grouped_batches(self.lengths, self.batch_size, self.seed + epoch)}
-        return self._cache[epoch][i]
 
 
 @torch.no_grad()
@@ -130,25 +87,14 @@ def train(cfg: SFTConfig, data: SFTData | None = None) -> SFTResult:
     trainable_params, total_params = count_parameters(model)
     if data is None:
         data = load_sft_data(tok, cfg.data, cfg.seed)
-    batches = EpochBatches(data.train, cfg.batch_size, cfg.seed)
-    total_steps = cfg.max_steps or max(1, math.ceil(batches.per_epoch * cfg.epochs / cfg.grad_accum))
-    t = engine.Trainable(
-        model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
-        warmup_steps=round(cfg.warmup_ratio * total_steps), total_steps=total_steps, schedule=cfg.schedule,
-    )
+    batches = engine.EpochBatches([len(e.input_ids) for e in data.train], cfg.batch_size, cfg.seed)
+    total_steps = cfg.total_steps(batches.per_epoch)
+    t = engine.open_training(cfg, model, total_steps)
     log(f"sft: {len(data.train)} train / {len(data.eval)} eval examples, {total_steps} steps of "
         f"{cfg.batch_size}x{cfg.grad_accum}, {trainable_params:,}/{total_params:,} params trained"
         f"{' (LoRA)' if cfg.model.lora else ''}, on {engine.describe_device(t.device, dtype)}")
 
-    start = 0
-    ckpt = engine.latest_checkpoint(run_dir) if cfg.resume else None
-    if ckpt is not None:
-        start = engine.load_checkpoint(ckpt, t)["step"]
-        log(f"resumed from {ckpt} (step {start})")
-    elif cfg.resume:
-        log("resume: no complete checkpoint found, starting from step 0")
-    metrics = engine.Metrics(run_dir, cfg.tensorboard)
-    metrics.truncate_after(start)
+    start, metrics = engine.resume(cfg, run_dir, t)
 
     # ---------------------------------------------------------------- train
     t.model.train()
@@ -157,11 +103,8 @@ def train(cfg: SFTConfig, data: SFTData | None = None) -> SFTResult:
         task = bar.add_task("sft", total=total_steps, completed=start, status="")
         for step in range(start + 1, total_steps + 1):
             t0 = time.perf_counter()
-            micro = [
-                collate([data.train[i] for i in batches[(step - 1) * cfg.grad_accum + j]], cfg.batching,
-                        tok.pad_token_id)
-                for j in range(cfg.grad_accum)
-            ]
+            micro = [collate([data.train[i] for i in idx], cfg.batching, tok.pad_token_id)
+                     for idx in batches.for_step(step, cfg.grad_accum)]
             n_targets = sum(num_targets(b["labels"]) for b in micro)
             step_loss, step_tokens = 0.0, 0
             for b in micro:
