@@ -341,3 +341,69 @@ def count_parameters(model) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
+
+
+# --------------------------------------------------------------------------- scoring models (RM, PRM)
+
+SCORING_KINDS = ("sequence", "token")
+
+
+def distinct_pad_token(tok) -> None:
+    """Give ``tok`` a pad token other than EOS when the vocabulary has one.
+
+    A sequence-classification model reads its score at the last token that is not the pad
+    token (transformers' rule). With pad == EOS (SmolLM2) that would skip the end-of-turn
+    token every response ends with; a distinct pad keeps the read position at that token,
+    so posttrain's scorer and ``AutoModelForSequenceClassification`` agree.
+    """
+    if tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id:
+        return
+    vocab = tok.get_vocab()
+    for cand in (tok.unk_token, "<|endoftext|>", "<pad>", "<|pad|>", "<|finetune_right_pad_id|>"):
+        if cand and cand in vocab and vocab[cand] != tok.eos_token_id:
+            tok.pad_token = cand
+            return
+
+
+def prepare_scoring_model(cfg: ModelConfig, kind: str, device: torch.device | str = "cpu"):
+    """(model, tokenizer, dtype): an LM backbone with a fresh scalar head, as ``cfg`` says.
+
+    ``kind='sequence'``: ``AutoModelForSequenceClassification`` with one label (outcome reward
+    model); ``kind='token'``: ``AutoModelForTokenClassification`` with one label (process
+    reward model, a score at every step's last token). LoRA adapts the backbone and trains
+    the head in full (peft's ``modules_to_save``).
+    """
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    _quiet_transformers()
+    dtype = pick_dtype(cfg.dtype, device)
+    path = resolve_model_path(cfg.name_or_path)
+    tok = load_tokenizer(path)
+    distinct_pad_token(tok)
+    auto = AutoModelForSequenceClassification if kind == "sequence" else AutoModelForTokenClassification
+    model = auto.from_pretrained(path, num_labels=1, dtype=dtype, attn_implementation=cfg.attn_implementation,
+                                 pad_token_id=tok.pad_token_id)
+    model.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora:
+            model.enable_input_require_grads()
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=cfg.lora_target_modules or lora_targets(model),
+                          task_type="SEQ_CLS" if kind == "sequence" else "TOKEN_CLS", bias="none")
+        model = get_peft_model(model, lcfg)
+    return model, tok, dtype
+
+
+def backbone_and_score_head(model):
+    """(backbone returning hidden states, scalar head) of a sequence/token classification model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = getattr(base, "module", base)  # DDP
+    head = getattr(base, "score", None)
+    head = getattr(base, "classifier", None) if head is None else head
+    if head is None:
+        raise ValueError(f"{type(base).__name__} has no 'score' or 'classifier' head")
+    return base.base_model, head
