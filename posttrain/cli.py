@@ -3,7 +3,10 @@
 Commands::
 
     posttrain sft --config recipes/sft.yaml [key=value ...]   supervised fine-tuning
-    posttrain data inspect FILE [--model M] [--kind sft|prompts]
+    posttrain rm  --config recipes/rm.yaml  [key=value ...]   outcome reward model
+    posttrain prm --config recipes/prm.yaml [key=value ...]   process reward model
+    posttrain dpo --config recipes/dpo.yaml [key=value ...]   DPO / IPO / hinge / cDPO
+    posttrain data inspect FILE [--model M] [--kind sft|preference|prompts]
     posttrain chat MODEL                                       interactive, streaming, multi-turn
     posttrain generate MODEL --prompts FILE [--out FILE]
     posttrain demo [--quick]                                   the main job
@@ -23,13 +26,19 @@ from pathlib import Path
 from posttrain.config import ConfigError, describe, load_config
 from posttrain.log import console, die, log
 
-STAGES = {"sft": ("posttrain.stages.sft", "SFTConfig")}
+# command -> (module, config class, help). Each module has ``train(cfg)`` returning a result with ``run_dir``.
+STAGES = {
+    "sft": ("posttrain.stages.sft", "SFTConfig", "supervised fine-tuning"),
+    "rm": ("posttrain.stages.reward", "RewardConfig", "outcome reward model (Bradley-Terry on preference pairs)"),
+    "prm": ("posttrain.stages.prm", "PRMConfig", "process reward model (one score per reasoning step)"),
+    "dpo": ("posttrain.stages.dpo", "DPOConfig", "direct preference optimisation (DPO, IPO, hinge, cDPO)"),
+}
 
 
 def _stage_config_cls(name: str):
     import importlib
 
-    module, cls = STAGES[name]
+    module, cls, _ = STAGES[name]
     return getattr(importlib.import_module(module), cls)
 
 
@@ -40,17 +49,18 @@ def _config_help(cls) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- sft
+# --------------------------------------------------------------------------- training stages
 
 
-def cmd_sft(args) -> int:
-    from posttrain.stages.sft import SFTConfig, train
+def cmd_stage(args) -> int:
+    """``posttrain <stage> --config FILE key=value ...``: load the stage's config and train."""
+    import importlib
 
     overrides = list(args.overrides)
     if args.resume:
         overrides.append("resume=true")
-    cfg = load_config(SFTConfig, args.config, overrides)
-    result = train(cfg)
+    cfg = load_config(_stage_config_cls(args.command), args.config, overrides)
+    result = importlib.import_module(STAGES[args.command][0]).train(cfg)
     from posttrain.report import write_report
 
     log(f"report: {write_report(result.run_dir)}")
@@ -81,6 +91,41 @@ def _mark_trained(tok, ids: list[int], labels: list[int]) -> str:
     return "".join(out)
 
 
+def _inspect_preference(args, tok, path: Path, bad) -> list[int]:
+    """Print recognised preference pairs with the trained (completion) tokens marked."""
+    from posttrain.data.loading import BadRowError, BadRows, iter_rows
+    from posttrain.data.preference import detect_preference_format, read_preference_records, tokenize_pair
+    from posttrain.data.tokenize import TokenizeStats
+
+    first = next(iter(iter_rows(path, BadRows(skip=True))), None)
+    fmt = args.format
+    if fmt == "auto" and first is not None:
+        try:
+            fmt = detect_preference_format(first.data, first.origin)
+            console.print(f"format: [bold]{fmt}[/bold] (recognised from the keys of the first row: {sorted(first.data)})")
+        except BadRowError as e:
+            bad.handle(e)
+            return []
+    records = read_preference_records(str(path), fmt, bad)
+    stats, pairs = TokenizeStats(), []
+    for rec in records:
+        try:
+            pair = tokenize_pair(tok, rec, args.max_length, "error", stats)
+        except BadRowError as e:
+            bad.handle(e)
+            continue
+        if pair is not None:
+            pairs.append(pair)
+    console.print(f"{len(pairs)} comparisons; trained (completion) tokens are shown inside ⟦ ⟧")
+    for p in pairs[: args.n]:
+        console.rule(f"[dim]{p.origin}: weight {p.weight:.3g}, margin {p.margin:g}, label {p.label:g}[/dim]")
+        console.print("[bold]chosen[/bold]")
+        console.print(_mark_trained(tok, p.chosen.input_ids, p.chosen.labels), markup=False, highlight=False)
+        console.print("[bold]rejected[/bold]")
+        console.print(_mark_trained(tok, p.rejected.input_ids, p.rejected.labels), markup=False, highlight=False)
+    return [len(e.input_ids) for p in pairs for e in (p.chosen, p.rejected)]
+
+
 def cmd_data_inspect(args) -> int:
     from posttrain.data.dataset import DataSource, read_sft_records
     from posttrain.data.formats import detect_sft_format, to_prompt_record
@@ -91,10 +136,10 @@ def cmd_data_inspect(args) -> int:
     path = Path(args.file)
     bad = BadRows(skip=True)
     tok = load_tokenizer(resolve_model_path(args.model))
-    if args.kind == "preference":
-        die("preference data inspection arrives with the preference stages (not implemented yet)")
     console.rule(f"{path}")
-    if args.kind == "prompts":
+    if args.kind == "preference":
+        lengths = _inspect_preference(args, tok, path, bad)
+    elif args.kind == "prompts":
         records = []
         for row in iter_rows(path, bad):
             try:
@@ -248,14 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from posttrain.stages.sft import SFTConfig
-
-    s = sub.add_parser("sft", help="supervised fine-tuning", epilog=_config_help(SFTConfig),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("--config", help="YAML file of config keys (e.g. recipes/sft.yaml)")
-    s.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
-    s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-4 model.lora=true")
-    s.set_defaults(func=cmd_sft)
+    for name, (_, _, help_) in STAGES.items():
+        s = sub.add_parser(name, help=help_, epilog=_config_help(_stage_config_cls(name)),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        s.add_argument("--config", help=f"YAML file of config keys (e.g. recipes/{name}.yaml)")
+        s.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+        s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-4 model.lora=true")
+        s.set_defaults(func=cmd_stage)
 
     d = sub.add_parser("data", help="inspect data files")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")

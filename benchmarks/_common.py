@@ -1,0 +1,203 @@
+"""Shared helpers of the benchmark scripts (data, timing windows, load, matmul peak).
+
+Nothing here imports torch, transformers or posttrain at module level: the scripts run
+each training run in a fresh ``spawn`` subprocess (so ``ru_maxrss`` is that run's own),
+and the parent process should stay light.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# --------------------------------------------------------------------------- data
+
+
+def sft_rows(n: int) -> list[dict]:
+    """``n`` worked arithmetic solutions as ``messages`` rows (the demo's data)."""
+    from posttrain.synth.tasks import arithmetic_problems
+
+    return [p.as_sft_row() for p in arithmetic_problems(n, "train", seed=0)]
+
+
+def write_jsonl(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def posttrain_overrides(model_dir: str, train_file: str, out_dir: str, steps: int, batch_size: int,
+                        max_length: int, lr: float, *extra: str) -> list[str]:
+    """The posttrain SFT config of every benchmark run (no eval split, no TensorBoard)."""
+    return [
+        f"model.name_or_path={model_dir}", f"data.train={train_file}", "data.eval_fraction=0",
+        f"data.max_length={max_length}", f"output_dir={out_dir}", f"max_steps={steps}",
+        f"batch_size={batch_size}", f"lr={lr}", "seed=0", "tensorboard=false", *extra,
+    ]
+
+
+def posttrain_batches(model_dir: str, train_file: str, steps: int, batch_size: int, max_length: int,
+                      lr: float) -> tuple[list[list[int]], list[int]]:
+    """(example indices of each of the ``steps`` batches posttrain will train on, token lengths).
+
+    Computed with posttrain's own loader and ``EpochBatches``, from the same config as
+    the run, so another trainer can be fed exactly the same batches.
+    """
+    from posttrain.config import load_config
+    from posttrain.data.dataset import load_sft_data
+    from posttrain.models import load_tokenizer
+    from posttrain.stages.sft import SFTConfig
+
+    cfg = load_config(SFTConfig, None, posttrain_overrides(model_dir, train_file, "/nonexistent", steps,
+                                                           batch_size, max_length, lr))
+    tok = load_tokenizer(model_dir)
+    data = load_sft_data(tok, cfg.data, cfg.seed)
+    try:  # EpochBatches moved from the SFT stage to the engine (taking lengths instead of examples)
+        from posttrain.engine import EpochBatches
+
+        batches = EpochBatches([len(e.input_ids) for e in data.train], cfg.batch_size, cfg.seed)
+    except ImportError:
+        from posttrain.stages.sft import EpochBatches
+
+        batches = EpochBatches(data.train, cfg.batch_size, cfg.seed)
+    return [list(batches[m]) for m in range(steps)], [len(e.input_ids) for e in data.train]
+
+
+def padding_share(batches: list[list[int]], lengths: list[int]) -> float:
+    """Share of padding in right-padded batches (pad to the longest row of each batch)."""
+    real = sum(lengths[i] for b in batches for i in b)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    return 1 - real / padded
+
+
+# --------------------------------------------------------------------------- load and timing
+
+
+def cpu_times() -> dict[str, float]:
+    """Machine-wide CPU time counters (seconds) from /proc/stat, and this process's CPU time."""
+    out: dict[str, float] = {}
+    try:
+        with open("/proc/stat") as fh:
+            fields = fh.readline().split()[1:]
+        tick = os.sysconf("SC_CLK_TCK")
+        names = ["user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"]
+        out.update({n: int(v) / tick for n, v in zip(names, fields)})
+    except OSError:
+        pass
+    t = os.times()
+    out["self"] = t.user + t.system
+    out["wall"] = time.perf_counter()
+    return out
+
+
+def window_load(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """CPU use between two :func:`cpu_times` samples: this process's cores busy, machine idle/steal."""
+    wall = max(b["wall"] - a["wall"], 1e-9)
+    res = {"self_cores_busy": round((b["self"] - a["self"]) / wall, 2)}
+    if "idle" in a:
+        total = sum(b[k] - a[k] for k in ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"))
+        if total > 0:
+            res["machine_idle_share"] = round((b["idle"] + b["iowait"] - a["idle"] - a["iowait"]) / total, 3)
+            res["machine_steal_share"] = round((b["steal"] - a["steal"]) / total, 3)
+            busy = total - (b["idle"] + b["iowait"] - a["idle"] - a["iowait"])
+            # cores kept busy by everything else on this machine (other processes)
+            res["other_cores_busy"] = round(max(0.0, busy / wall - res["self_cores_busy"]), 2)
+    return res
+
+
+def loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as fh:
+            return " ".join(fh.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 1024 / 1024
+
+
+def window_throughput(step_ends: list[float], step_tokens: list[int]) -> dict[str, float]:
+    """Tokens/s over the steady-state window: end of step 1 to end of step N, tokens of steps 2..N.
+
+    Step 1 (first-touch allocations, lazy initialisation) is left out. The window holds
+    everything the loop does between steps (data collation, logging, progress bar).
+    """
+    if len(step_ends) < 2:
+        return {"tokens_per_s": float("nan"), "window_s": float("nan"), "window_tokens": 0}
+    window = step_ends[-1] - step_ends[0]
+    tokens = sum(step_tokens[1:])
+    return {"tokens_per_s": tokens / window, "window_s": window, "window_tokens": tokens}
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def matmul_gflops(n: int = 2048, reps: int = 10, trials: int = 3) -> float:
+    """Best fp32 ``n x n`` matmul rate (GFLOP/s) over ``trials`` runs of ``reps`` products."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = 0.0
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def machine() -> dict[str, object]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "trl", "accelerate", "datasets"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001
+            versions[name] = "missing"
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "versions": versions}
+
+
+def run_in_subprocess(target, *args):
+    """Run ``target(*args, conn)`` in a fresh spawn process; returns what it sends back."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=target, args=(*args, child))
+    p.start()
+    child.close()
+    try:
+        result = parent.recv()
+    except EOFError:
+        result = {"error": f"child exited without a result (exit code {p.join() or p.exitcode})"}
+    p.join()
+    return result
+
+
+def fmt(x, spec: str = ",.0f", none: str = "-") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return none
+    return format(x, spec)

@@ -1,0 +1,348 @@
+"""Preference data formats, preference losses by hand, TRL cross-checks, and RM / PRM / DPO smoke runs."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from posttrain.config import load_config
+from posttrain.data.loading import BadRowError, BadRows, Row
+from posttrain.data.preference import (detect_preference_format, read_preference_records, to_preference_records,
+                                       tokenize_pair)
+from posttrain.data.tokenize import TokenizeStats
+from posttrain.losses import bradley_terry_loss, dpo_loss, step_bce_loss
+from tests.conftest import write_jsonl
+from tests.test_data import trained_text
+
+U = "user"
+A = "assistant"
+
+
+def msg(role, content):
+    return {"role": role, "content": content}
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def test_pair_strings_and_full_conversation_form():
+    (r,) = to_preference_records(Row({"prompt": "2+2?", "chosen": "4", "rejected": "5", "margin": 1.5}, "f:1"), "pair")
+    assert r.prompt == [msg(U, "2+2?")] and r.chosen == [msg(A, "4")] and r.rejected == [msg(A, "5")]
+    assert r.margin == 1.5 and r.weight == 1.0 and r.label == 1.0
+    # chosen/rejected repeat the whole conversation and no prompt is given: the shared prefix is the prompt
+    conv = [msg(U, "hi"), msg(A, "hello"), msg(U, "2+2?")]
+    row = Row({"chosen": conv + [msg(A, "4")], "rejected": conv + [msg(A, "5")]}, "f:2")
+    (r,) = to_preference_records(row, "pair")
+    assert r.prompt == conv and r.chosen == [msg(A, "4")] and r.rejected == [msg(A, "5")]
+    # explicit prompt repeated inside chosen/rejected is cut off
+    row = Row({"prompt": conv, "chosen": conv + [msg(A, "4")], "rejected": conv + [msg(A, "5")]}, "f:3")
+    (r,) = to_preference_records(row, "pair")
+    assert r.prompt == conv and r.chosen == [msg(A, "4")]
+
+
+def test_hh_transcripts_split_shared_prefix():
+    row = {"chosen": "\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour, water, yeast.\n\nHuman: Then?"
+                     "\n\nAssistant: Knead and bake.",
+           "rejected": "\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour, water, yeast.\n\nHuman: Then?"
+                       "\n\nAssistant: Buy some."}
+    assert detect_preference_format(row) == "hh"
+    (r,) = to_preference_records(Row(row, "hh:1"), "hh")
+    assert r.prompt == [msg(U, "How do I bake bread?"), msg(A, "Mix flour, water, yeast."), msg(U, "Then?")]
+    assert r.chosen == [msg(A, "Knead and bake.")] and r.rejected == [msg(A, "Buy some.")]
+
+
+def test_ranked_rows_expand_to_weighted_pairs():
+    row = Row({"prompt": "q", "responses": ["a", "b", "c"], "ranking": [2, 0, 1]}, "r:1")
+    assert detect_preference_format(row.data) == "ranked"
+    pairs = to_preference_records(row, "ranked")
+    got = {(p.chosen[0]["content"], p.rejected[0]["content"]) for p in pairs}
+    assert got == {("c", "a"), ("c", "b"), ("a", "b")}
+    assert all(math.isclose(p.weight, 1 / 3) for p in pairs)  # the prompt counts once in total
+    pairs = to_preference_records(Row({"prompt": "q", "responses": ["a", "b", "c", "d"],
+                                       "scores": [0.1, 0.9, 0.5, 0.5]}, "r:2"), "ranked")
+    got = {(p.chosen[0]["content"], p.rejected[0]["content"]) for p in pairs}
+    assert got == {("b", "a"), ("c", "a"), ("d", "a"), ("b", "c"), ("b", "d")}  # the c/d tie gives no pair
+    assert all(math.isclose(p.weight, 1 / 5) for p in pairs)
+
+
+@pytest.mark.parametrize("row,field,reason", [
+    ({"prompt": "q", "chosen": "a"}, "rejected", "missing field"),
+    ({"prompt": "q", "chosen": "a", "rejected": "a"}, "rejected", "identical to chosen"),
+    ({"prompt": "q", "chosen": "", "rejected": "b"}, "chosen", "empty"),
+    ({"prompt": "q", "chosen": 3, "rejected": "b"}, "chosen", "wrong type"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "label": 2}, "label", "out of range"),
+    ({"prompt": "q", "responses": ["a", "b"], "ranking": [0, 0]}, "ranking", "permutation"),
+])
+def test_bad_preference_rows_name_file_line_field(tmp_path, row, field, reason):
+    fmt = "ranked" if "responses" in row else "auto"
+    good = {"prompt": "q", "responses": ["a", "b"], "scores": [1, 0]} if fmt == "ranked" else \
+        {"prompt": "q", "chosen": "a", "rejected": "b"}
+    f = write_jsonl(tmp_path / "p.jsonl", [good, row])
+    with pytest.raises(BadRowError) as e:
+        read_preference_records(str(f), fmt, BadRows())
+    assert "p.jsonl:2: field '" + field + "'" in str(e.value) and reason in str(e.value)
+    bad = BadRows(skip=True)
+    assert len(read_preference_records(str(f), fmt, bad)) == 1 and bad.total == 1
+
+
+def test_pair_tokens_train_on_completion_only(smol_tokenizer):
+    rec = to_preference_records(Row({"prompt": [msg(U, "hi"), msg(A, "hello"), msg(U, "2+2?")],
+                                     "chosen": "4", "rejected": "five"}, "x"), "pair")[0]
+    pair = tokenize_pair(smol_tokenizer, rec, 512, "error", TokenizeStats())
+    assert trained_text(smol_tokenizer, pair.chosen) == ["4<|im_end|>"]  # not the 'hello' inside the prompt
+    assert trained_text(smol_tokenizer, pair.rejected) == ["five<|im_end|>"]
+    # a shared left cut keeps both prompts identical
+    stats = TokenizeStats()
+    n = max(len(pair.chosen.input_ids), len(pair.rejected.input_ids))
+    cut = tokenize_pair(smol_tokenizer, rec, n - 3, "truncate_prompt", stats)
+    assert stats.truncated == 1 and cut.chosen.input_ids[:5] == cut.rejected.input_ids[:5]
+    assert tokenize_pair(smol_tokenizer, rec, n - 3, "drop", stats) is None and stats.dropped_too_long == 1
+
+
+# --------------------------------------------------------------------------- losses by hand
+
+
+def test_bradley_terry_by_hand():
+    """r_c - r_r = [2, 0] -> -log σ(2) = log(1 + e^-2) = 0.126928, -log σ(0) = log 2 = 0.693147.
+
+    Mean 0.410038. Margin 1 on both: log(1 + e^-1) = 0.313262 and log(1 + e^1) = 1.313262,
+    mean 0.813262. Weights (3, 1): (3 * 0.126928 + 0.693147) / 4 = 0.268483.
+    Centering 0.1 with r_c + r_r = [2, 0]: + 0.1 * (4 + 0) / 2 = 0.2.
+    """
+    rc, rr = torch.tensor([2.0, 0.5]), torch.tensor([0.0, 0.5])
+    assert math.isclose(float(bradley_terry_loss(rc, rr)), 0.410038, abs_tol=1e-6)
+    assert math.isclose(float(bradley_terry_loss(rc, rr, margin=torch.ones(2))), 0.813262, abs_tol=1e-6)
+    assert math.isclose(float(bradley_terry_loss(rc, rr, weight=torch.tensor([3.0, 1.0]))), 0.268483, abs_tol=1e-6)
+    assert math.isclose(float(bradley_terry_loss(rc, rr, center_coef=0.1)), 0.410038 + 0.1 * (4 + 1) / 2,
+                        abs_tol=1e-6)
+    # soft label q = 0.5 on a gap of 0: -(0.5 log σ(0) + 0.5 log σ(0)) = log 2
+    assert math.isclose(float(bradley_terry_loss(torch.zeros(1), torch.zeros(1), label=0.5)), math.log(2),
+                        abs_tol=1e-6)
+
+
+def test_dpo_family_by_hand():
+    """Policy log-probs c = -10, r = -12; reference c = -11, r = -11; β = 0.5.
+
+    Log-ratios: chosen +1, rejected -1, Δ = 2, βΔ = 1.
+    sigmoid: -log σ(1) = log(1 + e^-1) = 0.313262.
+    cDPO ε = 0.1: 0.9 * 0.313262 + 0.1 * log(1 + e^1) = 0.281936 + 0.131326 = 0.413262.
+    hinge: max(0, 1 - 1) = 0.
+    ipo with lengths 2 and 4: Δ̄ = 1/2 - (-1/4) = 0.75; (0.75 - 1/(2*0.5))^2 = 0.0625.
+    Implicit rewards: β * ratio = 0.5 and -0.5.
+    """
+    c, r, rc, rr = (torch.tensor([v]) for v in (-10.0, -12.0, -11.0, -11.0))
+    loss, rew_c, rew_r = dpo_loss(c, r, rc, rr, beta=0.5)
+    assert math.isclose(float(loss), 0.313262, abs_tol=1e-6)
+    assert float(rew_c) == 0.5 and float(rew_r) == -0.5
+    assert math.isclose(float(dpo_loss(c, r, rc, rr, 0.5, label_smoothing=0.1)[0]), 0.413262, abs_tol=1e-6)
+    assert float(dpo_loss(c, r, rc, rr, 0.5, "hinge")[0]) == 0.0
+    ipo = dpo_loss(c, r, rc, rr, 0.5, "ipo", chosen_len=torch.tensor([2]), rejected_len=torch.tensor([4]))[0]
+    assert math.isclose(float(ipo), 0.0625, abs_tol=1e-6)
+    with pytest.raises(ValueError, match="ipo needs"):
+        dpo_loss(c, r, rc, rr, 0.5, "ipo")
+
+
+def test_step_bce_by_hand():
+    """logits [0, 2], labels [1, 0]: (log 2 + log(1 + e^2)) / 2 = (0.693147 + 2.126928) / 2 = 1.410038."""
+    assert math.isclose(float(step_bce_loss(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 0.0]))), 1.410038,
+                        abs_tol=1e-6)
+
+
+def test_sequence_logprobs_sum_token_logprobs(tiny_model_dir):
+    from posttrain.data.tokenize import IGNORE
+    from posttrain.logprobs import sequence_logprobs, token_logprobs
+    from posttrain.models import load_model
+
+    model = load_model(tiny_model_dir, "float32")
+    ids = torch.tensor([[5, 17, 200, 31, 2, 0], [7, 8, 9, 10, 11, 12]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    labels = ids.masked_fill(mask == 0, IGNORE)
+    labels[:, :2] = IGNORE
+    with torch.no_grad():
+        sums, counts = sequence_logprobs(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+        want = [token_logprobs(model, ids[i : i + 1, : int(mask[i].sum())], labels[i : i + 1, : int(mask[i].sum())])
+                .sum() for i in range(2)]
+    torch.testing.assert_close(sums, torch.stack(want), atol=1e-5, rtol=1e-5)
+    assert counts.tolist() == [3, 4]
+
+
+# --------------------------------------------------------------------------- cross-checks against TRL
+
+
+def test_dpo_loss_matches_trl(tiny_model_dir, smol_tokenizer, tmp_path):
+    """TRL's DPOTrainer and ours on the same tiny policy, perturbed reference and batch."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.logprobs import sequence_logprobs
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ref = copy.deepcopy(policy)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ds = Dataset.from_list([
+        {"prompt": [msg(U, "What is 2+2?")], "chosen": [msg(A, "4")], "rejected": [msg(A, "5 probably")]},
+        {"prompt": [msg(U, "Name a colour.")], "chosen": [msg(A, "Blue.")], "rejected": [msg(A, "No.")]},
+    ])
+    for loss_type, beta in (("sigmoid", 0.3), ("hinge", 0.3), ("ipo", 0.5)):
+        args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=2, beta=beta,
+                             report_to=[], bf16=False, use_cpu=True, loss_type=[loss_type])
+        trainer = trl.DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=ds,
+                                 processing_class=smol_tokenizer)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+        with torch.no_grad():
+            want = trainer.compute_loss(trainer.model, dict(batch))
+            labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+            ours = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
+            pol, counts = sequence_logprobs(policy, ours)
+            rf, _ = sequence_logprobs(ref, ours)
+            got, _, _ = dpo_loss(pol[:2], pol[2:], rf[:2], rf[2:], beta, loss_type,
+                                 chosen_len=counts[:2], rejected_len=counts[2:])
+        torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5, msg=loss_type)
+
+
+def test_reward_loss_matches_trl(tiny_model_dir, tmp_path):
+    """TRL's RewardTrainer.compute_loss and our read-out + Bradley–Terry loss on the same batch."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from posttrain.models import ModelConfig, prepare_scoring_model
+    from posttrain.stages.reward import pair_rewards
+
+    model, tok, _ = prepare_scoring_model(ModelConfig(name_or_path=str(tiny_model_dir), dtype="float32"), "sequence")
+    ds = Dataset.from_list([
+        {"prompt": [msg(U, "What is 2+2?")], "chosen": [msg(A, "4")], "rejected": [msg(A, "5 probably")],
+         "margin": 0.5},
+        {"prompt": [msg(U, "Name a colour.")], "chosen": [msg(A, "Blue.")], "rejected": [msg(A, "No.")],
+         "margin": 0.0},
+    ])
+    args = trl.RewardConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=2, report_to=[],
+                            bf16=False, use_cpu=True, center_rewards_coefficient=0.01)
+    trainer = trl.RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    with torch.no_grad():
+        want = trainer.compute_loss(trainer.model, dict(batch))
+        r_c, r_r = pair_rewards(model, batch, "cpu")
+        got = bradley_terry_loss(r_c, r_r, margin=batch["margin"], center_coef=0.01)
+    torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- stages on a tiny model
+
+
+@pytest.fixture
+def pairs_file(tmp_path):
+    rows = [{"prompt": f"What is {i} + {i}?", "chosen": f"{2 * i}", "rejected": f"{2 * i + 1}, I think"}
+            for i in range(40)]
+    return write_jsonl(tmp_path / "pairs.jsonl", rows)
+
+
+def stage_cfg(cls, model_dir, data, out, *extra):
+    return load_config(cls, None, [f"model.name_or_path={model_dir}", f"data.train={data}", f"output_dir={out}",
+                                   "batch_size=4", "max_steps=6", "tensorboard=false", "data.eval_fraction=0.1",
+                                   *extra])
+
+
+@pytest.mark.parametrize("extra", [[], ["model.lora=true", "model.lora_r=4", "lr=1e-2"],
+                                   ["frozen_backbone=true", "lr=1e-2"],
+                                   ["frozen_backbone=true", "head_hidden=8", "lr=1e-2"]],
+                         ids=["full", "lora", "frozen-linear", "frozen-mlp"])
+def test_reward_model_trains_and_scores(tiny_model_dir, pairs_file, tmp_path, extra):
+    from transformers import AutoModelForSequenceClassification
+
+    from posttrain.rewards.reward_model import RewardModel
+    from posttrain.stages.reward import RewardConfig, train
+
+    res = train(stage_cfg(RewardConfig, tiny_model_dir, pairs_file, tmp_path / "rm", "lr=1e-3", *extra))
+    assert res.eval["eval/accuracy"] >= 0.75 and res.eval["eval/margin"] > 0
+    rm = RewardModel(res.model_dir)
+    prompts = ["What is 3 + 3?", "What is 3 + 3?"]
+    scores = rm.score(prompts, ["6", "7, I think"])
+    assert scores[0] > scores[1]
+    assert rm(prompts[:1], ["6"]) == pytest.approx(scores[:1], abs=1e-5)  # a reward function in the RL sense
+    if "head_hidden=8" not in extra:  # a linear head: transformers alone gives the same score
+        hf = AutoModelForSequenceClassification.from_pretrained(res.model_dir)
+        with torch.no_grad():
+            hf_score = hf(torch.tensor([rm.tokenize(prompts[0], "6")])).logits.item()
+        assert math.isclose(hf_score, scores[0], abs_tol=1e-4)
+
+
+def test_prm_trains_and_scores_steps(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForTokenClassification
+
+    from posttrain.rewards.process import ProcessRewardModel
+    from posttrain.stages.prm import PRMConfig, first_wrong, train
+
+    rows = []
+    for i in range(40):
+        ok = i % 2 == 0
+        rows.append({"prompt": f"What is {i} * 2 + 1?",
+                     "steps": [f"{i} * 2 = {2 * i}", f"{2 * i} + 1 = {2 * i + 1 if ok else 2 * i + 5}"],
+                     "labels": [1, 1 if ok else 0]})
+    data = write_jsonl(tmp_path / "steps.jsonl", rows)
+    res = train(stage_cfg(PRMConfig, tiny_model_dir, data, tmp_path / "prm", "lr=1e-3", "max_steps=10"))
+    assert 0 <= res.eval["eval/step_accuracy"] <= 1 and "eval/solution_accuracy" in res.eval
+    prm = ProcessRewardModel(res.model_dir)
+    scores = prm.score_steps("What is 3 * 2 + 1?", ["3 * 2 = 6", "6 + 1 = 7"])
+    assert len(scores) == 2 and all(0 < s < 1 for s in scores)
+    assert AutoModelForTokenClassification.from_pretrained(res.model_dir).config.num_labels == 1
+    assert first_wrong([0.9, 0.2, 0.8]) == 1 and first_wrong([1, 1]) == 2
+
+
+def test_prm_bad_rows(tmp_path):
+    from posttrain.data.steps import read_step_records
+
+    f = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "q", "steps": ["a", "b"], "labels": [1]}])
+    with pytest.raises(BadRowError, match=r"s.jsonl:1: field 'labels': expected 2 labels"):
+        read_step_records(str(f), BadRows())
+
+
+@pytest.mark.parametrize("extra", [[], ["model.lora=true", "model.lora_r=4"]], ids=["full", "lora"])
+def test_dpo_learns_and_caches_reference(tiny_model_dir, pairs_file, tmp_path, monkeypatch, extra):
+    from posttrain.stages import dpo
+
+    calls = {"n": 0}
+    real = dpo.pair_logprobs
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setenv("POSTTRAIN_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(dpo, "pair_logprobs", counting)
+    cfg = stage_cfg(dpo.DPOConfig, tiny_model_dir, pairs_file, tmp_path / "dpo", "lr=1e-3", "max_steps=8", *extra)
+    res = dpo.train(cfg)
+    assert calls["n"] == 2  # train and eval pairs, once each
+    metrics = [m for m in __import__("posttrain").engine.read_metrics(res.run_dir) if "loss/train" in m]
+    assert metrics[-1]["loss/train"] < metrics[0]["loss/train"] and res.eval["eval/reward_accuracy"] >= 0.75
+    assert metrics[0]["loss/train"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 1
+    dpo.train(stage_cfg(dpo.DPOConfig, tiny_model_dir, pairs_file, tmp_path / "dpo2", "beta=0.5", *extra))
+    assert calls["n"] == 2  # a second run on the same model and data reuses the cached reference
+
+
+def test_dpo_resume_reaches_same_weights(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from posttrain import engine
+    from posttrain.stages import dpo
+    from tests.test_sft import _interrupt_after
+
+    monkeypatch.setenv("POSTTRAIN_HOME", str(tmp_path / "home"))
+    args = ("lr=1e-3", "save_every=2")
+    ref = dpo.train(stage_cfg(dpo.DPOConfig, tiny_model_dir, pairs_file, tmp_path / "ref", *args))
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            dpo.train(stage_cfg(dpo.DPOConfig, tiny_model_dir, pairs_file, tmp_path / "cut", *args))
+    res = dpo.train(stage_cfg(dpo.DPOConfig, tiny_model_dir, pairs_file, tmp_path / "cut", *args, "resume=true"))
+    a, b = load_file(str(ref.model_dir / "model.safetensors")), load_file(str(res.model_dir / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert [m.get("loss/train") for m in engine.read_metrics(tmp_path / "ref")] == \
+        [m.get("loss/train") for m in engine.read_metrics(tmp_path / "cut")]
