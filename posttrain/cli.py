@@ -10,7 +10,7 @@ Commands::
     posttrain chat MODEL                                       interactive, streaming, multi-turn
     posttrain generate MODEL --prompts FILE [--out FILE]
     posttrain demo [--quick]                                   the main job
-    posttrain synth arithmetic --n N --out FILE                verifiable task data
+    posttrain synth arithmetic --n N --kind sft|prompts|preference|steps --out FILE
     posttrain report RUN_DIR                                   plots + HTML of a run
     posttrain config sft                                       every config key with its doc
 """
@@ -264,10 +264,15 @@ def cmd_demo(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from posttrain.synth.tasks import arithmetic_problems
+    import random
+
+    from posttrain.synth.tasks import arithmetic_problems, preference_row, step_row
 
     problems = arithmetic_problems(args.n, args.split, seed=args.seed)
-    rows = [p.as_sft_row() if args.kind == "sft" else p.as_prompt_row() for p in problems]
+    rng = random.Random(args.seed)
+    make = {"sft": lambda p, i: p.as_sft_row(), "prompts": lambda p, i: p.as_prompt_row(),
+            "preference": lambda p, i: preference_row(p, rng), "steps": lambda p, i: step_row(p, rng, i % 2 == 1)}
+    rows = [make[args.kind](p, i) for i, p in enumerate(problems)]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
     log(f"wrote {len(rows)} {args.split} {args.kind} rows to {args.out}")
@@ -340,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("task", choices=["arithmetic"])
     y.add_argument("--n", type=int, default=400, help="number of distinct questions")
     y.add_argument("--split", default="train", choices=["train", "test"], help="disjoint question splits")
-    y.add_argument("--kind", default="sft", choices=["sft", "prompts"], help="worked solutions or prompts only")
+    y.add_argument("--kind", default="sft", choices=["sft", "prompts", "preference", "steps"],
+                   help="worked solutions (sft), prompts only, preference pairs (correct vs corrupted "
+                        "solution), or step-labelled solutions for a PRM (every other one corrupted)")
     y.add_argument("--seed", type=int, default=0)
     y.add_argument("--out", required=True)
     y.set_defaults(func=cmd_synth)

@@ -151,3 +151,52 @@ def verify_arithmetic(response: str, answer: str) -> bool:
         return False
     got = got.replace(",", "").strip()
     return re.fullmatch(r"-?\d+", got) is not None and int(got) == int(answer)
+
+
+# --------------------------------------------------------------------------- wrong solutions (preference, PRM data)
+
+
+def reasoning_steps(solution: str) -> list[str]:
+    """The lines of a worked solution's ``<think>`` block, one reasoning step each."""
+    think = solution.split("<think>\n", 1)[1].split("\n</think>", 1)[0]
+    return think.split("\n")
+
+
+def corrupt_solution(p: Problem, rng: random.Random) -> tuple[list[str], list[int], str]:
+    """A plausible wrong worked solution: one column digit is miswritten and the error carried
+    through to the final answer. Returns (steps, step labels, full text): steps before the
+    wrong column are labelled 1, it and every later step 0 (Math-Shepherd convention: a
+    step is correct only if a correct answer can still be reached from it).
+    """
+    steps = reasoning_steps(p.solution)
+    cols = [i for i, s in enumerate(steps) if s.split(":")[0].lower() in PLACES]
+    k = rng.choice(cols)
+    place = PLACES.index(steps[k].split(":")[0].lower())
+    pat = r"write (\d)" if p.meta["op"] == "+" else r"= (\d+)\.$"
+    m = list(re.finditer(pat, steps[k]))[-1]
+    old = int(m.group(1)) % 10
+    new = (old + rng.randint(1, 9)) % 10
+    wrong = int(p.answer) + (new - old) * 10**place
+    if wrong < 0:
+        new, wrong = (old + 1) % 10, int(p.answer) + ((old + 1) % 10 - old) * 10**place
+    steps = list(steps)
+    steps[k] = steps[k][: m.start(1)] + str(new) + steps[k][m.end(1):]
+    steps[-1] = re.sub(r"= \d+\.$", f"= {wrong}.", steps[-1])
+    labels = [1 if i < k else 0 for i in range(len(steps))]
+    return steps, labels, _format("\n".join(steps), str(wrong))
+
+
+def preference_row(p: Problem, rng: random.Random) -> dict[str, Any]:
+    """(question, correct worked solution, corrupted solution) as a preference pair."""
+    _, _, wrong = corrupt_solution(p, rng)
+    return {"prompt": p.question, "chosen": p.solution, "rejected": wrong, "task": p.task, "answer": p.answer}
+
+
+def step_row(p: Problem, rng: random.Random, wrong: bool) -> dict[str, Any]:
+    """A step-labelled solution for PRM training: the correct one (all 1) or a corrupted one."""
+    if wrong:
+        steps, labels, _ = corrupt_solution(p, rng)
+    else:
+        steps = reasoning_steps(p.solution)
+        labels = [1] * len(steps)
+    return {"prompt": p.question, "steps": steps, "labels": labels, "answer": p.answer}
