@@ -13,7 +13,7 @@ from tests.conftest import write_jsonl
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("argv", [[], ["sft"], ["data", "inspect"], ["chat"], ["generate"], ["demo"], ["report"],
+@pytest.mark.parametrize("argv", [[], ["sft"], ["rm"], ["prm"], ["dpo"], ["data", "inspect"], ["chat"], ["generate"], ["demo"], ["report"],
                                   ["synth"], ["config"]])
 def test_help(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -72,5 +72,26 @@ def test_synth_writes_rows(tmp_path):
 
 def test_parser_lists_every_command():
     text = build_parser().format_help()
-    for cmd in ("sft", "data", "chat", "generate", "demo", "report", "synth", "config"):
+    for cmd in ("sft", "rm", "prm", "dpo", "data", "chat", "generate", "demo", "report", "synth", "config"):
         assert cmd in text
+
+
+@pytest.mark.parametrize("stage,data", [
+    ("rm", "arithmetic_preference"), ("prm", "arithmetic_steps"), ("dpo", "arithmetic_preference")])
+def test_preference_stages_from_recipes(stage, data, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("POSTTRAIN_HOME", str(tmp_path / "home"))
+    out = tmp_path / "run"
+    code = main([stage, "--config", str(REPO / "recipes" / f"{stage}.yaml"), f"model.name_or_path={tiny_model_dir}",
+                 f"data.train={REPO / 'examples/data' / (data + '_train.jsonl')}",
+                 f"data.eval={REPO / 'examples/data' / (data + '_test.jsonl')}", f"output_dir={out}", "max_steps=2",
+                 "epochs=0", "batch_size=2", "data.max_examples=8", "tensorboard=false"])
+    # rm / prm save merged scoring models; dpo under LoRA saves a peft adapter
+    saved = "adapter_config.json" if stage == "dpo" else "config.json"
+    assert code == 0 and (out / "model" / saved).is_file() and (out / "report.html").is_file()
+
+
+def test_data_inspect_preference(tiny_model_dir, capsys):
+    f = REPO / "examples/data/arithmetic_preference_test.jsonl"
+    assert main(["data", "inspect", str(f), "--kind", "preference", "--model", str(tiny_model_dir), "-n", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "format: pair" in err and "chosen" in err and "rejected" in err and "</answer><|im_end|>⟧" in err

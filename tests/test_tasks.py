@@ -32,3 +32,18 @@ def test_extract_answer_and_bad_responses():
     assert extract_answer("no tags") is None
     assert not verify_arithmetic("<answer>forty</answer>", "40")
     assert verify_arithmetic("<answer>1,234</answer>", "1234")
+
+
+def test_corrupted_solutions_are_wrong_and_labelled():
+    import random
+
+    from posttrain.synth.tasks import corrupt_solution, extract_answer, reasoning_steps, step_row
+
+    rng = random.Random(0)
+    for p in arithmetic_problems(60, "train", seed=3):
+        steps, labels, text = corrupt_solution(p, rng)
+        assert not verify_arithmetic(text, p.answer) and extract_answer(text) is not None
+        assert len(steps) == len(labels) == len(reasoning_steps(p.solution))
+        k = labels.index(0)  # first wrong step: a column, everything after it wrong as well
+        assert labels == [1] * k + [0] * (len(steps) - k) and steps[:k] == reasoning_steps(p.solution)[:k]
+        assert step_row(p, rng, wrong=False)["labels"] == [1] * len(steps)
