@@ -11,6 +11,7 @@ Commands::
     posttrain generate MODEL --prompts FILE [--out FILE]
     posttrain demo [--quick]                                   the main job
     posttrain synth arithmetic --n N --kind sft|prompts|preference|steps --out FILE
+    posttrain eval MODEL --data FILE [--out DIR] [-k K]         held-out accuracy per task
     posttrain report RUN_DIR                                   plots + HTML of a run
     posttrain config sft                                       every config key with its doc
 """
@@ -279,6 +280,14 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from posttrain.evaluate import run_eval
+
+    run_eval(args.model, args.data, args.out, limit=args.limit, max_new_tokens=args.max_new_tokens,
+             batch_size=args.batch_size, k=args.k, temperature=args.temperature, seed=args.seed)
+    return 0
+
+
 def cmd_report(args) -> int:
     from posttrain.report import write_report
 
@@ -351,6 +360,18 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--seed", type=int, default=0)
     y.add_argument("--out", required=True)
     y.set_defaults(func=cmd_synth)
+
+    e = sub.add_parser("eval", help="held-out accuracy (greedy, pass@k), format rate and length per task")
+    e.add_argument("model", nargs="?", default=EMBEDDED_NAME)
+    e.add_argument("--data", required=True, help="prompt rows with 'answer' and 'task' (posttrain synth --kind prompts)")
+    e.add_argument("--out", help="directory for eval.json and samples.jsonl")
+    e.add_argument("--limit", type=int, default=0, help="evaluate only the first N questions")
+    e.add_argument("--max-new-tokens", type=int, default=256)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("-k", type=int, default=1, help="samples per question for pass@k (1 = greedy only)")
+    e.add_argument("--temperature", type=float, default=0.8, help="sampling temperature for pass@k")
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("report", help="write report.html and report.png for a run directory")
     r.add_argument("run_dir")

@@ -95,3 +95,24 @@ def test_data_inspect_preference(tiny_model_dir, capsys):
     assert main(["data", "inspect", str(f), "--kind", "preference", "--model", str(tiny_model_dir), "-n", "1"]) == 0
     err = capsys.readouterr().err
     assert "format: pair" in err and "chosen" in err and "rejected" in err and "</answer><|im_end|>⟧" in err
+
+
+def test_eval_reports_accuracy_per_task(tiny_model_dir, tmp_path, monkeypatch):
+    import posttrain.evaluate as ev
+    from posttrain.synth.tasks import arithmetic_problems
+
+    probs = arithmetic_problems(3, "test")
+    data = write_jsonl(tmp_path / "q.jsonl", [p.as_prompt_row() for p in probs])
+    # a model that answers the first question with its worked solution and the others wrongly
+    answers = iter([probs[0].solution, "<think>\nx\n</think>\n<answer>0</answer>", "no idea"])
+    monkeypatch.setattr(ev, "generate", lambda model, tok, convs, cfg: [next(answers) for _ in convs])
+    assert main(["eval", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "ev")]) == 0
+    out = json.loads((tmp_path / "ev" / "eval.json").read_text())["metrics"]
+    assert out["arithmetic"]["accuracy"] == pytest.approx(1 / 3) and out["all"]["format"] == pytest.approx(2 / 3)
+
+
+def test_pass_at_k_by_hand():
+    from posttrain.evaluate import pass_at_k
+
+    # n=4 samples, c=1 correct, k=2: 1 - C(3,2)/C(4,2) = 1 - 3/6 = 0.5
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5) and pass_at_k(4, 0, 2) == 0.0 and pass_at_k(4, 3, 2) == 1.0

@@ -200,3 +200,18 @@ def step_row(p: Problem, rng: random.Random, wrong: bool) -> dict[str, Any]:
         steps = reasoning_steps(p.solution)
         labels = [1] * len(steps)
     return {"prompt": p.question, "steps": steps, "labels": labels, "answer": p.answer}
+
+
+# --------------------------------------------------------------------------- format and verifier registry
+
+FORMAT_RE = re.compile(r"^\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*$", re.DOTALL)
+
+
+def is_well_formatted(response: str) -> bool:
+    """True for exactly ``<think>…</think>`` followed by ``<answer>…</answer>`` and nothing else."""
+    m = FORMAT_RE.match(response)
+    return bool(m and m.group(1).strip() and m.group(2).strip())
+
+
+# task name (the ``task`` field of a row) -> verifier(response, answer) -> bool
+VERIFIERS = {"arithmetic": verify_arithmetic}

@@ -1,0 +1,134 @@
+"""``posttrain eval``: held-out accuracy of a model on verifiable questions.
+
+Input: prompt rows with an ``answer`` and a ``task`` field (what ``posttrain synth ...
+--kind prompts --split test`` writes); each task's verifier (:data:`posttrain.synth.tasks.VERIFIERS`)
+checks the response. Reported per task and overall:
+
+* ``accuracy``: greedy decoding, share of responses whose answer verifies;
+* ``pass@k`` (with ``k > 1``): k samples at ``temperature``, the unbiased estimator of
+  Chen et al. 2021 ``1 - C(n-c, k) / C(n, k)`` with n = k samples per question;
+* ``format``: share of responses in the reasoning format (``<think>…</think>`` then
+  ``<answer>…</answer>``);
+* ``mean_tokens``: mean response length in tokens.
+
+Writes ``eval.json`` and ``samples.jsonl`` to ``--out`` when given.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from posttrain.data.formats import to_prompt_record
+from posttrain.data.loading import BadRowError, BadRows, iter_rows
+from posttrain.rollout import SamplingConfig, generate
+
+
+@dataclass
+class EvalItem:
+    messages: list[dict[str, str]]
+    answer: str
+    task: str
+    origin: str
+
+
+def load_eval_items(path: str | Path, bad: BadRows) -> list[EvalItem]:
+    from posttrain.synth.tasks import VERIFIERS
+
+    items = []
+    for row in iter_rows(path, bad):
+        try:
+            rec = to_prompt_record(row)
+            answer, task = rec.fields.get("answer"), rec.fields.get("task", "arithmetic")
+            if answer is None:
+                raise BadRowError(row.origin, "answer", "missing field (eval rows need the reference answer)")
+            if task not in VERIFIERS:
+                raise BadRowError(row.origin, "task", f"unknown task {task!r} (known: {sorted(VERIFIERS)})")
+            items.append(EvalItem(rec.messages, str(answer), task, row.origin))
+        except BadRowError as e:
+            bad.handle(e)
+    return items
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def evaluate_items(model, tok, items: list[EvalItem], max_new_tokens: int = 256, batch_size: int = 16,
+                   k: int = 1, temperature: float = 0.8, seed: int = 0) -> tuple[dict, list[dict]]:
+    """(metrics per task and ``all``, per-question samples)."""
+    from posttrain.synth.tasks import VERIFIERS, is_well_formatted
+
+    convs = [it.messages for it in items]
+    greedy = generate(model, tok, convs, SamplingConfig(max_new_tokens=max_new_tokens, batch_size=batch_size))
+    sampled = []
+    if k > 1:
+        reps = [c for c in convs for _ in range(k)]
+        flat = generate(model, tok, reps, SamplingConfig(max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                                         temperature=temperature, seed=seed))
+        sampled = [flat[i * k : (i + 1) * k] for i in range(len(items))]
+    groups: dict[str, list[dict]] = defaultdict(list)
+    samples = []
+    for i, (it, resp) in enumerate(zip(items, greedy)):
+        verify = VERIFIERS[it.task]
+        s = {"origin": it.origin, "task": it.task, "prompt": it.messages[-1]["content"], "answer": it.answer,
+             "response": resp, "correct": bool(verify(resp, it.answer)), "format": is_well_formatted(resp),
+             "tokens": len(tok(resp, add_special_tokens=False)["input_ids"])}
+        if sampled:
+            s["samples_correct"] = sum(bool(verify(r, it.answer)) for r in sampled[i])
+        samples.append(s)
+        groups[it.task].append(s)
+        groups["all"].append(s)
+    metrics = {}
+    for task, ss in groups.items():
+        m = {"n": len(ss), "accuracy": sum(s["correct"] for s in ss) / len(ss),
+             "format": sum(s["format"] for s in ss) / len(ss),
+             "mean_tokens": sum(s["tokens"] for s in ss) / len(ss)}
+        if sampled:
+            m[f"pass@{k}"] = sum(pass_at_k(k, s["samples_correct"], k) for s in ss) / len(ss)
+            m["sample_accuracy"] = sum(s["samples_correct"] for s in ss) / (k * len(ss))
+        metrics[task] = m
+    return metrics, samples
+
+
+def print_table(metrics: dict, title: str = "held-out evaluation") -> None:
+    from rich.table import Table
+
+    from posttrain.log import console
+
+    cols = ["task", "n", "accuracy", "format", "mean_tokens"] + [c for c in next(iter(metrics.values()))
+                                                                  if c.startswith(("pass@", "sample_"))]
+    table = Table(title=title)
+    for c in cols:
+        table.add_column(c)
+    for task, m in metrics.items():
+        table.add_row(task, *[f"{m[c]:.1%}" if isinstance(m[c], float) and c != "mean_tokens" else
+                              f"{m[c]:.1f}" if isinstance(m[c], float) else str(m[c]) for c in cols[1:]])
+    console.print(table)
+
+
+def run_eval(model_path: str, data: str, out: str | None = None, limit: int = 0, **kw) -> dict:
+    from posttrain.log import log
+    from posttrain.models import load_model
+
+    bad = BadRows(skip=False)
+    items = load_eval_items(data, bad)
+    if limit:
+        items = items[:limit]
+    model, tok = load_model(model_path, with_tokenizer=True)
+    log(f"eval: {len(items)} questions from {data} with {model_path}")
+    metrics, samples = evaluate_items(model, tok, items, **kw)
+    print_table(metrics, f"{model_path} on {Path(data).name}")
+    if out:
+        o = Path(out)
+        o.mkdir(parents=True, exist_ok=True)
+        (o / "eval.json").write_text(json.dumps({"model": model_path, "data": data, "metrics": metrics}, indent=2))
+        (o / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+        log(f"wrote {o / 'eval.json'} and {o / 'samples.jsonl'}")
+    return metrics
