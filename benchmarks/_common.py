@@ -115,6 +115,29 @@ def window_load(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
     return res
 
 
+def other_cores_busy(seconds: float = 3.0) -> float:
+    """Cores kept busy by other processes over the next ``seconds`` (this process is idle meanwhile)."""
+    a = cpu_times()
+    time.sleep(seconds)
+    return window_load(a, cpu_times()).get("other_cores_busy", 0.0)
+
+
+def wait_quiet(max_wait_s: float, threshold: float = 0.15, sample_s: float = 3.0, quiet_samples: int = 2) -> dict:
+    """Wait (up to ``max_wait_s``) until other processes use < ``threshold`` cores for ``quiet_samples`` samples.
+
+    Returns what happened: seconds waited and the last reading. Other processes on a
+    2-core machine do not just take their share: torch's OpenMP threads then wait on
+    each other at every barrier and a step can take 3x as long.
+    """
+    t0, quiet, busy = time.perf_counter(), 0, 0.0
+    while True:
+        busy = other_cores_busy(sample_s)
+        quiet = quiet + 1 if busy < threshold else 0
+        waited = time.perf_counter() - t0
+        if quiet >= quiet_samples or waited >= max_wait_s:
+            return {"waited_s": round(waited, 1), "other_cores_busy": busy, "quiet": quiet >= quiet_samples}
+
+
 def loadavg() -> str:
     try:
         with open("/proc/loadavg") as fh:

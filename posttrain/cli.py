@@ -6,6 +6,7 @@ Commands::
     posttrain rm  --config recipes/rm.yaml  [key=value ...]   outcome reward model
     posttrain prm --config recipes/prm.yaml [key=value ...]   process reward model
     posttrain dpo --config recipes/dpo.yaml [key=value ...]   DPO / IPO / hinge / cDPO
+    posttrain grpo|rloo|ppo --config recipes/grpo.yaml [...]   online RL on prompts with reward functions
     posttrain data inspect FILE [--model M] [--kind sft|preference|prompts]
     posttrain chat MODEL                                       interactive, streaming, multi-turn
     posttrain generate MODEL --prompts FILE [--out FILE]
@@ -33,6 +34,9 @@ STAGES = {
     "rm": ("posttrain.stages.reward", "RewardConfig", "outcome reward model (Bradley-Terry on preference pairs)"),
     "prm": ("posttrain.stages.prm", "PRMConfig", "process reward model (one score per reasoning step)"),
     "dpo": ("posttrain.stages.dpo", "DPOConfig", "direct preference optimisation (DPO, IPO, hinge, cDPO)"),
+    "grpo": ("posttrain.stages.online_rl", "GRPOConfig", "online RL with group-normalised advantages (GRPO)"),
+    "rloo": ("posttrain.stages.online_rl", "RLOOConfig", "online RL with a leave-one-out baseline (RLOO)"),
+    "ppo": ("posttrain.stages.online_rl", "PPOConfig", "online RL with a critic, GAE and a KL-penalised reward (PPO)"),
 }
 
 
@@ -387,11 +391,12 @@ def main(argv: list[str] | None = None) -> int:
     from posttrain.data.loading import BadRowError
     from posttrain.data.tokenize import ChatTemplateError
     from posttrain.models import ModelNotFoundError
+    from posttrain.rewards.combine import RewardError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ConfigError, BadRowError, ModelNotFoundError, ChatTemplateError, FileNotFoundError) as e:
+    except (ConfigError, BadRowError, ModelNotFoundError, ChatTemplateError, FileNotFoundError, RewardError) as e:
         die(str(e))
     except OSError as e:
         die(f"{e}")

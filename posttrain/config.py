@@ -117,11 +117,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build ``cls`` from a (nested) mapping; unknown keys are errors with a suggestion."""
     hints = _field_types(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in (data or {}).items():
         if key not in hints:
-            raise ConfigError(f"unknown config key '{prefix}{key}'.{_suggest(key, names)}")
+            raise ConfigError(f"unknown config key '{prefix}{key}'.{_suggest(key, list(fields))}")
+        f = fields[key]
+        if _is_section(hints[key]) and isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+            # a partial section keeps this field's own defaults (a stage may default a section
+            # differently from the section class) for the keys it does not set
+            defaults = {k: v for k, v in dataclasses.asdict(f.default_factory()).items()
+                        if not _is_section(_field_types(hints[key])[k])}
+            value = {**defaults, **value}
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
     try:
         obj = cls(**kwargs)

@@ -195,12 +195,16 @@ class Trainable:
     """Accelerator, model, optimizer and LR schedule of one training stage."""
 
     def __init__(self, model, lr: float, weight_decay: float, betas: tuple[float, float], warmup_steps: int,
-                 total_steps: int, schedule: str, mixed_precision: str = "no"):
+                 total_steps: int, schedule: str, mixed_precision: str = "no",
+                 extra: dict[str, torch.nn.Module] | None = None):
         from accelerate import Accelerator
         from transformers import get_scheduler
 
         self.accelerator = Accelerator(mixed_precision=mixed_precision)
+        # extra modules trained alongside the model (a PPO value head), checkpointed with it
+        self.extra = dict(extra or {})
         params = [p for p in model.parameters() if p.requires_grad]
+        params += [p for m in self.extra.values() for p in m.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
         decay = [p for p in params if p.ndim >= 2]
@@ -220,6 +224,7 @@ class Trainable:
     def step(self, max_grad_norm: float) -> float:
         """Clip, step optimizer and schedule, zero grads; returns the pre-clip grad norm."""
         params = [p for p in self.model.parameters() if p.requires_grad]
+        params += [p for m in self.extra.values() for p in m.parameters() if p.requires_grad]
         if max_grad_norm > 0:
             norm = self.accelerator.clip_grad_norm_(params, max_grad_norm)
         else:
@@ -237,11 +242,11 @@ class Trainable:
         return self.accelerator.unwrap_model(self.model)
 
 
-def open_training(cfg: TrainConfig, model, total_steps: int) -> "Trainable":
-    """AdamW + warmup/decay schedule for ``model`` as ``cfg`` says."""
+def open_training(cfg: TrainConfig, model, total_steps: int, extra: dict | None = None) -> "Trainable":
+    """AdamW + warmup/decay schedule for ``model`` (and ``extra`` modules) as ``cfg`` says."""
     return Trainable(model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
                      warmup_steps=round(cfg.warmup_ratio * total_steps), total_steps=total_steps,
-                     schedule=cfg.schedule)
+                     schedule=cfg.schedule, extra=extra)
 
 
 def resume(cfg: TrainConfig, run_dir: Path, trainable: "Trainable") -> tuple[int, "Metrics"]:
@@ -306,6 +311,8 @@ def save_checkpoint(run_dir: Path, trainable: Trainable, tokenizer, state: dict[
             torch.save(trainable.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(trainable.scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(rng_state(), tmp / "rng_state.pt")
+            if trainable.extra:
+                torch.save({k: m.state_dict() for k, m in trainable.extra.items()}, tmp / "extra_modules.pt")
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
             if final.exists():
                 shutil.rmtree(final)
@@ -345,6 +352,10 @@ def load_checkpoint(ckpt: Path, trainable: Trainable) -> dict[str, Any]:
     trainable.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
     trainable.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
     set_rng_state(torch.load(ckpt / "rng_state.pt", weights_only=False))
+    if trainable.extra:
+        states = torch.load(ckpt / "extra_modules.pt", weights_only=False)
+        for k, m in trainable.extra.items():
+            m.load_state_dict(states[k])
     return json.loads((ckpt / "trainer_state.json").read_text())
 
 

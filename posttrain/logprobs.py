@@ -34,7 +34,8 @@ def token_logprobs(
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     temperature: float = 1.0,
-) -> torch.Tensor:
+    extras: tuple[str, ...] = (),
+):
     """Log-probs of the target tokens, shape ``(N,)`` in row-major order of ``labels != -100``.
 
     Args:
@@ -44,9 +45,13 @@ def token_logprobs(
         attention_mask: ``(B, T)`` 1 for real tokens (padded batches), or None.
         position_ids: ``(B, T)`` positions; restarting positions mark packed sequences.
         temperature: logits are divided by it (sampling temperature of a rollout).
+        extras: also return, in this order, any of ``"entropy"`` (``(N,)`` entropy of the
+            predictive distribution at each target) and ``"hidden"`` (``(N, H)`` the hidden
+            states that predict each target: a value head reads them).
 
     Returns:
-        ``(N,)`` float32 log-probs, N = number of target tokens (after the first position).
+        ``(N,)`` float32 log-probs, N = number of target tokens (after the first position);
+        with ``extras``, a tuple ``(logprobs, *extras)``.
     """
     decoder, head = decoder_and_head(model)
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
@@ -57,7 +62,20 @@ def token_logprobs(
     logits = head(h).float()  # (N, V)
     if temperature != 1.0:
         logits = logits / temperature
-    return -F.cross_entropy(logits, targets[select], reduction="none")
+    lp = -F.cross_entropy(logits, targets[select], reduction="none")
+    if not extras:
+        return lp
+    more = []
+    for name in extras:
+        if name == "entropy":
+            with torch.no_grad():
+                logp_all = torch.log_softmax(logits, -1)
+                more.append(-(logp_all.exp() * logp_all).sum(-1))
+        elif name == "hidden":
+            more.append(h)
+        else:
+            raise ValueError(f"unknown extra {name!r} (entropy, hidden)")
+    return (lp, *more)
 
 
 def batch_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:

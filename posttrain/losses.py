@@ -170,3 +170,99 @@ def step_bce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             Monte-Carlo estimates).
     """
     return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+# --------------------------------------------------------------------------- online RL
+#
+# Token-level quantities are flat ``(N,)`` vectors over all completion tokens of a batch
+# (the layout :func:`posttrain.logprobs.token_logprobs` returns), with ``seq`` ``(N,)``
+# giving each token's completion index; aggregation turns them into one scalar.
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(π ‖ π_ref) from tokens sampled from π (Schulman 2020).
+
+    With ``log r = log π_ref(y) - log π(y)``: ``k1 = -log r`` (unbiased, high variance, may be
+    negative), ``k2 = (log r)^2 / 2`` (biased, low variance), ``k3 = r - 1 - log r`` (unbiased,
+    low variance, always ≥ 0; GRPO's choice, DeepSeekMath eq. 4).
+    """
+    log_r = ref_logp - logp
+    if kind == "k1":
+        return -log_r
+    if kind == "k2":
+        return 0.5 * log_r**2
+    if kind == "k3":
+        return torch.exp(log_r) - 1 - log_r
+    raise ValueError(f"unknown KL estimator {kind!r} (k1, k2, k3)")
+
+
+def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, clip_low: float = 0.2,
+                        clip_high: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate per token (Schulman et al. 2017, eq. 7), to minimise.
+
+    ``-min(ρ A, clip(ρ, 1 - ε_low, 1 + ε_high) A)`` with ``ρ = exp(logp - old_logp)``;
+    ``clip_high`` defaults to ``clip_low`` (DAPO's "clip-higher" sets it larger).
+
+    Returns:
+        (per-token loss ``(N,)``, per-token 0/1 "the clip was active" ``(N,)``).
+    """
+    clip_high = clip_low if clip_high is None else clip_high
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv
+    loss = -torch.min(unclipped, clipped)
+    return loss, (clipped < unclipped).float().detach()
+
+
+def aggregate(per_token: torch.Tensor, seq: torch.Tensor, num_seqs: int, mode: str = "seq_mean",
+              max_len: int | None = None) -> torch.Tensor:
+    """One scalar from per-token losses ``(N,)`` of ``num_seqs`` completions.
+
+    ``seq_mean``: mean over tokens of each completion, then over completions (GRPO paper);
+    ``token_mean``: mean over all tokens of the batch (DAPO; TRL's ``bnpo``/``dapo``);
+    ``constant``: sum divided by ``num_seqs * max_len`` (Dr. GRPO: no length bias).
+    """
+    if mode == "token_mean":
+        return per_token.sum() / max(per_token.numel(), 1)
+    if mode == "constant":
+        if not max_len:
+            raise ValueError("constant aggregation needs max_len (the maximum completion length)")
+        return per_token.sum() / (num_seqs * max_len)
+    if mode == "seq_mean":
+        sums = torch.zeros(num_seqs, dtype=per_token.dtype, device=per_token.device).index_add(0, seq, per_token)
+        counts = torch.zeros(num_seqs, dtype=per_token.dtype, device=per_token.device).index_add(
+            0, seq, torch.ones_like(per_token))
+        return (sums / counts.clamp_min(1)).mean()
+    raise ValueError(f"unknown aggregation {mode!r} (seq_mean, token_mean, constant)")
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, seq: torch.Tensor, num_seqs: int,
+              ref_logp: torch.Tensor | None = None, beta: float = 0.0, clip_low: float = 0.2,
+              clip_high: float | None = None, agg: str = "seq_mean", max_len: int | None = None,
+              kl_kind: str = "k3") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO objective (DeepSeekMath eq. 3) per token: clipped surrogate + β · KL(π ‖ π_ref).
+
+    Args:
+        logp, old_logp: ``(N,)`` log-probs under the current and the sampling policy.
+        adv: ``(N,)`` per-token advantages.
+        seq: ``(N,)`` completion index of every token; ``num_seqs`` completions in all.
+        ref_logp: ``(N,)`` reference log-probs (needed when ``beta > 0``).
+        agg: token aggregation, see :func:`aggregate`.
+
+    Returns:
+        (loss, stats) with stats ``kl`` and ``clip_fraction`` as per-token tensors (detached).
+    """
+    per_token, clipped = clipped_policy_loss(logp, old_logp, adv, clip_low, clip_high)
+    stats = {"clip_fraction": clipped}
+    if beta:
+        kl = kl_estimate(logp, ref_logp, kl_kind)
+        per_token = per_token + beta * kl
+        stats["kl"] = kl.detach()
+    return aggregate(per_token, seq, num_seqs, agg, max_len), stats
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       clip: float = 0.2) -> torch.Tensor:
+    """PPO value loss per token: ``½ max((V - R)^2, (clip(V, V_old ± ε) - R)^2)``; shape ``(N,)``."""
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    return 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)

@@ -8,13 +8,18 @@ at EOS (the end-of-turn token for chat models) and at any of ``stop`` strings, w
 cut from the returned text. Prompts are processed longest-first in batches so that
 little padding is generated.
 
-Implemented so far: text in, text out. Behaviour log-probs for RL come with the online
-RL stage.
+For online RL, :func:`sample` works on token ids: it returns each completion's token
+ids up to and including its EOS (or cut at ``max_new_tokens``: ``truncated``), decoded
+text, and generation throughput. The behaviour policy's log-probs are recomputed by the
+trainer with :func:`posttrain.logprobs.token_logprobs` (the same function as the loss, so
+the importance ratio is exactly 1 on the first update, with no sampler/trainer mismatch);
+the sampling itself is HF ``generate`` with its KV cache.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -81,3 +86,72 @@ def generate(model, tok, conversations: list[list[dict[str, str]]], cfg: Samplin
     return results
 
 
+
+
+@dataclass
+class Rollout:
+    """Completions sampled for a batch of prompts (one entry per completion, prompt order)."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]  # including the final EOS when generated
+    texts: list[str]  # decoded, special tokens removed, cut at stop strings
+    truncated: list[bool]  # hit max_new_tokens without EOS or stop string
+    seconds: float = 0.0
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c) for c in self.completion_ids)
+
+
+@torch.no_grad()
+def sample(model, tok, prompt_ids: list[list[int]], cfg: SamplingConfig, seed: int = 0) -> Rollout:
+    """Sample one completion per entry of ``prompt_ids`` (repeat a prompt for a group).
+
+    Batches of ``cfg.batch_size`` are left-padded so every continuation starts at the same
+    column; each batch is seeded from ``seed`` so a rollout is reproducible (a resumed run
+    samples the same completions). Dropout is off while sampling.
+    """
+    t0 = time.perf_counter()
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    out_ids: list[list[int]] = [[] for _ in prompt_ids]
+    truncated = [False] * len(prompt_ids)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for b, s in enumerate(range(0, len(prompt_ids), cfg.batch_size)):
+            rows = list(range(s, min(s + cfg.batch_size, len(prompt_ids))))
+            width = max(len(prompt_ids[i]) for i in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):  # left padding
+                ids[r, width - len(prompt_ids[i]) :] = torch.tensor(prompt_ids[i])
+                mask[r, width - len(prompt_ids[i]) :] = 1
+            kwargs = {"max_new_tokens": cfg.max_new_tokens, "pad_token_id": pad, "eos_token_id": eos}
+            if cfg.stop:
+                kwargs.update(stop_strings=cfg.stop, tokenizer=tok)
+            if cfg.temperature > 0:
+                torch.manual_seed(seed * 100_003 + b)
+                kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
+            else:
+                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+            new = gen[:, width:].tolist()
+            for r, i in enumerate(rows):
+                seq = new[r]
+                if eos in seq:
+                    seq = seq[: seq.index(eos) + 1]
+                else:
+                    while seq and seq[-1] == pad and pad != eos:
+                        seq.pop()
+                out_ids[i] = seq
+                text = tok.decode(seq, skip_special_tokens=True)
+                truncated[i] = eos not in seq and not any(st and st in text for st in cfg.stop)
+    finally:
+        model.train(was_training)
+    texts = [_cut_at_stop(tok.decode(c, skip_special_tokens=True), cfg.stop) for c in out_ids]
+    dt = time.perf_counter() - t0
+    n_tok = sum(len(c) for c in out_ids)
+    return Rollout(prompt_ids, out_ids, texts, truncated, dt, {"rollout/tokens_per_s": n_tok / max(dt, 1e-9)})

@@ -46,3 +46,12 @@ def test_every_key_documented():
     keys = [r[0] for r in rows]
     assert "model.lora_r" in keys and "data.too_long" in keys and "lr" in keys
     assert all(r[3] for r in rows), [r[0] for r in rows if not r[3]]
+
+
+def test_partial_section_keeps_the_stage_defaults():
+    """RL stages default sampling.temperature to 1.0 (the section class says 0.0); setting
+    only sampling.max_new_tokens must not silently fall back to greedy decoding."""
+    from posttrain.stages.online_rl import GRPOConfig
+
+    cfg = load_config(GRPOConfig, None, ["sampling.max_new_tokens=12"])
+    assert cfg.sampling.max_new_tokens == 12 and cfg.sampling.temperature == 1.0

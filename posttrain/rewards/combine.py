@@ -1,0 +1,88 @@
+"""Several reward functions as one: a weighted sum with per-function values kept for metrics.
+
+:class:`RewardSet` calls each function on the whole batch, checks what comes back (one
+``float`` or ``None`` per completion), and sums ``weight * value`` over the functions that
+scored a completion; a completion no function scored gets ``NaN`` ("no score", zero
+advantage). A function that raises, or returns the wrong number or type of values, stops
+the run with an error naming the function and the offending sample.
+
+Functions are named in configs by :data:`posttrain.rewards.functions.REWARD_FUNCTIONS`
+keys, or ``rm:PATH`` (an outcome reward model, :class:`posttrain.rewards.RewardModel`);
+library users pass callables.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+class RewardError(RuntimeError):
+    """A reward function failed; the message names the function and the sample."""
+
+
+def reward_name(fn) -> str:
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def resolve_reward(spec: str | Callable) -> Callable:
+    """A reward callable from a config name (see module docstring) or a callable."""
+    if callable(spec):
+        return spec
+    from posttrain.rewards.functions import REWARD_FUNCTIONS
+
+    if spec.startswith("rm:"):
+        from posttrain.rewards.reward_model import RewardModel
+
+        return RewardModel(spec[3:])
+    if spec not in REWARD_FUNCTIONS:
+        from posttrain.config import ConfigError
+
+        raise ConfigError(f"unknown reward {spec!r}: use one of {sorted(REWARD_FUNCTIONS)} or rm:PATH")
+    return REWARD_FUNCTIONS[spec]
+
+
+@dataclass
+class RewardSet:
+    functions: list[Callable]
+    weights: list[float]
+
+    @classmethod
+    def build(cls, specs: list, weights: list[float] | None = None) -> "RewardSet":
+        fns = [resolve_reward(s) for s in specs]
+        weights = list(weights) if weights else [1.0] * len(fns)
+        if len(weights) != len(fns):
+            raise ValueError(f"{len(weights)} reward weights for {len(fns)} reward functions")
+        return cls(fns, weights)
+
+    def __call__(self, prompts: list, completions: list[str], fields: dict[str, list]
+                 ) -> tuple[torch.Tensor, dict[str, list[float | None]]]:
+        """(total ``(N,)`` with NaN for unscored, per-function values by name)."""
+        per_fn: dict[str, list[float | None]] = {}
+        total = [0.0] * len(completions)
+        scored = [False] * len(completions)
+        for fn, w in zip(self.functions, self.weights):
+            name = reward_name(fn)
+            try:
+                values = fn(prompts, completions, **fields)
+            except Exception as e:  # noqa: BLE001 - re-raised with the function named
+                raise RewardError(f"reward function '{name}' raised {type(e).__name__}: {e} (batch of "
+                                  f"{len(completions)}; first completion: {completions[0][:80]!r})") from e
+            values = list(values)
+            if len(values) != len(completions):
+                raise RewardError(f"reward function '{name}' returned {len(values)} values for "
+                                  f"{len(completions)} completions")
+            for i, v in enumerate(values):
+                if v is None:
+                    continue
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(float(v)):
+                    raise RewardError(f"reward function '{name}' returned {v!r} for sample {i} (prompt "
+                                      f"{str(prompts[i])[:60]!r}); expected a float or None")
+                total[i] += w * float(v)
+                scored[i] = True
+            per_fn[name] = values
+        out = torch.tensor([t if s else float("nan") for t, s in zip(total, scored)], dtype=torch.float32)
+        return out, per_fn

@@ -1,0 +1,108 @@
+"""Rule-based reward functions: plain functions of completions, tested on literal strings.
+
+Every reward function has the signature ``f(prompts, completions, **fields) -> list[float |
+None]``: one value per completion, where ``fields`` holds the prompt rows' other columns
+as lists aligned with the completions (``answer=[...]``, ``task=[...]``). ``None`` means
+"no score" (the completion gets zero advantage and is counted in the metrics).
+
+* :func:`exact_answer`: 1 if the final answer equals the reference number, else 0. The
+  answer is the ``<answer>`` block when there is one, otherwise the last number in the
+  text (so a model that has not learned the format can still be rewarded: R1-Zero style).
+* :func:`tagged_answer`: the same, but only an ``<answer>`` block counts (strict).
+* :func:`math_equal`: symbolic equivalence of the final answer and the reference with
+  sympy (``1/2`` = ``0.5`` = ``2/4``); ``math-verify`` is used instead when installed.
+* :func:`think_format`: 1 for ``<think>…</think>`` then ``<answer>…</answer>`` and nothing
+  else, 0 otherwise (DeepSeek-R1's format reward).
+"""
+
+from __future__ import annotations
+
+import re
+
+NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+ANSWER_RE = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
+
+
+def final_answer(text: str, strict: bool = False) -> str | None:
+    """The ``<answer>`` block's text, else (unless ``strict``) the last number in ``text``."""
+    tagged = ANSWER_RE.findall(text)
+    if tagged:
+        return tagged[-1].strip()
+    if strict:
+        return None
+    nums = NUMBER_RE.findall(text)
+    return nums[-1] if nums else None
+
+
+def _as_number(s: str) -> float | None:
+    s = s.replace(",", "").strip().rstrip(".")
+    m = re.fullmatch(r"-?\d+(?:\.\d+)?", s)
+    return float(s) if m else None
+
+
+def _answers(fields: dict, n: int) -> list:
+    if "answer" not in fields:
+        raise KeyError("this reward needs an 'answer' field in the prompt rows")
+    answers = fields["answer"]
+    if len(answers) != n:
+        raise ValueError(f"{len(answers)} answers for {n} completions")
+    return answers
+
+
+def exact_answer(prompts, completions, **fields) -> list[float | None]:
+    """1.0 when the final answer (tagged, or the last number) equals ``answer`` numerically."""
+    out = []
+    for c, ref in zip(completions, _answers(fields, len(completions))):
+        if ref is None:
+            out.append(None)
+            continue
+        got = final_answer(c)
+        a, b = (_as_number(got) if got else None), _as_number(str(ref))
+        out.append(1.0 if a is not None and b is not None and a == b else 0.0)
+    return out
+
+
+def tagged_answer(prompts, completions, **fields) -> list[float | None]:
+    """1.0 when the ``<answer>`` block holds the reference number; untagged answers score 0."""
+    out = []
+    for c, ref in zip(completions, _answers(fields, len(completions))):
+        got = final_answer(c, strict=True)
+        a, b = (_as_number(got) if got else None), _as_number(str(ref))
+        out.append(None if ref is None else 1.0 if a is not None and a == b else 0.0)
+    return out
+
+
+def math_equal(prompts, completions, **fields) -> list[float | None]:
+    """1.0 when the final answer is mathematically equal to ``answer`` (sympy or math-verify)."""
+    try:  # math-verify handles LaTeX and many notations; optional
+        from math_verify import parse, verify
+
+        def same(a: str, b: str) -> bool:
+            return bool(verify(parse(b), parse(a)))
+    except ImportError:
+        import sympy
+
+        def same(a: str, b: str) -> bool:
+            try:
+                return bool(sympy.simplify(sympy.sympify(a.replace("^", "**")) - sympy.sympify(b.replace("^", "**")))
+                            == 0)
+            except (sympy.SympifyError, TypeError, SyntaxError, ValueError, AttributeError):
+                return a.strip() == b.strip()
+
+    out = []
+    for c, ref in zip(completions, _answers(fields, len(completions))):
+        got = final_answer(c)
+        out.append(None if ref is None else 1.0 if got is not None and same(got, str(ref)) else 0.0)
+    return out
+
+
+FORMAT_RE = re.compile(r"^\s*<think>(.+?)</think>\s*<answer>(.+?)</answer>\s*$", re.DOTALL)
+
+
+def think_format(prompts, completions, **fields) -> list[float | None]:
+    """1.0 for exactly ``<think>…</think>`` followed by ``<answer>…</answer>``, else 0.0."""
+    return [1.0 if FORMAT_RE.match(c) else 0.0 for c in completions]
+
+
+# name -> function, for configs (``rewards: [exact_answer, think_format]``)
+REWARD_FUNCTIONS = {f.__name__: f for f in (exact_answer, tagged_answer, math_equal, think_format)}

@@ -1,0 +1,516 @@
+"""Online RL: GRPO, RLOO and PPO in one loop that differs only in the advantage estimator.
+
+Each step, top to bottom:
+
+1. **rollout**: ``batch_size`` prompts, ``group_size`` completions each, sampled from the
+   current policy (:func:`posttrain.rollout.sample`, seeded by the step);
+2. **rewards**: the weighted sum of the reward functions (:class:`posttrain.rewards.RewardSet`);
+   ``None`` = no score, zero advantage;
+3. **no-grad pass** where needed: the sampling policy's log-probs (``num_iterations > 1``,
+   or PPO), the reference's (``beta > 0``; under LoRA the same weights with adapters
+   disabled, otherwise a frozen copy), and the critic's values (PPO);
+4. **advantages** (:mod:`posttrain.advantages`): ``group`` (GRPO: group-normalised outcome
+   reward, or with ``process_reward_model`` DeepSeekMath's process supervision), ``rloo``
+   (leave-one-out baseline), or ``gae`` (PPO: per-token reward ``-β_kl·(log π_old - log
+   π_ref)`` with the score added at the last token, GAE(γ, λ) on a critic, whitened);
+5. **updates**: ``num_iterations`` passes over the rollout in minibatches of
+   ``minibatch_size`` completions (one optimizer step each), loss = clipped surrogate
+   (+ ``beta`` · k3 KL in the loss for GRPO/RLOO) (+ ``vf_coef`` · clipped value loss for
+   PPO), aggregated over tokens as ``loss_agg`` says;
+6. **log / eval / checkpoint**: ``metrics.jsonl`` (``reward/*``, ``rollout/*``, ``loss/*``,
+   ``policy/*``, ``perf/*``), ``samples.jsonl`` every ``sample_every`` steps.
+
+Departures and simplifications, stated plainly:
+
+* The critic is a linear value head on the policy's own final hidden states (shared
+  backbone; its gradient reaches the backbone scaled by ``vf_coef``). There is no separate
+  critic model yet.
+* With ``num_iterations = 1`` and no PPO, the "old" log-probs are the current ones
+  detached, so the ratio is exactly 1 (on-policy; the clip never triggers), as in TRL.
+* KL for PPO enters the reward with the k1 estimator (InstructGPT); for GRPO/RLOO it enters
+  the loss with ``kl_estimator`` (k3 by default), as in DeepSeekMath.
+* Sampling uses HF ``generate``; the behaviour log-probs are recomputed by the trainer's
+  own forward (no sampler/trainer numerical mismatch on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from posttrain import engine
+from posttrain.advantages import gae, group_advantages, process_advantages, rloo_advantages, whiten
+from posttrain.config import ConfigError, doc
+from posttrain.data.formats import PromptRecord, to_prompt_record
+from posttrain.data.loading import BadRowError, BadRows, iter_rows
+from posttrain.data.tokenize import IGNORE, TokenizedExample, collate_pad
+from posttrain.log import log
+from posttrain.logprobs import token_logprobs
+from posttrain.losses import aggregate, clipped_value_loss, grpo_loss, kl_estimate
+from posttrain.models import count_parameters, load_model, prepare_model
+from posttrain.rewards.combine import RewardSet, reward_name
+from posttrain.rollout import Rollout, SamplingConfig, generate, sample
+
+ESTIMATORS = ("group", "rloo", "gae")
+
+
+def _rl_sampling() -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=128, temperature=1.0, batch_size=16)
+
+
+@dataclass
+class RLConfig(engine.TrainConfig):
+    """Online RL (``posttrain grpo`` / ``rloo`` / ``ppo``: the same loop, different estimator)."""
+
+    output_dir: str = doc("Run directory (config, metrics, samples, checkpoints, final model).", "runs/grpo")
+    batch_size: int = doc("Prompts per step.", 4)
+    lr: float = doc("Peak learning rate (RL wants small steps: ~1e-6 full, ~1e-5 LoRA).", 1e-6)
+    schedule: str = doc("LR schedule after warmup: cosine, linear, constant_with_warmup, constant.",
+                        "constant_with_warmup")
+    warmup_ratio: float = doc("Share of optimizer steps with linear LR warmup.", 0.0)
+    max_steps: int = doc("Rollout steps to run (0 = from epochs over the prompts).", 50)
+    sampling: SamplingConfig = field(default_factory=_rl_sampling)
+    group_size: int = doc("Completions sampled per prompt (G).", 8)
+    rewards: list[str] = doc("Reward functions: names (exact_answer, tagged_answer, math_equal, think_format) "
+                             "or rm:PATH for a trained reward model.", default_factory=lambda: ["exact_answer"])
+    reward_weights: list[float] = doc("Weight of each reward function (empty = all 1).", default_factory=list)
+    advantage: str = doc("Advantage estimator: group (GRPO), rloo, or gae (PPO with a critic).", "group")
+    scale_rewards: str = doc("group: divide by the group std (GRPO); batch: by the batch std; none: Dr. GRPO.",
+                             "group")
+    process_reward_model: str = doc("PRM directory: per-step rewards and process-supervised advantages "
+                                    "(advantage: group only).", "")
+    step_separator: str = doc("Completions are cut into steps at this text for the PRM.", "\n")
+    beta: float = doc("KL coefficient: in the loss (group, rloo) or in the per-token reward (gae); 0 = no "
+                      "reference model at all.", 0.04)
+    kl_estimator: str = doc("KL estimator in the loss: k1, k2 or k3.", "k3")
+    num_iterations: int = doc("Passes over each rollout batch (μ in GRPO, PPO epochs).", 1)
+    minibatch_size: int = doc("Completions per optimizer step (0 = the whole rollout batch).", 0)
+    micro_batch_size: int = doc("Completions per forward/backward pass (memory bound).", 8)
+    clip_eps: float = doc("Clip range ε of the importance ratio.", 0.2)
+    clip_eps_high: float = doc("Upper clip range (DAPO clip-higher; 0 = same as clip_eps).", 0.0)
+    loss_agg: str = doc("Token aggregation: seq_mean (GRPO), token_mean (DAPO), constant (Dr. GRPO).", "seq_mean")
+    vf_coef: float = doc("PPO: weight of the value loss.", 0.1)
+    value_clip: float = doc("PPO: clip range of the value update.", 0.2)
+    gamma: float = doc("PPO: discount γ.", 1.0)
+    lam: float = doc("PPO: GAE λ.", 0.95)
+    whiten_advantages: bool = doc("PPO: standardise advantages over the batch.", True)
+    missing_eos_penalty: float = doc("Subtracted from the score of completions cut at max_new_tokens.", 0.0)
+    eval_limit: int = doc("Evaluate (greedy) on at most this many eval prompts (0 = all).", 64)
+    sample_every: int = doc("Write rollout samples to samples.jsonl every N steps (0 = never).", 5)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.advantage not in ESTIMATORS:
+            raise ConfigError(f"advantage: {self.advantage!r} is not one of {', '.join(ESTIMATORS)}")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise ConfigError("scale_rewards must be group, batch or none")
+        if self.loss_agg not in ("seq_mean", "token_mean", "constant"):
+            raise ConfigError("loss_agg must be seq_mean, token_mean or constant")
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            raise ConfigError("kl_estimator must be k1, k2 or k3")
+        if self.advantage in ("group", "rloo") and self.group_size < 2:
+            raise ConfigError(f"advantage {self.advantage} needs group_size >= 2")
+        if self.process_reward_model and self.advantage != "group":
+            raise ConfigError("process_reward_model needs advantage: group")
+        if self.num_iterations < 1 or self.micro_batch_size < 1:
+            raise ConfigError("num_iterations and micro_batch_size must be at least 1")
+        if not self.rewards and not self.process_reward_model:
+            raise ConfigError("no reward: set rewards and/or process_reward_model")
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    """GRPO: G samples per prompt, group-normalised advantages, KL to the reference in the loss."""
+
+
+@dataclass
+class RLOOConfig(RLConfig):
+    """RLOO: G samples per prompt, leave-one-out baseline."""
+
+    output_dir: str = doc("Run directory.", "runs/rloo")
+    advantage: str = doc("Advantage estimator: group (GRPO), rloo, or gae (PPO with a critic).", "rloo")
+
+
+@dataclass
+class PPOConfig(RLConfig):
+    """PPO: a critic (value head), per-token KL penalty in the reward, GAE, several epochs per rollout."""
+
+    output_dir: str = doc("Run directory.", "runs/ppo")
+    advantage: str = doc("Advantage estimator: group (GRPO), rloo, or gae (PPO with a critic).", "gae")
+    group_size: int = doc("Completions sampled per prompt.", 1)
+    batch_size: int = doc("Prompts per step.", 16)
+    beta: float = doc("KL coefficient in the per-token reward.", 0.05)
+    num_iterations: int = doc("PPO epochs over each rollout batch.", 2)
+    minibatch_size: int = doc("Completions per optimizer step (0 = the whole rollout batch).", 8)
+
+
+@dataclass
+class Prompt:
+    record: PromptRecord
+    ids: list[int]
+
+
+@dataclass
+class RLResult:
+    run_dir: Path
+    model_dir: Path
+    steps: int
+    eval: dict[str, float]
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_prompts(tok, sources, max_length: int, too_long: str, bad: BadRows) -> list[Prompt]:
+    """Chat-templated prompt token ids of every prompt row (``prompt`` or ``messages`` rows)."""
+    out = []
+    for src in sources:
+        for row in iter_rows(src.path, bad):
+            try:
+                rec = to_prompt_record(row)
+                text = tok.apply_chat_template(rec.messages, tokenize=False, add_generation_prompt=True)
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+                if len(ids) > max_length:
+                    if too_long == "error":
+                        raise BadRowError(row.origin, "prompt", f"too long: {len(ids)} tokens > max_length "
+                                          f"{max_length}")
+                    if too_long == "drop":
+                        continue
+                    ids = ids[-max_length:]
+                out.append(Prompt(rec, ids))
+            except BadRowError as e:
+                bad.handle(e)
+    return out
+
+
+def row_fields(prompts: list[Prompt]) -> dict[str, list]:
+    """The prompt rows' other columns as lists aligned with ``prompts`` (reward kwargs)."""
+    keys = sorted({k for p in prompts for k in p.record.fields})
+    return {k: [p.record.fields.get(k) for p in prompts] for k in keys}
+
+
+# --------------------------------------------------------------------------- policy pieces
+
+
+class Policy:
+    """The trained model plus what the loss needs from it: reference log-probs and values."""
+
+    def __init__(self, cfg: RLConfig, model, value_head: torch.nn.Module | None, ref_model=None):
+        self.cfg, self.model, self.value_head, self.ref_model = cfg, model, value_head, ref_model
+
+    def forward(self, model, batch, extras=()):
+        return token_logprobs(model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                              temperature=self.cfg.sampling.temperature or 1.0, extras=extras)
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch) -> torch.Tensor:
+        if self.ref_model is not None:
+            return self.forward(self.ref_model, batch)
+        with self.model.disable_adapter():  # LoRA: the base weights are the reference
+            return self.forward(self.model, batch)
+
+
+def completion_examples(roll: Rollout) -> list[TokenizedExample]:
+    """Prompt + completion with labels on the completion tokens only."""
+    return [TokenizedExample(p + c, [IGNORE] * len(p) + c, "") for p, c in zip(roll.prompt_ids, roll.completion_ids)]
+
+
+def chunks(idx: list[int], size: int) -> list[list[int]]:
+    return [idx[i : i + size] for i in range(0, len(idx), size)]
+
+
+def split_steps(text: str, sep: str) -> list[str]:
+    return [s for s in text.split(sep) if s.strip()]
+
+
+def step_end_tokens(tok, completion_ids: list[int], steps: list[str], sep: str) -> list[int]:
+    """Token index (within the completion) of each step's last token, by decoded length."""
+    ends, target, k = [], 0, 0
+    text = ""
+    for i in range(len(completion_ids)):
+        text = tok.decode(completion_ids[: i + 1], skip_special_tokens=True)
+        while k < len(steps):
+            at = text.find(steps[k], target)
+            if at < 0 or at + len(steps[k]) > len(text):
+                break
+            ends.append(i)
+            target = at + len(steps[k])
+            k += 1
+        if k == len(steps):
+            break
+    return ends + [len(completion_ids) - 1] * (len(steps) - len(ends))
+
+
+# --------------------------------------------------------------------------- advantages
+
+
+def token_advantages(cfg: RLConfig, roll: Rollout, rewards: torch.Tensor, lengths: list[int],
+                     old: dict[str, torch.Tensor], step_rewards=None, step_ends=None) -> dict[str, torch.Tensor]:
+    """Flat ``(N,)`` per-token advantages (and PPO returns) as ``cfg.advantage`` says."""
+    G = cfg.group_size
+    if cfg.advantage == "gae":
+        B, T = len(lengths), max(lengths)
+        mask = torch.zeros(B, T)
+        for i, n in enumerate(lengths):
+            mask[i, :n] = 1
+        sel = mask.bool()
+        values = torch.zeros(B, T)
+        values[sel] = old["values"]
+        per_tok = torch.zeros(B, T)
+        if cfg.beta:
+            per_tok[sel] = -cfg.beta * kl_estimate(old["logp"], old["ref_logp"], "k1")
+        score = torch.nan_to_num(rewards, nan=0.0) - cfg.missing_eos_penalty * torch.tensor(roll.truncated).float()
+        for i, n in enumerate(lengths):
+            per_tok[i, n - 1] += score[i]
+        adv, ret = gae(per_tok, values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            adv = whiten(adv, mask)
+        return {"adv": adv[sel], "returns": ret[sel]}
+    if step_rewards is not None:
+        per_seq = process_advantages(step_rewards, step_ends, lengths, G)
+        return {"adv": torch.cat(per_seq)}
+    r = rewards - cfg.missing_eos_penalty * torch.tensor(roll.truncated).float()
+    seq_adv = group_advantages(r, G, cfg.scale_rewards) if cfg.advantage == "group" else rloo_advantages(r, G)
+    return {"adv": torch.repeat_interleave(seq_adv, torch.tensor(lengths))}
+
+
+# --------------------------------------------------------------------------- eval
+
+
+@torch.no_grad()
+def evaluate(cfg: RLConfig, model, tok, prompts: list[Prompt], reward_set: RewardSet) -> dict[str, float]:
+    """Greedy completions of the eval prompts scored by the reward functions (their means)."""
+    if not prompts:
+        return {}
+    sc = SamplingConfig(max_new_tokens=cfg.sampling.max_new_tokens, batch_size=cfg.sampling.batch_size,
+                        stop=cfg.sampling.stop)
+    texts = generate(model, tok, [p.record.messages for p in prompts], sc)
+    total, per_fn = reward_set([p.record.messages for p in prompts], texts, row_fields(prompts))
+    out = {"eval/reward": float(torch.nan_to_num(total, nan=0.0).mean())}
+    for name, vals in per_fn.items():
+        scored = [v for v in vals if v is not None]
+        out[f"eval/{name}"] = sum(scored) / max(len(scored), 1)
+    out["eval/response_chars"] = sum(len(t) for t in texts) / len(texts)
+    return out
+
+
+# --------------------------------------------------------------------------- train
+
+
+def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
+    """Run online RL as ``cfg`` says; ``reward_functions`` (callables) replace ``cfg.rewards``."""
+    # ---------------------------------------------------------------- setup
+    stage = {"group": "grpo", "rloo": "rloo", "gae": "ppo"}[cfg.advantage]
+    run_dir = engine.setup_run(cfg.output_dir, stage, cfg, [s.path for s in cfg.data.train + cfg.data.eval])
+    engine.seed_everything(cfg.seed)
+    model, tok, dtype = prepare_model(cfg.model)
+    bad = BadRows(skip=cfg.data.skip_bad_rows)
+    prompts = load_prompts(tok, cfg.data.train, cfg.data.max_length, cfg.data.too_long, bad)
+    eval_prompts = load_prompts(tok, cfg.data.eval, cfg.data.max_length, cfg.data.too_long, bad)
+    if cfg.eval_limit:
+        eval_prompts = eval_prompts[: cfg.eval_limit]
+    if not prompts:
+        raise ConfigError(f"no usable prompts ({bad.summary()})")
+    reward_set = RewardSet.build(reward_functions or cfg.rewards, cfg.reward_weights)
+    prm = None
+    if cfg.process_reward_model:
+        from posttrain.rewards.process import ProcessRewardModel
+
+        prm = ProcessRewardModel(cfg.process_reward_model)
+    ref_model = None
+    if cfg.beta and not cfg.model.lora:  # full fine-tuning keeps a frozen copy as the reference
+        ref_model = load_model(cfg.model.name_or_path, dtype).eval().requires_grad_(False)
+    value_head = None
+    if cfg.advantage == "gae":
+        value_head = torch.nn.Linear(model.config.hidden_size, 1).to(dtype)
+        torch.nn.init.zeros_(value_head.weight)
+        torch.nn.init.zeros_(value_head.bias)
+    policy = Policy(cfg, model, value_head, ref_model)
+    G = cfg.group_size
+    batches = engine.EpochBatches([len(p.ids) for p in prompts], cfg.batch_size, cfg.seed)
+    total_steps = cfg.total_steps(batches.per_epoch)
+    n_completions = cfg.batch_size * G
+    mb = cfg.minibatch_size or n_completions
+    opt_steps = total_steps * cfg.num_iterations * -(-n_completions // mb)
+    t = engine.open_training(cfg, model, opt_steps, extra={"value_head": value_head} if value_head else None)
+    trainable_params, total_params = count_parameters(model)
+    log(f"{stage}: {len(prompts)} prompts ({len(eval_prompts)} eval), {total_steps} steps of {cfg.batch_size} "
+        f"prompts x {G} completions, rewards {[reward_name(f) for f in reward_set.functions]}"
+        f"{' + PRM' if prm else ''}, β={cfg.beta}, {trainable_params:,}/{total_params:,} params trained"
+        f"{' (LoRA)' if cfg.model.lora else ''}, on {engine.describe_device(t.device, dtype)}")
+    start, metrics = engine.resume(cfg, run_dir, t)
+    samples_path = run_dir / "samples.jsonl"
+
+    # ---------------------------------------------------------------- train
+    ev: dict[str, float] = {}
+    with engine.progress() as bar:
+        task = bar.add_task(stage, total=total_steps, completed=start, status="")
+        for step in range(start + 1, total_steps + 1):
+            t_step = time.perf_counter()
+            # 1. rollout: G completions of each prompt, seeded by the step
+            batch_prompts = [prompts[i] for i in batches[step - 1] for _ in range(G)]
+            roll = sample(t.model, tok, [p.ids for p in batch_prompts], cfg.sampling, seed=cfg.seed * 1_000_003 + step)
+            # 2. rewards
+            msgs = [p.record.messages for p in batch_prompts]
+            rewards, per_fn = reward_set(msgs, roll.texts, row_fields(batch_prompts))
+            step_rewards = step_ends = None
+            if prm is not None:
+                steps = [split_steps(txt, cfg.step_separator) or [txt] for txt in roll.texts]
+                step_rewards = prm.score_many(msgs, steps)
+                step_ends = [step_end_tokens(tok, c, s, cfg.step_separator)
+                             for c, s in zip(roll.completion_ids, steps)]
+                if cfg.rewards:  # outcome rewards count as a final step
+                    step_rewards = [sr + [float(torch.nan_to_num(r, nan=0.0))] for sr, r in zip(step_rewards, rewards)]
+                    step_ends = [se + [len(c) - 1] for se, c in zip(step_ends, roll.completion_ids)]
+            examples = completion_examples(roll)
+            lengths = [len(c) for c in roll.completion_ids]
+            # 3. no-grad pass: sampling-policy log-probs, reference log-probs, values
+            need_old = cfg.num_iterations > 1 or cfg.advantage == "gae" or mb < n_completions
+            old: dict[str, torch.Tensor] = {}
+            if need_old or cfg.beta:
+                parts: dict[str, list] = {"logp": [], "ref_logp": [], "values": []}
+                t.model.eval()
+                with torch.no_grad():
+                    for idx in chunks(list(range(len(examples))), cfg.micro_batch_size):
+                        b = {k: v.to(t.device) for k, v in collate_pad([examples[i] for i in idx],
+                                                                        tok.pad_token_id).items()}
+                        if need_old:
+                            lp, h = policy.forward(t.model, b, extras=("hidden",))
+                            parts["logp"].append(lp.float().cpu())
+                            if value_head is not None:
+                                parts["values"].append(value_head(h).squeeze(-1).float().cpu())
+                        if cfg.beta:
+                            parts["ref_logp"].append(policy.reference_logprobs(b).float().cpu())
+                t.model.train()
+                old = {k: torch.cat(v) for k, v in parts.items() if v}
+            # 4. advantages
+            adv = token_advantages(cfg, roll, rewards, lengths, old, step_rewards, step_ends)
+            offsets = [0]
+            for n in lengths:
+                offsets.append(offsets[-1] + n)
+
+            def tok_slice(key, idx):
+                return torch.cat([adv[key][offsets[i] : offsets[i + 1]] if key in adv else
+                                  old[key][offsets[i] : offsets[i + 1]] for i in idx])
+
+            # 5. updates
+            rng = random.Random(cfg.seed * 7919 + step)
+            acc = {"loss/policy": 0.0, "loss/value": 0.0, "policy/kl": [], "policy/entropy": [],
+                   "policy/clip_fraction": []}
+            n_updates, train_tokens, t_train = 0, 0, time.perf_counter()
+            for _ in range(cfg.num_iterations):
+                order = list(range(len(examples)))
+                if mb < n_completions:
+                    rng.shuffle(order)
+                for mb_idx in chunks(order, mb):
+                    mb_seqs, mb_tokens = len(mb_idx), sum(lengths[i] for i in mb_idx)
+                    for idx in chunks(mb_idx, cfg.micro_batch_size):
+                        b = {k: v.to(t.device) for k, v in collate_pad([examples[i] for i in idx],
+                                                                        tok.pad_token_id).items()}
+                        extras = ("entropy", "hidden") if value_head is not None else ("entropy",)
+                        lp, ent, *h = policy.forward(t.model, b, extras=extras)
+                        seq = torch.repeat_interleave(torch.arange(len(idx)), torch.tensor([lengths[i] for i in idx]))
+                        seq = seq.to(t.device)
+                        a = tok_slice("adv", idx).to(t.device, lp.dtype)
+                        old_lp = tok_slice("logp", idx).to(t.device) if need_old else lp.detach()
+                        ref_lp = tok_slice("ref_logp", idx).to(t.device) if cfg.beta else None
+                        in_loss_beta = cfg.beta if cfg.advantage != "gae" else 0.0
+                        loss, st = grpo_loss(lp, old_lp, a, seq, len(idx), ref_lp, in_loss_beta, cfg.clip_eps,
+                                             cfg.clip_eps_high or None, cfg.loss_agg, cfg.sampling.max_new_tokens,
+                                             cfg.kl_estimator)
+                        # micro-batch share of the minibatch, so accumulation equals one big batch
+                        share = (sum(lengths[i] for i in idx) / mb_tokens) if cfg.loss_agg == "token_mean" \
+                            else len(idx) / mb_seqs
+                        loss = loss * share
+                        acc["loss/policy"] += float(loss.detach())
+                        if value_head is not None:
+                            v = value_head(h[0]).squeeze(-1).float()
+                            vl = clipped_value_loss(v, tok_slice("values", idx).to(t.device),
+                                                    tok_slice("returns", idx).to(t.device), cfg.value_clip)
+                            vl = aggregate(vl, seq, len(idx), "token_mean") * share
+                            loss = loss + cfg.vf_coef * vl
+                            acc["loss/value"] += float(vl.detach())
+                        t.backward(loss)
+                        acc["policy/entropy"].append(ent.detach().float().cpu())
+                        acc["policy/clip_fraction"].append(st["clip_fraction"].cpu())
+                        if "kl" in st:
+                            acc["policy/kl"].append(st["kl"].float().cpu())
+                        train_tokens += int(b["attention_mask"].sum())
+                    grad_norm = t.step(cfg.max_grad_norm)
+                    n_updates += 1
+            t_train = time.perf_counter() - t_train
+            dt = time.perf_counter() - t_step
+
+            # 6. log
+            rec = step_metrics(cfg, roll, rewards, per_fn, adv["adv"], acc, n_updates, old)
+            rec.update({"train/grad_norm": grad_norm, "train/lr": t.lr, "perf/step_s": dt,
+                        "perf/rollout_s": roll.seconds, "perf/train_tokens_per_s": train_tokens / max(t_train, 1e-9),
+                        "perf/peak_rss_mb": engine.peak_rss_mb()})
+            if step % cfg.log_every == 0 or step == total_steps:
+                metrics.log(step, rec)
+            bar.update(task, advance=1, status=f"reward {rec['reward/mean']:.3f} len {rec['rollout/length_mean']:.0f}")
+            if cfg.sample_every and (step % cfg.sample_every == 0 or step == 1) and engine.is_main_process():
+                with open(samples_path, "a") as fh:
+                    for i in range(0, len(roll.texts), G):
+                        fh.write(json.dumps({"step": step, "prompt": msgs[i][-1]["content"], "completion": roll.texts[i],
+                                             "reward": None if torch.isnan(rewards[i]) else float(rewards[i]),
+                                             **{k: v[i] for k, v in per_fn.items()}}) + "\n")
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps and eval_prompts:
+                ev = evaluate(cfg, t.model, tok, eval_prompts, reward_set)
+                metrics.log(step, ev)
+                log(f"step {step}: eval reward {ev['eval/reward']:.3f}")
+            if cfg.save_every and step % cfg.save_every == 0 and step != total_steps:
+                engine.save_checkpoint(run_dir, t, tok, {"step": step, "stage": stage}, cfg.keep_last)
+
+    # ---------------------------------------------------------------- finish
+    if eval_prompts:
+        ev = evaluate(cfg, t.model, tok, eval_prompts, reward_set)
+        metrics.log(total_steps, ev)
+    engine.save_checkpoint(run_dir, t, tok, {"step": total_steps, "stage": stage}, cfg.keep_last)
+    model_dir = run_dir / "model"
+    if engine.is_main_process():
+        engine.save_model_dir(t.unwrapped(), tok, model_dir)
+        if cfg.model.lora and cfg.merge_lora:
+            engine.save_model_dir(t.unwrapped(), tok, run_dir / "model-merged", merge_lora=True)
+        if value_head is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in value_head.state_dict().items()}, str(run_dir / "value_head.safetensors"))
+    metrics.close()
+    log(f"{stage} done: {total_steps} steps" + (f", eval reward {ev['eval/reward']:.3f}" if ev else "")
+        + f"; model saved to {model_dir}")
+    if bad.total:
+        log(f"data: {bad.summary()}")
+    return RLResult(run_dir, model_dir, total_steps, ev)
+
+
+def step_metrics(cfg: RLConfig, roll: Rollout, rewards: torch.Tensor, per_fn: dict, adv: torch.Tensor,
+                 acc: dict, n_updates: int, old: dict) -> dict[str, float]:
+    """The namespaced metrics of one step (reward/*, rollout/*, loss/*, policy/*)."""
+    scored = rewards[~torch.isnan(rewards)]
+    g = torch.nan_to_num(rewards, nan=0.0).view(-1, cfg.group_size)
+    out = {"reward/mean": float(scored.mean()) if scored.numel() else 0.0,
+           "reward/std": float(scored.std()) if scored.numel() > 1 else 0.0,
+           "reward/unscored": int(torch.isnan(rewards).sum()),
+           "rollout/length_mean": sum(len(c) for c in roll.completion_ids) / len(roll.completion_ids),
+           "rollout/truncated_frac": sum(roll.truncated) / len(roll.truncated),
+           "rollout/zero_std_groups": float((g.std(1) == 0).float().mean()) if cfg.group_size > 1 else 0.0,
+           "rollout/tokens_per_s": roll.stats["rollout/tokens_per_s"],
+           "advantage/mean": float(adv.mean()), "advantage/std": float(adv.std()) if adv.numel() > 1 else 0.0,
+           "loss/policy": acc["loss/policy"] / max(n_updates, 1)}
+    if cfg.advantage == "gae":
+        out["loss/value"] = acc["loss/value"] / max(n_updates, 1)
+        if "ref_logp" in old:
+            out["policy/kl"] = float(kl_estimate(old["logp"], old["ref_logp"], "k1").mean())
+    for name, vals in per_fn.items():
+        v = [x for x in vals if x is not None]
+        out[f"reward/{name}"] = sum(v) / max(len(v), 1)
+    for k in ("policy/kl", "policy/entropy", "policy/clip_fraction"):
+        if acc[k]:
+            out[k] = float(torch.cat(acc[k]).mean())
+    return out
