@@ -239,7 +239,7 @@ def aggregate(per_token: torch.Tensor, seq: torch.Tensor, num_seqs: int, mode: s
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, seq: torch.Tensor, num_seqs: int,
               ref_logp: torch.Tensor | None = None, beta: float = 0.0, clip_low: float = 0.2,
               clip_high: float | None = None, agg: str = "seq_mean", max_len: int | None = None,
-              kl_kind: str = "k3") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              kl_kind: str = "k3", kl_ratio_correction: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO objective (DeepSeekMath eq. 3) per token: clipped surrogate + β · KL(π ‖ π_ref).
 
     Args:
@@ -248,6 +248,9 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, seq
         seq: ``(N,)`` completion index of every token; ``num_seqs`` completions in all.
         ref_logp: ``(N,)`` reference log-probs (needed when ``beta > 0``).
         agg: token aggregation, see :func:`aggregate`.
+        kl_ratio_correction: multiply the per-token KL by the importance ratio π/π_old, since
+            the tokens were sampled from π_old (TRL's ``use_bias_correction_kl``); off by
+            default, as in DeepSeekMath.
 
     Returns:
         (loss, stats) with stats ``kl`` and ``clip_fraction`` as per-token tensors (detached).
@@ -256,6 +259,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, seq
     stats = {"clip_fraction": clipped}
     if beta:
         kl = kl_estimate(logp, ref_logp, kl_kind)
+        if kl_ratio_correction:
+            kl = kl * torch.exp(logp - old_logp)
         per_token = per_token + beta * kl
         stats["kl"] = kl.detach()
     return aggregate(per_token, seq, num_seqs, agg, max_len), stats

@@ -88,6 +88,8 @@ class RLConfig(engine.TrainConfig):
     beta: float = doc("KL coefficient: in the loss (group, rloo) or in the per-token reward (gae); 0 = no "
                       "reference model at all.", 0.04)
     kl_estimator: str = doc("KL estimator in the loss: k1, k2 or k3.", "k3")
+    kl_ratio_correction: bool = doc("Weight the in-loss KL by the importance ratio π/π_old (TRL's "
+                                    "use_bias_correction_kl).", False)
     num_iterations: int = doc("Passes over each rollout batch (μ in GRPO, PPO epochs).", 1)
     minibatch_size: int = doc("Completions per optimizer step (0 = the whole rollout batch).", 0)
     micro_batch_size: int = doc("Completions per forward/backward pass (memory bound).", 8)
@@ -422,7 +424,7 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                         in_loss_beta = cfg.beta if cfg.advantage != "gae" else 0.0
                         loss, st = grpo_loss(lp, old_lp, a, seq, len(idx), ref_lp, in_loss_beta, cfg.clip_eps,
                                              cfg.clip_eps_high or None, cfg.loss_agg, cfg.sampling.max_new_tokens,
-                                             cfg.kl_estimator)
+                                             cfg.kl_estimator, cfg.kl_ratio_correction)
                         # micro-batch share of the minibatch, so accumulation equals one big batch
                         share = (sum(lengths[i] for i in idx) / mb_tokens) if cfg.loss_agg == "token_mean" \
                             else len(idx) / mb_seqs

@@ -1,0 +1,292 @@
+"""Online RL: advantage estimators, KL estimators and clipped losses by hand, a GRPO loss
+cross-check against TRL, reward functions on literal strings, and learning / resume runs
+of the shared loop on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from posttrain.advantages import gae, group_advantages, process_advantages, rloo_advantages, whiten
+from posttrain.config import load_config
+from posttrain.losses import aggregate, clipped_policy_loss, clipped_value_loss, grpo_loss, kl_estimate
+from posttrain.rewards import RewardError, RewardSet, exact_answer, math_equal, tagged_answer, think_format
+from tests.conftest import write_jsonl
+
+NAN = float("nan")
+
+
+# --------------------------------------------------------------------------- advantages by hand
+
+
+def test_group_advantages_by_hand():
+    """Groups [1, 0] and [3, 3]: mean 0.5, unbiased std √0.5 = 0.707107 -> ±0.5/0.707107 = ±0.707107;
+    the tied group has std 0 -> 0 (no signal). 'none' only centres: [0.5, -0.5, 0, 0]."""
+    r = torch.tensor([1.0, 0.0, 3.0, 3.0])
+    torch.testing.assert_close(group_advantages(r, 2, eps=0.0)[:2], torch.tensor([0.707107, -0.707107]))
+    assert group_advantages(r, 2)[2:].tolist() == [0.0, 0.0]
+    torch.testing.assert_close(group_advantages(r, 2, "none"), torch.tensor([0.5, -0.5, 0.0, 0.0]))
+    # batch scaling divides by the std of all four rewards: std([1,0,3,3]) = 1.5 -> [0.5/1.5, -0.5/1.5, 0, 0]
+    torch.testing.assert_close(group_advantages(r, 2, "batch", eps=0.0), torch.tensor([1 / 3, -1 / 3, 0.0, 0.0]))
+    # an unscored completion gets 0 and is left out of its group's statistics
+    torch.testing.assert_close(group_advantages(torch.tensor([1.0, NAN, 2.0, 0.0]), 2, "none"),
+                               torch.tensor([0.0, 0.0, 1.0, -1.0]))
+
+
+def test_rloo_by_hand():
+    """[1, 2, 3]: baselines (2+3)/2 = 2.5, (1+3)/2 = 2, (1+2)/2 = 1.5 -> [-1.5, 0, 1.5]."""
+    torch.testing.assert_close(rloo_advantages(torch.tensor([1.0, 2.0, 3.0]), 3), torch.tensor([-1.5, 0.0, 1.5]))
+    # with one unscored member the baseline is the other scored one: [4, nan, 2] -> [2, 0, -2]
+    torch.testing.assert_close(rloo_advantages(torch.tensor([4.0, NAN, 2.0]), 3), torch.tensor([2.0, 0.0, -2.0]))
+
+
+def test_process_advantages_by_hand():
+    """One group of two completions. A: steps rewards [1, 0] ending at tokens 1 and 3 (4 tokens);
+    B: one step reward 1 ending at token 2 (3 tokens). All step rewards R = [1, 0, 1]: mean 2/3,
+    std (unbiased) = √(((1/3)² + (2/3)² + (1/3)²) / 2) = √(1/3) = 0.577350.
+    Normalised: 1 -> 0.577350, 0 -> -1.154701. A's tokens 0-1 see both steps: -0.577350;
+    tokens 2-3 only the second: -1.154701. B's tokens 0-2: 0.577350."""
+    a, b = process_advantages([[1.0, 0.0], [1.0]], [[1, 3], [2]], [4, 3], group_size=2, eps=0.0)
+    torch.testing.assert_close(a, torch.tensor([-0.577350, -0.577350, -1.154701, -1.154701]))
+    torch.testing.assert_close(b, torch.tensor([0.577350, 0.577350, 0.577350]))
+
+
+def test_gae_matches_plain_loop():
+    torch.manual_seed(0)
+    B, T, gamma, lam = 3, 6, 0.9, 0.8
+    rewards, values = torch.randn(B, T), torch.randn(B, T)
+    lengths = [6, 4, 1]
+    mask = torch.zeros(B, T)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    adv, ret = gae(rewards * mask, values, mask, gamma, lam)
+    for i, n in enumerate(lengths):  # textbook recursion per sequence, terminal value 0
+        running = 0.0
+        for t in reversed(range(n)):
+            next_v = values[i, t + 1].item() if t + 1 < n else 0.0
+            delta = rewards[i, t].item() + gamma * next_v - values[i, t].item()
+            running = delta + gamma * lam * running
+            assert adv[i, t].item() == pytest.approx(running, abs=1e-5)
+            assert ret[i, t].item() == pytest.approx(running + values[i, t].item(), abs=1e-5)
+        assert adv[i, n:].abs().sum() == 0
+
+
+def test_whiten_masked():
+    x, m = torch.tensor([1.0, 3.0, 100.0]), torch.tensor([1.0, 1.0, 0.0])
+    torch.testing.assert_close(whiten(x, m), torch.tensor([-1.0, 1.0, 0.0]), atol=1e-4, rtol=0)
+
+
+# --------------------------------------------------------------------------- losses by hand
+
+
+def test_kl_estimators_by_hand():
+    """π(y) = 0.5, π_ref(y) = 0.25: log r = log 0.5 = -0.693147.
+    k1 = 0.693147, k2 = 0.240227, k3 = 0.5 - 1 + 0.693147 = 0.193147."""
+    lp, ref = torch.log(torch.tensor([0.5])), torch.log(torch.tensor([0.25]))
+    assert kl_estimate(lp, ref, "k1").item() == pytest.approx(0.693147, abs=1e-6)
+    assert kl_estimate(lp, ref, "k2").item() == pytest.approx(0.240227, abs=1e-6)
+    assert kl_estimate(lp, ref, "k3").item() == pytest.approx(0.193147, abs=1e-6)
+    assert kl_estimate(lp, lp).item() == 0.0
+
+
+def test_clipped_loss_values_and_gradients():
+    """ε = 0.2. Token 1: ratio 1.5, A = +1 -> min(1.5, 1.2) = 1.2: clipped, no gradient.
+    Token 2: ratio 0.5, A = +1 -> min(0.5, 0.8) = 0.5: unclipped, d(-ρA)/dlogp = -ρA = -0.5.
+    Token 3: ratio 0.5, A = -1 -> min(-0.5, -0.8) = -0.8: clipped, no gradient."""
+    old = torch.zeros(3)
+    logp = torch.log(torch.tensor([1.5, 0.5, 0.5])).requires_grad_()
+    adv = torch.tensor([1.0, 1.0, -1.0])
+    loss, clipped = clipped_policy_loss(logp, old, adv, 0.2)
+    torch.testing.assert_close(loss.detach(), torch.tensor([-1.2, -0.5, 0.8]))
+    assert clipped.tolist() == [1.0, 0.0, 1.0]
+    loss.sum().backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([0.0, -0.5, 0.0]))
+
+
+def test_aggregation_and_value_clip_by_hand():
+    """Tokens [1, 3 | 5] of two sequences: seq_mean = (2 + 5)/2 = 3.5, token_mean = 9/3 = 3,
+    constant with max_len 4: 9 / (2 * 4) = 1.125.
+    Value clip ε 0.2: V = 1.0, V_old = 0.5, R = 2 -> max((1-2)², (0.7-2)²)/2 = 1.69/2 = 0.845."""
+    x, seq = torch.tensor([1.0, 3.0, 5.0]), torch.tensor([0, 0, 1])
+    assert aggregate(x, seq, 2, "seq_mean").item() == 3.5
+    assert aggregate(x, seq, 2, "token_mean").item() == 3.0
+    assert aggregate(x, seq, 2, "constant", max_len=4).item() == 1.125
+    vl = clipped_value_loss(torch.tensor([1.0]), torch.tensor([0.5]), torch.tensor([2.0]), 0.2)
+    assert vl.item() == pytest.approx(0.845)
+
+
+def test_grpo_loss_matches_trl(tiny_model_dir, tmp_path):
+    """TRL's GRPOTrainer._compute_loss and ours on the same model, completions, advantages,
+    old and reference log-probs (β = 0.1, ε = 0.2), for its grpo / bnpo / dr_grpo losses, with
+    and without its importance-ratio correction of the KL term."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.data.tokenize import IGNORE
+    from posttrain.logprobs import token_logprobs
+    from posttrain.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    B, P, T = 4, 5, 6
+    prompt_ids = torch.randint(10, 1000, (B, P))
+    completion_ids = torch.randint(10, 1000, (B, T))
+    completion_mask = torch.ones(B, T, dtype=torch.long)
+    completion_mask[1, 4:] = 0
+    completion_mask[3, 2:] = 0
+    advantages = torch.tensor([1.0, -0.5, 0.3, -0.8])
+    # old and reference log-probs near the policy's own (~ -10.8 for a random model over 49k tokens),
+    # so that some ratios leave the clip range and some do not
+    old = torch.randn(B, T) * 0.3 - 10.8
+    ref = torch.randn(B, T) * 0.3 - 10.8
+    cases = (("grpo", "seq_mean", False), ("bnpo", "token_mean", False), ("dr_grpo", "constant", False),
+             ("grpo", "seq_mean", True))
+    for loss_type, agg, corr in cases:
+        args = trl.GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, num_generations=2,
+                              max_completion_length=T, beta=0.1, epsilon=0.2, loss_type=loss_type, report_to=[],
+                              bf16=False, use_cpu=True, use_bias_correction_kl=corr)
+        trainer = trl.GRPOTrainer(model=model, reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
+                                  args=args, train_dataset=Dataset.from_list([{"prompt": "hi"}] * 4),
+                                  processing_class=tok)
+        trainer.model.eval()  # mode 'eval': no gradient-accumulation normaliser
+        inputs = {"prompt_ids": prompt_ids, "prompt_mask": torch.ones(B, P, dtype=torch.long),
+                  "completion_ids": completion_ids, "completion_mask": completion_mask, "advantages": advantages,
+                  "old_per_token_logps": old, "ref_per_token_logps": ref,
+                  "num_items_in_batch": completion_mask.sum()}
+        with torch.no_grad():
+            want = trainer._compute_loss(trainer.model, inputs)
+            ids = torch.cat([prompt_ids, completion_ids], 1)
+            labels = torch.cat([torch.full((B, P), IGNORE), completion_ids.masked_fill(completion_mask == 0, IGNORE)], 1)
+            mask = torch.cat([torch.ones(B, P, dtype=torch.long), completion_mask], 1)
+            lp = token_logprobs(model, ids, labels, mask)
+            sel = completion_mask.bool()
+            seq = torch.arange(B).unsqueeze(1).expand(B, T)[sel]
+            got, st = grpo_loss(lp, old[sel], advantages[seq], seq, B, ref[sel], 0.1, 0.2, None, agg, T,
+                                kl_ratio_correction=corr)
+        assert 0 < st["clip_fraction"].mean() < 1  # both branches of the clip are exercised
+        torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5, msg=f"{loss_type} correction={corr}")
+
+
+# --------------------------------------------------------------------------- rewards on literal strings
+
+
+def test_reward_functions_on_strings():
+    completions = ["<think>\n2+3=5\n</think>\n<answer>5</answer>", "I think it is 5.", "It is 6, not 5... wait 7",
+                   "<answer>1,000</answer>", ""]
+    answers = ["5", "5", "5", "1000", "5"]
+    assert exact_answer(None, completions, answer=answers) == [1.0, 1.0, 0.0, 1.0, 0.0]
+    assert tagged_answer(None, completions, answer=answers) == [1.0, 0.0, 0.0, 1.0, 0.0]
+    assert think_format(None, completions) == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert math_equal(None, ["<answer>1/2</answer>", "<answer>0.5</answer>", "<answer>2/3</answer>"],
+                      answer=["2/4", "1/2", "0.6"]) == [1.0, 1.0, 0.0]
+    assert exact_answer(None, ["5"], answer=[None]) == [None]  # no reference: no score
+
+
+def test_reward_set_weights_and_errors():
+    rs = RewardSet.build([exact_answer, think_format], [1.0, 0.5])
+    total, per_fn = rs(["q", "q"], ["<think>x</think><answer>4</answer>", "4"], {"answer": ["4", "5"]})
+    assert total.tolist() == [1.5, 0.0] and per_fn["think_format"] == [1.0, 0.0]
+
+    def broken(prompts, completions, **kw):
+        raise ZeroDivisionError("oops")
+
+    def wrong_type(prompts, completions, **kw):
+        return ["high"] * len(completions)
+
+    with pytest.raises(RewardError, match="reward function 'broken' raised ZeroDivisionError: oops"):
+        RewardSet.build([broken])(["q"], ["a"], {})
+    with pytest.raises(RewardError, match="'wrong_type' returned 'high' for sample 0"):
+        RewardSet.build([wrong_type])(["q"], ["a"], {})
+    none = RewardSet.build([lambda p, c, **k: [None, 1.0]])(["q", "q"], ["a", "b"], {})[0]
+    assert math.isnan(none[0]) and none[1] == 1.0
+
+
+# --------------------------------------------------------------------------- the loop on a tiny model
+
+
+def e_fraction(prompts, completions, **kw):
+    """Share of the letter 'e' in the completion: smooth and learnable from random tokens."""
+    return [sum(ch == "e" for ch in c) / max(len(c), 1) for c in completions]
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    return write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Write about topic {i}.", "answer": str(i)}
+                                                    for i in range(32)])
+
+
+def rl_cfg(cls, model_dir, data, out, *extra):
+    return load_config(cls, None, [f"model.name_or_path={model_dir}", f"data.train={data}", f"output_dir={out}",
+                                   "sampling.max_new_tokens=12", "sampling.top_k=20", "tensorboard=false",
+                                   "group_size=4", "lr=3e-3", *extra])
+
+
+def reward_curve(run_dir) -> list[float]:
+    return [json.loads(x)["reward/mean"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if "reward/mean" in x]
+
+
+def test_grpo_learns_a_reward(tiny_model_dir, prompt_file, tmp_path):
+    from posttrain.stages.online_rl import GRPOConfig, train
+
+    res = train(rl_cfg(GRPOConfig, tiny_model_dir, prompt_file, tmp_path / "grpo", "max_steps=24"),
+                reward_functions=[e_fraction])
+    curve = reward_curve(res.run_dir)
+    assert len(curve) == 24
+    assert sum(curve[-4:]) / 4 > 1.5 * sum(curve[:2]) / 2  # the reward rises well above where it started
+    samples = [json.loads(x) for x in (res.run_dir / "samples.jsonl").read_text().splitlines()]
+    assert samples and {"step", "prompt", "completion", "reward", "e_fraction"} <= set(samples[0])
+    m = json.loads((res.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("policy/kl", "policy/entropy", "policy/clip_fraction", "rollout/zero_std_groups",
+                "rollout/tokens_per_s", "perf/train_tokens_per_s", "advantage/std", "reward/e_fraction"):
+        assert key in m, key
+
+
+@pytest.mark.parametrize("cls,extra", [("PPOConfig", ["batch_size=4", "num_iterations=2", "minibatch_size=2"]),
+                                       ("RLOOConfig", ["model.lora=true", "model.lora_dropout=0", "lr=1e-2"])],
+                         ids=["ppo", "rloo-lora"])
+def test_other_estimators_run(tiny_model_dir, prompt_file, tmp_path, cls, extra):
+    from posttrain.stages import online_rl
+
+    res = online_rl.train(rl_cfg(getattr(online_rl, cls), tiny_model_dir, prompt_file, tmp_path / "run",
+                                 "max_steps=3", *extra), reward_functions=[e_fraction])
+    m = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(m) == 3 and all(math.isfinite(x["loss/policy"]) for x in m)
+    if cls == "PPOConfig":
+        assert "loss/value" in m[-1] and (res.run_dir / "value_head.safetensors").is_file()
+
+
+def test_grpo_resume_reaches_same_weights(tiny_model_dir, prompt_file, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from posttrain import engine
+    from posttrain.stages.online_rl import GRPOConfig, train
+    from tests.test_sft import _interrupt_after
+
+    args = ("max_steps=5", "save_every=2", "sample_every=0")
+    ref = train(rl_cfg(GRPOConfig, tiny_model_dir, prompt_file, tmp_path / "ref", *args), [e_fraction])
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 3)  # dies in step 4, after the step-2 checkpoint
+        with pytest.raises(KeyboardInterrupt):
+            train(rl_cfg(GRPOConfig, tiny_model_dir, prompt_file, tmp_path / "cut", *args), [e_fraction])
+    res = train(rl_cfg(GRPOConfig, tiny_model_dir, prompt_file, tmp_path / "cut", *args, "resume=true"), [e_fraction])
+    a, b = load_file(str(ref.model_dir / "model.safetensors")), load_file(str(res.model_dir / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert reward_curve(tmp_path / "ref") == reward_curve(tmp_path / "cut")
+    assert engine.latest_checkpoint(tmp_path / "cut").name == "step-5"
+
+
+def test_bad_reward_stops_with_named_function(tiny_model_dir, prompt_file, tmp_path):
+    from posttrain.stages.online_rl import GRPOConfig, train
+
+    def needs_field(prompts, completions, **kw):
+        return [float(kw["difficulty"][0])] * len(completions)
+
+    with pytest.raises(RewardError, match="reward function 'needs_field' raised KeyError"):
+        train(rl_cfg(GRPOConfig, tiny_model_dir, prompt_file, tmp_path / "r", "max_steps=1"), [needs_field])
