@@ -273,7 +273,8 @@ def cmd_synth(args) -> int:
 
     from posttrain.synth.tasks import arithmetic_problems, preference_row, step_row
 
-    problems = arithmetic_problems(args.n, args.split, seed=args.seed)
+    lo, _, hi = args.digits.partition("-")
+    problems = arithmetic_problems(args.n, args.split, seed=args.seed, digits=(int(lo), int(hi or lo)), ops=args.ops)
     rng = random.Random(args.seed)
     make = {"sft": lambda p, i: p.as_sft_row(), "prompts": lambda p, i: p.as_prompt_row(),
             "preference": lambda p, i: preference_row(p, rng), "steps": lambda p, i: step_row(p, rng, i % 2 == 1)}
@@ -288,7 +289,8 @@ def cmd_eval(args) -> int:
     from posttrain.evaluate import run_eval
 
     run_eval(args.model, args.data, args.out, limit=args.limit, max_new_tokens=args.max_new_tokens,
-             batch_size=args.batch_size, k=args.k, temperature=args.temperature, seed=args.seed)
+             batch_size=args.batch_size, k=args.k, temperature=args.temperature, seed=args.seed,
+             answer_format=args.answer_format)
     return 0
 
 
@@ -299,7 +301,26 @@ def cmd_report(args) -> int:
     return 0
 
 
+def config_reference() -> str:
+    """Markdown reference of every config key: shared keys once, then each stage's own."""
+    from posttrain.config import markdown_table
+    from posttrain.engine import TrainConfig
+
+    shared = {r[0]: r for r in describe(TrainConfig)}
+    parts = ["### Keys every training stage shares", "",
+             markdown_table([r for r in describe(TrainConfig)]), ""]
+    for name, (_, _, help_) in STAGES.items():
+        cls = _stage_config_cls(name)
+        own = [r for r in describe(cls) if shared.get(r[0]) != r]
+        parts += [f"### `posttrain {name}` ({help_}): its own keys and changed defaults", "",
+                  markdown_table(own) if own else "(none)", ""]
+    return "\n".join(parts)
+
+
 def cmd_config(args) -> int:
+    if args.stage == "all":
+        print(config_reference())
+        return 0
     print(_config_help(_stage_config_cls(args.stage)))
     return 0
 
@@ -362,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worked solutions (sft), prompts only, preference pairs (correct vs corrupted "
                         "solution), or step-labelled solutions for a PRM (every other one corrupted)")
     y.add_argument("--seed", type=int, default=0)
+    y.add_argument("--digits", default="2-3", help="operand digits: N or MIN-MAX (default 2-3)")
+    y.add_argument("--ops", default="+-", help="operations to draw from: +, - or +- (default)")
     y.add_argument("--out", required=True)
     y.set_defaults(func=cmd_synth)
 
@@ -375,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-k", type=int, default=1, help="samples per question for pass@k (1 = greedy only)")
     e.add_argument("--temperature", type=float, default=0.8, help="sampling temperature for pass@k")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--answer-format", default="tagged", choices=["tagged", "last_number"],
+                   help="tagged: the task verifier (answer inside <answer> tags); last_number: the tagged "
+                        "answer or else the last number in the response (for models not trained on the format)")
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("report", help="write report.html and report.png for a run directory")
@@ -382,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_report)
 
     k = sub.add_parser("config", help="list every config key of a stage with its documentation")
-    k.add_argument("stage", choices=sorted(STAGES))
+    k.add_argument("stage", choices=sorted(STAGES) + ["all"], help="a stage, or 'all' for the Markdown reference")
     k.set_defaults(func=cmd_config)
     return p
 

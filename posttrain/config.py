@@ -183,21 +183,36 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return from_dict(cls, data)
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(key, type, default, help) for every key of ``cls``, sections flattened with dots."""
+def describe(cls: type, prefix: str = "", instance: Any = None) -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) for every key of ``cls``, sections flattened with dots.
+
+    A section's defaults are read from the default the enclosing config gives it (a stage
+    may default a section differently from the section class).
+    """
     rows = []
     hints = _field_types(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if _is_section(tp):
-            rows.extend(describe(tp, prefix + f.name + "."))
-            continue
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
         else:
             default = "(required)"
+        if instance is not None:
+            default = getattr(instance, f.name)
+        if _is_section(tp):
+            rows.extend(describe(tp, prefix + f.name + ".", default if dataclasses.is_dataclass(default) else None))
+            continue
         tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
         rows.append((prefix + f.name, tname, repr(default), f.metadata.get("help", "")))
     return rows
+
+
+def markdown_table(rows: list[tuple[str, str, str, str]]) -> str:
+    """Config keys as a Markdown table (the README's reference)."""
+    out = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, tp, default, help_ in rows:
+        cell = default.replace("|", "\\|").replace("\n", "\\n")
+        out.append(f"| `{key}` | {tp} | `{cell}` | {help_} |")
+    return "\n".join(out)

@@ -4,7 +4,9 @@ Input: prompt rows with an ``answer`` and a ``task`` field (what ``posttrain syn
 --kind prompts --split test`` writes); each task's verifier (:data:`posttrain.synth.tasks.VERIFIERS`)
 checks the response. Reported per task and overall:
 
-* ``accuracy``: greedy decoding, share of responses whose answer verifies;
+* ``accuracy``: greedy decoding, share of responses whose answer verifies (``tagged``: the
+  task's verifier, which needs the ``<answer>`` block; ``last_number``: the tagged answer or
+  else the last number, the rule of the ``exact_answer`` reward);
 * ``pass@k`` (with ``k > 1``): k samples at ``temperature``, the unbiased estimator of
   Chen et al. 2021 ``1 - C(n-c, k) / C(n, k)`` with n = k samples per question;
 * ``format``: share of responses in the reasoning format (``<think>…</think>`` then
@@ -61,9 +63,18 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def evaluate_items(model, tok, items: list[EvalItem], max_new_tokens: int = 256, batch_size: int = 16,
-                   k: int = 1, temperature: float = 0.8, seed: int = 0) -> tuple[dict, list[dict]]:
-    """(metrics per task and ``all``, per-question samples)."""
+                   k: int = 1, temperature: float = 0.8, seed: int = 0, answer_format: str = "tagged"
+                   ) -> tuple[dict, list[dict]]:
+    """(metrics per task and ``all``, per-question samples).
+
+    ``answer_format='last_number'`` accepts the tagged answer or else the last number of the
+    response (the ``exact_answer`` reward's rule), for models not trained on the format.
+    """
+    from posttrain.rewards.functions import exact_answer
     from posttrain.synth.tasks import VERIFIERS, is_well_formatted
+
+    def lenient(resp, answer):
+        return exact_answer(None, [resp], answer=[answer])[0] == 1.0
 
     convs = [it.messages for it in items]
     greedy = generate(model, tok, convs, SamplingConfig(max_new_tokens=max_new_tokens, batch_size=batch_size))
@@ -76,7 +87,7 @@ def evaluate_items(model, tok, items: list[EvalItem], max_new_tokens: int = 256,
     groups: dict[str, list[dict]] = defaultdict(list)
     samples = []
     for i, (it, resp) in enumerate(zip(items, greedy)):
-        verify = VERIFIERS[it.task]
+        verify = lenient if answer_format == "last_number" else VERIFIERS[it.task]
         s = {"origin": it.origin, "task": it.task, "prompt": it.messages[-1]["content"], "answer": it.answer,
              "response": resp, "correct": bool(verify(resp, it.answer)), "format": is_well_formatted(resp),
              "tokens": len(tok(resp, add_special_tokens=False)["input_ids"])}

@@ -116,3 +116,13 @@ def test_pass_at_k_by_hand():
 
     # n=4 samples, c=1 correct, k=2: 1 - C(3,2)/C(4,2) = 1 - 3/6 = 0.5
     assert pass_at_k(4, 1, 2) == pytest.approx(0.5) and pass_at_k(4, 0, 2) == 0.0 and pass_at_k(4, 3, 2) == 1.0
+
+
+def test_readme_config_reference_is_current():
+    """README's config tables are `posttrain config all`; regenerate them when a key changes."""
+    from posttrain.cli import config_reference
+
+    readme = (REPO / "README.md").read_text()
+    a, b = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+    assert readme[readme.index(a) + len(a) : readme.index(b)].strip() == config_reference().strip()
+    assert readme.lstrip().startswith("# posttrain") and "make demo" in readme[:600] and "make test" in readme[:600]

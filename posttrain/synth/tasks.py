@@ -106,10 +106,10 @@ def _format(reasoning: str, answer: str) -> str:
     return f"<think>\n{reasoning}\n</think>\n<answer>{answer}</answer>"
 
 
-def arithmetic_problem(rng: random.Random, split: str, digits: tuple[int, int] = (2, 3)) -> Problem:
+def arithmetic_problem(rng: random.Random, split: str, digits: tuple[int, int] = (2, 3), ops: str = "+-") -> Problem:
     """An addition or subtraction question of the given split (rejection-sampled by hash)."""
     while True:
-        op = rng.choice("+-")
+        op = rng.choice(ops)
         n = rng.randint(*digits)
         a = rng.randint(10 ** (n - 1), 10**n - 1)
         b = rng.randint(10 ** (n - 1), 10**n - 1)
@@ -132,12 +132,13 @@ def arithmetic_problem(rng: random.Random, split: str, digits: tuple[int, int] =
                        {"a": a, "b": b, "op": op})
 
 
-def arithmetic_problems(n: int, split: str, seed: int = 0, digits: tuple[int, int] = (2, 3)) -> list[Problem]:
-    """``n`` distinct questions of ``split`` ('train' or 'test')."""
-    rng = random.Random(f"arithmetic-{split}-{seed}")
+def arithmetic_problems(n: int, split: str, seed: int = 0, digits: tuple[int, int] = (2, 3),
+                        ops: str = "+-") -> list[Problem]:
+    """``n`` distinct questions of ``split`` ('train' or 'test'), operands of ``digits`` digits."""
+    rng = random.Random(f"arithmetic-{split}-{seed}" + ("" if (digits, ops) == ((2, 3), "+-") else f"-{digits}-{ops}"))
     seen, out = set(), []
     while len(out) < n:
-        p = arithmetic_problem(rng, split, digits)
+        p = arithmetic_problem(rng, split, digits, ops)
         if p.question not in seen:
             seen.add(p.question)
             out.append(p)
