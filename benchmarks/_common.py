@@ -151,17 +151,38 @@ def peak_rss_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 1024 / 1024
 
 
-def window_throughput(step_ends: list[float], step_tokens: list[int]) -> dict[str, float]:
+def window_throughput(step_ends: list[float], step_tokens: list[int], step_cpu: list[dict] | None = None,
+                      quiet_below: float = 0.1) -> dict:
     """Tokens/s over the steady-state window: end of step 1 to end of step N, tokens of steps 2..N.
 
     Step 1 (first-touch allocations, lazy initialisation) is left out. The window holds
     everything the loop does between steps (data collation, logging, progress bar).
+
+    With ``step_cpu`` (a :func:`cpu_times` sample at each step end) each step ``k >= 2``
+    also gets the cores other processes kept busy during it, and ``quiet_tokens_per_s``
+    counts only the steps where that stayed below ``quiet_below``: on a 2-core machine a
+    step that shares the CPU with another process can take 3-5x as long, so the quiet
+    steps are the fair figure when the machine is shared.
     """
+    res: dict = {"tokens_per_s": float("nan"), "window_s": float("nan"), "window_tokens": 0}
     if len(step_ends) < 2:
-        return {"tokens_per_s": float("nan"), "window_s": float("nan"), "window_tokens": 0}
-    window = step_ends[-1] - step_ends[0]
-    tokens = sum(step_tokens[1:])
-    return {"tokens_per_s": tokens / window, "window_s": window, "window_tokens": tokens}
+        return res
+    res["window_s"] = step_ends[-1] - step_ends[0]
+    res["window_tokens"] = sum(step_tokens[1:])
+    res["tokens_per_s"] = res["window_tokens"] / res["window_s"]
+    if step_cpu:
+        per_step = []
+        for k in range(1, len(step_ends)):
+            load = window_load(step_cpu[k - 1], step_cpu[k])
+            per_step.append({"step": k + 1, "s": round(step_ends[k] - step_ends[k - 1], 3), "tokens": step_tokens[k],
+                             "other_cores_busy": load.get("other_cores_busy"),
+                             "self_cores_busy": load.get("self_cores_busy")})
+        quiet = [p for p in per_step if (p["other_cores_busy"] or 0.0) < quiet_below]
+        res["per_step"] = per_step
+        res["quiet_steps"] = len(quiet)
+        res["quiet_tokens_per_s"] = (sum(p["tokens"] for p in quiet) / sum(p["s"] for p in quiet)
+                                     if quiet else float("nan"))
+    return res
 
 
 # --------------------------------------------------------------------------- machine

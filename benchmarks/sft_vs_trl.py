@@ -161,7 +161,7 @@ def _run_posttrain(spec: dict) -> dict:
         "total_s": time.perf_counter() - t0, "dtype": _dtype_of(res.run_dir),
         "settings": {o.split("=", 1)[0]: o.split("=", 1)[1] for o in spec.get("extra", [])},
     }
-    out.update(C.window_throughput(out["step_ends"], tokens))
+    out.update(C.window_throughput(out["step_ends"], tokens, [r["cpu"] for r in recs]))
     shutil.rmtree(spec["out_dir"], ignore_errors=True)
     return out
 
@@ -240,7 +240,7 @@ def _run_trl(spec: dict) -> dict:
         "resolved": {k: str(getattr(args, k)) for k in ("bf16", "gradient_checkpointing", "optim", "padding_free",
                                                          "dataloader_num_workers", "torch_compile")},
     }
-    out.update(C.window_throughput(out["step_ends"], tokens))
+    out.update(C.window_throughput(out["step_ends"], tokens, [r["cpu"] for r in recs]))
     shutil.rmtree(spec["out_dir"], ignore_errors=True)
     return out
 
@@ -272,6 +272,8 @@ def parse_args(argv=None):
     p.add_argument("--trl-default-steps", type=int, default=2, help="steps of the (slow) TRL-defaults run")
     p.add_argument("--skip-trl-default", action="store_true", help="leave out the TRL-defaults run")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 steps, short matmul probe")
+    p.add_argument("--wait-quiet", type=float, default=300, metavar="S",
+                   help="before each run, wait up to S seconds for other processes to leave the CPU idle")
     p.add_argument("--trl-fast-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra SFTConfig setting for the trl_fast run (JSON value), e.g. padding_free=true")
     p.add_argument("--posttrain-set", action="append", default=[], metavar="KEY=VALUE",
@@ -296,6 +298,11 @@ def _kv(items: list[str]) -> dict:
     return out
 
 
+def measure_matmul(a) -> float:
+    C.wait_quiet(min(a.wait_quiet, 60))
+    return C.matmul_gflops(reps=4 if a.quick else 8, trials=3 if a.quick else 5)
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     from posttrain.models import embedded_model_dir, load_tokenizer
@@ -306,9 +313,8 @@ def main(argv=None) -> int:
     mach = C.machine()
     print(f"machine: {mach['cpu']}, {mach['cores']} cores, torch threads {mach['torch_threads']}; "
           + ", ".join(f"{k} {v}" for k, v in mach["versions"].items()), flush=True)
-    reps = 4 if a.quick else 10
-    mm_before = C.matmul_gflops(reps=reps)
-    print(f"fp32 2048x2048 matmul: {mm_before:.1f} GFLOP/s (best of 3 x {reps})", flush=True)
+    mm_before = measure_matmul(a)
+    print(f"fp32 2048x2048 matmul: {mm_before:.1f} GFLOP/s (best of several runs)", flush=True)
 
     model_dir = str(embedded_model_dir())
     n = a.steps * a.batch_size
@@ -331,14 +337,15 @@ def main(argv=None) -> int:
 
     base = {"model_dir": model_dir, "train_file": str(train_file), "batch_size": a.batch_size,
             "max_length": a.max_length, "lr": a.lr}
+    trl_default_steps = min(a.trl_default_steps, a.steps)
     plan = [
         ("posttrain", run_posttrain, {**base, "steps": a.steps, "extra": a.posttrain_set}),
         ("trl_fast", run_trl, {**base, "steps": a.steps, "order": order, "template_file": str(template_file),
                                "settings": {**TRL_FAST, **_kv(a.trl_fast_set)}}),
     ]
     if not a.skip_trl_default:
-        plan.append(("trl_default", run_trl, {**base, "steps": min(a.trl_default_steps, a.steps),
-                                              "order": order[: min(a.trl_default_steps, a.steps) * a.batch_size],
+        plan.append(("trl_default", run_trl, {**base, "steps": trl_default_steps,
+                                              "order": order[: trl_default_steps * a.batch_size],
                                               "template_file": str(template_file), "settings": dict(TRL_DEFAULT)}))
     if a.only:
         plan = [p for p in plan if p[0] in a.only]
@@ -346,21 +353,27 @@ def main(argv=None) -> int:
     results: dict[str, dict] = {}
     for name, fn, spec in plan:
         spec = {**spec, "name": name, "out_dir": str(work / name)}
-        print(f"\n-- {name}: {spec['steps']} steps (load average {C.loadavg()})", flush=True)
+        quiet = C.wait_quiet(a.wait_quiet) if a.wait_quiet > 0 else {}
+        print(f"\n-- {name}: {spec['steps']} steps (load average {C.loadavg()}; waited {quiet.get('waited_s', 0)} s "
+              f"for a quiet CPU: {'yes' if quiet.get('quiet') else 'no'})", flush=True)
         t0 = time.perf_counter()
         r = C.run_in_subprocess(fn, spec)
         r["wall_s"] = time.perf_counter() - t0
         r["loadavg_after"] = C.loadavg()
+        r["waited_for_quiet"] = quiet
         results[name] = r
         if "error" in r:
             print(f"{name} FAILED: {r['error']}\n{r.get('traceback', '')}", flush=True)
             continue
         print(f"{name}: {r['tokens_per_s']:,.0f} tok/s over steps 2-{r['steps']} ({r['window_tokens']:,} tokens in "
-              f"{r['window_s']:.1f} s), final loss {r['losses'][-1]:.4f}, peak RSS {r['rss_train_mb']:,.0f} MB "
-              f"(train) / {r['rss_exit_mb']:,.0f} MB (exit), load {r['load']}, wall {r['wall_s']:.0f} s",
-              flush=True)
+              f"{r['window_s']:.1f} s); {C.fmt(r.get('quiet_tokens_per_s'))} tok/s over its {r.get('quiet_steps', 0)} "
+              f"quiet steps; final loss {r['losses'][-1]:.4f}; peak RSS {r['rss_train_mb']:,.0f} MB (train) / "
+              f"{r['rss_exit_mb']:,.0f} MB (exit); load in window {r['load']}; wall {r['wall_s']:.0f} s", flush=True)
+        for st in r.get("per_step", []):
+            print(f"   step {st['step']:>3}: {st['s']:6.2f} s  {st['tokens']:>5} tokens  "
+                  f"{st['tokens'] / st['s']:7.1f} tok/s  other processes {st['other_cores_busy']} cores", flush=True)
 
-    mm_after = C.matmul_gflops(reps=reps)
+    mm_after = measure_matmul(a)
     peak = max(mm_before, mm_after)
     print(f"\nfp32 2048x2048 matmul after the runs: {mm_after:.1f} GFLOP/s (reference: best {peak:.1f})", flush=True)
     summary = summarize(a, results, peak, mm_before, mm_after, pad_grouped, pad_random, mach, started, n, lengths)
@@ -373,6 +386,15 @@ def main(argv=None) -> int:
     return 0 if all("error" not in r for r in results.values()) else 1
 
 
+def pick_rate(r: dict) -> tuple[float, str]:
+    """The run's tokens/s: over its quiet steps when at least 2 (or all) window steps were quiet."""
+    window_steps = len(r.get("per_step", []))
+    q = r.get("quiet_steps", 0)
+    if q >= min(2, window_steps) and q > 0:
+        return r["quiet_tokens_per_s"], f"quiet steps ({q}/{window_steps})"
+    return r["tokens_per_s"], f"all steps, LOADED ({q}/{window_steps} quiet)"
+
+
 def summarize(a, results, peak, mm_before, mm_after, pad_grouped, pad_random, mach, started, n, lengths) -> dict:
     runs = {}
     for name, r in results.items():
@@ -380,16 +402,21 @@ def summarize(a, results, peak, mm_before, mm_after, pad_grouped, pad_random, ma
             runs[name] = {"error": r["error"]}
             continue
         params = r.get("params") or results.get("posttrain", {}).get("params")
-        flops = 6 * params * r["tokens_per_s"] if params else float("nan")
+        rate, basis = pick_rate(r)
+        flops = 6 * params * rate if params else float("nan")
         runs[name] = {
-            "steps": r["steps"], "tokens_per_s": round(r["tokens_per_s"], 1), "window_s": round(r["window_s"], 2),
-            "window_tokens": r["window_tokens"], "step_tokens": r["step_tokens"],
+            "steps": r["steps"], "tokens_per_s": round(rate, 1), "rate_basis": basis,
+            "tokens_per_s_all_steps": round(r["tokens_per_s"], 1),
+            "tokens_per_s_quiet_steps": round(r.get("quiet_tokens_per_s", float("nan")), 1),
+            "window_s": round(r["window_s"], 2), "window_tokens": r["window_tokens"],
+            "step_tokens": r["step_tokens"], "per_step": r.get("per_step"),
             "final_loss": r["losses"][-1] if r["losses"] else None, "losses": r["losses"],
             "rss_train_mb": round(r["rss_train_mb"], 1), "rss_exit_mb": round(r["rss_exit_mb"], 1),
             "params": params, "achieved_gflops": round(flops / 1e9, 1), "flop_share": round(flops / 1e9 / peak, 3),
             "dtype": r.get("dtype"), "settings": r.get("settings"), "resolved": r.get("resolved"),
             "labels_match": r.get("labels_match"), "load_in_window": r.get("load"),
-            "loadavg_after": r.get("loadavg_after"), "wall_s": round(r["wall_s"], 1),
+            "waited_for_quiet": r.get("waited_for_quiet"), "loadavg_after": r.get("loadavg_after"),
+            "wall_s": round(r["wall_s"], 1),
         }
     pt, fast = runs.get("posttrain", {}), runs.get("trl_fast", {})
     targets = {}
@@ -416,7 +443,8 @@ def summarize(a, results, peak, mm_before, mm_after, pad_grouped, pad_random, ma
         "config": {"steps": a.steps, "batch_size": a.batch_size, "max_length": a.max_length, "lr": a.lr,
                    "trl_default_steps": a.trl_default_steps, "examples": n, "quick": a.quick,
                    "example_tokens": {"min": min(lengths), "max": max(lengths), "mean": round(sum(lengths) / n, 1)},
-                   "padding_share_grouped": round(pad_grouped, 4), "padding_share_random": round(pad_random, 4)},
+                   "padding_share_grouped": round(pad_grouped, 4), "padding_share_random": round(pad_random, 4),
+                   "trl_fast_settings": {**TRL_FAST, **_kv(a.trl_fast_set)}, "posttrain_overrides": a.posttrain_set},
         "matmul_gflops": {"before": round(mm_before, 1), "after": round(mm_after, 1), "reference": round(peak, 1)},
         "runs": runs, "targets": targets,
     }
@@ -424,20 +452,21 @@ def summarize(a, results, peak, mm_before, mm_after, pad_grouped, pad_random, ma
 
 def print_table(s: dict) -> None:
     runs = s["runs"]
-    print("\n" + "=" * 100)
-    print(f"{'run':<12} {'steps':>5} {'tok/s':>9} {'vs posttrain':>12} {'GFLOP/s':>8} {'of matmul':>9} "
-          f"{'RSS train':>10} {'RSS exit':>9} {'final loss':>10}  dtype")
+    print("\n" + "=" * 110)
+    print(f"{'run':<12} {'steps':>5} {'tok/s':>8} {'vs posttrain':>12} {'GFLOP/s':>8} {'of matmul':>9} "
+          f"{'RSS train':>10} {'RSS exit':>9} {'final loss':>10}  dtype; tok/s basis")
     pt = runs.get("posttrain", {}).get("tokens_per_s")
     for name, r in runs.items():
         if "error" in r:
             print(f"{name:<12} FAILED: {r['error']}")
             continue
         rel = f"{r['tokens_per_s'] / pt:.2f}x" if pt else "-"
-        print(f"{name:<12} {r['steps']:>5} {r['tokens_per_s']:>9,.0f} {rel:>12} {r['achieved_gflops']:>8.1f} "
+        print(f"{name:<12} {r['steps']:>5} {r['tokens_per_s']:>8,.1f} {rel:>12} {r['achieved_gflops']:>8.1f} "
               f"{r['flop_share']:>9.0%} {r['rss_train_mb']:>8,.0f}MB {r['rss_exit_mb']:>7,.0f}MB "
-              f"{C.fmt(r['final_loss'], '.4f'):>10}  {r['dtype']}")
+              f"{C.fmt(r['final_loss'], '.4f'):>10}  {r['dtype']}; {r['rate_basis']}")
     print(f"matmul reference: {s['matmul_gflops']['reference']} GFLOP/s (before {s['matmul_gflops']['before']}, "
-          f"after {s['matmul_gflops']['after']})")
+          f"after {s['matmul_gflops']['after']}); GFLOP/s = 6 x {runs.get('posttrain', {}).get('params', '?')} "
+          "params x tok/s")
     for name, t in s["targets"].items():
         verdict = "info" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
         print(f"  {verdict:<5} {name}: {t['value']} (target {t['target']})")
@@ -446,7 +475,7 @@ def print_table(s: dict) -> None:
             print(f"  load during {name}: {r['load_in_window']}, loadavg after {r['loadavg_after']}")
     if any(r.get("labels_match") not in (None, "all") for r in runs.values()):
         print("  WARNING: TRL's labels differ from posttrain's for some examples (see labels_match)")
-    print("=" * 100)
+    print("=" * 110)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ class EvalItem:
     answer: str
     task: str
     origin: str
+    fields: dict
 
 
 def load_eval_items(path: str | Path, bad: BadRows) -> list[EvalItem]:
@@ -49,7 +50,8 @@ def load_eval_items(path: str | Path, bad: BadRows) -> list[EvalItem]:
                 raise BadRowError(row.origin, "answer", "missing field (eval rows need the reference answer)")
             if task not in VERIFIERS:
                 raise BadRowError(row.origin, "task", f"unknown task {task!r} (known: {sorted(VERIFIERS)})")
-            items.append(EvalItem(rec.messages, str(answer), task, row.origin))
+            extra = {k: v for k, v in rec.fields.items() if k not in ("answer", "task")}
+            items.append(EvalItem(rec.messages, str(answer), task, row.origin, extra))
         except BadRowError as e:
             bad.handle(e)
     return items
@@ -73,7 +75,7 @@ def evaluate_items(model, tok, items: list[EvalItem], max_new_tokens: int = 256,
     from posttrain.rewards.functions import exact_answer
     from posttrain.synth.tasks import VERIFIERS, is_well_formatted
 
-    def lenient(resp, answer):
+    def lenient(resp, answer, **_):
         return exact_answer(None, [resp], answer=[answer])[0] == 1.0
 
     convs = [it.messages for it in items]
@@ -89,10 +91,10 @@ def evaluate_items(model, tok, items: list[EvalItem], max_new_tokens: int = 256,
     for i, (it, resp) in enumerate(zip(items, greedy)):
         verify = lenient if answer_format == "last_number" else VERIFIERS[it.task]
         s = {"origin": it.origin, "task": it.task, "prompt": it.messages[-1]["content"], "answer": it.answer,
-             "response": resp, "correct": bool(verify(resp, it.answer)), "format": is_well_formatted(resp),
+             "response": resp, "correct": bool(verify(resp, it.answer, **it.fields)), "format": is_well_formatted(resp),
              "tokens": len(tok(resp, add_special_tokens=False)["input_ids"])}
         if sampled:
-            s["samples_correct"] = sum(bool(verify(r, it.answer)) for r in sampled[i])
+            s["samples_correct"] = sum(bool(verify(r, it.answer, **it.fields)) for r in sampled[i])
         samples.append(s)
         groups[it.task].append(s)
         groups["all"].append(s)

@@ -13,21 +13,24 @@ as lists aligned with the completions (``answer=[...]``, ``task=[...]``). ``None
   sympy (``1/2`` = ``0.5`` = ``2/4``); ``math-verify`` is used instead when installed.
 * :func:`think_format`: 1 for ``<think>…</think>`` then ``<answer>…</answer>`` and nothing
   else, 0 otherwise (DeepSeek-R1's format reward).
+* :func:`task_verifier`: the exact verifier of the row's ``task`` (arithmetic, linear, gcd,
+  countdown: :mod:`posttrain.synth.tasks`).
 """
 
 from __future__ import annotations
 
 import re
 
+from posttrain.reasoning import extract_answer, is_well_formatted
+
 NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-ANSWER_RE = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
 
 
 def final_answer(text: str, strict: bool = False) -> str | None:
     """The ``<answer>`` block's text, else (unless ``strict``) the last number in ``text``."""
-    tagged = ANSWER_RE.findall(text)
-    if tagged:
-        return tagged[-1].strip()
+    tagged = extract_answer(text)
+    if tagged is not None:
+        return tagged
     if strict:
         return None
     nums = NUMBER_RE.findall(text)
@@ -96,13 +99,29 @@ def math_equal(prompts, completions, **fields) -> list[float | None]:
     return out
 
 
-FORMAT_RE = re.compile(r"^\s*<think>(.+?)</think>\s*<answer>(.+?)</answer>\s*$", re.DOTALL)
-
-
 def think_format(prompts, completions, **fields) -> list[float | None]:
-    """1.0 for exactly ``<think>…</think>`` followed by ``<answer>…</answer>``, else 0.0."""
-    return [1.0 if FORMAT_RE.match(c) else 0.0 for c in completions]
+    """1.0 for exactly ``<think>…</think>`` followed by ``<answer>…</answer>``, else 0.0
+    (the strict parser of :mod:`posttrain.reasoning`)."""
+    return [1.0 if is_well_formatted(c) else 0.0 for c in completions]
+
+
+def task_verifier(prompts, completions, **fields) -> list[float | None]:
+    """1.0 when the task's own verifier accepts the answer (rows carry ``task`` and ``answer``;
+    see :data:`posttrain.synth.tasks.VERIFIERS`), else 0.0; rows of unknown tasks are unscored."""
+    from posttrain.synth.tasks import VERIFIERS
+
+    answers = _answers(fields, len(completions))
+    tasks = fields.get("task") or [None] * len(completions)
+    extra = {k: v for k, v in fields.items() if k not in ("answer", "task")}
+    out = []
+    for i, (c, ref, task) in enumerate(zip(completions, answers, tasks)):
+        verify = VERIFIERS.get(task)
+        if verify is None or ref is None:
+            out.append(None)
+            continue
+        out.append(1.0 if verify(c, str(ref), **{k: v[i] for k, v in extra.items()}) else 0.0)
+    return out
 
 
 # name -> function, for configs (``rewards: [exact_answer, think_format]``)
-REWARD_FUNCTIONS = {f.__name__: f for f in (exact_answer, tagged_answer, math_equal, think_format)}
+REWARD_FUNCTIONS = {f.__name__: f for f in (exact_answer, tagged_answer, math_equal, think_format, task_verifier)}

@@ -24,7 +24,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-ANSWER_RE = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
+from posttrain.reasoning import extract_answer, format_solution, is_well_formatted  # noqa: F401 (re-exported)
+
 PLACES = ["ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands"]
 
 
@@ -44,13 +45,10 @@ class Problem:
                 "task": self.task, "answer": self.answer}
 
     def as_prompt_row(self) -> dict[str, Any]:
-        return {"prompt": self.question, "task": self.task, "answer": self.answer}
-
-
-def extract_answer(response: str) -> str | None:
-    """The text inside the last ``<answer>...</answer>``, or None."""
-    found = ANSWER_RE.findall(response)
-    return found[-1].strip() if found else None
+        row = {"prompt": self.question, "task": self.task, "answer": self.answer}
+        if self.task == "countdown":  # the verifier needs the allowed numbers and the target
+            row.update(numbers=self.meta["numbers"], target=self.meta["target"])
+        return row
 
 
 def _split_of(key: str) -> str:
@@ -102,10 +100,6 @@ def solve_subtraction(a: int, b: int) -> tuple[str, int]:
     return "\n".join(lines), result
 
 
-def _format(reasoning: str, answer: str) -> str:
-    return f"<think>\n{reasoning}\n</think>\n<answer>{answer}</answer>"
-
-
 def arithmetic_problem(rng: random.Random, split: str, digits: tuple[int, int] = (2, 3), ops: str = "+-") -> Problem:
     """An addition or subtraction question of the given split (rejection-sampled by hash)."""
     while True:
@@ -128,7 +122,7 @@ def arithmetic_problem(rng: random.Random, split: str, digits: tuple[int, int] =
             reasoning = (f"Subtract {b} from {a} column by column, starting from the ones.\n{steps}\n"
                          f"So {a} - {b} = {result}.")
         question = f"What is {a} {op} {b}?"
-        return Problem("arithmetic", question, str(result), _format(reasoning, str(result)),
+        return Problem("arithmetic", question, str(result), format_solution(reasoning, str(result)),
                        {"a": a, "b": b, "op": op})
 
 
@@ -145,7 +139,7 @@ def arithmetic_problems(n: int, split: str, seed: int = 0, digits: tuple[int, in
     return out
 
 
-def verify_arithmetic(response: str, answer: str) -> bool:
+def verify_arithmetic(response: str, answer: str, **_) -> bool:
     """True when the response's ``<answer>`` holds the exact integer ``answer``."""
     got = extract_answer(response)
     if got is None:
@@ -184,7 +178,7 @@ def corrupt_solution(p: Problem, rng: random.Random) -> tuple[list[str], list[in
     steps[k] = steps[k][: m.start(1)] + str(new) + steps[k][m.end(1):]
     steps[-1] = re.sub(r"= \d+\.$", f"= {wrong}.", steps[-1])
     labels = [1 if i < k else 0 for i in range(len(steps))]
-    return steps, labels, _format("\n".join(steps), str(wrong))
+    return steps, labels, format_solution("\n".join(steps), str(wrong))
 
 
 def preference_row(p: Problem, rng: random.Random) -> dict[str, Any]:
@@ -203,16 +197,213 @@ def step_row(p: Problem, rng: random.Random, wrong: bool) -> dict[str, Any]:
     return {"prompt": p.question, "steps": steps, "labels": labels, "answer": p.answer}
 
 
-# --------------------------------------------------------------------------- format and verifier registry
-
-FORMAT_RE = re.compile(r"^\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*$", re.DOTALL)
+# --------------------------------------------------------------------------- linear equations
 
 
-def is_well_formatted(response: str) -> bool:
-    """True for exactly ``<think>…</think>`` followed by ``<answer>…</answer>`` and nothing else."""
-    m = FORMAT_RE.match(response)
-    return bool(m and m.group(1).strip() and m.group(2).strip())
+def _int_answer(response: str, answer: str, prefix: str = "") -> bool:
+    """True when the ``<answer>`` holds the integer ``answer`` (optionally written ``x = 5``)."""
+    got = extract_answer(response)
+    if got is None:
+        return False
+    got = got.replace(",", "").replace(" ", "")
+    if prefix and got.startswith(prefix + "="):
+        got = got[len(prefix) + 1 :]
+    return re.fullmatch(r"-?\d+", got) is not None and int(got) == int(answer)
 
 
-# task name (the ``task`` field of a row) -> verifier(response, answer) -> bool
-VERIFIERS = {"arithmetic": verify_arithmetic}
+def linear_problem(rng: random.Random, split: str) -> Problem:
+    """``a x + b = c`` with an integer solution, solved by undoing ``b`` then ``a``."""
+    while True:
+        a, x, b = rng.randint(2, 12), rng.randint(-20, 20), rng.randint(-30, 30)
+        if b == 0 or _split_of(f"lin{a},{x},{b}") != split:
+            continue
+        c = a * x + b
+        sign = "+" if b > 0 else "-"
+        question = f"Solve for x: {a}x {sign} {abs(b)} = {c}."
+        undo = (f"Subtract {b} from both sides: {a}x = {c} - {b} = {c - b}." if b > 0 else
+                f"Add {-b} to both sides: {a}x = {c} + {-b} = {c - b}.")
+        reasoning = (f"The equation is {a}x {sign} {abs(b)} = {c}.\n{undo}\n"
+                     f"Divide both sides by {a}: x = {c - b} / {a} = {x}.\n"
+                     f"Check: {a} * {x} {sign} {abs(b)} = {a * x} {sign} {abs(b)} = {c}.")
+        assert (c - b) % a == 0 and (c - b) // a == x
+        return Problem("linear", question, str(x), format_solution(reasoning, str(x)), {"a": a, "b": b, "c": c})
+
+
+def verify_linear(response: str, answer: str, **_) -> bool:
+    return _int_answer(response, answer, prefix="x")
+
+
+# --------------------------------------------------------------------------- greatest common divisor
+
+
+def gcd_problem(rng: random.Random, split: str) -> Problem:
+    """GCD of two numbers, solved with Euclid's algorithm written out step by step."""
+    while True:
+        g = rng.choice([1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 15])
+        a, b = g * rng.randint(2, 40), g * rng.randint(2, 40)
+        if a == b or _split_of(f"gcd{min(a, b)},{max(a, b)}") != split:
+            continue
+        hi, lo = max(a, b), min(a, b)
+        lines = [f"Use Euclid's algorithm on {hi} and {lo}."]
+        x, y = hi, lo
+        while y:
+            q, r = divmod(x, y)
+            lines.append(f"{x} = {q} * {y} + {r}.")
+            x, y = y, r
+        lines.append(f"The last non-zero remainder is {x}.")
+        assert x == __import__("math").gcd(a, b)
+        return Problem("gcd", f"What is the greatest common divisor of {a} and {b}?", str(x),
+                       format_solution("\n".join(lines), str(x)), {"a": a, "b": b})
+
+
+def verify_gcd(response: str, answer: str, **_) -> bool:
+    return _int_answer(response, answer)
+
+
+# --------------------------------------------------------------------------- countdown (search)
+
+
+def _countdown_solutions(nums: list[int], target: int) -> list[tuple[str, list[str]]]:
+    """(expression, steps) reaching ``target`` from ``nums`` (each used at most once), by search."""
+    found: list[tuple[str, list[str]]] = []
+
+    def search(items: list[tuple[int, str]], steps: list[str]) -> None:
+        if len(found) >= 3:
+            return
+        for v, e in items:
+            if v == target and steps:
+                found.append((e, list(steps)))
+                return
+        for i in range(len(items)):
+            for j in range(len(items)):
+                if i == j:
+                    continue
+                (a, ea), (b, eb) = items[i], items[j]
+                rest = [items[k] for k in range(len(items)) if k not in (i, j)]
+                cands = [(a + b, f"({ea} + {eb})", f"{a} + {b} = {a + b}")] if i < j else []
+                cands += [(a * b, f"({ea} * {eb})", f"{a} * {b} = {a * b}")] if i < j else []
+                if a > b:
+                    cands.append((a - b, f"({ea} - {eb})", f"{a} - {b} = {a - b}"))
+                if b > 1 and a % b == 0:
+                    cands.append((a // b, f"({ea} / {eb})", f"{a} / {b} = {a // b}"))
+                for v, e, st in cands:
+                    search(rest + [(v, e)], steps + [st])
+
+    search([(n, str(n)) for n in nums], [])
+    return found
+
+
+def countdown_problem(rng: random.Random, split: str) -> Problem:
+    """Reach a target with three or four small numbers and + - * / (each number at most once)."""
+    while True:
+        nums = sorted(rng.randint(1, 12) for _ in range(rng.choice([3, 4])))
+        target = rng.randint(10, 60)
+        if _split_of(f"cd{nums},{target}") != split:
+            continue
+        sols = _countdown_solutions(nums, target)
+        if not sols:
+            continue
+        expr, steps = min(sols, key=lambda s: len(s[1]))
+        expr = expr[1:-1] if expr.startswith("(") and expr.endswith(")") else expr
+        reasoning = (f"I need to reach {target} using some of {', '.join(map(str, nums))}, each at most once.\n"
+                     + "\n".join(steps) + f"\nSo {expr} = {target}.")
+        question = (f"Using the numbers {', '.join(map(str, nums))} (each at most once) and + - * /, write an "
+                    f"expression equal to {target}.")
+        return Problem("countdown", question, expr, format_solution(reasoning, expr),
+                       {"numbers": nums, "target": target})
+
+
+def verify_countdown(response: str, answer: str, numbers: list[int] | None = None, target: int | None = None,
+                     **_) -> bool:
+    """The answer expression uses only the given numbers (each at most once) and equals the target.
+
+    Without ``numbers``/``target`` they are recovered by evaluating the reference ``answer``.
+    """
+    import ast
+
+    got = extract_answer(response)
+    if got is None:
+        return False
+
+    def evaluate(expr: str) -> tuple[float, list[int]] | None:
+        try:
+            tree = ast.parse(expr.replace("×", "*").replace("÷", "/"), mode="eval")
+        except SyntaxError:
+            return None
+        used: list[int] = []
+
+        def ev(n):
+            if isinstance(n, ast.Expression):
+                return ev(n.body)
+            if isinstance(n, ast.Constant) and isinstance(n.value, int):
+                used.append(n.value)
+                return n.value
+            if isinstance(n, ast.BinOp) and isinstance(n.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
+                a, b = ev(n.left), ev(n.right)
+                if isinstance(n.op, ast.Div):
+                    if b == 0:
+                        raise ZeroDivisionError
+                    return a / b
+                return a + b if isinstance(n.op, ast.Add) else a - b if isinstance(n.op, ast.Sub) else a * b
+            raise ValueError("not an arithmetic expression")
+
+        try:
+            return ev(tree), used
+        except (ValueError, ZeroDivisionError, RecursionError):
+            return None
+
+    ref = evaluate(answer)
+    if ref is None:
+        return False
+    numbers = list(numbers) if numbers is not None else ref[1]
+    target = target if target is not None else ref[0]
+    res = evaluate(got)
+    if res is None:
+        return False
+    value, used = res
+    pool = list(numbers)
+    for u in used:
+        if u not in pool:
+            return False
+        pool.remove(u)
+    return abs(value - target) < 1e-9
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass
+class Task:
+    """A verifiable task: a seeded generator of questions and an exact verifier."""
+
+    name: str
+    make: Any  # (rng, split) -> Problem
+    verify: Any  # (response, answer) -> bool
+
+
+TASKS = {
+    "arithmetic": Task("arithmetic", lambda rng, split: arithmetic_problem(rng, split), verify_arithmetic),
+    "linear": Task("linear", linear_problem, verify_linear),
+    "gcd": Task("gcd", gcd_problem, verify_gcd),
+    "countdown": Task("countdown", countdown_problem, verify_countdown),
+}
+# task name (the ``task`` field of a row) -> verifier(response, answer, **row_fields) -> bool
+VERIFIERS = {name: t.verify for name, t in TASKS.items()}
+
+
+def problems(task: str, n: int, split: str, seed: int = 0) -> list[Problem]:
+    """``n`` distinct questions of ``task`` from ``split`` ('train' or 'test')."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)}")
+    if task == "arithmetic":
+        return arithmetic_problems(n, split, seed)
+    rng = random.Random(f"{task}-{split}-{seed}")
+    seen, out = set(), []
+    for _ in range(n * 200):
+        p = TASKS[task].make(rng, split)
+        if p.question not in seen:
+            seen.add(p.question)
+            out.append(p)
+            if len(out) == n:
+                return out
+    raise ValueError(f"{task}: could not draw {n} distinct {split} questions")
