@@ -47,3 +47,58 @@ def test_corrupted_solutions_are_wrong_and_labelled():
         k = labels.index(0)  # first wrong step: a column, everything after it wrong as well
         assert labels == [1] * k + [0] * (len(steps) - k) and steps[:k] == reasoning_steps(p.solution)[:k]
         assert step_row(p, rng, wrong=False)["labels"] == [1] * len(steps)
+
+
+# --------------------------------------------------------------------------- reasoning format and other tasks
+
+import pytest  # noqa: E402
+
+from posttrain.reasoning import parse_reasoning  # noqa: E402
+from posttrain.synth.tasks import TASKS, VERIFIERS, problems  # noqa: E402
+
+
+@pytest.mark.parametrize("text,error", [
+    ("<think>\nadd\n</think>\n<answer>5</answer>", None),
+    ("  <think>a</think>   <answer> 5 </answer>\n", None),
+    ("The answer is 5.", "no <think> block"),
+    ("<think>a<answer>5</answer>", "<think> is never closed"),
+    ("Sure! <think>a</think><answer>5</answer>", "text before <think>"),
+    ("<think>a</think> so 5", "no <answer> block"),
+    ("<think>a</think><answer>5", "<answer> is never closed"),
+    ("<think>a</think><answer>5</answer> Done!", "text after </answer>"),
+    ("<think>a</think> hmm <answer>5</answer>", "text between </think> and <answer>"),
+    ("<think>  </think><answer>5</answer>", "empty <think> block"),
+    ("<think>a</think><answer> </answer>", "empty <answer>"),
+])
+def test_parser_is_strict_and_says_why(text, error):
+    p = parse_reasoning(text)
+    assert p.error == error
+    if error is None:
+        assert p.answer == "5" and p.think
+    # the lenient parser only needs an answer block
+    has_answer = error not in ("no <answer> block", "<answer> is never closed", "empty <answer>")
+    assert (parse_reasoning(text, strict=False).answer == "5") == has_answer
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_every_task_verifies_its_worked_solution_and_rejects_perturbations(task):
+    train, test = problems(task, 40, "train", seed=2), problems(task, 20, "test", seed=2)
+    assert not {p.question for p in train} & {p.question for p in test}  # disjoint splits
+    for p in train + test:
+        row = p.as_prompt_row()
+        extra = {k: v for k, v in row.items() if k not in ("prompt", "answer", "task")}
+        assert VERIFIERS[task](p.solution, p.answer, **extra), p.solution
+        assert parse_reasoning(p.solution).ok
+        wrong = p.solution.replace(f"<answer>{p.answer}</answer>", "<answer>12345</answer>")
+        assert not VERIFIERS[task](wrong, p.answer, **extra)
+
+
+def test_task_verifiers_by_hand():
+    assert VERIFIERS["linear"]("<think>t</think><answer>x = -3</answer>", "-3")
+    assert VERIFIERS["gcd"]("<think>t</think><answer>6</answer>", "6")
+    # countdown: any expression over the allowed numbers that reaches the target, each number at most once
+    ok = VERIFIERS["countdown"]
+    assert ok("<think>t</think><answer>5 * 5 + 2 + 1</answer>", "(1 + 2) + (5 * 5)", numbers=[1, 2, 5, 5], target=28)
+    assert not ok("<think>t</think><answer>5 * 5 + 3</answer>", "x", numbers=[1, 2, 5], target=28)  # 3 not given
+    assert not ok("<think>t</think><answer>5 * 5 * 5</answer>", "x", numbers=[5, 5], target=125)  # 5 used 3 times
+    assert not ok("<think>t</think><answer>__import__('os')</answer>", "1 + 1", numbers=[1, 1], target=2)
