@@ -76,7 +76,7 @@ def test_parser_is_strict_and_says_why(text, error):
     if error is None:
         assert p.answer == "5" and p.think
     # the lenient parser only needs an answer block
-    has_answer = error not in ("no <answer> block", "<answer> is never closed", "empty <answer>")
+    has_answer = "<answer>" in text and error not in ("<answer> is never closed", "empty <answer>")
     assert (parse_reasoning(text, strict=False).answer == "5") == has_answer
 
 
