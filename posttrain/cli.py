@@ -10,6 +10,7 @@ Commands::
     posttrain data inspect FILE [--model M] [--kind sft|preference|prompts]
     posttrain chat MODEL                                       interactive, streaming, multi-turn
     posttrain generate MODEL --prompts FILE [--out FILE]
+    posttrain run recipes/reasoning.yaml [--quick]             a recipe of stages (resumable)
     posttrain demo [--quick]                                   the main job
     posttrain synth arithmetic --n N --kind sft|prompts|preference|steps --out FILE
     posttrain eval MODEL --data FILE [--out DIR] [-k K]         held-out accuracy per task
@@ -261,6 +262,13 @@ def cmd_chat(args) -> int:
 # --------------------------------------------------------------------------- misc
 
 
+def cmd_run(args) -> int:
+    from posttrain.pipeline import load_recipe, run_recipe
+
+    run_recipe(load_recipe(args.recipe, quick=args.quick, overrides=args.overrides))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from posttrain.demo import run_demo
 
@@ -369,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--skip-bad-rows", action="store_true")
     g.set_defaults(func=cmd_generate)
+
+    u = sub.add_parser("run", help="run a recipe: stages feeding each other in one run directory (resumable)")
+    u.add_argument("recipe", help="recipe YAML, e.g. recipes/reasoning.yaml")
+    u.add_argument("--quick", action="store_true", help="apply the recipe's quick: block (a smoke run in minutes)")
+    u.add_argument("overrides", nargs="*", help="model=..., output_dir=..., n_train=..., n_test=..., seed=...")
+    u.set_defaults(func=cmd_run)
 
     m = sub.add_parser("demo", help="the main job: SFT the embedded model on reasoning data, before/after")
     m.add_argument("--quick", action="store_true", help="about one minute instead of several")

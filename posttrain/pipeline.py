@@ -1,0 +1,345 @@
+"""Recipe runner (``posttrain run RECIPE.yaml``): stages that feed each other in one run directory.
+
+A recipe names a starting model, the verifiable task suites it works on, and a list of
+stages. Each stage runs in ``<output_dir>/<stage name>/`` and, when it finishes, writes
+``stage_done.json`` with its outputs; a rerun of the same command skips finished stages
+and lets an unfinished training stage continue from its last checkpoint (``resume``), so a
+stopped run loses at most the work since that checkpoint.
+
+Stage kinds (``kind:``) and what flows between them:
+
+* ``eval``: greedy accuracy per task on the held-out questions with the current model
+  (:mod:`posttrain.evaluate`); the results of every ``eval`` stage form the final table
+  and ``accuracy.png``.
+* ``sft``: :mod:`posttrain.stages.sft` on ``data`` (default: the tasks' programmatic worked
+  solutions, the cold start; ``@STAGE`` = the rows a synthesis stage wrote, ``+`` joins
+  sources); the trained model becomes the current model (merged, under LoRA).
+* ``rejection_sampling``: :func:`posttrain.synth.rejection.rejection_sample` with the current
+  model on fresh training questions (``one_shot: true`` shows a worked example in the
+  prompt); writes ``rows.jsonl``.
+* ``grpo`` / ``rloo`` / ``ppo``: :mod:`posttrain.stages.online_rl` on the training questions
+  as prompts, rewards from the config (default: ``task_verifier`` + ``think_format``).
+* ``dpo`` / ``rm``: the preference stages on ``data``.
+
+Within a stage, ``config:`` holds the stage's own config keys (dotted keys allowed).
+``--quick`` applies the recipe's ``quick:`` block: top-level keys and per-stage ``config``
+overrides, for a smoke run in minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from posttrain.config import ConfigError, load_config
+from posttrain.log import console, log
+
+KINDS = ("eval", "sft", "rejection_sampling", "grpo", "rloo", "ppo", "dpo", "rm")
+DONE = "stage_done.json"
+
+
+@dataclass
+class Stage:
+    name: str
+    kind: str
+    config: dict[str, Any] = field(default_factory=dict)
+    data: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: str
+    output_dir: str
+    tasks: list[str]
+    n_train: int
+    n_test: int
+    stages: list[Stage]
+    seed: int = 0
+
+
+def _flatten(prefix: str, d: dict) -> list[str]:
+    """``{"a": {"b": 1}}`` -> ``["a.b=1"]`` (override strings for load_config)."""
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out += _flatten(key + ".", v)
+        elif isinstance(v, list):
+            out.append(f"{key}={','.join(str(x) for x in v)}")
+        else:
+            out.append(f"{key}={v}")
+    return out
+
+
+def load_recipe(path: str | Path, quick: bool = False, overrides: list[str] | None = None) -> Recipe:
+    """Parse and check a recipe; ``quick`` applies its ``quick:`` block."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe not found: {p}")
+    raw = yaml.safe_load(p.read_text()) or {}
+    quick_block = raw.pop("quick", {}) or {}
+    if quick:
+        stage_over = quick_block.pop("stages", {}) or {}
+        raw.update(quick_block)
+        for st in raw.get("stages", []):
+            st.setdefault("config", {}).update(stage_over.get(st.get("name"), {}))
+    for item in overrides or []:
+        key, _, value = item.partition("=")
+        if key not in ("model", "output_dir", "n_train", "n_test", "seed"):
+            raise ConfigError(f"recipe override '{key}': only model, output_dir, n_train, n_test, seed can be set")
+        raw[key] = yaml.safe_load(value)
+    allowed = {"name", "model", "output_dir", "tasks", "n_train", "n_test", "stages", "seed"}
+    unknown = set(raw) - allowed
+    if unknown:
+        raise ConfigError(f"{p}: unknown recipe keys {sorted(unknown)} (allowed: {sorted(allowed)})")
+    stages = []
+    names = set()
+    for i, st in enumerate(raw.get("stages") or []):
+        if not isinstance(st, dict) or "name" not in st or "kind" not in st:
+            raise ConfigError(f"{p}: stage {i} needs a name and a kind")
+        if st["kind"] not in KINDS:
+            raise ConfigError(f"{p}: stage '{st['name']}': unknown kind {st['kind']!r} (one of {', '.join(KINDS)})")
+        if st["name"] in names:
+            raise ConfigError(f"{p}: two stages named '{st['name']}'")
+        names.add(st["name"])
+        extra = {k: v for k, v in st.items() if k not in ("name", "kind", "config", "data")}
+        stages.append(Stage(st["name"], st["kind"], st.get("config") or {}, st.get("data", ""), extra))
+    from posttrain.synth.tasks import TASKS
+
+    tasks = raw.get("tasks") or ["arithmetic"]
+    for t in tasks:
+        if t not in TASKS:
+            raise ConfigError(f"{p}: unknown task {t!r} (known: {sorted(TASKS)})")
+    return Recipe(raw.get("name", p.stem), str(raw.get("model", "smollm2-135m-instruct")),
+                  str(raw.get("output_dir", f"runs/{p.stem}")), tasks, int(raw.get("n_train", 200)),
+                  int(raw.get("n_test", 40)), stages, int(raw.get("seed", 0)))
+
+
+# --------------------------------------------------------------------------- stage runners
+
+
+class Run:
+    """State shared by the stages of one run: directories, the current model, task data, results."""
+
+    def __init__(self, recipe: Recipe):
+        from posttrain.synth.rejection import write_rows
+        from posttrain.synth.tasks import problems
+
+        self.recipe = recipe
+        self.dir = Path(recipe.output_dir)
+        self.model = recipe.model
+        self.outputs: dict[str, dict] = {}
+        self.evals: list[tuple[str, dict]] = []
+        data = self.dir / "data"
+        self.train_questions = [q for t in recipe.tasks for q in problems(t, recipe.n_train, "train", recipe.seed)]
+        self.test_questions = [q for t in recipe.tasks for q in problems(t, recipe.n_test, "test", recipe.seed)]
+        # fresh questions for synthesis and RL: disjoint from the cold-start ones
+        self.fresh_questions = [q for t in recipe.tasks
+                                for q in problems(t, 2 * recipe.n_train, "train", recipe.seed + 1)
+                                if q.question not in {p.question for p in self.train_questions}]
+        self.files = {
+            "cold_start": write_rows(data / "cold_start.jsonl", [q.as_sft_row() for q in self.train_questions]),
+            "prompts": write_rows(data / "prompts.jsonl", [q.as_prompt_row() for q in self.fresh_questions]),
+            "test": write_rows(data / "test.jsonl", [q.as_prompt_row() for q in self.test_questions]),
+        }
+
+    def data_files(self, spec: str) -> list[str]:
+        """``''`` = cold start; ``@stage`` = rows a synthesis stage wrote; ``a+b`` joins them."""
+        if not spec:
+            return [str(self.files["cold_start"])]
+        out = []
+        for part in spec.split("+"):
+            part = part.strip()
+            if part.startswith("@"):
+                name = part[1:]
+                if name == "cold_start":
+                    out.append(str(self.files["cold_start"]))
+                elif name in self.outputs and "rows" in self.outputs[name]:
+                    out.append(self.outputs[name]["rows"])
+                else:
+                    raise ConfigError(f"data '{part}': no earlier stage '{name}' wrote rows")
+            else:
+                out.append(part)
+        return out
+
+
+def run_eval(run: Run, stage: Stage, out: Path) -> dict:
+    from posttrain.evaluate import EvalItem, evaluate_items, print_table
+    from posttrain.models import load_model
+
+    model, tok = load_model(run.model, with_tokenizer=True)
+    items = [EvalItem([{"role": "user", "content": q.question}], q.answer, q.task, q.question,
+                      {k: v for k, v in q.as_prompt_row().items() if k not in ("prompt", "answer", "task")})
+             for q in run.test_questions]
+    metrics, samples = evaluate_items(model, tok, items, max_new_tokens=int(stage.config.get("max_new_tokens", 256)),
+                                      batch_size=int(stage.config.get("batch_size", 16)))
+    print_table(metrics, f"{stage.name}: {run.model}")
+    (out / "eval.json").write_text(json.dumps({"model": run.model, "metrics": metrics}, indent=2))
+    (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    return {"metrics": metrics}
+
+
+def _train_model_dir(result, lora: bool) -> str:
+    merged = result.run_dir / "model-merged"
+    return str(merged if lora and merged.is_dir() else result.model_dir)
+
+
+def run_sft(run: Run, stage: Stage, out: Path) -> dict:
+    from posttrain.stages.sft import SFTConfig, train
+
+    overrides = [f"model.name_or_path={run.model}", f"output_dir={out}", "resume=true", "merge_lora=true",
+                 f"data.train={','.join(run.data_files(stage.data))}", "tensorboard=false"]
+    cfg = load_config(SFTConfig, None, overrides + _flatten("", stage.config))
+    res = train(cfg)
+    return {"model": _train_model_dir(res, cfg.model.lora), "train_loss": res.train_loss, "eval_loss": res.eval_loss}
+
+
+def run_rejection(run: Run, stage: Stage, out: Path) -> dict:
+    from posttrain.models import load_model
+    from posttrain.synth.rejection import RejectionConfig, rejection_sample, write_rows
+
+    known = {f for f in RejectionConfig.__dataclass_fields__}
+    bad = set(stage.config) - known - {"n"}
+    if bad:
+        raise ConfigError(f"stage '{stage.name}': unknown keys {sorted(bad)} (rejection_sampling takes "
+                          f"{sorted(known | {'n'})})")
+    cfg = RejectionConfig(**{k: v for k, v in stage.config.items() if k in known})
+    n = int(stage.config.get("n", len(run.fresh_questions)))
+    model, tok = load_model(run.model, with_tokenizer=True)
+    res = rejection_sample(model, tok, run.fresh_questions[:n], cfg)
+    rows = write_rows(out / "rows.jsonl", res.rows)
+    (out / "stats.json").write_text(json.dumps(res.stats, indent=2))
+    log(f"{stage.name}: kept {res.stats['kept']} of {res.stats['sampled']} samples (yield {res.stats['yield']:.1%}); "
+        f"rejected: {res.stats['rejected']}")
+    if not res.rows:
+        raise RuntimeError(f"stage '{stage.name}': no sample passed the filters ({res.stats['rejected']}); the model "
+                           "needs a cold start first, or more samples (k)")
+    return {"rows": str(rows), "stats": res.stats}
+
+
+def run_online_rl(run: Run, stage: Stage, out: Path) -> dict:
+    from posttrain.stages import online_rl
+
+    cls = {"grpo": online_rl.GRPOConfig, "rloo": online_rl.RLOOConfig, "ppo": online_rl.PPOConfig}[stage.kind]
+    overrides = [f"model.name_or_path={run.model}", f"output_dir={out}", "resume=true", "merge_lora=true",
+                 f"data.train={run.data_files(stage.data)[0] if stage.data else run.files['prompts']}",
+                 "rewards=task_verifier,think_format", "tensorboard=false", "eval_limit=0"]
+    cfg = load_config(cls, None, overrides + _flatten("", stage.config))
+    res = online_rl.train(cfg)
+    return {"model": _train_model_dir(res, cfg.model.lora)}
+
+
+def run_preference(run: Run, stage: Stage, out: Path) -> dict:
+    from posttrain.stages import dpo, reward
+
+    mod, cls = (dpo, dpo.DPOConfig) if stage.kind == "dpo" else (reward, reward.RewardConfig)
+    if not stage.data:
+        raise ConfigError(f"stage '{stage.name}': {stage.kind} needs data (preference rows)")
+    overrides = [f"model.name_or_path={run.model}", f"output_dir={out}", "resume=true", "merge_lora=true",
+                 f"data.train={','.join(run.data_files(stage.data))}", "tensorboard=false"]
+    cfg = load_config(cls, None, overrides + _flatten("", stage.config))
+    res = mod.train(cfg)
+    outputs = {"eval": res.eval}
+    if stage.kind == "dpo":
+        outputs["model"] = _train_model_dir(res, cfg.model.lora)
+    else:
+        outputs["reward_model"] = str(res.model_dir)
+    return outputs
+
+
+RUNNERS = {"eval": run_eval, "sft": run_sft, "rejection_sampling": run_rejection, "grpo": run_online_rl,
+           "rloo": run_online_rl, "ppo": run_online_rl, "dpo": run_preference, "rm": run_preference}
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_recipe(recipe: Recipe) -> dict:
+    """Run (or continue) every stage of ``recipe``; returns the summary written to ``summary.json``."""
+    t0 = time.time()
+    run = Run(recipe)
+    (run.dir / "recipe.yaml").write_text(yaml.safe_dump(_recipe_dict(recipe), sort_keys=False))
+    log(f"recipe '{recipe.name}': {len(recipe.stages)} stages on {recipe.model}, tasks {recipe.tasks}, "
+        f"{len(run.train_questions)} cold-start / {len(run.fresh_questions)} fresh / {len(run.test_questions)} test "
+        f"questions; run directory {run.dir}")
+    timings = {}
+    for stage in recipe.stages:
+        out = run.dir / stage.name
+        done = out / DONE
+        if done.is_file():
+            outputs = json.loads(done.read_text())["outputs"]
+            log(f"stage '{stage.name}' ({stage.kind}): already finished, skipped")
+        else:
+            console.rule(f"stage {stage.name} ({stage.kind})")
+            out.mkdir(parents=True, exist_ok=True)
+            ts = time.time()
+            outputs = RUNNERS[stage.kind](run, stage, out)
+            timings[stage.name] = round(time.time() - ts, 1)
+            tmp = done.with_name(DONE + ".tmp")
+            tmp.write_text(json.dumps({"kind": stage.kind, "seconds": timings[stage.name], "model_in": run.model,
+                                       "outputs": outputs}, indent=2))
+            tmp.replace(done)
+        run.outputs[stage.name] = outputs
+        if "model" in outputs:
+            run.model = outputs["model"]
+        if stage.kind == "eval":
+            run.evals.append((stage.name, outputs["metrics"]))
+    summary = {"recipe": recipe.name, "final_model": run.model, "seconds": round(time.time() - t0, 1),
+               "stage_seconds": timings, "evals": {name: m for name, m in run.evals}}
+    if run.evals:
+        summary["plot"] = str(plot_accuracy(run.evals, run.dir / "accuracy.png"))
+        print_summary(run.evals)
+    (run.dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log(f"recipe '{recipe.name}' done in {summary['seconds']:.0f} s; final model {run.model}"
+        + (f"; plot {summary['plot']}" if run.evals else ""))
+    return summary
+
+
+def _recipe_dict(r: Recipe) -> dict:
+    return {"name": r.name, "model": r.model, "output_dir": r.output_dir, "tasks": r.tasks, "n_train": r.n_train,
+            "n_test": r.n_test, "seed": r.seed,
+            "stages": [{"name": s.name, "kind": s.kind, "data": s.data, "config": s.config, **s.options}
+                       for s in r.stages]}
+
+
+def print_summary(evals: list[tuple[str, dict]]) -> None:
+    from rich.table import Table
+
+    tasks = [t for t in evals[0][1]]
+    table = Table(title="held-out accuracy per stage (greedy; format compliance in brackets)")
+    table.add_column("stage")
+    for t in tasks:
+        table.add_column(t)
+    for name, m in evals:
+        table.add_row(name, *[f"{m[t]['accuracy']:.1%} ({m[t]['format']:.0%})" if t in m else "-" for t in tasks])
+    console.print(table)
+
+
+def plot_accuracy(evals: list[tuple[str, dict]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(evals[0][1])
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(evals), 3.5))
+    width = 0.8 / len(tasks)
+    for j, t in enumerate(tasks):
+        ax.bar([i + j * width for i in range(len(evals))], [m.get(t, {}).get("accuracy", 0) for _, m in evals],
+               width, label=t)
+    ax.set_xticks([i + width * (len(tasks) - 1) / 2 for i in range(len(evals))], [n for n, _ in evals])
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,121 @@
+"""Synthesis of reasoning data from a model's own outputs: one-shot prompting and rejection sampling.
+
+* **One-shot prompting** (:func:`one_shot_messages`): the question is shown after one worked
+  example of the same task in the reasoning format, so that a model that has never seen the
+  format imitates it. The kept responses are stored with the *plain* question as the prompt,
+  so the SFT data teaches the format without the exemplar.
+* **Rejection sampling** (:func:`rejection_sample`): ``k`` samples per question; a response is
+  kept when it parses strictly (``<think>`` then ``<answer>``), its answer passes the task's
+  exact verifier, it is at most ``max_tokens`` long, and (optionally) mostly ASCII text (a
+  crude language filter); kept responses are de-duplicated per question (whitespace
+  normalised) and at most ``keep_per_question`` are kept. Yield is reported per task and
+  with the reasons responses were rejected.
+
+Both write SFT rows (``messages`` + ``task`` + ``answer``) that ``posttrain sft`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from posttrain.reasoning import parse_reasoning
+from posttrain.rollout import SamplingConfig, generate
+from posttrain.synth.tasks import VERIFIERS, Problem, problems
+
+INSTRUCTION = ("Solve the problem. First reason step by step inside <think> </think>, then give only the final "
+               "answer inside <answer> </answer>.")
+
+
+def one_shot_messages(question: str, exemplar: Problem) -> list[dict[str, str]]:
+    """A user turn holding the instruction, one worked example, and the question."""
+    return [{"role": "user", "content": f"{INSTRUCTION}\n\nExample:\nQuestion: {exemplar.question}\n"
+                                        f"Response:\n{exemplar.solution}\n\nQuestion: {question}\nResponse:"}]
+
+
+@dataclass
+class RejectionConfig:
+    k: int = 4
+    temperature: float = 0.8
+    top_p: float = 1.0
+    max_new_tokens: int = 192
+    max_tokens: int = 256
+    keep_per_question: int = 2
+    ascii_ratio: float = 0.95
+    one_shot: bool = False
+    batch_size: int = 16
+    seed: int = 0
+
+
+@dataclass
+class RejectionResult:
+    rows: list[dict]
+    stats: dict = field(default_factory=dict)
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+def rejection_sample(model, tok, questions: list[Problem], cfg: RejectionConfig) -> RejectionResult:
+    """Kept (verified, well-formatted, deduplicated) responses as SFT rows, plus yield statistics."""
+    exemplars = {}
+    if cfg.one_shot:
+        for task in {q.task for q in questions}:
+            exemplars[task] = problems(task, 1, "train", seed=10_007)[0]
+    convs = []
+    for q in questions:
+        msgs = one_shot_messages(q.question, exemplars[q.task]) if cfg.one_shot else \
+            [{"role": "user", "content": q.question}]
+        convs += [msgs] * cfg.k
+    responses = generate(model, tok, convs, SamplingConfig(max_new_tokens=cfg.max_new_tokens,
+                                                           temperature=cfg.temperature, top_p=cfg.top_p,
+                                                           batch_size=cfg.batch_size, seed=cfg.seed))
+    reasons: Counter = Counter()
+    per_task: dict[str, Counter] = defaultdict(Counter)
+    rows = []
+    for i, q in enumerate(questions):
+        seen, kept = set(), 0
+        for resp in responses[i * cfg.k : (i + 1) * cfg.k]:
+            per_task[q.task]["sampled"] += 1
+            parsed = parse_reasoning(resp)
+            extra = {k: v for k, v in q.as_prompt_row().items() if k not in ("prompt", "answer", "task")}
+            if not parsed.ok:
+                reasons[f"format: {parsed.error}"] += 1
+            elif not VERIFIERS[q.task](resp, q.answer, **extra):
+                reasons["wrong answer"] += 1
+            elif len(tok(resp, add_special_tokens=False)["input_ids"]) > cfg.max_tokens:
+                reasons["too long"] += 1
+            elif sum(c.isascii() for c in resp) < cfg.ascii_ratio * len(resp):
+                reasons["language filter"] += 1
+            elif _normalise(resp) in seen:
+                reasons["duplicate"] += 1
+            elif kept >= cfg.keep_per_question:
+                reasons["enough for this question"] += 1
+            else:
+                seen.add(_normalise(resp))
+                kept += 1
+                per_task[q.task]["kept"] += 1
+                rows.append({"messages": [{"role": "user", "content": q.question},
+                                          {"role": "assistant", "content": resp.strip()}],
+                             "task": q.task, "answer": q.answer})
+        per_task[q.task]["questions"] += 1
+        per_task[q.task]["questions_solved"] += kept > 0
+    stats = {"sampled": len(responses), "kept": len(rows), "yield": len(rows) / max(len(responses), 1),
+             "rejected": dict(reasons),
+             "per_task": {t: {**c, "yield": c["kept"] / max(c["sampled"], 1)} for t, c in per_task.items()}}
+    return RejectionResult(rows, stats)
+
+
+def write_rows(path: str | Path, rows: list[dict]) -> Path:
+    """Write JSONL atomically (a killed write never leaves a half file under the final name)."""
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+    return path

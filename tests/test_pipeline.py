@@ -1,0 +1,81 @@
+"""Recipe runner: the reasoning recipe end to end on a tiny model (quick mode), resume, errors;
+rejection sampling filters on literal responses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from posttrain.config import ConfigError
+from posttrain.pipeline import load_recipe, run_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("recipe", ["reasoning", "r1_zero"])
+def test_recipe_runs_end_to_end_and_resumes(recipe, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("POSTTRAIN_HOME", str(tmp_path / "home"))
+    r = load_recipe(REPO / "recipes" / f"{recipe}.yaml", quick=True,
+                    overrides=[f"model={tiny_model_dir}", f"output_dir={tmp_path / 'run'}"])
+    summary = run_recipe(r)
+    run = tmp_path / "run"
+    stages = [s.name for s in r.stages]
+    for name in stages:
+        assert (run / name / "stage_done.json").is_file(), name
+    assert list(summary["evals"]) == [s.name for s in r.stages if s.kind == "eval"]
+    assert (run / "accuracy.png").is_file() and (run / "summary.json").is_file()
+    assert summary["final_model"] != str(tiny_model_dir)  # the trained model flows to the end
+    # a second run finds every stage finished and redoes nothing
+    again = run_recipe(r)
+    assert again["stage_seconds"] == {} and again["final_model"] == summary["final_model"]
+
+
+def test_unfinished_stage_is_rerun(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("POSTTRAIN_HOME", str(tmp_path / "home"))
+    r = load_recipe(REPO / "recipes" / "r1_zero.yaml", quick=True,
+                    overrides=[f"model={tiny_model_dir}", f"output_dir={tmp_path / 'run'}"])
+    run_recipe(r)
+    (tmp_path / "run" / "final" / "stage_done.json").unlink()  # as if killed during the last stage
+    again = run_recipe(r)
+    assert list(again["stage_seconds"]) == ["final"]
+
+
+def test_recipe_errors(tmp_path):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("stages:\n  - {name: a, kind: sft}\n  - {name: a, kind: eval}\n")
+    with pytest.raises(ConfigError, match="two stages named 'a'"):
+        load_recipe(bad)
+    bad.write_text("stages:\n  - {name: a, kind: train}\n")
+    with pytest.raises(ConfigError, match="unknown kind 'train'"):
+        load_recipe(bad)
+    bad.write_text("modle: x\n")
+    with pytest.raises(ConfigError, match="unknown recipe keys"):
+        load_recipe(bad)
+
+
+def test_rejection_filters(monkeypatch, smol_tokenizer):
+    import posttrain.synth.rejection as rej
+    from posttrain.synth.tasks import problems
+
+    q = problems("arithmetic", 1, "train")[0]
+    good = q.solution
+    responses = [good, good + " ", "The answer is " + q.answer, q.solution.replace(q.answer, "1", 1)
+                 if q.solution.count(q.answer) else "x"]
+    # one question, k=4: the same good response twice (a duplicate), an unformatted one, a wrong one
+    responses[3] = good.replace(f"<answer>{q.answer}</answer>", "<answer>0</answer>")
+    monkeypatch.setattr(rej, "generate", lambda model, tok, convs, cfg: responses[: len(convs)])
+    res = rej.rejection_sample(None, smol_tokenizer, [q], rej.RejectionConfig(k=4, keep_per_question=2))
+    assert len(res.rows) == 1 and res.rows[0]["messages"][1]["content"] == good.strip()
+    assert res.stats["rejected"] == {"duplicate": 1, "format: no <think> block": 1, "wrong answer": 1}
+    assert res.stats["per_task"]["arithmetic"]["yield"] == 0.25
+
+
+def test_one_shot_prompt_shows_an_exemplar():
+    from posttrain.synth.rejection import one_shot_messages
+    from posttrain.synth.tasks import problems
+
+    ex = problems("gcd", 1, "train")[0]
+    (msg,) = one_shot_messages("What is the greatest common divisor of 8 and 12?", ex)
+    assert ex.solution in msg["content"] and msg["content"].endswith("8 and 12?\nResponse:")
