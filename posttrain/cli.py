@@ -287,6 +287,9 @@ def cmd_synth(args) -> int:
     make = {"sft": lambda p, i: p.as_sft_row(), "prompts": lambda p, i: p.as_prompt_row(),
             "preference": lambda p, i: preference_row(p, rng), "steps": lambda p, i: step_row(p, rng, i % 2 == 1)}
     rows = [make[args.kind](p, i) for i, p in enumerate(problems)]
+    if args.instruction and args.kind == "prompts":
+        for r in rows:
+            r["prompt"] = f"{r['prompt']} {args.instruction}"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
     log(f"wrote {len(rows)} {args.split} {args.kind} rows to {args.out}")
@@ -399,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--seed", type=int, default=0)
     y.add_argument("--digits", default="2-3", help="operand digits: N or MIN-MAX (default 2-3)")
     y.add_argument("--ops", default="+-", help="operations to draw from: +, - or +- (default)")
+    y.add_argument("--instruction", default="", help="text appended to every prompt (--kind prompts)")
     y.add_argument("--out", required=True)
     y.set_defaults(func=cmd_synth)
 

@@ -104,6 +104,20 @@ class Rollout:
         return sum(len(c) for c in self.completion_ids)
 
 
+def generation_model(model):
+    """The model to sample from: a LoRA model is merged into a temporary copy of its base.
+
+    Unmerged LoRA adds two small matmuls per adapted projection to every decoding step
+    (several times slower on CPU); merging in place and unmerging afterwards would drift the
+    base weights by rounding each step. A merged copy costs one weight copy per rollout.
+    """
+    if hasattr(model, "merge_and_unload") and getattr(model, "peft_config", None):
+        import copy
+
+        return copy.deepcopy(model).merge_and_unload()
+    return model
+
+
 @torch.no_grad()
 def sample(model, tok, prompt_ids: list[list[int]], cfg: SamplingConfig, seed: int = 0) -> Rollout:
     """Sample one completion per entry of ``prompt_ids`` (repeat a prompt for a group).
@@ -118,6 +132,7 @@ def sample(model, tok, prompt_ids: list[list[int]], cfg: SamplingConfig, seed: i
     out_ids: list[list[int]] = [[] for _ in prompt_ids]
     truncated = [False] * len(prompt_ids)
     was_training = model.training
+    policy, model = model, generation_model(model)
     model.eval()
     device = next(model.parameters()).device
     try:
@@ -150,7 +165,7 @@ def sample(model, tok, prompt_ids: list[list[int]], cfg: SamplingConfig, seed: i
                 text = tok.decode(seq, skip_special_tokens=True)
                 truncated[i] = eos not in seq and not any(st and st in text for st in cfg.stop)
     finally:
-        model.train(was_training)
+        policy.train(was_training)
     texts = [_cut_at_stop(tok.decode(c, skip_special_tokens=True), cfg.stop) for c in out_ids]
     dt = time.perf_counter() - t0
     n_tok = sum(len(c) for c in out_ids)
