@@ -387,9 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("overrides", nargs="*", help="model=..., output_dir=..., n_train=..., n_test=..., seed=...")
     u.set_defaults(func=cmd_run)
 
-    m = sub.add_parser("demo", help="the main job: SFT the embedded model on reasoning data, before/after")
-    m.add_argument("--quick", action="store_true", help="about one minute instead of several")
-    m.add_argument("--output-dir", default="runs/demo")
+    m = sub.add_parser("demo", help="the main job: the reasoning recipe on the embedded model, before/after")
+    m.add_argument("--quick", action="store_true", help="the recipe's quick block: minutes instead of ~30")
+    m.add_argument("--output-dir", default=None, help="run directory (default: the recipe's)")
     m.set_defaults(func=cmd_demo)
 
     y = sub.add_parser("synth", help="generate verifiable task data with worked solutions")

@@ -99,7 +99,8 @@ def evaluate_items(model, tok, items: list[EvalItem], max_new_tokens: int = 256,
         groups[it.task].append(s)
         groups["all"].append(s)
     metrics = {}
-    for task, ss in groups.items():
+    for task in sorted(t for t in groups if t != "all") + ["all"]:
+        ss = groups[task]
         m = {"n": len(ss), "accuracy": sum(s["correct"] for s in ss) / len(ss),
              "format": sum(s["format"] for s in ss) / len(ss),
              "mean_tokens": sum(s["tokens"] for s in ss) / len(ss)}

@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from posttrain.config import ConfigError, load_config
-from posttrain.log import console, log
+from posttrain.log import console, log, warn
 
 KINDS = ("eval", "sft", "rejection_sampling", "grpo", "rloo", "ppo", "dpo", "rm")
 DONE = "stage_done.json"
@@ -162,11 +162,16 @@ class Run:
                 if name == "cold_start":
                     out.append(str(self.files["cold_start"]))
                 elif name in self.outputs and "rows" in self.outputs[name]:
-                    out.append(self.outputs[name]["rows"])
+                    if self.outputs[name].get("kept", 1):
+                        out.append(self.outputs[name]["rows"])
+                    else:
+                        warn(f"data '{part}': stage '{name}' kept no rows; left out")
                 else:
                     raise ConfigError(f"data '{part}': no earlier stage '{name}' wrote rows")
             else:
                 out.append(part)
+        if not out:
+            raise ConfigError(f"data '{spec}': every source is empty")
         return out
 
 
@@ -219,9 +224,9 @@ def run_rejection(run: Run, stage: Stage, out: Path) -> dict:
     log(f"{stage.name}: kept {res.stats['kept']} of {res.stats['sampled']} samples (yield {res.stats['yield']:.1%}); "
         f"rejected: {res.stats['rejected']}")
     if not res.rows:
-        raise RuntimeError(f"stage '{stage.name}': no sample passed the filters ({res.stats['rejected']}); the model "
-                           "needs a cold start first, or more samples (k)")
-    return {"rows": str(rows), "stats": res.stats}
+        warn(f"stage '{stage.name}': no sample passed the filters ({res.stats['rejected']}); later stages that read "
+             "its rows get none (the model needs a cold start first, or more samples: k)")
+    return {"rows": str(rows), "kept": len(res.rows), "stats": res.stats}
 
 
 def run_online_rl(run: Run, stage: Stage, out: Path) -> dict:
