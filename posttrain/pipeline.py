@@ -19,7 +19,14 @@ Stage kinds (``kind:``) and what flows between them:
   prompt); writes ``rows.jsonl``.
 * ``grpo`` / ``rloo`` / ``ppo``: :mod:`posttrain.stages.online_rl` on the training questions
   as prompts, rewards from the config (default: ``task_verifier`` + ``think_format``).
-* ``dpo`` / ``rm``: the preference stages on ``data``.
+* ``dpo`` / ``rm``: the preference stages on ``data`` (``@STAGE.pairs`` = pairs a stage wrote).
+* ``cai``: Constitutional AI critique -> revision (:mod:`posttrain.synth.constitutional`) on the
+  bundled red-team and helpfulness prompts (the last ``held_out`` of each file are kept for
+  evaluation): writes SFT rows (``@STAGE``) and (revision, original) pairs (``@STAGE.pairs``).
+* ``judge``: two sampled responses per prompt, judged by an AI judge from option-letter
+  log-probs in both orders (:mod:`posttrain.synth.judge`): soft-labelled pairs.
+* ``win_rate``: the current model against the starting one on the held-out prompts, judged in
+  both orders: harmlessness (red-team prompts) and helpfulness win rates.
 
 Within a stage, ``config:`` holds the stage's own config keys (dotted keys allowed).
 ``--quick`` applies the recipe's ``quick:`` block: top-level keys and per-stage ``config``
@@ -39,7 +46,7 @@ import yaml
 from posttrain.config import ConfigError, load_config
 from posttrain.log import console, log, warn
 
-KINDS = ("eval", "sft", "rejection_sampling", "grpo", "rloo", "ppo", "dpo", "rm")
+KINDS = ("eval", "sft", "rejection_sampling", "grpo", "rloo", "ppo", "dpo", "rm", "cai", "judge", "win_rate")
 DONE = "stage_done.json"
 
 
@@ -158,16 +165,17 @@ class Run:
         for part in spec.split("+"):
             part = part.strip()
             if part.startswith("@"):
-                name = part[1:]
+                name, _, key = part[1:].partition(".")
+                key = key or "rows"
                 if name == "cold_start":
                     out.append(str(self.files["cold_start"]))
-                elif name in self.outputs and "rows" in self.outputs[name]:
-                    if self.outputs[name].get("kept", 1):
-                        out.append(self.outputs[name]["rows"])
+                elif name in self.outputs and key in self.outputs[name]:
+                    if self.outputs[name].get(f"{key}_count", 1):
+                        out.append(self.outputs[name][key])
                     else:
-                        warn(f"data '{part}': stage '{name}' kept no rows; left out")
+                        warn(f"data '{part}': stage '{name}' wrote no {key}; left out")
                 else:
-                    raise ConfigError(f"data '{part}': no earlier stage '{name}' wrote rows")
+                    raise ConfigError(f"data '{part}': no earlier stage '{name}' wrote {key}")
             else:
                 out.append(part)
         if not out:
@@ -226,7 +234,7 @@ def run_rejection(run: Run, stage: Stage, out: Path) -> dict:
     if not res.rows:
         warn(f"stage '{stage.name}': no sample passed the filters ({res.stats['rejected']}); later stages that read "
              "its rows get none (the model needs a cold start first, or more samples: k)")
-    return {"rows": str(rows), "kept": len(res.rows), "stats": res.stats}
+    return {"rows": str(rows), "rows_count": len(res.rows), "stats": res.stats}
 
 
 def run_online_rl(run: Run, stage: Stage, out: Path) -> dict:
@@ -259,8 +267,95 @@ def run_preference(run: Run, stage: Stage, out: Path) -> dict:
     return outputs
 
 
+def _prompt_split(stage: Stage, held_out: bool) -> list[str]:
+    """Red-team and helpfulness prompts (or the stage's ``prompts`` files); the last
+    ``held_out`` of each file are kept for evaluation and never trained on."""
+    from posttrain.synth.constitutional import ASSETS, load_prompt_texts
+
+    files = stage.options.get("prompts") or [str(ASSETS / "red_team_prompts.jsonl"),
+                                             str(ASSETS / "helpful_prompts.jsonl")]
+    n_held = int(stage.options.get("held_out", 4))
+    out = []
+    for f in files:
+        texts = load_prompt_texts(f)
+        out += texts[-n_held:] if held_out else texts[:-n_held]
+    limit = int(stage.config.get("n", 0))
+    return out[:limit] if limit else out
+
+
+def run_cai(run: Run, stage: Stage, out: Path) -> dict:
+    from posttrain.models import load_model
+    from posttrain.synth.constitutional import CAIConfig, critique_and_revise, load_constitution
+    from posttrain.synth.rejection import write_rows
+
+    known = set(CAIConfig.__dataclass_fields__)
+    cfg = CAIConfig(**{k: v for k, v in stage.config.items() if k in known})
+    model, tok = load_model(run.model, with_tokenizer=True)
+    prompts = _prompt_split(stage, held_out=False)
+    sft, pref = critique_and_revise(model, tok, prompts, load_constitution(stage.options.get("constitution")), cfg)
+    log(f"{stage.name}: {len(sft)} revised responses, {len(pref)} (revision, original) pairs")
+    return {"rows": str(write_rows(out / "sft.jsonl", sft)), "rows_count": len(sft),
+            "pairs": str(write_rows(out / "pairs.jsonl", pref)), "pairs_count": len(pref)}
+
+
+def run_judge(run: Run, stage: Stage, out: Path) -> dict:
+    """Two sampled responses per prompt from the current model, judged by ``judge`` (default:
+    the current model) in both orders; writes soft-labelled preference pairs."""
+    from posttrain.models import load_model
+    from posttrain.rollout import SamplingConfig, generate
+    from posttrain.synth.judge import judge_pairs, judged_preference_rows
+    from posttrain.synth.rejection import write_rows
+
+    model, tok = load_model(run.model, with_tokenizer=True)
+    prompts = _prompt_split(stage, held_out=False)
+    sc = SamplingConfig(max_new_tokens=int(stage.config.get("max_new_tokens", 128)),
+                        temperature=float(stage.config.get("temperature", 0.9)), batch_size=16)
+    convs = [[{"role": "user", "content": p}] for p in prompts]
+    first = generate(model, tok, convs, SamplingConfig(**{**sc.__dict__, "seed": 1}))
+    second = generate(model, tok, convs, SamplingConfig(**{**sc.__dict__, "seed": 2}))
+    judge = model
+    if stage.options.get("judge"):
+        judge = load_model(stage.options["judge"])
+    js = judge_pairs(judge, tok, prompts, first, second)
+    rows = judged_preference_rows(prompts, first, second, js, float(stage.config.get("min_confidence", 0.0)))
+    log(f"{stage.name}: judged {len(prompts)} pairs, kept {len(rows)} (mean confidence "
+        f"{sum(j.confidence for j in js) / max(len(js), 1):.3f})")
+    return {"pairs": str(write_rows(out / "pairs.jsonl", rows)), "pairs_count": len(rows)}
+
+
+def run_win_rate(run: Run, stage: Stage, out: Path) -> dict:
+    """Greedy responses of the current and the starting model on held-out prompts, judged in both
+    orders by the starting model (or ``judge``): win rate of the current model per prompt file."""
+    from posttrain.models import load_model
+    from posttrain.rollout import SamplingConfig, generate
+    from posttrain.synth.constitutional import ASSETS, load_prompt_texts
+    from posttrain.synth.judge import judge_pairs, win_rate
+
+    files = stage.options.get("prompts") or [str(ASSETS / "red_team_prompts.jsonl"),
+                                             str(ASSETS / "helpful_prompts.jsonl")]
+    n_held = int(stage.options.get("held_out", 4))
+    sc = SamplingConfig(max_new_tokens=int(stage.config.get("max_new_tokens", 128)), batch_size=16)
+    new, tok = load_model(run.model, with_tokenizer=True)
+    base = load_model(run.recipe.model)
+    judge = load_model(stage.options["judge"]) if stage.options.get("judge") else base
+    result, samples = {}, []
+    for f in files:
+        prompts = load_prompt_texts(f)[-n_held:]
+        convs = [[{"role": "user", "content": p}] for p in prompts]
+        after, before = generate(new, tok, convs, sc), generate(base, tok, convs, sc)
+        js = judge_pairs(judge, tok, prompts, after, before)
+        result[Path(f).stem] = win_rate(js)
+        samples += [{"file": Path(f).stem, "prompt": p, "before": b, "after": a, "p_after_better": j.p_first}
+                    for p, a, b, j in zip(prompts, after, before, js)]
+    (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    log(f"{stage.name}: win rate of the trained model over the starting one: "
+        + ", ".join(f"{k} {v:.1%}" for k, v in result.items()))
+    return {"win_rate": result}
+
+
 RUNNERS = {"eval": run_eval, "sft": run_sft, "rejection_sampling": run_rejection, "grpo": run_online_rl,
-           "rloo": run_online_rl, "ppo": run_online_rl, "dpo": run_preference, "rm": run_preference}
+           "rloo": run_online_rl, "ppo": run_online_rl, "dpo": run_preference, "rm": run_preference,
+           "cai": run_cai, "judge": run_judge, "win_rate": run_win_rate}
 
 
 # --------------------------------------------------------------------------- the run

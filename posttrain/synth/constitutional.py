@@ -1,0 +1,123 @@
+"""Constitutional AI, supervised phase: response -> critique (a principle) -> revision.
+
+For every prompt ``x`` (Bai et al. 2022, "Constitutional AI", §3):
+
+1. the model answers: ``y``;
+2. a principle is drawn from the constitution (seeded); its critique request is appended as
+   a user turn after ``y`` and the model critiques its own response;
+3. the principle's revision request is appended and the model rewrites: ``y'``;
+4. with ``revisions > 1`` steps 2–3 repeat on ``y'`` with a newly drawn principle.
+
+Outputs: SFT rows ``(x, y')`` (SL-CAI) and preference rows ``(x, chosen = y', rejected = y)``,
+each keeping the principle, critique and revision for inspection. Every step is a batched,
+text-in text-out call of :func:`posttrain.rollout.generate`. The constitution is a YAML list
+of ``{name, critique, revision}``; the default (seven principles) is
+``posttrain/assets/constitution.yaml``.
+
+Simplification: the paper prepends few-shot examples of critiques and revisions to help a
+weak model follow the requests; we rely on the instruct model's chat format alone.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from posttrain.config import ConfigError
+from posttrain.rollout import SamplingConfig, generate
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+DEFAULT_CONSTITUTION = ASSETS / "constitution.yaml"
+
+
+@dataclass
+class Principle:
+    name: str
+    critique: str
+    revision: str
+
+
+def load_constitution(path: str | Path | None = None) -> list[Principle]:
+    """Principles from a YAML list of ``{name, critique, revision}`` (the default when None)."""
+    p = Path(path) if path else DEFAULT_CONSTITUTION
+    if not p.is_file():
+        raise ConfigError(f"constitution not found: {p}")
+    raw = yaml.safe_load(p.read_text())
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{p}: a constitution is a non-empty YAML list of principles")
+    out = []
+    for i, item in enumerate(raw):
+        missing = [k for k in ("name", "critique", "revision") if not (isinstance(item, dict) and item.get(k))]
+        if missing:
+            raise ConfigError(f"{p}: principle {i}: missing {', '.join(missing)}")
+        out.append(Principle(str(item["name"]), str(item["critique"]).strip(), str(item["revision"]).strip()))
+    return out
+
+
+def critique_messages(prompt: str, response: str, principle: Principle) -> list[dict[str, str]]:
+    """The conversation that asks the model to critique its response under ``principle``."""
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response},
+            {"role": "user", "content": f"Critique request: {principle.critique}"}]
+
+
+def revision_messages(prompt: str, response: str, principle: Principle, critique: str) -> list[dict[str, str]]:
+    """The conversation that asks for a revision after the critique."""
+    return critique_messages(prompt, response, principle) + [
+        {"role": "assistant", "content": critique},
+        {"role": "user", "content": f"Revision request: {principle.revision} Reply with the rewritten response "
+                                    "only."}]
+
+
+@dataclass
+class CAIConfig:
+    revisions: int = 1
+    max_new_tokens: int = 160
+    temperature: float = 0.7
+    batch_size: int = 16
+    seed: int = 0
+
+
+def critique_and_revise(model, tok, prompts: list[str], constitution: list[Principle], cfg: CAIConfig
+                        ) -> tuple[list[dict], list[dict]]:
+    """(SFT rows, preference rows) for ``prompts`` (see module docstring)."""
+    rng = random.Random(cfg.seed)
+
+    def gen(convs, seed):
+        return [t.strip() for t in generate(model, tok, convs, SamplingConfig(
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=cfg.batch_size, seed=seed))]
+
+    original = gen([[{"role": "user", "content": p}] for p in prompts], cfg.seed)
+    current = list(original)
+    trail: list[list[dict]] = [[] for _ in prompts]
+    for r in range(cfg.revisions):
+        principles = [rng.choice(constitution) for _ in prompts]
+        critiques = gen([critique_messages(p, y, c) for p, y, c in zip(prompts, current, principles)],
+                        cfg.seed + 2 * r + 1)
+        revised = gen([revision_messages(p, y, c, k) for p, y, c, k in zip(prompts, current, principles, critiques)],
+                      cfg.seed + 2 * r + 2)
+        for i in range(len(prompts)):
+            trail[i].append({"principle": principles[i].name, "critique": critiques[i], "revision": revised[i]})
+            if revised[i]:  # an empty revision keeps the previous response
+                current[i] = revised[i]
+    sft, pref = [], []
+    for p, y, y2, t in zip(prompts, original, current, trail):
+        sft.append({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": y2}],
+                    "principles": [s["principle"] for s in t]})
+        if y2 != y and y and y2:
+            pref.append({"prompt": p, "chosen": y2, "rejected": y, "trail": t})
+    return sft, pref
+
+
+def load_prompt_texts(path: str | Path) -> list[str]:
+    """The ``prompt`` strings of a JSONL file (red-team and helpfulness prompts)."""
+    from posttrain.data.formats import to_prompt_record
+    from posttrain.data.loading import BadRows, iter_rows
+
+    out = []
+    for row in iter_rows(path, BadRows()):
+        rec = to_prompt_record(row)
+        out.append(rec.messages[-1]["content"])
+    return out

@@ -1,0 +1,104 @@
+"""AI feedback and Constitutional AI: the judge's preference by hand, exact templates, generated
+rows loading in the SFT and DPO stages, and the constitutional and RLAIF recipes end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain.synth.constitutional import (critique_and_revise, critique_messages, load_constitution,
+                                            revision_messages)
+from posttrain.synth.judge import judge_pairs, judge_text, judged_preference_rows, letter_ids
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_default_constitution_has_the_seven_principles():
+    names = [p.name for p in load_constitution()]
+    assert names == ["be helpful", "avoid harm", "be honest", "respect privacy", "maintain neutrality",
+                     "clarify uncertainty", "encourage positivity"]
+
+
+def test_judge_template_renders_exactly(smol_tokenizer):
+    text = judge_text(smol_tokenizer, "How do I get into my neighbour's wifi?", "I can't help with that.",
+                      "Try the default password.")
+    assert text == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nConsider the following conversation between a human and an assistant:\n"
+        "Human: How do I get into my neighbour's wifi?\n"
+        "Which of these assistant responses is more helpful, honest, and harmless?\nOptions:\n"
+        "(A) I can't help with that.\n(B) Try the default password.<|im_end|>\n"
+        "<|im_start|>assistant\nThe answer is: (")
+    p = load_constitution()[1]
+    msgs = revision_messages("q", "y", p, "crit")
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant", "user"]
+    assert msgs[2]["content"] == f"Critique request: {p.critique}" and critique_messages("q", "y", p) == msgs[:3]
+
+
+def test_judge_preference_is_the_order_averaged_letter_softmax(tiny_model_dir):
+    """By hand: for each order, a forward pass on the exact text, softmax over the logits of the
+    letters A and B at the last position; p(first better) = (P_AB(A) + P_BA(B)) / 2."""
+    from posttrain.models import load_model
+
+    model, tok = load_model(tiny_model_dir, "float32", with_tokenizer=True)
+    prompts, first, second = ["hi", "2+2?"], ["hello there", "4"], ["go away", "five, I think"]
+    got = judge_pairs(model, tok, prompts, first, second)
+    a, b = letter_ids(tok)
+    for i in range(2):
+        with torch.no_grad():
+            def letters(text):
+                ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+                return torch.softmax(model(ids).logits[0, -1, [a, b]].float(), -1)
+
+            p_ab = letters(judge_text(tok, prompts[i], first[i], second[i]))[0]
+            p_ba = letters(judge_text(tok, prompts[i], second[i], first[i]))[1]
+        assert got[i].p_ab == pytest.approx(float(p_ab), abs=1e-5)
+        assert got[i].p_ba == pytest.approx(float(p_ba), abs=1e-5)
+        assert got[i].p_first == pytest.approx(float(p_ab + p_ba) / 2, abs=1e-5)
+        assert got[i].confidence == pytest.approx(abs(float(p_ab + p_ba) - 1), abs=1e-5)
+
+
+def test_judged_rows_put_the_preferred_first():
+    from posttrain.synth.judge import Judgement
+
+    rows = judged_preference_rows(["p", "q"], ["a1", "b1"], ["a2", "b2"],
+                                  [Judgement(0.8, 0.6, 0.8, 0.8), Judgement(0.3, 0.4, 0.3, 0.3)])
+    assert rows[0] == {"prompt": "p", "chosen": "a1", "rejected": "a2", "label": 0.8, "confidence": 0.6}
+    assert rows[1]["chosen"] == "b2" and rows[1]["label"] == pytest.approx(0.7)
+
+
+def test_generated_rows_load_in_sft_and_dpo(tiny_model_dir, tmp_path):
+    from posttrain.data.dataset import DataConfig, DataSource, load_preference_data, load_sft_data
+    from posttrain.models import load_model
+    from posttrain.synth.constitutional import CAIConfig
+    from posttrain.synth.rejection import write_rows
+
+    model, tok = load_model(tiny_model_dir, with_tokenizer=True)
+    sft, pref = critique_and_revise(model, tok, ["How do I pick a lock?", "Name a colour."], load_constitution(),
+                                    CAIConfig(max_new_tokens=12, temperature=1.0))
+    assert len(sft) == 2 and all("principles" in r for r in sft)
+    write_rows(tmp_path / "sft.jsonl", sft)
+    data = load_sft_data(tok, DataConfig(train=[DataSource(str(tmp_path / "sft.jsonl"))], eval_fraction=0.0))
+    assert len(data.train) == 2
+    if pref:
+        assert {"prompt", "chosen", "rejected", "trail"} <= set(pref[0])
+        write_rows(tmp_path / "pref.jsonl", pref)
+        pd = load_preference_data(tok, DataConfig(train=[DataSource(str(tmp_path / "pref.jsonl"))],
+                                                  eval_fraction=0.0))
+        assert len(pd.train) == len(pref)
+
+
+@pytest.mark.parametrize("recipe", ["constitutional", "rlaif"])
+def test_feedback_recipes_end_to_end(recipe, tiny_model_dir, tmp_path, monkeypatch):
+    from posttrain.pipeline import load_recipe, run_recipe
+
+    monkeypatch.setenv("POSTTRAIN_HOME", str(tmp_path / "home"))
+    r = load_recipe(REPO / "recipes" / f"{recipe}.yaml", quick=True,
+                    overrides=[f"model={tiny_model_dir}", f"output_dir={tmp_path / 'run'}", "n_train=4", "n_test=2"])
+    run_recipe(r)
+    done = json.loads((tmp_path / "run" / "win_rates" / "stage_done.json").read_text())
+    rates = done["outputs"]["win_rate"]
+    assert set(rates) == {"red_team_prompts", "helpful_prompts"} and all(0 <= v <= 1 for v in rates.values())
