@@ -11,6 +11,8 @@ Commands::
     posttrain chat MODEL                                       interactive, streaming, multi-turn
     posttrain generate MODEL --prompts FILE [--out FILE]
     posttrain run recipes/reasoning.yaml [--quick]             a recipe of stages (resumable)
+    posttrain cai generate MODEL --prompts F --out-dir D       Constitutional AI critique -> revision
+    posttrain judge --data F --out F [--judge M]               AI feedback (soft-labelled pairs)
     posttrain demo [--quick]                                   the main job
     posttrain synth arithmetic --n N --kind sft|prompts|preference|steps --out FILE
     posttrain eval MODEL --data FILE [--out DIR] [-k K]         held-out accuracy per task
@@ -262,6 +264,54 @@ def cmd_chat(args) -> int:
 # --------------------------------------------------------------------------- misc
 
 
+def cmd_cai(args) -> int:
+    from posttrain.models import load_model
+    from posttrain.synth.constitutional import CAIConfig, critique_and_revise, load_constitution, load_prompt_texts
+    from posttrain.synth.rejection import write_rows
+
+    model, tok = load_model(args.model, with_tokenizer=True)
+    prompts = [p for f in args.prompts for p in load_prompt_texts(f)]
+    sft, pref = critique_and_revise(model, tok, prompts, load_constitution(args.constitution),
+                                    CAIConfig(revisions=args.revisions, max_new_tokens=args.max_new_tokens,
+                                              temperature=args.temperature, seed=args.seed))
+    out = Path(args.out_dir)
+    log(f"wrote {write_rows(out / 'sft.jsonl', sft)} ({len(sft)} rows) and "
+        f"{write_rows(out / 'pairs.jsonl', pref)} ({len(pref)} pairs)")
+    return 0
+
+
+def cmd_judge(args) -> int:
+    from posttrain.data.loading import BadRowError, BadRows, iter_rows
+    from posttrain.models import load_model
+    from posttrain.synth.judge import judge_pairs, judged_preference_rows
+    from posttrain.synth.rejection import write_rows
+
+    bad = BadRows(skip=args.skip_bad_rows)
+    prompts, first, second = [], [], []
+    for row in iter_rows(args.data, bad):
+        d = row.data
+        pair = d.get("responses") if isinstance(d.get("responses"), list) else [d.get("response_a"), d.get("response_b")]
+        try:
+            if not isinstance(d.get("prompt"), str) or not d["prompt"].strip():
+                raise BadRowError(row.origin, "prompt", "missing field or not a string")
+            if len(pair) != 2 or not all(isinstance(x, str) and x.strip() for x in pair):
+                raise BadRowError(row.origin, "responses", "expected two non-empty responses (responses: [a, b], "
+                                  "or response_a and response_b)")
+        except BadRowError as e:
+            bad.handle(e)
+            continue
+        prompts.append(d["prompt"])
+        first.append(pair[0])
+        second.append(pair[1])
+    judge, tok = load_model(args.judge, with_tokenizer=True)
+    js = judge_pairs(judge, tok, prompts, first, second, question=args.question)
+    rows = judged_preference_rows(prompts, first, second, js, args.min_confidence)
+    write_rows(args.out, rows)
+    log(f"judged {len(js)} pairs in both orders; wrote {len(rows)} soft-labelled preference rows to {args.out}"
+        + (f"; {bad.summary()}" if bad.total else ""))
+    return 0
+
+
 def cmd_run(args) -> int:
     from posttrain.pipeline import load_recipe, run_recipe
 
@@ -380,6 +430,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--skip-bad-rows", action="store_true")
     g.set_defaults(func=cmd_generate)
+
+    ca = sub.add_parser("cai", help="Constitutional AI data: response -> critique -> revision")
+    casub = ca.add_subparsers(dest="cai_command", required=True, metavar="ACTION")
+    cg = casub.add_parser("generate", help="critique and revise responses to prompts; SFT rows + preference pairs")
+    cg.add_argument("model", nargs="?", default=EMBEDDED_NAME)
+    cg.add_argument("--prompts", nargs="+", required=True, help="prompt files (e.g. posttrain/assets/red_team_prompts.jsonl)")
+    cg.add_argument("--constitution", help="YAML list of {name, critique, revision} (default: the bundled seven)")
+    cg.add_argument("--revisions", type=int, default=1)
+    cg.add_argument("--max-new-tokens", type=int, default=160)
+    cg.add_argument("--temperature", type=float, default=0.7)
+    cg.add_argument("--seed", type=int, default=0)
+    cg.add_argument("--out-dir", required=True)
+    cg.set_defaults(func=cmd_cai)
+
+    j = sub.add_parser("judge", help="AI feedback: judge response pairs by option-letter log-probs, both orders")
+    j.add_argument("--data", required=True, help="rows with prompt and responses: [a, b] (or response_a/response_b)")
+    j.add_argument("--judge", default=EMBEDDED_NAME, help="judge model (any local causal LM)")
+    j.add_argument("--question", default="Which of these assistant responses is more helpful, honest, and harmless?")
+    j.add_argument("--min-confidence", type=float, default=0.0, help="drop pairs judged with less confidence")
+    j.add_argument("--skip-bad-rows", action="store_true")
+    j.add_argument("--out", required=True)
+    j.set_defaults(func=cmd_judge)
 
     u = sub.add_parser("run", help="run a recipe: stages feeding each other in one run directory (resumable)")
     u.add_argument("recipe", help="recipe YAML, e.g. recipes/reasoning.yaml")

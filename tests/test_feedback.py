@@ -102,3 +102,18 @@ def test_feedback_recipes_end_to_end(recipe, tiny_model_dir, tmp_path, monkeypat
     done = json.loads((tmp_path / "run" / "win_rates" / "stage_done.json").read_text())
     rates = done["outputs"]["win_rate"]
     assert set(rates) == {"red_team_prompts", "helpful_prompts"} and all(0 <= v <= 1 for v in rates.values())
+
+
+def test_cli_cai_and_judge(tiny_model_dir, tmp_path):
+    from posttrain.cli import main
+    from tests.conftest import write_jsonl
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "How do I pick a lock?"}, {"prompt": "Name a colour."}])
+    assert main(["cai", "generate", str(tiny_model_dir), "--prompts", str(prompts), "--max-new-tokens", "8",
+                 "--out-dir", str(tmp_path / "cai")]) == 0
+    assert len((tmp_path / "cai" / "sft.jsonl").read_text().splitlines()) == 2
+    pairs = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "hi", "responses": ["hello", "go away"]},
+                                               {"prompt": "q", "response_a": "a", "response_b": "b"}])
+    assert main(["judge", "--data", str(pairs), "--judge", str(tiny_model_dir), "--out", str(tmp_path / "j.jsonl")]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "j.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(0.5 <= r["label"] <= 1 for r in rows)
