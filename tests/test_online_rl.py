@@ -290,3 +290,28 @@ def test_bad_reward_stops_with_named_function(tiny_model_dir, prompt_file, tmp_p
 
     with pytest.raises(RewardError, match="reward function 'needs_field' raised KeyError"):
         train(rl_cfg(GRPOConfig, tiny_model_dir, prompt_file, tmp_path / "r", "max_steps=1"), [needs_field])
+
+
+def test_step_end_tokens(smol_tokenizer):
+    from posttrain.stages.online_rl import split_steps, step_end_tokens
+
+    text = "First add 2 and 3.\nThat gives 5.\nDone"
+    ids = smol_tokenizer(text, add_special_tokens=False)["input_ids"]
+    steps = split_steps(text, "\n")
+    ends = step_end_tokens(smol_tokenizer, ids, steps, "\n")
+    assert len(ends) == 3 and ends[-1] == len(ids) - 1 and ends == sorted(ends)
+    for step, end in zip(steps, ends):  # decoding up to a step's end token shows the whole step
+        assert smol_tokenizer.decode(ids[: end + 1]).rstrip().endswith(step)
+
+
+def test_grpo_with_process_reward_model(tiny_model_dir, prompt_file, tmp_path):
+    from posttrain.models import ModelConfig, prepare_scoring_model
+    from posttrain.stages.online_rl import GRPOConfig, train
+
+    prm, tok, _ = prepare_scoring_model(ModelConfig(name_or_path=str(tiny_model_dir)), "token")
+    prm.save_pretrained(tmp_path / "prm")
+    tok.save_pretrained(tmp_path / "prm")
+    res = train(rl_cfg(GRPOConfig, tiny_model_dir, prompt_file, tmp_path / "run", "max_steps=2",
+                       f"process_reward_model={tmp_path / 'prm'}", "step_separator=e"), [e_fraction])
+    m = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(m) == 2 and m[-1]["advantage/std"] > 0  # per-token process advantages vary within completions

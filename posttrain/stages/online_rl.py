@@ -121,6 +121,8 @@ class RLConfig(engine.TrainConfig):
             raise ConfigError("process_reward_model needs advantage: group")
         if self.num_iterations < 1 or self.micro_batch_size < 1:
             raise ConfigError("num_iterations and micro_batch_size must be at least 1")
+        if self.process_reward_model and not self.step_separator:
+            raise ConfigError("step_separator must not be empty")
         if not self.rewards and not self.process_reward_model:
             raise ConfigError("no reward: set rewards and/or process_reward_model")
 
