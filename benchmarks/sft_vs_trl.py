@@ -2,9 +2,10 @@
 
 Usage::
 
-    .venv/bin/python benchmarks/sft_vs_trl.py                  # full run (~10 min on 2 cores)
-    .venv/bin/python benchmarks/sft_vs_trl.py --quick          # smoke run (~4 min)
-    .venv/bin/python benchmarks/sft_vs_trl.py --skip-trl-default --steps 20
+    .venv/bin/python benchmarks/sft_vs_trl.py                  # full run (~15 min on an idle 2-core CPU)
+    .venv/bin/python benchmarks/sft_vs_trl.py --skip-trl-default   # ~8 min
+    .venv/bin/python benchmarks/sft_vs_trl.py --quick --skip-trl-default   # smoke run, 4 steps
+    .venv/bin/python benchmarks/sft_vs_trl.py --only trl_fast --trl-fast-set padding_free=true
 
 What is held equal
     Model: the embedded SmolLM2-135M-Instruct (``posttrain.models.embedded_model_dir()``,
@@ -36,7 +37,7 @@ Runs (each in a fresh ``spawn`` subprocess, one after the other)
     ``trl_fast``: the fastest TRL settings found for CPU: ``bf16=False`` (fp32),
     ``gradient_checkpointing=False``, ``dataloader_pin_memory=False``, the default
     fused AdamW, no eval, no saving, ``report_to="none"`` (see ``TRL_FAST`` and the notes
-    in benchmarks/README.md on what was tried).
+    in benchmarks/README.md on what was tried: ``padding_free=True`` measured slower).
     ``trl_default``: TRL's defaults apart from the controls above (bf16 autocast and
     gradient checkpointing on), for ``--trl-default-steps`` steps only: bf16 is several
     times slower than fp32 on CPUs without native bf16 matmul. Every TRL run sets
@@ -490,8 +491,9 @@ def print_table(s: dict) -> None:
               f"{r['flop_share']:>9.0%} {r['rss_train_mb']:>8,.0f}MB {r['rss_exit_mb']:>7,.0f}MB "
               f"{C.fmt(r['final_loss'], '.4f'):>10}  {r['dtype']}; {r['rate_basis']}")
     mm = s["matmul_gflops"]
+    params = next((r["params"] for r in runs.values() if r.get("params")), "?")
     print(f"matmul reference: {mm['reference']} GFLOP/s (before {mm['before']['gflops']:.1f}, "
-          f"after {mm['after']['gflops']:.1f}); GFLOP/s = 6 x {runs.get('posttrain', {}).get('params', '?')} "
+          f"after {mm['after']['gflops']:.1f}); GFLOP/s = 6 x {params} "
           "params x tok/s")
     for name, t in s["targets"].items():
         verdict = "info" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
