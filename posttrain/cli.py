@@ -266,7 +266,12 @@ def cmd_chat(args) -> int:
 
 def cmd_cai(args) -> int:
     from posttrain.models import load_model
-    from posttrain.synth.constitutional import CAIConfig, critique_and_revise, load_constitution, load_prompt_texts
+    from posttrain.synth.constitutional import (
+        CAIConfig,
+        critique_and_revise,
+        load_constitution,
+        load_prompt_texts,
+    )
     from posttrain.synth.rejection import write_rows
 
     model, tok = load_model(args.model, with_tokenizer=True)

@@ -27,9 +27,8 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -242,14 +241,14 @@ class Trainable:
         return self.accelerator.unwrap_model(self.model)
 
 
-def open_training(cfg: TrainConfig, model, total_steps: int, extra: dict | None = None) -> "Trainable":
+def open_training(cfg: TrainConfig, model, total_steps: int, extra: dict | None = None) -> Trainable:
     """AdamW + warmup/decay schedule for ``model`` (and ``extra`` modules) as ``cfg`` says."""
     return Trainable(model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
                      warmup_steps=round(cfg.warmup_ratio * total_steps), total_steps=total_steps,
                      schedule=cfg.schedule, extra=extra)
 
 
-def resume(cfg: TrainConfig, run_dir: Path, trainable: "Trainable") -> tuple[int, "Metrics"]:
+def resume(cfg: TrainConfig, run_dir: Path, trainable: Trainable) -> tuple[int, Metrics]:
     """(step to continue after, metrics log): restores the last complete checkpoint when
     ``cfg.resume`` and drops logged records past it (the resumed run rewrites them)."""
     start = 0
@@ -280,6 +279,18 @@ def save_model_dir(model, tokenizer, out: Path, merge_lora: bool = False) -> Non
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+
+
+def save_final(run_dir: Path, trainable: Trainable, tokenizer, cfg: TrainConfig, stage: str, step: int) -> Path:
+    """End of a policy stage: the last checkpoint, ``model/`` (a peft adapter under LoRA) and,
+    with LoRA and ``merge_lora``, ``model-merged/``; returns the ``model/`` path."""
+    save_checkpoint(run_dir, trainable, tokenizer, {"step": step, "stage": stage}, cfg.keep_last)
+    model_dir = Path(run_dir) / "model"
+    if trainable.accelerator.is_main_process:
+        save_model_dir(trainable.unwrapped(), tokenizer, model_dir)
+        if cfg.model.lora and cfg.merge_lora:
+            save_model_dir(trainable.unwrapped(), tokenizer, Path(run_dir) / "model-merged", merge_lora=True)
+    return model_dir
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -420,8 +431,14 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def progress(description: str = "train"):
     """A rich progress bar: bar, steps, rate, elapsed, ETA and a free-text status field."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from posttrain.log import console
 
@@ -447,7 +464,26 @@ def describe_device(device: torch.device, dtype: torch.dtype) -> str:
 
 
 __all__ = [
-    "EpochBatches", "Metrics", "TrainConfig", "Trainable", "open_training", "resume", "checkpoints", "describe_device", "file_fingerprint", "latest_checkpoint",
-    "load_checkpoint", "log", "peak_rss_mb", "progress", "read_metrics", "rng_state", "save_checkpoint",
-    "save_model_dir", "seed_everything", "set_rng_state", "setup_run",
+    "EpochBatches",
+    "Metrics",
+    "TrainConfig",
+    "Trainable",
+    "checkpoints",
+    "describe_device",
+    "file_fingerprint",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "log",
+    "open_training",
+    "peak_rss_mb",
+    "progress",
+    "read_metrics",
+    "resume",
+    "rng_state",
+    "save_checkpoint",
+    "save_final",
+    "save_model_dir",
+    "seed_everything",
+    "set_rng_state",
+    "setup_run",
 ]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 
-def sft_loss(logprobs: torch.Tensor, normalizer: float | int | None = None) -> torch.Tensor:
+def sft_loss(logprobs: torch.Tensor, normalizer: float | None = None) -> torch.Tensor:
     """Negative log-likelihood of the target tokens, averaged over tokens.
 
     ``loss = -sum_t log p(y_t | y_<t) / normalizer``

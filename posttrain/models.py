@@ -223,7 +223,7 @@ def resolve_model_path(name_or_path: str) -> Path:
 # --------------------------------------------------------------------------- precision
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpu_bf16_is_faster() -> bool:
     """Time a mid-size matmul in fp32 and bf16 on this CPU; bf16 must win by 1.3x to be used."""
 

@@ -11,8 +11,15 @@ from posttrain.config import load_config
 from posttrain.data.dataset import DataConfig, DataSource, load_sft_data, mix, read_sft_records
 from posttrain.data.formats import detect_sft_format, to_prompt_record, to_sft_record
 from posttrain.data.loading import BadRowError, BadRows, Row, iter_rows
-from posttrain.data.tokenize import (IGNORE, TokenizeStats, collate_flatten, collate_pad, length_grouped_batches,
-                                     tokenize_conversation, tokenize_record)
+from posttrain.data.tokenize import (
+    IGNORE,
+    TokenizeStats,
+    collate_flatten,
+    collate_pad,
+    length_grouped_batches,
+    tokenize_conversation,
+    tokenize_record,
+)
 from tests.conftest import write_jsonl
 
 ROWS = {

@@ -9,8 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from posttrain.synth.constitutional import (critique_and_revise, critique_messages, load_constitution,
-                                            revision_messages)
+from posttrain.synth.constitutional import (
+    critique_and_revise,
+    critique_messages,
+    load_constitution,
+    revision_messages,
+)
 from posttrain.synth.judge import judge_pairs, judge_text, judged_preference_rows, letter_ids
 
 REPO = Path(__file__).resolve().parents[1]

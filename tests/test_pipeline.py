@@ -3,7 +3,6 @@ rejection sampling filters on literal responses."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

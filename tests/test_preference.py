@@ -10,8 +10,12 @@ import torch
 
 from posttrain.config import load_config
 from posttrain.data.loading import BadRowError, BadRows, Row
-from posttrain.data.preference import (detect_preference_format, read_preference_records, to_preference_records,
-                                       tokenize_pair)
+from posttrain.data.preference import (
+    detect_preference_format,
+    read_preference_records,
+    to_preference_records,
+    tokenize_pair,
+)
 from posttrain.data.tokenize import TokenizeStats
 from posttrain.losses import bradley_terry_loss, dpo_loss, step_bce_loss
 from tests.conftest import write_jsonl

@@ -1,7 +1,12 @@
 """Arithmetic generator: worked solutions verify, perturbed answers do not, splits are disjoint."""
 
-from posttrain.synth.tasks import (arithmetic_problems, extract_answer, solve_addition, solve_subtraction,
-                                   verify_arithmetic)
+from posttrain.synth.tasks import (
+    arithmetic_problems,
+    extract_answer,
+    solve_addition,
+    solve_subtraction,
+    verify_arithmetic,
+)
 
 
 def test_worked_solutions_verify_and_perturbations_fail():
@@ -51,10 +56,10 @@ def test_corrupted_solutions_are_wrong_and_labelled():
 
 # --------------------------------------------------------------------------- reasoning format and other tasks
 
-import pytest  # noqa: E402
+import pytest
 
-from posttrain.reasoning import parse_reasoning  # noqa: E402
-from posttrain.synth.tasks import TASKS, VERIFIERS, problems  # noqa: E402
+from posttrain.reasoning import parse_reasoning
+from posttrain.synth.tasks import TASKS, VERIFIERS, problems
 
 
 @pytest.mark.parametrize("text,error", [

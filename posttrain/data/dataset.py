@@ -16,8 +16,12 @@ from dataclasses import dataclass, field
 from posttrain.config import ConfigError, doc
 from posttrain.data.formats import SFT_FORMATS, SFTRecord, detect_sft_format, to_sft_record
 from posttrain.data.loading import BadRowError, BadRows, iter_rows
-from posttrain.data.preference import (PREFERENCE_FORMATS, PreferencePair, read_preference_records,
-                                       tokenize_pair)
+from posttrain.data.preference import (
+    PREFERENCE_FORMATS,
+    PreferencePair,
+    read_preference_records,
+    tokenize_pair,
+)
 from posttrain.data.tokenize import TokenizedExample, TokenizeStats, tokenize_record
 from posttrain.log import log
 
@@ -38,7 +42,7 @@ class DataSource:
             raise ConfigError(f"weight of {self.path} must be positive")
 
     @classmethod
-    def from_string(cls, s: str) -> "DataSource":
+    def from_string(cls, s: str) -> DataSource:
         return cls(path=s)
 
 
@@ -110,15 +114,30 @@ class SFTData:
     formats: dict[str, str] = field(default_factory=dict)
 
 
-def tokenize_all(tok, records: list[SFTRecord], cfg: DataConfig, bad: BadRows,
-                 stats: TokenizeStats) -> list[TokenizedExample]:
-    out: list[TokenizedExample] = []
-    for rec in records:
-        try:
-            out.extend(tokenize_record(tok, rec, cfg.max_length, cfg.too_long, stats))
-        except BadRowError as e:
-            bad.handle(e)
-    return out
+def tokenize_split(records: list, eval_records: list, tokenize_one, bad: BadRows, stats: TokenizeStats,
+                   what: str = "examples") -> tuple[list, list]:
+    """(train, eval) examples: ``tokenize_one(record)`` gives an example, a list of them, or None
+    (dropped; counted in ``stats`` by the tokenizer). Bad rows go to ``bad``; an empty training
+    set is an error; what loading skipped or changed is reported."""
+    def each(recs):
+        out = []
+        for rec in recs:
+            try:
+                ex = tokenize_one(rec)
+            except BadRowError as e:
+                bad.handle(e)
+                continue
+            if isinstance(ex, list):
+                out.extend(ex)
+            elif ex is not None:
+                out.append(ex)
+        return out
+
+    train, evals = each(records), each(eval_records)
+    if not train:
+        raise ConfigError(f"no training {what} left after tokenisation (" + (stats.summary() or bad.summary()) + ")")
+    report_loading(bad, stats)
+    return train, evals
 
 
 def split_records(per_source: list[list], cfg: DataConfig, seed: int, read_eval) -> tuple[list, list]:
@@ -155,13 +174,10 @@ def load_sft_data(tok, cfg: DataConfig, seed: int = 0) -> SFTData:
         raise ConfigError("data.train: no training data given")
     bad = BadRows(skip=cfg.skip_bad_rows)
     stats = TokenizeStats()
-    read = lambda s: read_sft_records(s, bad)  # noqa: E731
+    read = lambda s: read_sft_records(s, bad)
     records, eval_records = split_records([read(s) for s in cfg.train], cfg, seed, read)
-    train = tokenize_all(tok, records, cfg, bad, stats)
-    evals = tokenize_all(tok, eval_records, cfg, bad, stats)
-    if not train:
-        raise ConfigError("no training examples left after tokenisation (" + (stats.summary() or bad.summary()) + ")")
-    report_loading(bad, stats)
+    train, evals = tokenize_split(records, eval_records,
+                                  lambda r: tokenize_record(tok, r, cfg.max_length, cfg.too_long, stats), bad, stats)
     return SFTData(train, evals, bad, stats)
 
 
@@ -181,23 +197,10 @@ def load_preference_data(tok, cfg: DataConfig, seed: int = 0) -> PreferenceData:
         raise ConfigError("data.train: no training data given")
     bad = BadRows(skip=cfg.skip_bad_rows)
     stats = TokenizeStats()
-    read = lambda s: read_preference_records(s.path, s.format, bad)  # noqa: E731
+    read = lambda s: read_preference_records(s.path, s.format, bad)
     records, eval_records = split_records([read(s) for s in cfg.train], cfg, seed, read)
 
-    def tokenize(recs):
-        out = []
-        for rec in recs:
-            try:
-                pair = tokenize_pair(tok, rec, cfg.max_length, cfg.too_long, stats)
-            except BadRowError as e:
-                bad.handle(e)
-                continue
-            if pair is not None:
-                out.append(pair)
-        return out
-
-    train, evals = tokenize(records), tokenize(eval_records)
-    if not train:
-        raise ConfigError("no training pairs left after tokenisation (" + (stats.summary() or bad.summary()) + ")")
-    report_loading(bad, stats)
+    train, evals = tokenize_split(records, eval_records,
+                                  lambda r: tokenize_pair(tok, r, cfg.max_length, cfg.too_long, stats), bad, stats,
+                                  "pairs")
     return PreferenceData(train, evals, bad, stats)

@@ -1,10 +1,26 @@
 """Rewards: rule-based functions, reward models, process reward models, and their weighted sum."""
 
 from posttrain.rewards.combine import RewardError, RewardSet, resolve_reward
-from posttrain.rewards.functions import REWARD_FUNCTIONS, exact_answer, math_equal, tagged_answer, think_format
+from posttrain.rewards.functions import (
+    REWARD_FUNCTIONS,
+    exact_answer,
+    math_equal,
+    tagged_answer,
+    think_format,
+)
 
-__all__ = ["REWARD_FUNCTIONS", "RewardError", "RewardSet", "exact_answer", "math_equal", "resolve_reward",
-           "tagged_answer", "think_format", "RewardModel", "ProcessRewardModel"]
+__all__ = [
+    "REWARD_FUNCTIONS",
+    "ProcessRewardModel",
+    "RewardError",
+    "RewardModel",
+    "RewardSet",
+    "exact_answer",
+    "math_equal",
+    "resolve_reward",
+    "tagged_answer",
+    "think_format",
+]
 
 
 def __getattr__(name):  # the model-backed scorers import transformers lazily

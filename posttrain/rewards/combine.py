@@ -51,7 +51,7 @@ class RewardSet:
     weights: list[float]
 
     @classmethod
-    def build(cls, specs: list, weights: list[float] | None = None) -> "RewardSet":
+    def build(cls, specs: list, weights: list[float] | None = None) -> RewardSet:
         fns = [resolve_reward(s) for s in specs]
         weights = list(weights) if weights else [1.0] * len(fns)
         if len(weights) != len(fns):
@@ -68,7 +68,7 @@ class RewardSet:
             name = reward_name(fn)
             try:
                 values = fn(prompts, completions, **fields)
-            except Exception as e:  # noqa: BLE001 - re-raised with the function named
+            except Exception as e:
                 raise RewardError(f"reward function '{name}' raised {type(e).__name__}: {e} (batch of "
                                   f"{len(completions)}; first completion: {completions[0][:80]!r})") from e
             values = list(values)

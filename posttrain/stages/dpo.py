@@ -258,12 +258,7 @@ def train(cfg: DPOConfig, data: PreferenceData | None = None) -> DPOResult:
     ev = evaluate(cfg, t.model, data.eval, ref_eval, pad, t.device) if ref_eval is not None else {}
     if ev:
         metrics.log(total_steps, ev)
-    engine.save_checkpoint(run_dir, t, tok, {"step": total_steps, "stage": "dpo"}, cfg.keep_last)
-    model_dir = run_dir / "model"
-    if t.accelerator.is_main_process:
-        engine.save_model_dir(t.unwrapped(), tok, model_dir)
-        if cfg.model.lora and cfg.merge_lora:
-            engine.save_model_dir(t.unwrapped(), tok, run_dir / "model-merged", merge_lora=True)
+    model_dir = engine.save_final(run_dir, t, tok, cfg, "dpo", total_steps)
     metrics.close()
     summary = f"dpo done: {total_steps} steps, train loss {loss_value:.4f}"
     if ev:

@@ -460,10 +460,9 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
             bar.update(task, advance=1, status=f"reward {rec['reward/mean']:.3f} len {rec['rollout/length_mean']:.0f}")
             if cfg.sample_every and (step % cfg.sample_every == 0 or step == 1) and engine.is_main_process():
                 with open(samples_path, "a") as fh:
-                    for i in range(0, len(roll.texts), G):
-                        fh.write(json.dumps({"step": step, "prompt": msgs[i][-1]["content"], "completion": roll.texts[i],
+                    fh.writelines(json.dumps({"step": step, "prompt": msgs[i][-1]["content"], "completion": roll.texts[i],
                                              "reward": None if torch.isnan(rewards[i]) else float(rewards[i]),
-                                             **{k: v[i] for k, v in per_fn.items()}}) + "\n")
+                                             **{k: v[i] for k, v in per_fn.items()}}) + "\n" for i in range(0, len(roll.texts), G))
             if cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps and eval_prompts:
                 ev = evaluate(cfg, t.model, tok, eval_prompts, reward_set)
                 metrics.log(step, ev)
@@ -475,12 +474,8 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
     if eval_prompts:
         ev = evaluate(cfg, t.model, tok, eval_prompts, reward_set)
         metrics.log(total_steps, ev)
-    engine.save_checkpoint(run_dir, t, tok, {"step": total_steps, "stage": stage}, cfg.keep_last)
-    model_dir = run_dir / "model"
+    model_dir = engine.save_final(run_dir, t, tok, cfg, stage, total_steps)
     if engine.is_main_process():
-        engine.save_model_dir(t.unwrapped(), tok, model_dir)
-        if cfg.model.lora and cfg.merge_lora:
-            engine.save_model_dir(t.unwrapped(), tok, run_dir / "model-merged", merge_lora=True)
         if value_head is not None:
             from safetensors.torch import save_file
 

@@ -24,8 +24,8 @@ import torch
 
 from posttrain import engine
 from posttrain.config import ConfigError, doc
-from posttrain.data.dataset import report_loading, split_records
-from posttrain.data.loading import BadRowError, BadRows
+from posttrain.data.dataset import split_records, tokenize_split
+from posttrain.data.loading import BadRows
 from posttrain.data.steps import StepExample, read_step_records, tokenize_step_record
 from posttrain.data.tokenize import TokenizeStats
 from posttrain.log import log
@@ -62,25 +62,13 @@ class PRMResult:
 def load_step_data(tok, cfg: PRMConfig) -> tuple[list[StepExample], list[StepExample], BadRows]:
     bad = BadRows(skip=cfg.data.skip_bad_rows)
     stats = TokenizeStats()
-    read = lambda s: read_step_records(s.path, bad)  # noqa: E731
+    read = lambda s: read_step_records(s.path, bad)
     records, eval_records = split_records([read(s) for s in cfg.data.train], cfg.data, cfg.seed, read)
 
-    def tokenize(recs):
-        out = []
-        for r in recs:
-            try:
-                ex = tokenize_step_record(tok, r, cfg.step_separator, cfg.data.max_length, cfg.data.too_long, stats)
-            except BadRowError as e:
-                bad.handle(e)
-                continue
-            if ex is not None:
-                out.append(ex)
-        return out
-
-    train, evals = tokenize(records), tokenize(eval_records)
-    if not train:
-        raise ConfigError("no training solutions left after tokenisation (" + (stats.summary() or bad.summary()) + ")")
-    report_loading(bad, stats)
+    train, evals = tokenize_split(
+        records, eval_records,
+        lambda r: tokenize_step_record(tok, r, cfg.step_separator, cfg.data.max_length, cfg.data.too_long, stats),
+        bad, stats, "solutions")
     return train, evals, bad
 
 

@@ -38,7 +38,13 @@ from posttrain.data.preference import PreferencePair
 from posttrain.log import log
 from posttrain.losses import bradley_terry_loss
 from posttrain.models import backbone_and_score_head, count_parameters, prepare_scoring_model
-from posttrain.rewards.reward_model import MLP_HEAD_FILE, REWARD_META, last_token_states, mlp_head, sequence_rewards
+from posttrain.rewards.reward_model import (
+    MLP_HEAD_FILE,
+    REWARD_META,
+    last_token_states,
+    mlp_head,
+    sequence_rewards,
+)
 from posttrain.stages.dpo import data_fingerprint, pair_batch
 
 

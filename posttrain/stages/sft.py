@@ -137,12 +137,7 @@ def train(cfg: SFTConfig, data: SFTData | None = None) -> SFTResult:
     ev = evaluate(t.model, data.eval, cfg.eval_batch_size, cfg.batching, tok.pad_token_id, t.device)
     if ev:
         metrics.log(total_steps, ev)
-    engine.save_checkpoint(run_dir, t, tok, {"step": total_steps, "stage": "sft"}, cfg.keep_last)
-    model_dir = run_dir / "model"
-    if t.accelerator.is_main_process:
-        engine.save_model_dir(t.unwrapped(), tok, model_dir)
-        if cfg.model.lora and cfg.merge_lora:
-            engine.save_model_dir(t.unwrapped(), tok, run_dir / "model-merged", merge_lora=True)
+    model_dir = engine.save_final(run_dir, t, tok, cfg, "sft", total_steps)
     metrics.close()
     tps = tokens_seen / elapsed if tokens_seen else 0.0
     summary = f"sft done: {total_steps} steps, train loss {loss_value:.4f}"
