@@ -270,3 +270,77 @@ def fmt(x, spec: str = ",.0f", none: str = "-") -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return none
     return format(x, spec)
+
+
+# --------------------------------------------------------------------------- seconds per step (DPO, GRPO)
+
+
+def window_step_times(step_ends: list[float], step_cpu: list[dict] | None = None, quiet_below: float = 0.1) -> dict:
+    """Seconds per optimizer step over the steady-state window (end of step 1 to end of step N).
+
+    Like :func:`window_throughput` but per step rather than per token (for stages whose
+    steps do not process a fixed token count, such as RL with sampled completions). With
+    ``step_cpu`` each step ``k >= 2`` also gets the cores other processes kept busy during
+    it, and ``quiet_s_per_step`` averages only the steps where that stayed below
+    ``quiet_below``.
+    """
+    res: dict = {"s_per_step": float("nan"), "window_s": float("nan"), "window_steps": 0}
+    if len(step_ends) < 2:
+        return res
+    res["window_s"] = step_ends[-1] - step_ends[0]
+    res["window_steps"] = len(step_ends) - 1
+    res["s_per_step"] = res["window_s"] / res["window_steps"]
+    if step_cpu:
+        per_step = []
+        for k in range(1, len(step_ends)):
+            load = window_load(step_cpu[k - 1], step_cpu[k])
+            per_step.append({"step": k + 1, "s": round(step_ends[k] - step_ends[k - 1], 3),
+                             "other_cores_busy": load.get("other_cores_busy"),
+                             "self_cores_busy": load.get("self_cores_busy")})
+        quiet = [p for p in per_step if (p["other_cores_busy"] or 0.0) < quiet_below]
+        res["per_step"] = per_step
+        res["quiet_steps"] = len(quiet)
+        res["quiet_s_per_step"] = sum(p["s"] for p in quiet) / len(quiet) if quiet else float("nan")
+    return res
+
+
+def paired_quiet_step_times(a: dict, b: dict, quiet_below: float = 0.1) -> dict | None:
+    """Mean seconds per step of two runs over the step numbers that were quiet in both."""
+    pa = {p["step"]: p for p in a.get("per_step") or []}
+    pb = {p["step"]: p for p in b.get("per_step") or []}
+    steps = [k for k in pa if k in pb and (pa[k]["other_cores_busy"] or 0) < quiet_below
+             and (pb[k]["other_cores_busy"] or 0) < quiet_below]
+    if not steps:
+        return None
+    sa = sum(pa[k]["s"] for k in steps) / len(steps)
+    sb = sum(pb[k]["s"] for k in steps) / len(steps)
+    return {"steps": steps, "a": sa, "b": sb}
+
+
+def pick_step_time(r: dict) -> tuple[float, str]:
+    """A run's s/step: over its quiet window steps when at least 2 (or all) were quiet, else all, flagged."""
+    window_steps = len(r.get("per_step", []))
+    q = r.get("quiet_steps", 0)
+    if q >= min(2, window_steps) and q > 0:
+        return r["quiet_s_per_step"], f"quiet steps ({q}/{window_steps})"
+    return r["s_per_step"], f"all steps, LOADED ({q}/{window_steps} quiet)"
+
+
+def git_state() -> dict:
+    """Commit of the working tree and whether posttrain/ has uncommitted changes (what was measured)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                                  check=False).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    import hashlib
+
+    dirty = git("status", "--porcelain", "--", "posttrain")
+    diff = git("diff", "HEAD", "--", "posttrain") if dirty else ""
+    return {"commit": git("rev-parse", "--short", "HEAD"), "posttrain_dirty": bool(dirty),
+            "posttrain_changes": dirty.splitlines(),
+            "posttrain_diff_sha256": hashlib.sha256(diff.encode()).hexdigest()[:16] if diff else None}
