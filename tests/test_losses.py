@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from posttrain.data.tokenize import IGNORE
@@ -60,3 +61,44 @@ def test_temperature_scales_logits(tiny_model_dir):
         got = token_logprobs(model, ids, ids, temperature=0.7)
         logp = torch.log_softmax(model(ids).logits.float() / 0.7, -1)
     torch.testing.assert_close(got, logp[0, :-1].gather(-1, ids[0, 1:, None])[:, 0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature,bias,chunk", [(1.0, False, 3), (0.7, True, 4), (1.3, False, 100)])
+def test_chunked_head_matches_full_logits_and_grads(temperature, bias, chunk):
+    from posttrain.logprobs import head_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    n, hdim, vocab = 10, 6, 17
+    h = torch.randn(n, hdim, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(vocab, hdim, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(vocab, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    t = torch.randint(0, vocab, (n,), generator=g)
+    up = torch.randn(n, generator=g, dtype=torch.float64)  # an arbitrary upstream gradient
+
+    logits = (h @ w.T + (b if bias else 0)) / temperature
+    ref = -torch.nn.functional.cross_entropy(logits, t, reduction="none")
+    logp = torch.log_softmax(logits, -1)
+    ref_ent = -(logp.exp() * logp).sum(-1)
+    ref_grads = torch.autograd.grad((ref * up).sum(), [h, w] + ([b] if bias else []))
+
+    lp, ent = head_logprobs(h, w, b, t, temperature, want_entropy=True, chunk=chunk)
+    grads = torch.autograd.grad((lp * up).sum(), [h, w] + ([b] if bias else []))
+    torch.testing.assert_close(lp.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.double(), ref_ent.detach(), rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # forward-only path: same values, nothing saved
+        lp2, none = head_logprobs(h, w, b, t, temperature)
+    assert none is None
+    torch.testing.assert_close(lp2, lp.detach())
+
+
+def test_chunked_head_gradcheck():
+    from posttrain.logprobs import head_logprobs
+
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 6, 2, 2, 5])
+    torch.autograd.gradcheck(lambda h, w, b: head_logprobs(h, w, b, t, 0.9, chunk=2)[0], (h, w, b))

@@ -192,6 +192,12 @@ def load_prompts(tok, sources, max_length: int, too_long: str, bad: BadRows) -> 
     return out
 
 
+def rows_tokens(per_token: dict[str, torch.Tensor], offsets: list[int], key: str, idx: list[int]) -> torch.Tensor:
+    """The per-token values ``per_token[key]`` of completions ``idx``, concatenated in that order."""
+    flat = per_token[key]
+    return torch.cat([flat[offsets[i] : offsets[i + 1]] for i in idx])
+
+
 def row_fields(prompts: list[Prompt]) -> dict[str, list]:
     """The prompt rows' other columns as lists aligned with ``prompts`` (reward kwargs)."""
     keys = sorted({k for p in prompts for k in p.record.fields})
@@ -394,13 +400,10 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                 old = {k: torch.cat(v) for k, v in parts.items() if v}
             # 4. advantages
             adv = token_advantages(cfg, roll, rewards, lengths, old, step_rewards, step_ends)
+            per_token = {**old, **adv}  # flat (total tokens,) tensors, completion after completion
             offsets = [0]
             for n in lengths:
                 offsets.append(offsets[-1] + n)
-
-            def tok_slice(key, idx):
-                return torch.cat([adv[key][offsets[i] : offsets[i + 1]] if key in adv else
-                                  old[key][offsets[i] : offsets[i + 1]] for i in idx])
 
             # 5. updates
             rng = random.Random(cfg.seed * 7919 + step)
@@ -420,9 +423,9 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                         lp, ent, *h = policy.forward(t.model, b, extras=extras)
                         seq = torch.repeat_interleave(torch.arange(len(idx)), torch.tensor([lengths[i] for i in idx]))
                         seq = seq.to(t.device)
-                        a = tok_slice("adv", idx).to(t.device, lp.dtype)
-                        old_lp = tok_slice("logp", idx).to(t.device) if need_old else lp.detach()
-                        ref_lp = tok_slice("ref_logp", idx).to(t.device) if cfg.beta else None
+                        a = rows_tokens(per_token, offsets, "adv", idx).to(t.device, lp.dtype)
+                        old_lp = rows_tokens(per_token, offsets, "logp", idx).to(t.device) if need_old else lp.detach()
+                        ref_lp = rows_tokens(per_token, offsets, "ref_logp", idx).to(t.device) if cfg.beta else None
                         in_loss_beta = cfg.beta if cfg.advantage != "gae" else 0.0
                         loss, st = grpo_loss(lp, old_lp, a, seq, len(idx), ref_lp, in_loss_beta, cfg.clip_eps,
                                              cfg.clip_eps_high or None, cfg.loss_agg, cfg.sampling.max_new_tokens,
@@ -434,8 +437,8 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                         acc["loss/policy"] += float(loss.detach())
                         if value_head is not None:
                             v = value_head(h[0]).squeeze(-1).float()
-                            vl = clipped_value_loss(v, tok_slice("values", idx).to(t.device),
-                                                    tok_slice("returns", idx).to(t.device), cfg.value_clip)
+                            vl = clipped_value_loss(v, rows_tokens(per_token, offsets, "values", idx).to(t.device),
+                                                    rows_tokens(per_token, offsets, "returns", idx).to(t.device), cfg.value_clip)
                             vl = aggregate(vl, seq, len(idx), "token_mean") * share
                             loss = loss + cfg.vf_coef * vl
                             acc["loss/value"] += float(vl.detach())
