@@ -249,13 +249,24 @@ def machine() -> dict[str, object]:
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "versions": versions}
 
 
-def run_in_subprocess(target, *args):
-    """Run ``target(*args, conn)`` in a fresh spawn process; returns what it sends back."""
+def _child(fn, spec: dict, conn) -> None:
+    """Body of a benchmark subprocess: send ``fn(spec)``, or the error and traceback, to the parent."""
+    try:
+        conn.send(fn(spec))
+    except BaseException as e:  # noqa: BLE001 - report any failure to the parent
+        import traceback
+
+        conn.send({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+    conn.close()
+
+
+def run_in_subprocess(fn, spec: dict) -> dict:
+    """Run ``fn(spec)`` in a fresh spawn process; returns its result (or ``{"error": ...}``)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=target, args=(*args, child))
+    p = ctx.Process(target=_child, args=(fn, spec, child))
     p.start()
     child.close()
     try:
@@ -264,6 +275,35 @@ def run_in_subprocess(target, *args):
         result = {"error": f"child exited without a result (exit code {p.join() or p.exitcode})"}
     p.join()
     return result
+
+
+def run_one(name: str, fn, spec: dict, work: Path, wait_quiet_s: float) -> dict:
+    """One benchmark run: wait for a quiet CPU, run ``fn`` in a fresh subprocess, record wall time and load.
+
+    Prints the run's header, and its error when it failed (the result then has ``"error"``).
+    """
+    spec = {**spec, "name": name, "out_dir": str(work / name)}
+    quiet = wait_quiet(wait_quiet_s) if wait_quiet_s > 0 else {}
+    print(f"\n-- {name}: {spec['steps']} steps (load average {loadavg()}; waited {quiet.get('waited_s', 0)} s "
+          f"for a quiet CPU: {'yes' if quiet.get('quiet') else 'no'})", flush=True)
+    t0 = time.perf_counter()
+    r = run_in_subprocess(fn, spec)
+    r["wall_s"] = time.perf_counter() - t0
+    r["loadavg_after"] = loadavg()
+    r["waited_for_quiet"] = quiet
+    if "error" in r:
+        print(f"{name} FAILED: {r['error']}\n{r.get('traceback', '')}", flush=True)
+    return r
+
+
+def pick_quiet(r: dict, key: str) -> tuple[float, str]:
+    """A run's ``key`` figure (``tokens_per_s``, ``s_per_step``) over its quiet window steps when at
+    least 2 (or all) were quiet, else over all steps, flagged LOADED; with a note of the basis."""
+    window_steps = len(r.get("per_step", []))
+    q = r.get("quiet_steps", 0)
+    if q >= min(2, window_steps) and q > 0:
+        return r[f"quiet_{key}"], f"quiet steps ({q}/{window_steps})"
+    return r[key], f"all steps, LOADED ({q}/{window_steps} quiet)"
 
 
 def fmt(x, spec: str = ",.0f", none: str = "-") -> str:
@@ -315,15 +355,6 @@ def paired_quiet_step_times(a: dict, b: dict, quiet_below: float = 0.1) -> dict 
     sa = sum(pa[k]["s"] for k in steps) / len(steps)
     sb = sum(pb[k]["s"] for k in steps) / len(steps)
     return {"steps": steps, "a": sa, "b": sb}
-
-
-def pick_step_time(r: dict) -> tuple[float, str]:
-    """A run's s/step: over its quiet window steps when at least 2 (or all) were quiet, else all, flagged."""
-    window_steps = len(r.get("per_step", []))
-    q = r.get("quiet_steps", 0)
-    if q >= min(2, window_steps) and q > 0:
-        return r["quiet_s_per_step"], f"quiet steps ({q}/{window_steps})"
-    return r["s_per_step"], f"all steps, LOADED ({q}/{window_steps} quiet)"
 
 
 def git_state() -> dict:

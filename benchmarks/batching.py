@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C
-from sft_vs_trl import pick_rate, run_posttrain
+from sft_vs_trl import run_posttrain
 
 
 def main(argv=None) -> int:
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         if "error" in r:
             print(f"FAILED: {r['error']}\n{r.get('traceback', '')}")
             return 1
-        rate, basis = pick_rate(r)
+        rate, basis = C.pick_quiet(r, "tokens_per_s")
         r["rate"], r["rate_basis"] = rate, basis
         runs[mode].append(r)
         print(f"batching={mode}: {rate:,.1f} tok/s ({basis}; all steps {r['tokens_per_s']:,.1f}), final loss "

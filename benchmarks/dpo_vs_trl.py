@@ -153,21 +153,7 @@ def batch_tokens(batch_rows: list[int], seq_len: dict[int, tuple[int, int]]) -> 
 # --------------------------------------------------------------------------- posttrain run (child)
 
 
-def _report_errors(fn, spec, conn) -> None:
-    try:
-        conn.send(fn(spec))
-    except BaseException as e:  # noqa: BLE001 - report any failure to the parent
-        import traceback
-
-        conn.send({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
-    conn.close()
-
-
-def run_posttrain(spec: dict, conn) -> None:
-    _report_errors(_run_posttrain, spec, conn)
-
-
-def _run_posttrain(spec: dict) -> dict:
+def run_posttrain(spec: dict) -> dict:
     from posttrain import engine
     from posttrain.config import load_config
     from posttrain.stages import dpo
@@ -236,11 +222,7 @@ def _run_posttrain(spec: dict) -> dict:
 # --------------------------------------------------------------------------- TRL run (child)
 
 
-def run_trl(spec: dict, conn) -> None:
-    _report_errors(_run_trl, spec, conn)
-
-
-def _run_trl(spec: dict) -> dict:
+def run_trl(spec: dict) -> dict:
     import datasets
     from peft import LoraConfig
     from transformers import AutoTokenizer, TrainerCallback
@@ -428,18 +410,8 @@ def main(argv=None) -> int:
 
     results: dict[str, dict] = {}
     for name, fn, spec in plan:
-        spec = {**spec, "name": name, "out_dir": str(work / name)}
-        quiet = C.wait_quiet(a.wait_quiet) if a.wait_quiet > 0 else {}
-        print(f"\n-- {name}: {spec['steps']} steps (load average {C.loadavg()}; waited {quiet.get('waited_s', 0)} s "
-              f"for a quiet CPU: {'yes' if quiet.get('quiet') else 'no'})", flush=True)
-        t0 = time.perf_counter()
-        r = C.run_in_subprocess(fn, spec)
-        r["wall_s"] = time.perf_counter() - t0
-        r["loadavg_after"] = C.loadavg()
-        r["waited_for_quiet"] = quiet
-        results[name] = r
+        r = results[name] = C.run_one(name, fn, spec, work, a.wait_quiet)
         if "error" in r:
-            print(f"{name} FAILED: {r['error']}\n{r.get('traceback', '')}", flush=True)
             continue
         print(f"{name}: {r['s_per_step']:.2f} s/step over steps 2-{r['steps']} ({r['window_s']:.1f} s); "
               f"{C.fmt(r.get('quiet_s_per_step'), '.2f')} s/step over its {r.get('quiet_steps', 0)} quiet steps; "
@@ -481,7 +453,7 @@ def summarize(a, results, mach, git, started, n, real, padded) -> dict:
         if use_paired and name in ("posttrain", "trl"):
             s, basis = (paired["a"] if name == "posttrain" else paired["b"]), f"steps {paired['steps']} (quiet in both)"
         else:
-            s, basis = C.pick_step_time(r)
+            s, basis = C.pick_quiet(r, "s_per_step")
         runs[name] = {
             "steps": r["steps"], "s_per_step": round(s, 3), "steps_per_s": round(1 / s, 4), "basis": basis,
             "s_per_step_all_steps": round(r["s_per_step"], 3),

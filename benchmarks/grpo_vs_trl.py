@@ -134,21 +134,7 @@ def exact_answer_reward(prompts, completions, answer, **kwargs):
 # --------------------------------------------------------------------------- posttrain run (child)
 
 
-def _report_errors(fn, spec, conn) -> None:
-    try:
-        conn.send(fn(spec))
-    except BaseException as e:  # noqa: BLE001 - report any failure to the parent
-        import traceback
-
-        conn.send({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
-    conn.close()
-
-
-def run_posttrain(spec: dict, conn) -> None:
-    _report_errors(_run_posttrain, spec, conn)
-
-
-def _run_posttrain(spec: dict) -> dict:
+def run_posttrain(spec: dict) -> dict:
     from posttrain import engine, rollout
     from posttrain.config import load_config
     from posttrain.stages import online_rl
@@ -217,11 +203,7 @@ def _run_posttrain(spec: dict) -> dict:
 # --------------------------------------------------------------------------- TRL run (child)
 
 
-def run_trl(spec: dict, conn) -> None:
-    _report_errors(_run_trl, spec, conn)
-
-
-def _run_trl(spec: dict) -> dict:
+def run_trl(spec: dict) -> dict:
     import datasets
     import torch
     from peft import LoraConfig
@@ -356,18 +338,8 @@ def main(argv=None) -> int:
         plan = [p for p in plan if p[0] in a.only]
     results: dict[str, dict] = {}
     for name, fn, spec in plan:
-        spec = {**spec, "name": name, "out_dir": str(work / name)}
-        quiet = C.wait_quiet(a.wait_quiet) if a.wait_quiet > 0 else {}
-        print(f"\n-- {name}: {spec['steps']} steps (load average {C.loadavg()}; waited {quiet.get('waited_s', 0)} s "
-              f"for a quiet CPU: {'yes' if quiet.get('quiet') else 'no'})", flush=True)
-        t0 = time.perf_counter()
-        r = C.run_in_subprocess(fn, spec)
-        r["wall_s"] = time.perf_counter() - t0
-        r["loadavg_after"] = C.loadavg()
-        r["waited_for_quiet"] = quiet
-        results[name] = r
+        r = results[name] = C.run_one(name, fn, spec, work, a.wait_quiet)
         if "error" in r:
-            print(f"{name} FAILED: {r['error']}\n{r.get('traceback', '')}", flush=True)
             continue
         r["prompts_match"] = sum(p == pt_prompt_ids[order[k]] for k, p in enumerate(r["prompt_ids"]))
         print(f"{name}: {r['s_per_step']:.2f} s/step over steps 2-{r['steps']} ({r['window_s']:.1f} s); "
@@ -410,7 +382,7 @@ def summarize(a, results, mach, git, started) -> dict:
         if use_paired:
             s, basis = (paired["a"] if name == "posttrain" else paired["b"]), f"steps {paired['steps']} (quiet in both)"
         else:
-            s, basis = C.pick_step_time(r)
+            s, basis = C.pick_quiet(r, "s_per_step")
         comp = [sum(x) for x in r["completion_lengths"]]
         gen_w, ref_w = _window_mean(r["gen_s"]), _window_mean(r["ref_s"])
         runs[name] = {

@@ -124,17 +124,7 @@ def marked_template(template: str) -> str:
 # --------------------------------------------------------------------------- posttrain run (child)
 
 
-def run_posttrain(spec: dict, conn) -> None:
-    try:
-        conn.send(_run_posttrain(spec))
-    except BaseException as e:  # noqa: BLE001 - report any failure to the parent
-        import traceback
-
-        conn.send({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
-    conn.close()
-
-
-def _run_posttrain(spec: dict) -> dict:
+def run_posttrain(spec: dict) -> dict:
     from posttrain import engine
     from posttrain.config import load_config
     from posttrain.models import count_parameters
@@ -191,17 +181,7 @@ def _dtype_of(run_dir: Path) -> str:
 # --------------------------------------------------------------------------- TRL run (child)
 
 
-def run_trl(spec: dict, conn) -> None:
-    try:
-        conn.send(_run_trl(spec))
-    except BaseException as e:  # noqa: BLE001
-        import traceback
-
-        conn.send({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
-    conn.close()
-
-
-def _run_trl(spec: dict) -> dict:
+def run_trl(spec: dict) -> dict:
     import datasets
     from transformers import AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -366,18 +346,8 @@ def main(argv=None) -> int:
 
     results: dict[str, dict] = {}
     for name, fn, spec in plan:
-        spec = {**spec, "name": name, "out_dir": str(work / name)}
-        quiet = C.wait_quiet(a.wait_quiet) if a.wait_quiet > 0 else {}
-        print(f"\n-- {name}: {spec['steps']} steps (load average {C.loadavg()}; waited {quiet.get('waited_s', 0)} s "
-              f"for a quiet CPU: {'yes' if quiet.get('quiet') else 'no'})", flush=True)
-        t0 = time.perf_counter()
-        r = C.run_in_subprocess(fn, spec)
-        r["wall_s"] = time.perf_counter() - t0
-        r["loadavg_after"] = C.loadavg()
-        r["waited_for_quiet"] = quiet
-        results[name] = r
+        r = results[name] = C.run_one(name, fn, spec, work, a.wait_quiet)
         if "error" in r:
-            print(f"{name} FAILED: {r['error']}\n{r.get('traceback', '')}", flush=True)
             continue
         print(f"{name}: {r['tokens_per_s']:,.0f} tok/s over steps 2-{r['steps']} ({r['window_tokens']:,} tokens in "
               f"{r['window_s']:.1f} s); {C.fmt(r.get('quiet_tokens_per_s'))} tok/s over its {r.get('quiet_steps', 0)} "
@@ -402,15 +372,6 @@ def main(argv=None) -> int:
     return 0 if all("error" not in r for r in results.values()) else 1
 
 
-def pick_rate(r: dict) -> tuple[float, str]:
-    """The run's tokens/s: over its quiet steps when at least 2 (or all) window steps were quiet."""
-    window_steps = len(r.get("per_step", []))
-    q = r.get("quiet_steps", 0)
-    if q >= min(2, window_steps) and q > 0:
-        return r["quiet_tokens_per_s"], f"quiet steps ({q}/{window_steps})"
-    return r["tokens_per_s"], f"all steps, LOADED ({q}/{window_steps} quiet)"
-
-
 def summarize(a, results, peak, mm_before, mm_after, pad_grouped, pad_random, mach, started, n, lengths) -> dict:
     runs = {}
     ok = {k: r for k, r in results.items() if "error" not in r}
@@ -426,7 +387,7 @@ def summarize(a, results, peak, mm_before, mm_after, pad_grouped, pad_random, ma
             rate = paired["a"] if name == "posttrain" else paired["b"]
             basis = f"steps {paired['steps']} (quiet in both runs)"
         else:
-            rate, basis = pick_rate(r)
+            rate, basis = C.pick_quiet(r, "tokens_per_s")
         flops = 6 * params * rate if params else float("nan")
         runs[name] = {
             "steps": r["steps"], "tokens_per_s": round(rate, 1), "rate_basis": basis,
