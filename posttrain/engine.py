@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import yaml
 
+from posttrain import distributed
 from posttrain.config import ConfigError, doc
 from posttrain.data.dataset import DataConfig
 from posttrain.log import is_main_process, log, warn
@@ -95,6 +96,7 @@ def file_fingerprint(path: str | Path) -> str:
 
 def setup_run(output_dir: str | Path, stage: str, cfg: Any, inputs: list[str] | None = None) -> Path:
     """Create ``output_dir`` with ``config.yaml`` and ``manifest.json``; returns it."""
+    distributed.init()
     out = Path(output_dir)
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
@@ -106,9 +108,11 @@ def setup_run(output_dir: str | Path, stage: str, cfg: Any, inputs: list[str] | 
             "inputs": {p: file_fingerprint(p) for p in (inputs or []) if Path(p).exists()},
             "seed": getattr(cfg, "seed", None),
             "versions": _versions(),
-            "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "cuda": torch.cuda.is_available()},
+            "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "cuda": torch.cuda.is_available(),
+                     "world_size": distributed.world_size()},
         }
         _atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
+    distributed.barrier()
     return out
 
 
@@ -199,9 +203,13 @@ class Trainable:
         from accelerate import Accelerator
         from transformers import get_scheduler
 
-        self.accelerator = Accelerator(mixed_precision=mixed_precision)
+        distributed.init()
+        self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+        self.world_size = distributed.world_size()
         # extra modules trained alongside the model (a PPO value head), checkpointed with it
         self.extra = dict(extra or {})
+        for m in self.extra.values():
+            m.to(self.accelerator.device)
         params = [p for p in model.parameters() if p.requires_grad]
         params += [p for m in self.extra.values() for p in m.parameters() if p.requires_grad]
         if not params:
@@ -213,17 +221,24 @@ class Trainable:
             lr=lr, betas=betas,
         )
         scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        # device placement and mixed precision only: no DDP wrapper, the gradients are summed
+        # across ranks once per optimizer step in :meth:`step` (see posttrain.distributed)
+        self.model = self.accelerator.prepare_model(model, evaluation_mode=True)
+        self.optimizer = self.accelerator.prepare_optimizer(optimizer)
         self.scheduler = scheduler
         self.device = self.accelerator.device
+        self.params = params
+        distributed.broadcast_(params)  # every rank starts from rank 0's weights
 
     def backward(self, loss: torch.Tensor) -> None:
+        """Backward of this rank's share of the step loss (normalised by *global* counts)."""
         self.accelerator.backward(loss)
 
     def step(self, max_grad_norm: float) -> float:
-        """Clip, step optimizer and schedule, zero grads; returns the pre-clip grad norm."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        params += [p for m in self.extra.values() for p in m.parameters() if p.requires_grad]
+        """Sum gradients over ranks, clip, step optimizer and schedule, zero grads; returns
+        the pre-clip grad norm."""
+        params = self.params
+        distributed.all_reduce_grads_(params)
         if max_grad_norm > 0:
             norm = self.accelerator.clip_grad_norm_(params, max_grad_norm)
         else:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain import engine
+from posttrain import distributed, engine
 from posttrain.config import ConfigError, doc
 from posttrain.data.dataset import PreferenceData, load_preference_data
 from posttrain.data.preference import PreferencePair
@@ -104,20 +104,27 @@ def data_fingerprint(pairs: list[PreferencePair]) -> str:
 @torch.no_grad()
 def pair_logprobs(model, pairs: list[PreferencePair], batch_size: int, pad_id: int, device,
                   desc: str = "reference log-probs") -> torch.Tensor:
-    """``(P, 2)`` summed completion log-probs (chosen, rejected) of every pair, dropout off."""
+    """``(P, 2)`` summed completion log-probs (chosen, rejected) of every pair, dropout off.
+
+    Under several processes each rank computes its share and the shares are gathered."""
     was_training = model.training
     model.eval()
     out = torch.zeros(len(pairs), 2)
     per = max(1, batch_size // 2)
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].chosen.input_ids) + len(pairs[i].rejected.input_ids))
+    order = distributed.shard(sorted(range(len(pairs)),
+                                     key=lambda i: len(pairs[i].chosen.input_ids) + len(pairs[i].rejected.input_ids)))
     with engine.progress() as bar:
-        task = bar.add_task(desc, total=len(pairs), status="")
+        task = bar.add_task(desc, total=len(order), status="")
         for s in range(0, len(order), per):
             idx = order[s : s + per]
             sums, _ = sequence_logprobs(model, model_inputs(pair_batch([pairs[i] for i in idx], pad_id), device))
             out[idx] = sums.float().cpu().view(2, -1).T
             bar.update(task, advance=len(idx))
     model.train(was_training)
+    if distributed.world_size() > 1:
+        for part in distributed.gather_objects({i: out[i] for i in order}):
+            for i, v in part.items():
+                out[i] = v
     return out
 
 
@@ -172,6 +179,9 @@ def batch_loss(cfg: DPOConfig, model, batch: dict[str, torch.Tensor], ref: torch
     return loss, stats
 
 
+STAT_KEYS = ("reward/chosen", "reward/rejected", "reward/margin", "reward/accuracy", "logps/chosen", "logps/rejected")
+
+
 @torch.no_grad()
 def evaluate(cfg: DPOConfig, model, pairs: list[PreferencePair], ref: torch.Tensor, pad_id: int, device
              ) -> dict[str, float]:
@@ -182,17 +192,20 @@ def evaluate(cfg: DPOConfig, model, pairs: list[PreferencePair], ref: torch.Tens
     model.eval()
     total, weight, acc, margin = 0.0, 0.0, 0.0, 0.0
     per = max(1, cfg.eval_batch_size // 2)
-    for s in range(0, len(pairs), per):
-        batch = pair_batch(pairs[s : s + per], pad_id)
-        loss, st = batch_loss(cfg, model, batch, ref[s : s + per], device)
+    mine = distributed.shard(list(range(len(pairs))))
+    for s in range(0, len(mine), per):
+        idx = mine[s : s + per]
+        batch = pair_batch([pairs[i] for i in idx], pad_id)
+        loss, st = batch_loss(cfg, model, batch, ref[idx], device)
         w = float(batch["weight"].sum())
         total += float(loss) * w
         weight += w
         acc += float(st["reward/accuracy"].sum())
         margin += float(st["reward/margin"].sum())
     model.train(was_training)
-    return {"loss/eval": total / weight, "eval/reward_accuracy": acc / len(pairs),
-            "eval/reward_margin": margin / len(pairs)}
+    sums = distributed.all_sum({"total": total, "weight": weight, "acc": acc, "margin": margin})
+    return {"loss/eval": sums["total"] / sums["weight"], "eval/reward_accuracy": sums["acc"] / len(pairs),
+            "eval/reward_margin": sums["margin"] / len(pairs)}
 
 
 # --------------------------------------------------------------------------- train
@@ -230,7 +243,7 @@ def train(cfg: DPOConfig, data: PreferenceData | None = None) -> DPOResult:
             micro = batches.for_step(step, cfg.grad_accum)
             step_weight = sum(data.train[i].weight for idx in micro for i in idx)
             loss_value, tokens, stats = 0.0, 0, []
-            for idx in micro:
+            for idx in distributed.local_micro_batches(micro):
                 batch = pair_batch([data.train[i] for i in idx], pad)
                 loss, st = batch_loss(cfg, t.model, batch, ref_train[idx], t.device)
                 # each micro-batch's weighted mean, rescaled so the step is one weighted mean
@@ -241,7 +254,10 @@ def train(cfg: DPOConfig, data: PreferenceData | None = None) -> DPOResult:
                 stats.append(st)
             grad_norm = t.step(cfg.max_grad_norm)
             dt = time.perf_counter() - t0
-            means = {k: float(torch.cat([s[k] for s in stats]).float().mean()) for k in stats[0]}
+            sums = distributed.all_sum({"loss": loss_value, "tokens": tokens, "pairs": sum(len(s["reward/accuracy"]) for s in stats),
+                                        **{k: float(sum(s[k].float().sum() for s in stats)) for k in STAT_KEYS}})
+            loss_value, tokens = sums["loss"], int(sums["tokens"])
+            means = {k: sums[k] / sums["pairs"] for k in STAT_KEYS}
             bar.update(task, advance=1, status=f"loss {loss_value:.4f} acc {means['reward/accuracy']:.2f}")
             if step % cfg.log_every == 0 or step == total_steps:
                 metrics.log(step, {"loss/train": loss_value, **means, "train/grad_norm": grad_norm,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain import engine
+from posttrain import distributed, engine
 from posttrain.config import ConfigError, doc
 from posttrain.data.dataset import SFTData, load_sft_data
 from posttrain.data.tokenize import TokenizedExample, collate
@@ -65,7 +65,7 @@ def evaluate(model, examples: list[TokenizedExample], batch_size: int, batching:
         return {}
     was_training = model.training
     model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    order = distributed.shard(sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids)))
     total, count = 0.0, 0
     for s in range(0, len(order), batch_size):
         batch = collate([examples[i] for i in order[s : s + batch_size]], batching, pad_id)
@@ -74,6 +74,8 @@ def evaluate(model, examples: list[TokenizedExample], batch_size: int, batching:
         total -= float(lp.sum())
         count += lp.numel()
     model.train(was_training)
+    summed = distributed.all_sum({"total": total, "count": count})
+    total, count = summed["total"], int(summed["count"])
     loss = total / max(count, 1)
     return {"loss/eval": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/tokens": count}
 
@@ -103,17 +105,21 @@ def train(cfg: SFTConfig, data: SFTData | None = None) -> SFTResult:
         task = bar.add_task("sft", total=total_steps, completed=start, status="")
         for step in range(start + 1, total_steps + 1):
             t0 = time.perf_counter()
-            micro = [collate([data.train[i] for i in idx], cfg.batching, tok.pad_token_id)
-                     for idx in batches.for_step(step, cfg.grad_accum)]
-            n_targets = sum(num_targets(b["labels"]) for b in micro)
+            micro = batches.for_step(step, cfg.grad_accum)
+            # the step's target tokens over all micro-batches (and ranks): the loss normaliser
+            n_targets = sum(num_targets(collate([data.train[i] for i in idx], cfg.batching, tok.pad_token_id)["labels"])
+                            for idx in micro)
             step_loss, step_tokens = 0.0, 0
-            for b in micro:
+            for idx in distributed.local_micro_batches(micro):
+                b = collate([data.train[i] for i in idx], cfg.batching, tok.pad_token_id)
                 b = {k: v.to(t.device) for k, v in b.items()}
                 loss = sft_loss(batch_logprobs(t.model, b), n_targets)
                 t.backward(loss)
                 step_loss += float(loss.detach())
                 step_tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
             grad_norm = t.step(cfg.max_grad_norm)
+            summed = distributed.all_sum({"loss": step_loss, "tokens": step_tokens})
+            step_loss, step_tokens = summed["loss"], int(summed["tokens"])
             dt = time.perf_counter() - t0
             loss_value, tokens_seen = step_loss, tokens_seen + step_tokens
             rate = step_tokens / dt
