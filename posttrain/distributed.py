@@ -121,6 +121,15 @@ def all_sum(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def global_means(stats: list[dict[str, torch.Tensor]], keys: tuple[str, ...]) -> dict[str, float]:
+    """Means of per-example statistics (``keys`` of each dict, one value per example) over all
+    micro-batches of all ranks (a rank may have none)."""
+    sums = {k: float(sum(float(s[k].float().sum()) for s in stats)) for k in keys}
+    sums["#n"] = float(sum(s[keys[0]].numel() for s in stats))
+    total = all_sum(sums)
+    return {k: total[k] / max(total["#n"], 1.0) for k in keys}
+
+
 def unshard(parts: list[list[T]], n_items: int) -> list[T]:
     """Inverse of :func:`shard`: the items of every rank's share, back in their original order."""
     out: list[Any] = [None] * n_items

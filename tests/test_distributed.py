@@ -112,3 +112,108 @@ def test_dpo_lora_two_processes_match_one(tiny_model_dir, tmp_path):
         assert [m[key] for m in m1] == pytest.approx([m[key] for m in m2], rel=1e-4, abs=1e-6), key
     e1, e2 = (json.loads((d / "metrics.jsonl").read_text().splitlines()[-1]) for d in (one, two))
     assert e1["eval/reward_accuracy"] == pytest.approx(e2["eval/reward_accuracy"])
+
+
+GRPO_WORKER = '''
+import json, sys
+import torch
+from posttrain import distributed
+from posttrain.config import load_config
+from posttrain.stages import online_rl
+
+model_dir, prompts, out, record = sys.argv[1:5]
+real = online_rl.token_advantages
+
+
+def recording(cfg, roll, rewards, lengths, old, *a, **k):
+    adv = real(cfg, roll, rewards, lengths, old, *a, **k)
+    with open(f"{record}.{distributed.rank()}", "a") as fh:
+        fh.write(json.dumps({"prompt_ids": roll.prompt_ids, "rewards": rewards.tolist(), "lengths": lengths,
+                             "adv": adv["adv"].tolist()}) + "\\n")
+    return adv
+
+
+def e_count(prompts, completions, **kw):
+    return [float(c.count("e")) for c in completions]
+
+
+online_rl.token_advantages = recording
+cfg = load_config(online_rl.GRPOConfig, None, [
+    f"model.name_or_path={model_dir}", f"data.train={prompts}", f"output_dir={out}", "sampling.max_new_tokens=10",
+    "sampling.top_k=50", "tensorboard=false", "group_size=4", "batch_size=3", "lr=3e-3", "max_steps=3", "beta=0.05",
+    "micro_batch_size=5"])
+online_rl.train(cfg, reward_functions=[e_count])
+'''
+
+
+def test_grpo_two_processes_gather_whole_groups(tiny_model_dir, tmp_path):
+    """Each rank samples whole groups for its share of the prompts; after the gather every rank
+    holds the whole step in single-process order, and the advantages are the single-process
+    group statistics of those rewards."""
+    from posttrain.advantages import group_advantages
+    from posttrain.engine import EpochBatches
+    from posttrain.models import load_tokenizer
+    from posttrain.stages.online_rl import load_prompts
+    from posttrain.data.dataset import DataSource
+    from posttrain.data.loading import BadRows
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say {w} please"} for w in
+                                                       ("tree", "eel", "bee", "sky", "sea", "yes", "zoo", "geese")])
+    worker = tmp_path / "worker.py"
+    worker.write_text(GRPO_WORKER)
+    env = {**os.environ, "POSTTRAIN_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(worker), str(tiny_model_dir), str(prompts), str(tmp_path / "run"),
+           str(tmp_path / "rec")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-5000:]
+    r0, r1 = ([json.loads(x) for x in (tmp_path / f"rec.{r}").read_text().splitlines()] for r in range(2))
+    assert len(r0) == 3 and r0 == r1  # both ranks hold the same whole-step rollout and advantages
+    tok = load_tokenizer(tiny_model_dir)
+    ps = load_prompts(tok, [DataSource(str(prompts))], 1024, "error", BadRows())
+    batches = EpochBatches([len(p.ids) for p in ps], 3, 0)
+    for step, rec in enumerate(r0, start=1):
+        assert rec["prompt_ids"] == [ps[i].ids for i in batches[step - 1] for _ in range(4)]  # prompt order, G each
+        rewards = torch.tensor(rec["rewards"])
+        want = torch.repeat_interleave(group_advantages(rewards, 4, "group"), torch.tensor(rec["lengths"]))
+        torch.testing.assert_close(torch.tensor(rec["adv"]), want)
+    assert any(len(set(rec["rewards"])) > 1 for rec in r0)  # the rewards vary: a real check
+
+
+@pytest.mark.parametrize("stage,extra", [("rm", ["model.lora=true", "model.lora_r=4", "model.lora_dropout=0.0"]),
+                                         ("rm", ["frozen_backbone=true", "head_hidden=8"]),
+                                         ("prm", [])], ids=["rm-lora", "rm-frozen-mlp", "prm-full"])
+def test_reward_models_two_processes_match_one(tiny_model_dir, tmp_path, stage, extra):
+    if stage == "rm":
+        data = write_jsonl(tmp_path / "pairs.jsonl", [
+            {"prompt": f"What is {i} + {i}?", "chosen": f"{2 * i}", "rejected": f"{2 * i + 1}" + " hm" * (i % 3)}
+            for i in range(30)])
+    else:
+        data = write_jsonl(tmp_path / "steps.jsonl", [
+            {"prompt": f"What is {i} * 2 + 1?", "steps": [f"{i} * 2 = {2 * i}", f"{2 * i} + 1 = {2 * i + 1 + i % 2}"],
+             "labels": [1, 1 - i % 2]} for i in range(30)])
+    args = [f"model.name_or_path={tiny_model_dir}", f"data.train={data}", "batch_size=5", "grad_accum=2", "lr=1e-3",
+            "max_steps=3", "schedule=constant", "tensorboard=false", "data.eval_fraction=0.2", *extra]
+    one, two = one_vs_two(stage, args, tmp_path, tmp_path / "home")
+    m1, m2 = train_metrics(one), train_metrics(two)
+    assert [m["loss/train"] for m in m1] == pytest.approx([m["loss/train"] for m in m2], rel=1e-4, abs=1e-6)
+    e1, e2 = (json.loads((d / "metrics.jsonl").read_text().splitlines()[-1]) for d in (one, two))
+    assert e1 == pytest.approx({**e2, "time": e1["time"]}, rel=2e-3, abs=1e-5)  # Adam amplifies rounding
+    if "head_hidden=8" in extra:
+        assert_same_weights(one / "model", two / "model", "reward_head.safetensors")
+    else:
+        assert_same_weights(one / "model", two / "model")
+
+
+def test_ppo_runs_under_two_processes(tiny_model_dir, tmp_path):
+    """PPO (policy + value head, reference KL) completes under torchrun; rank 0 alone writes."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"What is {i} + {i}?", "answer": str(2 * i)}
+                                                       for i in range(6)])
+    run = tmp_path / "ppo"
+    launch("ppo", [f"model.name_or_path={tiny_model_dir}", f"data.train={prompts}", f"output_dir={run}",
+                   "sampling.max_new_tokens=6", "group_size=2", "batch_size=3", "max_steps=2", "beta=0.1",
+                   "tensorboard=false", "save_every=1", "sample_every=1"], 2, tmp_path / "home")
+    rows = train_metrics(run) or [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss/value" in r] == [1, 2]
+    assert (run / "value_head.safetensors").is_file() and (run / "model" / "model.safetensors").is_file()
+    assert len((run / "samples.jsonl").read_text().splitlines()) == 2 * 3  # one per prompt, each step once

@@ -254,10 +254,9 @@ def train(cfg: DPOConfig, data: PreferenceData | None = None) -> DPOResult:
                 stats.append(st)
             grad_norm = t.step(cfg.max_grad_norm)
             dt = time.perf_counter() - t0
-            sums = distributed.all_sum({"loss": loss_value, "tokens": tokens, "pairs": sum(len(s["reward/accuracy"]) for s in stats),
-                                        **{k: float(sum(s[k].float().sum() for s in stats)) for k in STAT_KEYS}})
+            means = distributed.global_means(stats, STAT_KEYS)
+            sums = distributed.all_sum({"loss": loss_value, "tokens": tokens})
             loss_value, tokens = sums["loss"], int(sums["tokens"])
-            means = {k: sums[k] / sums["pairs"] for k in STAT_KEYS}
             bar.update(task, advance=1, status=f"loss {loss_value:.4f} acc {means['reward/accuracy']:.2f}")
             if step % cfg.log_every == 0 or step == total_steps:
                 metrics.log(step, {"loss/train": loss_value, **means, "train/grad_norm": grad_norm,

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain import engine
+from posttrain import distributed, engine
 from posttrain.advantages import gae, group_advantages, process_advantages, rloo_advantages, whiten
 from posttrain.config import ConfigError, doc
 from posttrain.data.formats import PromptRecord, to_prompt_record
@@ -57,6 +57,7 @@ from posttrain.rewards.combine import RewardSet, reward_name
 from posttrain.rollout import Rollout, SamplingConfig, generate, sample
 
 ESTIMATORS = ("group", "rloo", "gae")
+TOKEN_STATS = ("policy/kl", "policy/entropy", "policy/clip_fraction")  # per-token means in the metrics
 
 
 def _rl_sampling() -> SamplingConfig:
@@ -299,13 +300,21 @@ def evaluate(cfg: RLConfig, model, tok, prompts: list[Prompt], reward_set: Rewar
         return {}
     sc = SamplingConfig(max_new_tokens=cfg.sampling.max_new_tokens, batch_size=cfg.sampling.batch_size,
                         stop=cfg.sampling.stop)
-    texts = generate(model, tok, [p.record.messages for p in prompts], sc)
-    total, per_fn = reward_set([p.record.messages for p in prompts], texts, row_fields(prompts))
-    out = {"eval/reward": float(torch.nan_to_num(total, nan=0.0).mean())}
-    for name, vals in per_fn.items():
-        scored = [v for v in vals if v is not None]
-        out[f"eval/{name}"] = sum(scored) / max(len(scored), 1)
-    out["eval/response_chars"] = sum(len(t) for t in texts) / len(texts)
+    mine = distributed.shard(prompts)  # each rank evaluates its share; the sums are combined
+    sums = {"reward": 0.0, "chars": 0.0}
+    if mine:
+        texts = generate(model, tok, [p.record.messages for p in mine], sc)
+        total, per_fn = reward_set([p.record.messages for p in mine], texts, row_fields(mine))
+        sums = {"reward": float(torch.nan_to_num(total, nan=0.0).sum()), "chars": float(sum(len(t) for t in texts))}
+        for name, vals in per_fn.items():
+            scored = [v for v in vals if v is not None]
+            sums[f"{name}#sum"], sums[f"{name}#n"] = float(sum(scored)), float(len(scored))
+    names = sorted({k.split("#")[0] for k in sums if "#" in k} | {reward_name(f) for f in reward_set.functions})
+    sums = distributed.all_sum({**{f"{n}#sum": 0.0 for n in names}, **{f"{n}#n": 0.0 for n in names}, **sums})
+    out = {"eval/reward": sums["reward"] / len(prompts)}
+    for name in names:
+        out[f"eval/{name}"] = sums[f"{name}#sum"] / max(sums[f"{name}#n"], 1)
+    out["eval/response_chars"] = sums["chars"] / len(prompts)
     return out
 
 
@@ -362,14 +371,17 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
         task = bar.add_task(stage, total=total_steps, completed=start, status="")
         for step in range(start + 1, total_steps + 1):
             t_step = time.perf_counter()
-            # 1. rollout: G completions of each prompt, seeded by the step
-            batch_prompts = [prompts[i] for i in batches[step - 1] for _ in range(G)]
-            roll = sample(t.model, tok, [p.ids for p in batch_prompts], cfg.sampling, seed=cfg.seed * 1_000_003 + step)
-            # 2. rewards
-            msgs = [p.record.messages for p in batch_prompts]
-            rewards, per_fn = reward_set(msgs, roll.texts, row_fields(batch_prompts))
+            # 1. rollout: G completions of each prompt, seeded by the step; under several
+            # processes each rank samples whole groups for its share of the prompts
+            local_prompts = [prompts[i] for i in distributed.shard(batches[step - 1]) for _ in range(G)]
+            roll = sample(t.model, tok, [p.ids for p in local_prompts], cfg.sampling,
+                          seed=cfg.seed * 1_000_003 + step + 7_919 * distributed.rank())
+            # 2. rewards (each rank scores its own completions)
+            msgs = [p.record.messages for p in local_prompts]
+            rewards, per_fn = reward_set(msgs, roll.texts, row_fields(local_prompts)) if local_prompts else \
+                (torch.empty(0), {})
             step_rewards = step_ends = None
-            if prm is not None:
+            if prm is not None and local_prompts:
                 steps = [split_steps(txt, cfg.step_separator) or [txt] for txt in roll.texts]
                 step_rewards = prm.score_many(msgs, steps)
                 step_ends = [step_end_tokens(tok, c, s, cfg.step_separator)
@@ -377,27 +389,38 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                 if cfg.rewards:  # outcome rewards count as a final step
                     step_rewards = [sr + [float(torch.nan_to_num(r, nan=0.0))] for sr, r in zip(step_rewards, rewards)]
                     step_ends = [se + [len(c) - 1] for se, c in zip(step_ends, roll.completion_ids)]
+            # every rank gets the whole step's rollout and rewards: group statistics over whole groups
+            roll, rewards, per_fn, step_rewards, step_ends = gather_rollout(
+                G, roll, rewards, per_fn, step_rewards, step_ends, with_steps=prm is not None)
+            batch_prompts = [prompts[i] for i in batches[step - 1] for _ in range(G)]
+            msgs = [p.record.messages for p in batch_prompts]
             examples = completion_examples(roll)
             lengths = [len(c) for c in roll.completion_ids]
             # 3. no-grad pass: sampling-policy log-probs, reference log-probs, values
             need_old = cfg.num_iterations > 1 or cfg.advantage == "gae" or mb < n_completions
             old: dict[str, torch.Tensor] = {}
             if need_old or cfg.beta:
-                parts: dict[str, list] = {"logp": [], "ref_logp": [], "values": []}
+                # per completion, each rank its share, then gathered: {key: {row: (n_tokens,)}}
+                parts: dict[str, dict[int, torch.Tensor]] = {"logp": {}, "ref_logp": {}, "values": {}}
                 t.model.eval()
                 with torch.no_grad():
-                    for idx in chunks(list(range(len(examples))), cfg.micro_batch_size):
+                    for idx in chunks(distributed.shard(list(range(len(examples)))), cfg.micro_batch_size):
                         b = {k: v.to(t.device) for k, v in collate_pad([examples[i] for i in idx],
                                                                         tok.pad_token_id).items()}
+                        sizes = [lengths[i] for i in idx]
                         if need_old:
                             lp, h = policy.forward(t.model, b, extras=("hidden",))
-                            parts["logp"].append(lp.float().cpu())
+                            parts["logp"].update(zip(idx, lp.float().cpu().split(sizes)))
                             if value_head is not None:
-                                parts["values"].append(value_head(h).squeeze(-1).float().cpu())
+                                parts["values"].update(zip(idx, value_head(h).squeeze(-1).float().cpu().split(sizes)))
                         if cfg.beta:
-                            parts["ref_logp"].append(policy.reference_logprobs(b).float().cpu())
+                            parts["ref_logp"].update(zip(idx, policy.reference_logprobs(b).float().cpu().split(sizes)))
                 t.model.train()
-                old = {k: torch.cat(v) for k, v in parts.items() if v}
+                if distributed.world_size() > 1:
+                    for part in distributed.gather_objects(parts):
+                        for k in parts:
+                            parts[k].update(part[k])
+                old = {k: torch.cat([v[i] for i in range(len(examples))]) for k, v in parts.items() if v}
             # 4. advantages
             adv = token_advantages(cfg, roll, rewards, lengths, old, step_rewards, step_ends)
             per_token = {**old, **adv}  # flat (total tokens,) tensors, completion after completion
@@ -407,8 +430,8 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
 
             # 5. updates
             rng = random.Random(cfg.seed * 7919 + step)
-            acc = {"loss/policy": 0.0, "loss/value": 0.0, "policy/kl": [], "policy/entropy": [],
-                   "policy/clip_fraction": []}
+            # sums (and "#n" counts) over this rank's micro-batches, summed over ranks below
+            acc = dict.fromkeys(("loss/policy", "loss/value", *(k + s for k in TOKEN_STATS for s in ("", "#n"))), 0.0)
             n_updates, train_tokens, t_train = 0, 0, time.perf_counter()
             for _ in range(cfg.num_iterations):
                 order = list(range(len(examples)))
@@ -416,7 +439,7 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                     rng.shuffle(order)
                 for mb_idx in chunks(order, mb):
                     mb_seqs, mb_tokens = len(mb_idx), sum(lengths[i] for i in mb_idx)
-                    for idx in chunks(mb_idx, cfg.micro_batch_size):
+                    for idx in chunks(distributed.shard(mb_idx), cfg.micro_batch_size):
                         b = {k: v.to(t.device) for k, v in collate_pad([examples[i] for i in idx],
                                                                         tok.pad_token_id).items()}
                         extras = ("entropy", "hidden") if value_head is not None else ("entropy",)
@@ -443,14 +466,17 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                             loss = loss + cfg.vf_coef * vl
                             acc["loss/value"] += float(vl.detach())
                         t.backward(loss)
-                        acc["policy/entropy"].append(ent.detach().float().cpu())
-                        acc["policy/clip_fraction"].append(st["clip_fraction"].cpu())
-                        if "kl" in st:
-                            acc["policy/kl"].append(st["kl"].float().cpu())
+                        for key, x in (("policy/entropy", ent), ("policy/clip_fraction", st["clip_fraction"]),
+                                       ("policy/kl", st.get("kl"))):
+                            if x is not None:
+                                acc[key] += float(x.detach().float().sum())
+                                acc[key + "#n"] += x.numel()
                         train_tokens += int(b["attention_mask"].sum())
                     grad_norm = t.step(cfg.max_grad_norm)
                     n_updates += 1
             t_train = time.perf_counter() - t_train
+            acc = distributed.all_sum({**acc, "train_tokens": train_tokens})
+            train_tokens = int(acc.pop("train_tokens"))
             dt = time.perf_counter() - t_step
 
             # 6. log
@@ -512,7 +538,39 @@ def step_metrics(cfg: RLConfig, roll: Rollout, rewards: torch.Tensor, per_fn: di
     for name, vals in per_fn.items():
         v = [x for x in vals if x is not None]
         out[f"reward/{name}"] = sum(v) / max(len(v), 1)
-    for k in ("policy/kl", "policy/entropy", "policy/clip_fraction"):
-        if acc[k]:
-            out[k] = float(torch.cat(acc[k]).mean())
+    for k in TOKEN_STATS:
+        if acc[k + "#n"]:
+            out[k] = acc[k] / acc[k + "#n"]
     return out
+
+
+def gather_rollout(G: int, roll: Rollout, rewards: torch.Tensor, per_fn: dict[str, list], step_rewards, step_ends,
+                   with_steps: bool):
+    """The whole step's rollout, rewards and per-function scores on every rank, in prompt order.
+
+    Each rank sampled whole groups (blocks of ``G`` completions) for its strided share of the
+    step's prompts; this gathers the blocks and puts them back in the single-process order.
+    """
+    if distributed.world_size() == 1:
+        return roll, rewards, per_fn, step_rewards, step_ends
+    mine = {"prompt_ids": roll.prompt_ids, "completion_ids": roll.completion_ids, "texts": roll.texts,
+            "truncated": roll.truncated, "rewards": rewards.tolist(), "per_fn": per_fn,
+            "step_rewards": step_rewards or [], "step_ends": step_ends or [], "seconds": roll.seconds}
+    parts = distributed.gather_objects(mine)
+    n_prompts = sum(len(p["texts"]) for p in parts) // G
+
+    def merged(values_per_rank: list[list]) -> list:
+        blocks = [[vals[i : i + G] for i in range(0, len(vals), G)] for vals in values_per_rank]
+        return [x for block in distributed.unshard(blocks, n_prompts) for x in block]
+
+    field_ = {k: merged([p[k] for p in parts]) for k in ("prompt_ids", "completion_ids", "texts", "truncated",
+                                                        "rewards", "step_rewards", "step_ends")
+              if k not in ("step_rewards", "step_ends") or with_steps}
+    names = sorted({n for p in parts for n in p["per_fn"]})
+    per_fn = {n: merged([p["per_fn"].get(n, [None] * len(p["texts"])) for p in parts]) for n in names}
+    seconds = max(p["seconds"] for p in parts)
+    n_tok = sum(len(c) for c in field_["completion_ids"])
+    out = Rollout(field_["prompt_ids"], field_["completion_ids"], field_["texts"], field_["truncated"], seconds,
+                  {"rollout/tokens_per_s": n_tok / max(seconds, 1e-9)})
+    return (out, torch.tensor(field_["rewards"], dtype=torch.float32), per_fn,
+            field_.get("step_rewards"), field_.get("step_ends"))

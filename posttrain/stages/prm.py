@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain import engine
+from posttrain import distributed, engine
 from posttrain.config import ConfigError, doc
 from posttrain.data.dataset import split_records, tokenize_split
 from posttrain.data.loading import BadRows
@@ -85,8 +85,9 @@ def evaluate(model, examples: list[StepExample], batch_size: int, pad_id: int, d
     was_training = model.training
     model.eval()
     loss_sum, steps, step_ok, sol_ok = 0.0, 0, 0, 0
-    for s in range(0, len(examples), batch_size):
-        chunk = examples[s : s + batch_size]
+    mine = distributed.shard(examples)  # each rank scores its share; the sums are combined
+    for s in range(0, len(mine), batch_size):
+        chunk = mine[s : s + batch_size]
         b = step_batch(chunk, pad_id)
         logits = step_logits(model, b["input_ids"].to(device), b["attention_mask"].to(device),
                              b["rows"].to(device), b["positions"].to(device))
@@ -99,6 +100,8 @@ def evaluate(model, examples: list[StepExample], batch_size: int, pad_id: int, d
             sol_ok += first_wrong(probs[k : k + len(e.labels)]) == first_wrong(e.labels)
             k += len(e.labels)
     model.train(was_training)
+    sums = distributed.all_sum({"loss": loss_sum, "steps": steps, "step_ok": step_ok, "sol_ok": sol_ok})
+    loss_sum, steps, step_ok, sol_ok = sums["loss"], sums["steps"], sums["step_ok"], sums["sol_ok"]
     return {"loss/eval": loss_sum / steps, "eval/step_accuracy": step_ok / steps,
             "eval/solution_accuracy": sol_ok / len(examples)}
 
@@ -130,7 +133,7 @@ def train(cfg: PRMConfig) -> PRMResult:
             micro = batches.for_step(step, cfg.grad_accum)
             n_steps = sum(len(train_ex[i].labels) for idx in micro for i in idx)
             loss_value, correct = 0.0, 0
-            for idx in micro:
+            for idx in distributed.local_micro_batches(micro):
                 b = step_batch([train_ex[i] for i in idx], pad)
                 logits = step_logits(t.model, b["input_ids"].to(t.device), b["attention_mask"].to(t.device),
                                      b["rows"].to(t.device), b["positions"].to(t.device))
@@ -141,6 +144,8 @@ def train(cfg: PRMConfig) -> PRMResult:
                 loss_value += float(loss.detach())
                 correct += int(((logits.detach() > 0) == (labels > 0.5)).sum())
             grad_norm = t.step(cfg.max_grad_norm)
+            sums = distributed.all_sum({"loss": loss_value, "correct": correct})
+            loss_value, correct = sums["loss"], int(sums["correct"])
             dt = time.perf_counter() - t0
             bar.update(task, advance=1, status=f"loss {loss_value:.4f}")
             if step % cfg.log_every == 0 or step == total_steps:

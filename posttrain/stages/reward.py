@@ -25,17 +25,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from posttrain import engine
+from posttrain import distributed, engine
 from posttrain.config import ConfigError, doc
 from posttrain.data.dataset import PreferenceData, load_preference_data
 from posttrain.data.preference import PreferencePair
-from posttrain.log import log
+from posttrain.log import is_main_process, log
 from posttrain.losses import bradley_terry_loss
 from posttrain.models import backbone_and_score_head, count_parameters, prepare_scoring_model
 from posttrain.rewards.reward_model import (
@@ -91,6 +92,9 @@ def bt_loss(cfg: RewardConfig, r_c: torch.Tensor, r_r: torch.Tensor, batch) -> t
                               cfg.center_coef)
 
 
+STAT_KEYS = ("reward/chosen", "reward/rejected", "reward/margin", "reward/accuracy")
+
+
 def pair_metrics(r_c: torch.Tensor, r_r: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"reward/chosen": r_c.detach(), "reward/rejected": r_r.detach(),
             "reward/margin": (r_c - r_r).detach(), "reward/accuracy": (r_c > r_r).float()}
@@ -103,14 +107,17 @@ def evaluate(cfg: RewardConfig, score_batch, pairs: list[PreferencePair]) -> dic
     if not pairs:
         return {}
     total, weight, acc, margin = 0.0, 0.0, 0.0, 0.0
-    for s in range(0, len(pairs), cfg.eval_batch_size):
-        r_c, r_r, batch = score_batch(list(range(s, min(s + cfg.eval_batch_size, len(pairs)))))
+    mine = distributed.shard(list(range(len(pairs))))  # each rank scores its share; the sums are combined
+    for s in range(0, len(mine), cfg.eval_batch_size):
+        r_c, r_r, batch = score_batch(mine[s : s + cfg.eval_batch_size])
         w = float(batch["weight"].sum())
         total += float(bt_loss(cfg, r_c, r_r, batch)) * w
         weight += w
         acc += float((r_c > r_r).float().sum())
         margin += float((r_c - r_r).sum())
-    return {"loss/eval": total / weight, "eval/accuracy": acc / len(pairs), "eval/margin": margin / len(pairs)}
+    sums = distributed.all_sum({"total": total, "weight": weight, "acc": acc, "margin": margin})
+    return {"loss/eval": sums["total"] / sums["weight"], "eval/accuracy": sums["acc"] / len(pairs),
+            "eval/margin": sums["margin"] / len(pairs)}
 
 
 # --------------------------------------------------------------------------- frozen backbone
@@ -140,10 +147,19 @@ def cached_features(run_dir: Path, model, pairs, pad_id, batch_size, device, nam
         log(f"{name} features: cached ({path})")
         return torch.load(path)
     t0 = time.perf_counter()
-    feats = pair_features(model, pairs, pad_id, batch_size, device)
+    mine = distributed.shard(list(range(len(pairs))))  # each rank its share, then gathered
+    feats = pair_features(model, [pairs[i] for i in mine], pad_id, batch_size, device)
+    if distributed.world_size() > 1:
+        parts = distributed.gather_objects((mine, feats))
+        feats = torch.empty(len(pairs), *feats.shape[1:], dtype=feats.dtype)
+        for idx, part in parts:
+            feats[idx] = part
     log(f"{name} features of {len(pairs)} pairs in {time.perf_counter() - t0:.1f} s")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(feats, path)
+    if is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+        torch.save(feats, tmp)
+        os.replace(tmp, path)
     return feats
 
 
@@ -215,7 +231,7 @@ def train(cfg: RewardConfig, data: PreferenceData | None = None) -> RewardResult
             micro = batches.for_step(step, cfg.grad_accum)
             step_weight = sum(data.train[i].weight for idx in micro for i in idx)
             loss_value, stats = 0.0, []
-            for idx in micro:
+            for idx in distributed.local_micro_batches(micro):
                 batch = pair_batch([data.train[i] for i in idx], pad)
                 r_c, r_r = score_train(idx)
                 loss = bt_loss(cfg, r_c, r_r, batch) * (float(batch["weight"].sum()) / step_weight)
@@ -224,7 +240,8 @@ def train(cfg: RewardConfig, data: PreferenceData | None = None) -> RewardResult
                 stats.append(pair_metrics(r_c, r_r))
             grad_norm = t.step(cfg.max_grad_norm)
             dt = time.perf_counter() - t0
-            means = {k: float(torch.cat([s[k] for s in stats]).mean()) for k in stats[0]}
+            means = distributed.global_means(stats, STAT_KEYS)
+            loss_value = distributed.all_sum({"loss": loss_value})["loss"]
             bar.update(task, advance=1, status=f"loss {loss_value:.4f} acc {means['reward/accuracy']:.2f}")
             if step % cfg.log_every == 0 or step == total_steps:
                 metrics.log(step, {"loss/train": loss_value, **means, "train/grad_norm": grad_norm,
