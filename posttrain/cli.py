@@ -268,20 +268,17 @@ def cmd_cai(args) -> int:
     from posttrain.models import load_model
     from posttrain.synth.constitutional import (
         CAIConfig,
-        critique_and_revise,
+        critique_and_revise_to,
         load_constitution,
         load_prompt_texts,
     )
-    from posttrain.synth.rejection import write_rows
 
     model, tok = load_model(args.model, with_tokenizer=True)
     prompts = [p for f in args.prompts for p in load_prompt_texts(f)]
-    sft, pref = critique_and_revise(model, tok, prompts, load_constitution(args.constitution),
-                                    CAIConfig(revisions=args.revisions, max_new_tokens=args.max_new_tokens,
-                                              temperature=args.temperature, seed=args.seed))
-    out = Path(args.out_dir)
-    log(f"wrote {write_rows(out / 'sft.jsonl', sft)} ({len(sft)} rows) and "
-        f"{write_rows(out / 'pairs.jsonl', pref)} ({len(pref)} pairs)")
+    sft, pairs, n = critique_and_revise_to(args.out_dir, model, tok, prompts, load_constitution(args.constitution),
+                                           CAIConfig(revisions=args.revisions, max_new_tokens=args.max_new_tokens,
+                                                     temperature=args.temperature, seed=args.seed))
+    log(f"wrote {sft} ({n['sft']} rows) and {pairs} ({n['pairs']} pairs)")
     return 0
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import yaml
 
-from posttrain import distributed
+from posttrain import distributed, faults
 from posttrain.config import ConfigError, doc
 from posttrain.data.dataset import DataConfig
 from posttrain.log import is_main_process, log, warn
@@ -238,6 +238,7 @@ class Trainable:
         """Sum gradients over ranks, clip, step optimizer and schedule, zero grads; returns
         the pre-clip grad norm."""
         params = self.params
+        faults.point("step")
         distributed.all_reduce_grads_(params)
         if max_grad_norm > 0:
             norm = self.accelerator.clip_grad_norm_(params, max_grad_norm)
@@ -331,9 +332,11 @@ def save_checkpoint(run_dir: Path, trainable: Trainable, tokenizer, state: dict[
     final = root / f"step-{state['step']}"
     tmp = root / f".tmp-step-{state['step']}-{os.getpid()}"
     if trainable.accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(".tmp-step-*"):  # left by a killed write
+            shutil.rmtree(stale, ignore_errors=True)
         try:
             save_model_dir(trainable.unwrapped(), tokenizer, tmp)
+            faults.point("checkpoint")
             torch.save(trainable.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(trainable.scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(rng_state(), tmp / "rng_state.pt")

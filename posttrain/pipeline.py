@@ -216,7 +216,7 @@ def run_sft(run: Run, stage: Stage, out: Path) -> dict:
 
 def run_rejection(run: Run, stage: Stage, out: Path) -> dict:
     from posttrain.models import load_model
-    from posttrain.synth.rejection import RejectionConfig, rejection_sample, write_rows
+    from posttrain.synth.rejection import RejectionConfig, rejection_sample_to
 
     known = {f for f in RejectionConfig.__dataclass_fields__}
     bad = set(stage.config) - known - {"n"}
@@ -226,15 +226,15 @@ def run_rejection(run: Run, stage: Stage, out: Path) -> dict:
     cfg = RejectionConfig(**{k: v for k, v in stage.config.items() if k in known})
     n = int(stage.config.get("n", len(run.fresh_questions)))
     model, tok = load_model(run.model, with_tokenizer=True)
-    res = rejection_sample(model, tok, run.fresh_questions[:n], cfg)
-    rows = write_rows(out / "rows.jsonl", res.rows)
-    (out / "stats.json").write_text(json.dumps(res.stats, indent=2))
-    log(f"{stage.name}: kept {res.stats['kept']} of {res.stats['sampled']} samples (yield {res.stats['yield']:.1%}); "
-        f"rejected: {res.stats['rejected']}")
-    if not res.rows:
-        warn(f"stage '{stage.name}': no sample passed the filters ({res.stats['rejected']}); later stages that read "
+    rows = out / "rows.jsonl"
+    kept, stats = rejection_sample_to(rows, model, tok, run.fresh_questions[:n], cfg)
+    (out / "stats.json").write_text(json.dumps(stats, indent=2))
+    log(f"{stage.name}: kept {stats['kept']} of {stats['sampled']} samples (yield {stats['yield']:.1%}); "
+        f"rejected: {stats['rejected']}")
+    if not kept:
+        warn(f"stage '{stage.name}': no sample passed the filters ({stats['rejected']}); later stages that read "
              "its rows get none (the model needs a cold start first, or more samples: k)")
-    return {"rows": str(rows), "rows_count": len(res.rows), "stats": res.stats}
+    return {"rows": str(rows), "rows_count": kept, "stats": stats}
 
 
 def run_online_rl(run: Run, stage: Stage, out: Path) -> dict:
@@ -285,17 +285,16 @@ def _prompt_split(stage: Stage, held_out: bool) -> list[str]:
 
 def run_cai(run: Run, stage: Stage, out: Path) -> dict:
     from posttrain.models import load_model
-    from posttrain.synth.constitutional import CAIConfig, critique_and_revise, load_constitution
-    from posttrain.synth.rejection import write_rows
+    from posttrain.synth.constitutional import CAIConfig, critique_and_revise_to, load_constitution
 
     known = set(CAIConfig.__dataclass_fields__)
     cfg = CAIConfig(**{k: v for k, v in stage.config.items() if k in known})
     model, tok = load_model(run.model, with_tokenizer=True)
     prompts = _prompt_split(stage, held_out=False)
-    sft, pref = critique_and_revise(model, tok, prompts, load_constitution(stage.options.get("constitution")), cfg)
-    log(f"{stage.name}: {len(sft)} revised responses, {len(pref)} (revision, original) pairs")
-    return {"rows": str(write_rows(out / "sft.jsonl", sft)), "rows_count": len(sft),
-            "pairs": str(write_rows(out / "pairs.jsonl", pref)), "pairs_count": len(pref)}
+    sft, pairs, n = critique_and_revise_to(out, model, tok, prompts,
+                                           load_constitution(stage.options.get("constitution")), cfg)
+    log(f"{stage.name}: {n['sft']} revised responses, {n['pairs']} (revision, original) pairs")
+    return {"rows": str(sft), "rows_count": n["sft"], "pairs": str(pairs), "pairs_count": n["pairs"]}
 
 
 def run_judge(run: Run, stage: Stage, out: Path) -> dict:
@@ -303,24 +302,32 @@ def run_judge(run: Run, stage: Stage, out: Path) -> dict:
     the current model) in both orders; writes soft-labelled preference pairs."""
     from posttrain.models import load_model
     from posttrain.rollout import SamplingConfig, generate
+    from posttrain.synth.journal import fingerprint, run_chunks
     from posttrain.synth.judge import judge_pairs, judged_preference_rows
-    from posttrain.synth.rejection import write_rows
 
     model, tok = load_model(run.model, with_tokenizer=True)
     prompts = _prompt_split(stage, held_out=False)
     sc = SamplingConfig(max_new_tokens=int(stage.config.get("max_new_tokens", 128)),
                         temperature=float(stage.config.get("temperature", 0.9)), batch_size=16)
-    convs = [[{"role": "user", "content": p}] for p in prompts]
-    first = generate(model, tok, convs, SamplingConfig(**{**sc.__dict__, "seed": 1}))
-    second = generate(model, tok, convs, SamplingConfig(**{**sc.__dict__, "seed": 2}))
     judge = model
     if stage.options.get("judge"):
         judge = load_model(stage.options["judge"])
-    js = judge_pairs(judge, tok, prompts, first, second)
-    rows = judged_preference_rows(prompts, first, second, js, float(stage.config.get("min_confidence", 0.0)))
-    log(f"{stage.name}: judged {len(prompts)} pairs, kept {len(rows)} (mean confidence "
-        f"{sum(j.confidence for j in js) / max(len(js), 1):.3f})")
-    return {"pairs": str(write_rows(out / "pairs.jsonl", rows)), "pairs_count": len(rows)}
+    min_conf, chunk = float(stage.config.get("min_confidence", 0.0)), 16
+
+    def produce(c, lo, hi):  # two samples per prompt, judged in both orders (a chunk at a time, resumable)
+        convs = [[{"role": "user", "content": p}] for p in prompts[lo:hi]]
+        first = generate(model, tok, convs, SamplingConfig(**{**sc.__dict__, "seed": 1 + 1_000 * c}))
+        second = generate(model, tok, convs, SamplingConfig(**{**sc.__dict__, "seed": 2 + 1_000 * c}))
+        js = judge_pairs(judge, tok, prompts[lo:hi], first, second)
+        rows = judged_preference_rows(prompts[lo:hi], first, second, js, min_conf)
+        return {"pairs": rows}, {"judged": len(js), "confidence": sum(j.confidence for j in js)}
+
+    key = fingerprint("judge", sc.__dict__, prompts, min_conf, run.model, stage.options.get("judge"))
+    counts, parts = run_chunks({"pairs": out / "pairs.jsonl"}, len(prompts), chunk, key, produce, stage.name)
+    judged = sum(p["judged"] for p in parts)
+    log(f"{stage.name}: judged {judged} pairs, kept {counts['pairs']} (mean confidence "
+        f"{sum(p['confidence'] for p in parts) / max(judged, 1):.3f})")
+    return {"pairs": str(out / "pairs.jsonl"), "pairs_count": counts["pairs"]}
 
 
 def run_win_rate(run: Run, stage: Stage, out: Path) -> dict:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_jsonl
 from safetensors.torch import load_file
 
 from posttrain import distributed
-from conftest import write_jsonl
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -40,7 +40,7 @@ def launch(stage: str, args: list[str], nproc: int, home: Path) -> subprocess.Co
                "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "posttrain", stage, *args]
     else:
         cmd = [sys.executable, "-m", "posttrain", stage, *args]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
     return res
 
@@ -151,11 +151,11 @@ def test_grpo_two_processes_gather_whole_groups(tiny_model_dir, tmp_path):
     holds the whole step in single-process order, and the advantages are the single-process
     group statistics of those rewards."""
     from posttrain.advantages import group_advantages
+    from posttrain.data.dataset import DataSource
+    from posttrain.data.loading import BadRows
     from posttrain.engine import EpochBatches
     from posttrain.models import load_tokenizer
     from posttrain.stages.online_rl import load_prompts
-    from posttrain.data.dataset import DataSource
-    from posttrain.data.loading import BadRows
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say {w} please"} for w in
                                                        ("tree", "eel", "bee", "sky", "sea", "yes", "zoo", "geese")])
@@ -165,7 +165,7 @@ def test_grpo_two_processes_gather_whole_groups(tiny_model_dir, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", str(worker), str(tiny_model_dir), str(prompts), str(tmp_path / "run"),
            str(tmp_path / "rec")]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert res.returncode == 0, res.stderr[-5000:]
     r0, r1 = ([json.loads(x) for x in (tmp_path / f"rec.{r}").read_text().splitlines()] for r in range(2))
     assert len(r0) == 3 and r0 == r1  # both ranks hold the same whole-step rollout and advantages

@@ -418,8 +418,8 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                 t.model.train()
                 if distributed.world_size() > 1:
                     for part in distributed.gather_objects(parts):
-                        for k in parts:
-                            parts[k].update(part[k])
+                        for k, rows in part.items():
+                            parts[k].update(rows)
                 old = {k: torch.cat([v[i] for i in range(len(examples))]) for k, v in parts.items() if v}
             # 4. advantages
             adv = token_advantages(cfg, roll, rewards, lengths, old, step_rewards, step_ends)
@@ -504,11 +504,10 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
         ev = evaluate(cfg, t.model, tok, eval_prompts, reward_set)
         metrics.log(total_steps, ev)
     model_dir = engine.save_final(run_dir, t, tok, cfg, stage, total_steps)
-    if engine.is_main_process():
-        if value_head is not None:
-            from safetensors.torch import save_file
+    if engine.is_main_process() and value_head is not None:
+        from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in value_head.state_dict().items()}, str(run_dir / "value_head.safetensors"))
+        save_file({k: v.contiguous() for k, v in value_head.state_dict().items()}, str(run_dir / "value_head.safetensors"))
     metrics.close()
     log(f"{stage} done: {total_steps} steps" + (f", eval reward {ev['eval/reward']:.3f}" if ev else "")
         + f"; model saved to {model_dir}")

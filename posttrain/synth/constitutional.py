@@ -121,3 +121,24 @@ def load_prompt_texts(path: str | Path) -> list[str]:
         rec = to_prompt_record(row)
         out.append(rec.messages[-1]["content"])
     return out
+
+
+def critique_and_revise_to(out_dir: str | Path, model, tok, prompts: list[str], constitution: list[Principle],
+                           cfg: CAIConfig, chunk: int = 16) -> tuple[Path, Path, dict[str, int]]:
+    """:func:`critique_and_revise` in chunks of ``chunk`` prompts appended to ``out_dir/sft.jsonl``
+    and ``out_dir/pairs.jsonl`` with a progress marker: a killed run resumes where it stopped."""
+    from dataclasses import asdict, replace
+
+    from posttrain.synth.journal import fingerprint, run_chunks
+
+    out = Path(out_dir)
+    paths = {"sft": out / "sft.jsonl", "pairs": out / "pairs.jsonl"}
+
+    def produce(c, lo, hi):
+        sft, pref = critique_and_revise(model, tok, prompts[lo:hi], constitution,
+                                        replace(cfg, seed=cfg.seed + 1_000 * c))
+        return {"sft": sft, "pairs": pref}, {}
+
+    key = fingerprint("cai", asdict(cfg), prompts, [asdict(p) for p in constitution], chunk, model.name_or_path)
+    counts, _ = run_chunks(paths, len(prompts), chunk, key, produce, "critique and revision")
+    return paths["sft"], paths["pairs"], counts

@@ -119,3 +119,26 @@ def write_rows(path: str | Path, rows: list[dict]) -> Path:
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, path)
     return path
+
+
+def rejection_sample_to(path: str | Path, model, tok, questions: list[Problem], cfg: RejectionConfig,
+                        chunk: int = 32) -> tuple[int, dict]:
+    """:func:`rejection_sample` in chunks of ``chunk`` questions appended to ``path`` with a
+    progress marker (:mod:`posttrain.synth.journal`): a killed run resumes where it stopped.
+    Returns (rows kept, merged statistics)."""
+    from dataclasses import asdict, replace
+
+    from posttrain.synth.journal import fingerprint, run_chunks, sum_stats
+
+    def produce(c, lo, hi):
+        res = rejection_sample(model, tok, questions[lo:hi], replace(cfg, seed=cfg.seed + 1_000 * c))
+        return {"rows": res.rows}, res.stats
+
+    key = fingerprint("rejection", asdict(cfg), [q.question for q in questions], chunk, model.name_or_path)
+    counts, parts = run_chunks({"rows": path}, len(questions), chunk, key, produce, "rejection sampling")
+    stats = sum_stats(parts)
+    stats["yield"] = stats.get("kept", 0) / max(stats.get("sampled", 0), 1)
+    for t in stats.get("per_task", {}).values():
+        t["yield"] = t.get("kept", 0) / max(t.get("sampled", 0), 1)
+    stats.setdefault("rejected", {})
+    return counts["rows"], stats
