@@ -17,6 +17,7 @@ Commands::
     posttrain synth arithmetic --n N --kind sft|prompts|preference|steps --out FILE
     posttrain eval MODEL --data FILE [--out DIR] [-k K]         held-out accuracy per task
     posttrain report RUN_DIR                                   plots + HTML of a run
+    posttrain runs [ROOT]                                      runs with status: finished, running, stopped
     posttrain config sft                                       every config key with its doc
 """
 
@@ -357,6 +358,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_runs(args) -> int:
+    from posttrain.runs import find_runs, print_runs
+
+    rows = find_runs(args.roots)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print_runs(rows)
+    return 0
+
+
 def cmd_report(args) -> int:
     from posttrain.report import write_report
 
@@ -494,6 +506,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tagged: the task verifier (answer inside <answer> tags); last_number: the tagged "
                         "answer or else the last number in the response (for models not trained on the format)")
     e.set_defaults(func=cmd_eval)
+
+    rs = sub.add_parser("runs", help="list run directories with their status (finished, running, stopped)")
+    rs.add_argument("roots", nargs="*", default=["runs"], help="directories holding runs (default: runs)")
+    rs.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    rs.set_defaults(func=cmd_runs)
 
     r = sub.add_parser("report", help="write report.html and report.png for a run directory")
     r.add_argument("run_dir")

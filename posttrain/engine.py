@@ -112,8 +112,26 @@ def setup_run(output_dir: str | Path, stage: str, cfg: Any, inputs: list[str] | 
                      "world_size": distributed.world_size()},
         }
         _atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
+        write_status(out, "running")
     distributed.barrier()
     return out
+
+
+STATUS_FILE = "status.json"
+
+
+def write_status(run_dir: Path, state: str) -> None:
+    """``status.json``: ``running`` (with this process's pid and host) or ``finished``; a run
+    whose status says running but whose process is gone was killed (see ``posttrain runs``)."""
+    status = {"state": state, "pid": os.getpid(), "host": platform.node(), "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    _atomic_write_text(Path(run_dir) / STATUS_FILE, json.dumps(status))
+
+
+def finish_run(run_dir: Path, metrics: Metrics) -> None:
+    """End of a stage, after its outputs are saved: close the metrics, mark the run finished."""
+    metrics.close()
+    if is_main_process():
+        write_status(run_dir, "finished")
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -489,6 +507,7 @@ __all__ = [
     "checkpoints",
     "describe_device",
     "file_fingerprint",
+    "finish_run",
     "latest_checkpoint",
     "load_checkpoint",
     "log",

@@ -44,6 +44,7 @@ from typing import Any
 import yaml
 
 from posttrain.config import ConfigError, load_config
+from posttrain.engine import write_status
 from posttrain.log import console, log, warn
 
 KINDS = ("eval", "sft", "rejection_sampling", "grpo", "rloo", "ppo", "dpo", "rm", "cai", "judge", "win_rate")
@@ -373,6 +374,7 @@ def run_recipe(recipe: Recipe) -> dict:
     t0 = time.time()
     run = Run(recipe)
     (run.dir / "recipe.yaml").write_text(yaml.safe_dump(_recipe_dict(recipe), sort_keys=False))
+    write_status(run.dir, "running")
     log(f"recipe '{recipe.name}': {len(recipe.stages)} stages on {recipe.model}, tasks {recipe.tasks}, "
         f"{len(run.train_questions)} cold-start / {len(run.fresh_questions)} fresh / {len(run.test_questions)} test "
         f"questions; run directory {run.dir}")
@@ -404,6 +406,7 @@ def run_recipe(recipe: Recipe) -> dict:
         summary["plot"] = str(plot_accuracy(run.evals, run.dir / "accuracy.png"))
         print_summary(run.evals)
     (run.dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_status(run.dir, "finished")
     log(f"recipe '{recipe.name}' done in {summary['seconds']:.0f} s; final model {run.model}"
         + (f"; plot {summary['plot']}" if run.evals else ""))
     return summary

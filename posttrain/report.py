@@ -63,9 +63,47 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path | N
     return path
 
 
+def write_recipe_report(run_dir: Path) -> Path:
+    """A recipe run: accuracy per stage (``accuracy.png``), then each stage with its own report."""
+    import yaml
+
+    from posttrain.pipeline import DONE
+
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(recipe.get('name', run_dir.name))}</title>"
+             f"</head><body><h1>posttrain recipe: {html.escape(recipe.get('name', ''))} ({html.escape(str(run_dir))})"
+             "</h1>"]
+    if (run_dir / "accuracy.png").is_file():
+        parts.append("<h2>Held-out accuracy per stage</h2><img src='accuracy.png'>")
+    parts.append("<h2>Stages</h2><table border=1 cellpadding=3><tr><th>stage</th><th>kind</th><th>status</th>"
+                 "<th>seconds</th><th>outputs</th></tr>")
+    for st in recipe.get("stages", []):
+        d = run_dir / st["name"]
+        done = json.loads((d / DONE).read_text()) if (d / DONE).is_file() else None
+        if (d / "metrics.jsonl").is_file():
+            write_report(d)
+        link = f"<a href='{html.escape(st['name'])}/report.html'>report</a>" if (d / "report.html").is_file() else ""
+        outs = {k: v for k, v in (done or {}).get("outputs", {}).items() if not isinstance(v, dict)}
+        parts.append(f"<tr><td>{html.escape(st['name'])}</td><td>{html.escape(st['kind'])}</td>"
+                     f"<td>{'finished' if done else 'not finished'}</td><td>{(done or {}).get('seconds', '')}</td>"
+                     f"<td>{html.escape(json.dumps(outs))} {link}</td></tr>")
+    parts.append("</table>")
+    for st in recipe.get("stages", []):
+        if (run_dir / st["name"] / "report.png").is_file():
+            parts.append(f"<h3>{html.escape(st['name'])}</h3><img src='{html.escape(st['name'])}/report.png' "
+                         "style='max-width:100%'>")
+    parts.append("</body></html>")
+    out = run_dir / "report.html"
+    out.write_text("\n".join(parts))
+    return out
+
+
 def write_report(run_dir: str | Path) -> Path:
-    """``report.html`` (and ``report.png``) for ``run_dir``; returns the HTML path."""
+    """``report.html`` (and ``report.png``) for ``run_dir``; returns the HTML path. A recipe
+    run gets a page of its stages with the accuracy-per-stage plot."""
     run_dir = Path(run_dir)
+    if (run_dir / "recipe.yaml").is_file():
+        return write_recipe_report(run_dir)
     png = plot_metrics(run_dir)
     records = read_metrics(run_dir)
     last: dict[str, float] = {}

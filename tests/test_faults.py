@@ -124,3 +124,25 @@ def test_checkpoint_write_error_keeps_last_good(tiny_model_dir, tmp_path, monkey
     assert engine.latest_checkpoint(tmp_path / "run").name == "step-2"
     assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
     assert os.environ.get("POSTTRAIN_KILL_AT") is None
+
+
+def test_runs_lists_finished_running_and_stopped(tmp_path):
+    """``posttrain runs``: a run whose process is gone while its status says running was killed."""
+    import subprocess
+
+    from posttrain.engine import write_status
+    from posttrain.runs import find_runs
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    for name, state in (("done", "finished"), ("live", "running"), ("killed", "running")):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "manifest.json").write_text(json.dumps({"stage": "sft"}))
+        (d / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss/train": 1.5}) + "\n")
+        write_status(d, state)
+    status = json.loads((tmp_path / "killed" / "status.json").read_text())
+    (tmp_path / "killed" / "status.json").write_text(json.dumps({**status, "pid": int(gone.stdout)}))
+    got = {Path(r["run"]).name: (r["state"], r["progress"], r["headline"]) for r in find_runs([tmp_path])}
+    assert got == {"done": ("finished", "step 3", "loss/train 1.5"), "live": ("running", "step 3", "loss/train 1.5"),
+                   "killed": ("stopped", "step 3", "loss/train 1.5")}

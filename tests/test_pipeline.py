@@ -25,6 +25,14 @@ def test_recipe_runs_end_to_end_and_resumes(recipe, tiny_model_dir, tmp_path, mo
     assert list(summary["evals"]) == [s.name for s in r.stages if s.kind == "eval"]
     assert (run / "accuracy.png").is_file() and (run / "summary.json").is_file()
     assert summary["final_model"] != str(tiny_model_dir)  # the trained model flows to the end
+    from posttrain.report import write_report
+    from posttrain.runs import find_runs
+
+    page = write_report(run).read_text()
+    assert "accuracy.png" in page and all(s.name in page for s in r.stages)
+    rows = find_runs([tmp_path])
+    assert [(x["kind"], x["state"], x["progress"]) for x in rows] == [("recipe", "finished",
+                                                                      f"{len(r.stages)}/{len(r.stages)} stages")]
     # a second run finds every stage finished and redoes nothing ...
     again = run_recipe(r)
     assert again["stage_seconds"] == {} and again["final_model"] == summary["final_model"]

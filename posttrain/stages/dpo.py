@@ -274,7 +274,7 @@ def train(cfg: DPOConfig, data: PreferenceData | None = None) -> DPOResult:
     if ev:
         metrics.log(total_steps, ev)
     model_dir = engine.save_final(run_dir, t, tok, cfg, "dpo", total_steps)
-    metrics.close()
+    engine.finish_run(run_dir, metrics)
     summary = f"dpo done: {total_steps} steps, train loss {loss_value:.4f}"
     if ev:
         summary += f", eval loss {ev['loss/eval']:.4f}, eval accuracy {ev['eval/reward_accuracy']:.2f}"

@@ -508,7 +508,7 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in value_head.state_dict().items()}, str(run_dir / "value_head.safetensors"))
-    metrics.close()
+    engine.finish_run(run_dir, metrics)
     log(f"{stage} done: {total_steps} steps" + (f", eval reward {ev['eval/reward']:.3f}" if ev else "")
         + f"; model saved to {model_dir}")
     if bad.total:

@@ -169,7 +169,7 @@ def train(cfg: PRMConfig) -> PRMResult:
         engine.save_model_dir(t.unwrapped(), tok, model_dir, merge_lora=cfg.model.lora)
         (model_dir / PRM_META).write_text(json.dumps({"kind": "process", "step_separator": cfg.step_separator,
                                                       "eval": ev}, indent=2))
-    metrics.close()
+    engine.finish_run(run_dir, metrics)
     summary = f"prm done: {total_steps} steps, train loss {loss_value:.4f}"
     if ev:
         summary += (f", eval step accuracy {ev['eval/step_accuracy']:.3f}, solution accuracy "

@@ -264,7 +264,7 @@ def train(cfg: RewardConfig, data: PreferenceData | None = None) -> RewardResult
         save_reward_model(model if head is not None else t.unwrapped(), tok, model_dir, head, cfg, ev)
         if cfg.model.lora:
             engine.save_model_dir(t.unwrapped(), tok, run_dir / "adapter")
-    metrics.close()
+    engine.finish_run(run_dir, metrics)
     summary = f"rm done: {total_steps} steps, train loss {loss_value:.4f}"
     if ev:
         summary += f", eval accuracy {ev['eval/accuracy']:.3f}, margin {ev['eval/margin']:.3f}"

@@ -144,7 +144,7 @@ def train(cfg: SFTConfig, data: SFTData | None = None) -> SFTResult:
     if ev:
         metrics.log(total_steps, ev)
     model_dir = engine.save_final(run_dir, t, tok, cfg, "sft", total_steps)
-    metrics.close()
+    engine.finish_run(run_dir, metrics)
     tps = tokens_seen / elapsed if tokens_seen else 0.0
     summary = f"sft done: {total_steps} steps, train loss {loss_value:.4f}"
     if ev:
