@@ -37,6 +37,15 @@ class SamplingConfig:
     stop: list[str] = doc("Extra stop strings (EOS always stops).", default_factory=list)
     batch_size: int = doc("Prompts generated together.", 16)
     seed: int = doc("Sampling seed.", 0)
+    backend: str = doc("Online-RL rollout backend: hf (transformers generate, any device) or vllm (CUDA, "
+                       "pip install 'posttrain[vllm]').", "hf")
+    vllm_gpu_memory_utilization: float = doc("Share of the GPU the colocated vLLM engine may use.", 0.3)
+
+    def validate(self) -> None:
+        if self.backend not in ("hf", "vllm"):
+            from posttrain.config import ConfigError
+
+            raise ConfigError(f"sampling.backend: {self.backend!r} is not hf or vllm")
 
 
 def render_prompts(tok, conversations: list[list[dict[str, str]]]) -> list[str]:

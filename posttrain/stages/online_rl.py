@@ -52,7 +52,7 @@ from posttrain.data.tokenize import IGNORE, TokenizedExample, collate_pad
 from posttrain.log import log
 from posttrain.logprobs import token_logprobs
 from posttrain.losses import aggregate, clipped_value_loss, grpo_loss, kl_estimate
-from posttrain.models import count_parameters, load_model, prepare_model
+from posttrain.models import count_parameters, load_model, prepare_model, resolve_model_path
 from posttrain.rewards.combine import RewardSet, reward_name
 from posttrain.rollout import Rollout, SamplingConfig, generate, sample
 
@@ -364,6 +364,12 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
         f"{' (LoRA)' if cfg.model.lora else ''}, on {engine.describe_device(t.device, dtype)}")
     start, metrics = engine.resume(cfg, run_dir, t)
     samples_path = run_dir / "samples.jsonl"
+    sampler = sample
+    if cfg.sampling.backend == "vllm":
+        from posttrain.rollout_vllm import VLLMSampler
+
+        sampler = VLLMSampler(str(resolve_model_path(cfg.model.name_or_path)), dtype,
+                              cfg.sampling.vllm_gpu_memory_utilization, seed=cfg.seed).sample
 
     # ---------------------------------------------------------------- train
     ev: dict[str, float] = {}
@@ -374,8 +380,8 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
             # 1. rollout: G completions of each prompt, seeded by the step; under several
             # processes each rank samples whole groups for its share of the prompts
             local_prompts = [prompts[i] for i in distributed.shard(batches[step - 1]) for _ in range(G)]
-            roll = sample(t.model, tok, [p.ids for p in local_prompts], cfg.sampling,
-                          seed=cfg.seed * 1_000_003 + step + 7_919 * distributed.rank())
+            roll = sampler(t.model, tok, [p.ids for p in local_prompts], cfg.sampling,
+                           seed=cfg.seed * 1_000_003 + step + 7_919 * distributed.rank())
             # 2. rewards (each rank scores its own completions)
             msgs = [p.record.messages for p in local_prompts]
             rewards, per_fn = reward_set(msgs, roll.texts, row_fields(local_prompts)) if local_prompts else \
