@@ -21,6 +21,18 @@ loop in every process (rank). The rules, in one place:
   over whole groups and every rank holds the same advantages.
 * Only rank 0 writes checkpoints, logs and metrics; every rank resumes from them.
 
+**FSDP** (``parallel=fsdp``, full fine-tuning): each decoder layer and the root model are
+wrapped with PyTorch's ``fully_shard`` (FSDP2), so parameters, gradients and AdamW state are
+split across ranks and gathered layer by layer for each forward and backward. FSDP's
+collectives need every rank to run the same number of forward/backward passes, so under
+FSDP: a rank's share of a micro-batch that is empty becomes one example with loss weight 0
+(:func:`local_micro_batches`, :func:`even_chunks`); evaluation runs the whole eval set on
+every rank (:func:`eval_shard`); and sampling runs inside :func:`full_params`, which gathers
+the whole model once so generation (a different number of decoding steps per rank) needs
+no collective. FSDP reduces gradients by their mean, so the loss is scaled by the world
+size there too. Checkpoints gather the full state dict to rank 0 and stay plain HF
+directories.
+
 On CPU the process group uses gloo, on CUDA NCCL (accelerate picks; :func:`init` asks it
 for CPU when no GPU is present, which it otherwise would not do under ``torchrun``).
 """
@@ -28,6 +40,8 @@ for CPU when no GPU is present, which it otherwise would not do under ``torchrun
 from __future__ import annotations
 
 import os
+import warnings
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
@@ -63,9 +77,89 @@ def shard(items: list[T], r: int | None = None, n: int | None = None) -> list[T]
     return items[r::n]
 
 
-def local_micro_batches(micro: list[list[int]], r: int | None = None, n: int | None = None) -> list[list[int]]:
-    """This rank's share of a step's micro-batches: each split across ranks, empty shares dropped."""
-    return [s for s in (shard(idx, r, n) for idx in micro) if s]
+_MODE = {"fsdp": False}
+
+
+def set_fsdp(on: bool) -> None:
+    _MODE["fsdp"] = bool(on)
+
+
+def fsdp() -> bool:
+    """Whether the model of this process is sharded with FSDP (several processes only)."""
+    return _MODE["fsdp"] and world_size() > 1
+
+
+def local_micro_batches(micro: list[list[int]], r: int | None = None, n: int | None = None,
+                        even: bool | None = None) -> list[tuple[list[int], float]]:
+    """This rank's share of a step's micro-batches as ``(indices, loss weight)``: each split
+    across ranks; an empty share is dropped, or under FSDP (``even``) replaced by one example
+    with weight 0, so that every rank runs one pass per micro-batch."""
+    even = fsdp() if even is None else even
+    out = []
+    for idx in micro:
+        mine = shard(idx, r, n)
+        if mine:
+            out.append((mine, 1.0))
+        elif even:
+            out.append((idx[:1], 0.0))
+    return out
+
+
+def even_chunks(items: list[T], size: int) -> list[tuple[list[T], float]]:
+    """This rank's share of ``items`` in chunks of ``size``, as ``(chunk, weight)``; under FSDP
+    padded with weight-0 placeholder chunks to the largest share's number of chunks."""
+    mine = shard(items)
+    out = [(mine[i : i + size], 1.0) for i in range(0, len(mine), size)]
+    if fsdp() and items:
+        largest = -(-len(items) // world_size())
+        n_chunks = -(-largest // size)
+        out += [([items[0]], 0.0)] * (n_chunks - len(out))
+    return out
+
+
+def eval_shard(items: list[T]) -> list[T]:
+    """What this rank evaluates: its share, or everything under FSDP (see module docstring)."""
+    return list(items) if fsdp() else shard(items)
+
+
+def eval_sum(values: dict[str, float]) -> dict[str, float]:
+    """Totals of an evaluation split by :func:`eval_shard`."""
+    return dict(values) if fsdp() else all_sum(values)
+
+
+def fsdp_wrap(model) -> None:
+    """Shard ``model`` in place with ``fully_shard``: each decoder layer (the classes the HF
+    model lists in ``_no_split_modules``), then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    if not names:
+        raise ValueError(f"{type(base).__name__} does not list its decoder layers (_no_split_modules); "
+                         "FSDP needs them to shard layer by layer: use parallel=ddp")
+    for m in list(model.modules()):
+        if type(m).__name__ in names:
+            fully_shard(m)
+    fully_shard(model)
+    # our callers read hidden states out of the root's output and never modify it in place
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
+
+@contextmanager
+def full_params(model):
+    """Gather an FSDP model's full parameters for the duration (generation); no-op otherwise."""
+    from torch.distributed.fsdp import FSDPModule
+
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)] if fsdp() else []
+    for m in mods:
+        m.set_reshard_after_forward(False)
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.reshard()
+            m.set_reshard_after_forward(True)
 
 
 def broadcast_(params: list[torch.Tensor]) -> None:
@@ -80,7 +174,7 @@ def broadcast_(params: list[torch.Tensor]) -> None:
 def all_reduce_grads_(params: list[torch.Tensor], bucket_elems: int = 32 * 1024 * 1024) -> None:
     """Sum the gradients of ``params`` over ranks, in place, in flat buckets of at most
     ``bucket_elems`` elements (a missing gradient counts as zeros)."""
-    if world_size() == 1:
+    if world_size() == 1 or not params:
         return
     for p in params:
         if p.grad is None:

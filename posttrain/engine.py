@@ -170,6 +170,9 @@ class TrainConfig:
     merge_lora: bool = doc("Under LoRA, also save the adapter merged into the base as model-merged/.", False)
     log_every: int = doc("Log metrics every N steps.", 1)
     tensorboard: bool = doc("Also write TensorBoard event files.", True)
+    parallel: str = doc("Under several processes (torchrun / accelerate launch): ddp (each rank holds the model, "
+                        "gradients summed) or fsdp (parameters, gradients and optimizer state sharded; full "
+                        "fine-tuning).", "ddp")
 
     def validate(self) -> None:
         if self.schedule not in ("cosine", "linear", "constant_with_warmup", "constant"):
@@ -178,6 +181,8 @@ class TrainConfig:
             raise ConfigError("batch_size and grad_accum must be at least 1")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ConfigError("set epochs > 0 or max_steps > 0")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"parallel: {self.parallel!r} is not ddp or fsdp")
 
     def total_steps(self, batches_per_epoch: int) -> int:
         return self.max_steps or max(1, math.ceil(batches_per_epoch * self.epochs / self.grad_accum))
@@ -213,23 +218,46 @@ class EpochBatches:
 
 
 class Trainable:
-    """Accelerator, model, optimizer and LR schedule of one training stage."""
+    """Accelerator, model, optimizer and LR schedule of one training stage.
+
+    Several processes: with ``parallel="ddp"`` every rank holds the whole model and
+    :meth:`step` sums the gradients over ranks; with ``parallel="fsdp"`` the model is sharded
+    with FSDP2 (:func:`posttrain.distributed.fsdp_wrap`) before the optimizer is built, so
+    the optimizer state is sharded too.
+    """
 
     def __init__(self, model, lr: float, weight_decay: float, betas: tuple[float, float], warmup_steps: int,
                  total_steps: int, schedule: str, mixed_precision: str = "no",
-                 extra: dict[str, torch.nn.Module] | None = None):
+                 extra: dict[str, torch.nn.Module] | None = None, parallel: str = "ddp"):
         from accelerate import Accelerator
         from transformers import get_scheduler
 
         distributed.init()
         self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
         self.world_size = distributed.world_size()
+        self.device = self.accelerator.device
+        self.fsdp = parallel == "fsdp" and self.world_size > 1
+        distributed.set_fsdp(self.fsdp)
         # extra modules trained alongside the model (a PPO value head), checkpointed with it
         self.extra = dict(extra or {})
         for m in self.extra.values():
-            m.to(self.accelerator.device)
-        params = [p for p in model.parameters() if p.requires_grad]
-        params += [p for m in self.extra.values() for p in m.parameters() if p.requires_grad]
+            m.to(self.device)
+        extra_params = [p for m in self.extra.values() for p in m.parameters() if p.requires_grad]
+        distributed.broadcast_([p for p in model.parameters() if p.requires_grad] + extra_params)
+        if self.fsdp:
+            if getattr(model, "peft_config", None):
+                raise ConfigError("parallel=fsdp is for full fine-tuning; with LoRA use parallel=ddp (the adapter is "
+                                  "small, and the frozen base is not trained)")
+            model.to(self.device)
+            distributed.fsdp_wrap(model)
+            self.model = model
+        else:
+            # device placement and mixed precision only: no DDP wrapper, the gradients are
+            # summed across ranks once per optimizer step in :meth:`step`
+            self.model = self.accelerator.prepare_model(model, evaluation_mode=True)
+        self.model_params = [p for p in self.model.parameters() if p.requires_grad]
+        self.extra_params = extra_params
+        params = self.model_params + extra_params
         if not params:
             raise ValueError("the model has no trainable parameters")
         decay = [p for p in params if p.ndim >= 2]
@@ -238,34 +266,26 @@ class Trainable:
             [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=lr, betas=betas,
         )
-        scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
-        # device placement and mixed precision only: no DDP wrapper, the gradients are summed
-        # across ranks once per optimizer step in :meth:`step` (see posttrain.distributed)
-        self.model = self.accelerator.prepare_model(model, evaluation_mode=True)
+        self.scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps,
+                                       num_training_steps=total_steps)
         self.optimizer = self.accelerator.prepare_optimizer(optimizer)
-        self.scheduler = scheduler
-        self.device = self.accelerator.device
         self.params = params
-        distributed.broadcast_(params)  # every rank starts from rank 0's weights
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Backward of this rank's share of the step loss (normalised by *global* counts)."""
-        self.accelerator.backward(loss)
+        """Backward of this rank's share of the step loss (normalised by *global* counts);
+        FSDP averages gradients over ranks, so its loss is scaled back to a sum."""
+        self.accelerator.backward(loss * self.world_size if self.fsdp else loss)
 
     def step(self, max_grad_norm: float) -> float:
         """Sum gradients over ranks, clip, step optimizer and schedule, zero grads; returns
         the pre-clip grad norm."""
-        params = self.params
         faults.point("step")
-        distributed.all_reduce_grads_(params)
-        if max_grad_norm > 0:
-            norm = self.accelerator.clip_grad_norm_(params, max_grad_norm)
-        else:
-            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        distributed.all_reduce_grads_(self.extra_params if self.fsdp else self.params)
+        norm = _clip_grad_norm([self.model_params, self.extra_params], max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     @property
     def lr(self) -> float:
@@ -274,12 +294,41 @@ class Trainable:
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
 
+    def full_state(self) -> dict[str, torch.Tensor] | None:
+        """Under FSDP the whole model's state dict on rank 0 (a collective: every rank calls
+        it); None otherwise (the model's own ``state_dict`` is complete)."""
+        if not self.fsdp:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _clip_grad_norm(groups: list[list[torch.Tensor]], max_norm: float) -> float:
+    """Global L2 norm of the gradients of ``groups`` (FSDP-sharded or plain), clipped to
+    ``max_norm`` when it is > 0; returns the norm before clipping."""
+    grads = [[p.grad for p in g if p.grad is not None] for g in groups]
+    norms = []
+    for g in grads:
+        if g:
+            n = torch.nn.utils.get_total_norm(g)
+            norms.append(n.full_tensor() if hasattr(n, "full_tensor") else n)
+    if not norms:
+        return 0.0
+    total = float(torch.linalg.vector_norm(torch.stack([n.float().cpu() for n in norms])))
+    if max_norm > 0 and total > max_norm:
+        coef = max_norm / (total + 1e-6)
+        for g in grads:
+            for t in g:
+                t.mul_(coef)
+    return total
+
 
 def open_training(cfg: TrainConfig, model, total_steps: int, extra: dict | None = None) -> Trainable:
     """AdamW + warmup/decay schedule for ``model`` (and ``extra`` modules) as ``cfg`` says."""
     return Trainable(model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
                      warmup_steps=round(cfg.warmup_ratio * total_steps), total_steps=total_steps,
-                     schedule=cfg.schedule, extra=extra)
+                     schedule=cfg.schedule, extra=extra, parallel=cfg.parallel)
 
 
 def resume(cfg: TrainConfig, run_dir: Path, trainable: Trainable) -> tuple[int, Metrics]:
@@ -300,17 +349,25 @@ def resume(cfg: TrainConfig, run_dir: Path, trainable: Trainable) -> tuple[int, 
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save_model_dir(model, tokenizer, out: Path, merge_lora: bool = False) -> None:
+def save_model_dir(model, tokenizer, out: Path, merge_lora: bool = False,
+                   state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Save a plain HF directory (safetensors + tokenizer); a peft adapter under LoRA.
 
-    With ``merge_lora`` a LoRA model is saved merged into its base weights instead.
+    With ``merge_lora`` a LoRA model is saved merged into its base weights instead;
+    ``state_dict`` (an FSDP model's gathered weights, :meth:`Trainable.full_state`) replaces
+    the model's own.
     """
     out.mkdir(parents=True, exist_ok=True)
     if merge_lora and hasattr(model, "merge_and_unload"):
         import copy
 
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(out, safe_serialization=True)
+    if state_dict is not None:
+        if getattr(model.config, "tie_word_embeddings", False):  # stored once, as the embeddings
+            state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
+        model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
+    else:
+        model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
 
@@ -320,8 +377,9 @@ def save_final(run_dir: Path, trainable: Trainable, tokenizer, cfg: TrainConfig,
     with LoRA and ``merge_lora``, ``model-merged/``; returns the ``model/`` path."""
     save_checkpoint(run_dir, trainable, tokenizer, {"step": step, "stage": stage}, cfg.keep_last)
     model_dir = Path(run_dir) / "model"
+    state = trainable.full_state()
     if trainable.accelerator.is_main_process:
-        save_model_dir(trainable.unwrapped(), tokenizer, model_dir)
+        save_model_dir(trainable.unwrapped(), tokenizer, model_dir, state_dict=state)
         if cfg.model.lora and cfg.merge_lora:
             save_model_dir(trainable.unwrapped(), tokenizer, Path(run_dir) / "model-merged", merge_lora=True)
     return model_dir
@@ -349,13 +407,19 @@ def save_checkpoint(run_dir: Path, trainable: Trainable, tokenizer, state: dict[
     root = Path(run_dir) / CHECKPOINT_DIR
     final = root / f"step-{state['step']}"
     tmp = root / f".tmp-step-{state['step']}-{os.getpid()}"
+    model_state, optim_state = trainable.full_state(), None
+    if trainable.fsdp:  # gather the sharded optimizer state to rank 0 (a collective)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        optim_state = get_optimizer_state_dict(trainable.model, trainable.optimizer,
+                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if trainable.accelerator.is_main_process:
         for stale in root.glob(".tmp-step-*"):  # left by a killed write
             shutil.rmtree(stale, ignore_errors=True)
         try:
-            save_model_dir(trainable.unwrapped(), tokenizer, tmp)
+            save_model_dir(trainable.unwrapped(), tokenizer, tmp, state_dict=model_state)
             faults.point("checkpoint")
-            torch.save(trainable.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(optim_state if trainable.fsdp else trainable.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(trainable.scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(rng_state(), tmp / "rng_state.pt")
             if trainable.extra:
@@ -379,7 +443,24 @@ def save_checkpoint(run_dir: Path, trainable: Trainable, tokenizer, state: dict[
 def load_checkpoint(ckpt: Path, trainable: Trainable) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and RNG from ``ckpt``; returns its trainer state."""
     model = trainable.unwrapped()
-    if (ckpt / "adapter_config.json").is_file():
+    if trainable.fsdp:  # every rank reads the full state and keeps its shards
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        state = {}
+        for f in sorted(ckpt.glob("*.safetensors")):
+            state.update(load_file(str(f)))
+        if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, state, options=opts)
+        set_optimizer_state_dict(model, trainable.optimizer, torch.load(ckpt / "optimizer.pt", weights_only=False),
+                                 options=opts)
+    elif (ckpt / "adapter_config.json").is_file():
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -396,7 +477,8 @@ def load_checkpoint(ckpt: Path, trainable: Trainable) -> dict[str, Any]:
         if missing or unexpected:
             raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing={missing[:5]} "
                                f"unexpected={unexpected[:5]}")
-    trainable.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
+    if not trainable.fsdp:
+        trainable.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
     trainable.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
     set_rng_state(torch.load(ckpt / "rng_state.pt", weights_only=False))
     if trainable.extra:

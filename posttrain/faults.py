@@ -63,7 +63,8 @@ def run_with_kills(cmd: list[str], kills: list[str | float], env: dict[str, str]
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
             _, err = proc.communicate(timeout=timeout)
-        if proc.returncode == -signal.SIGKILL:
+        # a launcher (torchrun) reports its killed worker and exits 1
+        if proc.returncode == -signal.SIGKILL or (proc.returncode != 0 and "(SIGKILL)" in err):
             outcomes.append(f"killed at {spec}")
         elif proc.returncode == 0:
             outcomes.append(f"finished before {spec}")

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.data.tokenize import IGNORE
+from posttrain.models import final_hidden_states, gathered
 
 
 def decoder_and_head(model):
@@ -56,8 +57,7 @@ def token_logprobs(
         with ``extras``, a tuple ``(logprobs, *extras)``.
     """
     decoder, head = decoder_and_head(model)
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    hidden = out.last_hidden_state  # (B, T, H)
+    hidden = final_hidden_states(model, decoder, input_ids, attention_mask, position_ids, causal_lm=True)  # (B, T, H)
     targets = labels[:, 1:]  # (B, T-1)
     select = targets != IGNORE
     h = hidden[:, :-1][select]  # (N, H): states that predict a target
@@ -66,7 +66,8 @@ def token_logprobs(
         if name not in ("entropy", "hidden"):
             raise ValueError(f"unknown extra {name!r} (entropy, hidden)")
     if isinstance(head, torch.nn.Linear):
-        lp, ent = head_logprobs(h, head.weight, head.bias, targets[select], temperature, want_entropy)
+        lp, ent = head_logprobs(h, gathered(head.weight), gathered(head.bias), targets[select], temperature,
+                                want_entropy)
     else:  # a wrapped head (e.g. LoRA on lm_head): plain autograd over the full logits
         lp, ent = _full_head_logprobs(head(h).float(), targets[select], temperature, want_entropy)
     if not extras:

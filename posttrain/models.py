@@ -398,6 +398,40 @@ def prepare_scoring_model(cfg: ModelConfig, kind: str, device: torch.device | st
     return model, tok, dtype
 
 
+def final_hidden_states(model, inner, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                        position_ids: torch.Tensor | None = None, causal_lm: bool = False) -> torch.Tensor:
+    """``(B, T, H)`` final (normed) hidden states of ``model`` whose decoder/backbone is ``inner``.
+
+    Normally ``inner`` is called directly (no logits are computed). Under FSDP the call goes
+    through the root module's forward instead, so that FSDP gathers the parameters; the root's
+    own (embeddings, final norm, heads) stay gathered until the backward, so a caller may apply
+    the head's weight to these states itself.
+    """
+    from posttrain import distributed
+
+    kw = {"position_ids": position_ids} if position_ids is not None else {}
+    if distributed.fsdp():
+        if causal_lm:
+            kw["logits_to_keep"] = 1  # the loss applies the LM head itself, in chunks
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False,
+                    **kw)
+        return out.hidden_states[-1]
+    return inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw).last_hidden_state
+
+
+def gathered(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A parameter as a plain tensor: an FSDP-sharded one (a DTensor, as the root's head is
+    after a forward without grad) is gathered; anything else is returned as is."""
+    return t.full_tensor() if t is not None and hasattr(t, "full_tensor") else t
+
+
+def apply_head(head: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """``head(h)`` for a linear head read outside the root's forward (see :func:`gathered`)."""
+    if isinstance(head, torch.nn.Linear):
+        return torch.nn.functional.linear(h, gathered(head.weight), gathered(head.bias))
+    return head(h)
+
+
 def backbone_and_score_head(model):
     """(backbone returning hidden states, scalar head) of a sequence/token classification model."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

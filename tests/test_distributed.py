@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import write_jsonl
 from safetensors.torch import load_file
 
@@ -32,14 +33,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(stage: str, args: list[str], nproc: int, home: Path) -> subprocess.CompletedProcess:
+def command(stage: str, args: list[str], nproc: int) -> list[str]:
     """``posttrain STAGE args`` in ``nproc`` processes (torchrun) or one (python -m)."""
-    env = {**os.environ, "POSTTRAIN_HOME": str(home), "OMP_NUM_THREADS": "1"}
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "posttrain", stage, *args]
-    else:
-        cmd = [sys.executable, "-m", "posttrain", stage, *args]
+        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "posttrain", stage, *args]
+    return [sys.executable, "-m", "posttrain", stage, *args]
+
+
+def launch(stage: str, args: list[str], nproc: int, home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "POSTTRAIN_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    cmd = command(stage, args, nproc)
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
     return res
@@ -69,8 +73,10 @@ def one_vs_two(stage: str, args: list[str], tmp_path: Path, home: Path) -> tuple
 
 def test_shards_cover_each_micro_batch_once():
     micro = [[5, 1, 7, 2, 9], [3], [4, 8]]
-    shares = [distributed.local_micro_batches(micro, r, 2) for r in range(2)]
-    assert shares == [[[5, 7, 9], [3], [4]], [[1, 2], [8]]]  # rank 1 has no share of [3]
+    shares = [distributed.local_micro_batches(micro, r, 2, even=False) for r in range(2)]
+    assert shares == [[([5, 7, 9], 1.0), ([3], 1.0), ([4], 1.0)], [([1, 2], 1.0), ([8], 1.0)]]  # none of [3]
+    # FSDP: the same number of passes on every rank, a weight-0 placeholder where a share is empty
+    assert distributed.local_micro_batches(micro, 1, 2, even=True)[1] == ([3], 0.0)
     assert distributed.unshard([distributed.shard(list("abcde"), r, 2) for r in range(2)], 5) == list("abcde")
     assert distributed.unshard([distributed.shard(list("abcdefg"), r, 3) for r in range(3)], 7) == list("abcdefg")
 
@@ -88,25 +94,40 @@ def varied_chat(tmp_path) -> Path:
 
 
 def test_sft_two_processes_match_one(tiny_model_dir, varied_chat, tmp_path):
+    """DDP and FSDP; the FSDP run is also killed inside a checkpoint write and resumed."""
+    from posttrain.faults import run_with_kills
+
     # batch 5 over 2 ranks (3 + 2 rows), accumulation 2, an eval split: uneven shares everywhere
     args = [f"model.name_or_path={tiny_model_dir}", f"data.train={varied_chat}", "batch_size=5", "grad_accum=2",
-            "lr=1e-3", "max_steps=4", "schedule=constant", "tensorboard=false", "data.eval_fraction=0.1"]
+            "lr=1e-3", "max_steps=4", "schedule=constant", "tensorboard=false", "data.eval_fraction=0.1",
+            "save_every=1"]
     one, two = one_vs_two("sft", args, tmp_path, tmp_path / "home")
-    assert_same_weights(one / "model", two / "model")
-    m1, m2 = train_metrics(one), train_metrics(two)
-    assert [m["loss/train"] for m in m1] == pytest.approx([m["loss/train"] for m in m2], rel=1e-5)
+    fsdp = tmp_path / "fsdp"
+    env = {"POSTTRAIN_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    outcomes = run_with_kills(command("sft", [*args, "parallel=fsdp", "resume=true", f"output_dir={fsdp}"], 2),
+                              ["checkpoint:3"], env)
+    assert outcomes == ["killed at checkpoint:3"]
+    m1 = train_metrics(one)
+    for run in (two, fsdp):
+        assert_same_weights(one / "model", run / "model")
+        assert [m["loss/train"] for m in m1] == pytest.approx([m["loss/train"] for m in train_metrics(run)], rel=1e-5)
+    assert yaml.safe_load((fsdp / "config.yaml").read_text())["parallel"] == "fsdp"
     assert m1[-1]["loss/train"] < m1[0]["loss/train"]
 
 
-def test_dpo_lora_two_processes_match_one(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("mode", ["lora-ddp", "full-fsdp"])
+def test_dpo_two_processes_match_one(tiny_model_dir, tmp_path, mode):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [
         {"prompt": f"What is {i} + {i}?", "chosen": f"{2 * i}", "rejected": f"{2 * i + 1}, I think" + " so" * (i % 3)}
         for i in range(30)])
+    extra = (["model.lora=true", "model.lora_r=4", "model.lora_dropout=0.0", "lr=1e-2"] if mode == "lora-ddp"
+             else ["parallel=fsdp", "lr=1e-3"])
     args = [f"model.name_or_path={tiny_model_dir}", f"data.train={pairs}", "batch_size=3", "grad_accum=2",
-            "lr=1e-2", "max_steps=4", "schedule=constant", "tensorboard=false", "data.eval_fraction=0.2",
-            "model.lora=true", "model.lora_r=4", "model.lora_dropout=0.0", "ref_cache=false"]
+            "max_steps=4", "schedule=constant", "tensorboard=false", "data.eval_fraction=0.2", "ref_cache=false",
+            *extra]
     one, two = one_vs_two("dpo", args, tmp_path, tmp_path / "home")
-    assert_same_weights(one / "model", two / "model", "adapter_model.safetensors")
+    assert_same_weights(one / "model", two / "model",
+                        "adapter_model.safetensors" if mode == "lora-ddp" else "model.safetensors")
     m1, m2 = train_metrics(one), train_metrics(two)
     for key in ("loss/train", "reward/accuracy", "reward/margin"):
         assert [m[key] for m in m1] == pytest.approx([m[key] for m in m2], rel=1e-4, abs=1e-6), key
@@ -141,7 +162,7 @@ online_rl.token_advantages = recording
 cfg = load_config(online_rl.GRPOConfig, None, [
     f"model.name_or_path={model_dir}", f"data.train={prompts}", f"output_dir={out}", "sampling.max_new_tokens=10",
     "sampling.top_k=50", "tensorboard=false", "group_size=4", "batch_size=3", "lr=3e-3", "max_steps=3", "beta=0.05",
-    "micro_batch_size=5"])
+    "micro_batch_size=5", "parallel=fsdp"])
 online_rl.train(cfg, reward_functions=[e_count])
 '''
 
@@ -149,7 +170,8 @@ online_rl.train(cfg, reward_functions=[e_count])
 def test_grpo_two_processes_gather_whole_groups(tiny_model_dir, tmp_path):
     """Each rank samples whole groups for its share of the prompts; after the gather every rank
     holds the whole step in single-process order, and the advantages are the single-process
-    group statistics of those rewards."""
+    group statistics of those rewards. (Run under FSDP: sampling inside the gathered model,
+    uneven micro-batch shares padded.)"""
     from posttrain.advantages import group_advantages
     from posttrain.data.dataset import DataSource
     from posttrain.data.loading import BadRows
@@ -182,7 +204,8 @@ def test_grpo_two_processes_gather_whole_groups(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("stage,extra", [("rm", ["model.lora=true", "model.lora_r=4", "model.lora_dropout=0.0"]),
                                          ("rm", ["frozen_backbone=true", "head_hidden=8"]),
-                                         ("prm", [])], ids=["rm-lora", "rm-frozen-mlp", "prm-full"])
+                                         ("rm", ["parallel=fsdp"]), ("prm", ["parallel=fsdp"])],
+                         ids=["rm-lora-ddp", "rm-frozen-mlp", "rm-full-fsdp", "prm-full-fsdp"])
 def test_reward_models_two_processes_match_one(tiny_model_dir, tmp_path, stage, extra):
     if stage == "rm":
         data = write_jsonl(tmp_path / "pairs.jsonl", [
@@ -201,8 +224,8 @@ def test_reward_models_two_processes_match_one(tiny_model_dir, tmp_path, stage, 
     assert e1 == pytest.approx({**e2, "time": e1["time"]}, rel=2e-3, abs=1e-5)  # Adam amplifies rounding
     if "head_hidden=8" in extra:
         assert_same_weights(one / "model", two / "model", "reward_head.safetensors")
-    else:
-        assert_same_weights(one / "model", two / "model")
+    else:  # Adam turns rounding in tiny gradients (rare embedding rows) into ~1e-5 differences
+        assert_same_weights(one / "model", two / "model", atol=1e-4)
 
 
 def test_ppo_runs_under_two_processes(tiny_model_dir, tmp_path):

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import torch
 
-from posttrain.models import backbone_and_score_head, distinct_pad_token, load_tokenizer, pick_dtype
+from posttrain.models import (
+    apply_head,
+    backbone_and_score_head,
+    distinct_pad_token,
+    final_hidden_states,
+    load_tokenizer,
+    pick_dtype,
+)
 
 PRM_META = "posttrain_prm.json"
 
@@ -24,8 +31,8 @@ def step_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ro
                 positions: torch.Tensor) -> torch.Tensor:
     """``(S,)`` logits at the step-end tokens ``(rows[s], positions[s])`` of a padded batch."""
     backbone, head = backbone_and_score_head(model)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    return head(hidden[rows, positions]).squeeze(-1).float()
+    hidden = final_hidden_states(model, backbone, input_ids, attention_mask)
+    return apply_head(head, hidden[rows, positions]).squeeze(-1).float()
 
 
 def step_batch(examples, pad_id: int) -> dict[str, torch.Tensor]:

@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from posttrain.data.tokenize import IGNORE, collate_pad, tokenize_conversation
-from posttrain.models import backbone_and_score_head, distinct_pad_token, load_tokenizer, pick_dtype
+from posttrain.models import (
+    apply_head,
+    backbone_and_score_head,
+    distinct_pad_token,
+    final_hidden_states,
+    load_tokenizer,
+    pick_dtype,
+)
 
 REWARD_META = "posttrain_reward.json"
 MLP_HEAD_FILE = "reward_head.safetensors"
@@ -28,9 +35,10 @@ def mlp_head(hidden: int, width: int) -> nn.Module:
     return nn.Sequential(nn.Linear(hidden, width), nn.GELU(), nn.Linear(width, 1))
 
 
-def last_token_states(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """``(B, H)`` final hidden state at each row's last real token (right-padded batch)."""
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+def last_token_states(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, model=None) -> torch.Tensor:
+    """``(B, H)`` final hidden state at each row's last real token (right-padded batch);
+    ``model`` (the whole scoring model) routes the call through its forward under FSDP."""
+    hidden = final_hidden_states(model if model is not None else backbone, backbone, input_ids, attention_mask)
     last = attention_mask.sum(1) - 1  # (B,)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
@@ -39,8 +47,8 @@ def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
                      head: nn.Module | None = None) -> torch.Tensor:
     """``(B,)`` scalar rewards of a right-padded batch (``head`` overrides the model's own)."""
     backbone, score = backbone_and_score_head(model)
-    h = last_token_states(backbone, input_ids, attention_mask)
-    return (head or score)(h).squeeze(-1).float()
+    h = last_token_states(backbone, input_ids, attention_mask, model)
+    return apply_head(head or score, h).squeeze(-1).float()
 
 
 def as_messages(prompt) -> list[dict[str, str]]:

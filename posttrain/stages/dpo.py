@@ -192,7 +192,7 @@ def evaluate(cfg: DPOConfig, model, pairs: list[PreferencePair], ref: torch.Tens
     model.eval()
     total, weight, acc, margin = 0.0, 0.0, 0.0, 0.0
     per = max(1, cfg.eval_batch_size // 2)
-    mine = distributed.shard(list(range(len(pairs))))
+    mine = distributed.eval_shard(list(range(len(pairs))))
     for s in range(0, len(mine), per):
         idx = mine[s : s + per]
         batch = pair_batch([pairs[i] for i in idx], pad_id)
@@ -203,7 +203,7 @@ def evaluate(cfg: DPOConfig, model, pairs: list[PreferencePair], ref: torch.Tens
         acc += float(st["reward/accuracy"].sum())
         margin += float(st["reward/margin"].sum())
     model.train(was_training)
-    sums = distributed.all_sum({"total": total, "weight": weight, "acc": acc, "margin": margin})
+    sums = distributed.eval_sum({"total": total, "weight": weight, "acc": acc, "margin": margin})
     return {"loss/eval": sums["total"] / sums["weight"], "eval/reward_accuracy": sums["acc"] / len(pairs),
             "eval/reward_margin": sums["margin"] / len(pairs)}
 
@@ -243,15 +243,16 @@ def train(cfg: DPOConfig, data: PreferenceData | None = None) -> DPOResult:
             micro = batches.for_step(step, cfg.grad_accum)
             step_weight = sum(data.train[i].weight for idx in micro for i in idx)
             loss_value, tokens, stats = 0.0, 0, []
-            for idx in distributed.local_micro_batches(micro):
+            for idx, w in distributed.local_micro_batches(micro):
                 batch = pair_batch([data.train[i] for i in idx], pad)
                 loss, st = batch_loss(cfg, t.model, batch, ref_train[idx], t.device)
                 # each micro-batch's weighted mean, rescaled so the step is one weighted mean
-                loss = loss * (float(batch["weight"].sum()) / step_weight)
+                loss = loss * (w * float(batch["weight"].sum()) / step_weight)
                 t.backward(loss)
                 loss_value += float(loss.detach())
-                tokens += int(batch["attention_mask"].sum())
-                stats.append(st)
+                if w:  # (w = 0: an FSDP rank's placeholder, see posttrain.distributed)
+                    tokens += int(batch["attention_mask"].sum())
+                    stats.append(st)
             grad_norm = t.step(cfg.max_grad_norm)
             dt = time.perf_counter() - t0
             means = distributed.global_means(stats, STAT_KEYS)

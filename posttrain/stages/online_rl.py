@@ -302,8 +302,9 @@ def evaluate(cfg: RLConfig, model, tok, prompts: list[Prompt], reward_set: Rewar
                         stop=cfg.sampling.stop)
     mine = distributed.shard(prompts)  # each rank evaluates its share; the sums are combined
     sums = {"reward": 0.0, "chars": 0.0}
+    with distributed.full_params(model):
+        texts = generate(model, tok, [p.record.messages for p in mine], sc) if mine else []
     if mine:
-        texts = generate(model, tok, [p.record.messages for p in mine], sc)
         total, per_fn = reward_set([p.record.messages for p in mine], texts, row_fields(mine))
         sums = {"reward": float(torch.nan_to_num(total, nan=0.0).sum()), "chars": float(sum(len(t) for t in texts))}
         for name, vals in per_fn.items():
@@ -380,8 +381,9 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
             # 1. rollout: G completions of each prompt, seeded by the step; under several
             # processes each rank samples whole groups for its share of the prompts
             local_prompts = [prompts[i] for i in distributed.shard(batches[step - 1]) for _ in range(G)]
-            roll = sampler(t.model, tok, [p.ids for p in local_prompts], cfg.sampling,
-                           seed=cfg.seed * 1_000_003 + step + 7_919 * distributed.rank())
+            with distributed.full_params(t.model):  # FSDP: gathered once, no collective per decoding step
+                roll = sampler(t.model, tok, [p.ids for p in local_prompts], cfg.sampling,
+                               seed=cfg.seed * 1_000_003 + step + 7_919 * distributed.rank())
             # 2. rewards (each rank scores its own completions)
             msgs = [p.record.messages for p in local_prompts]
             rewards, per_fn = reward_set(msgs, roll.texts, row_fields(local_prompts)) if local_prompts else \
@@ -410,7 +412,7 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                 parts: dict[str, dict[int, torch.Tensor]] = {"logp": {}, "ref_logp": {}, "values": {}}
                 t.model.eval()
                 with torch.no_grad():
-                    for idx in chunks(distributed.shard(list(range(len(examples)))), cfg.micro_batch_size):
+                    for idx, _ in distributed.even_chunks(list(range(len(examples))), cfg.micro_batch_size):
                         b = {k: v.to(t.device) for k, v in collate_pad([examples[i] for i in idx],
                                                                         tok.pad_token_id).items()}
                         sizes = [lengths[i] for i in idx]
@@ -445,7 +447,7 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                     rng.shuffle(order)
                 for mb_idx in chunks(order, mb):
                     mb_seqs, mb_tokens = len(mb_idx), sum(lengths[i] for i in mb_idx)
-                    for idx in chunks(distributed.shard(mb_idx), cfg.micro_batch_size):
+                    for idx, w in distributed.even_chunks(mb_idx, cfg.micro_batch_size):
                         b = {k: v.to(t.device) for k, v in collate_pad([examples[i] for i in idx],
                                                                         tok.pad_token_id).items()}
                         extras = ("entropy", "hidden") if value_head is not None else ("entropy",)
@@ -462,22 +464,22 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                         # micro-batch share of the minibatch, so accumulation equals one big batch
                         share = (sum(lengths[i] for i in idx) / mb_tokens) if cfg.loss_agg == "token_mean" \
                             else len(idx) / mb_seqs
-                        loss = loss * share
+                        loss = loss * (share * w)  # (w = 0: an FSDP rank's placeholder)
                         acc["loss/policy"] += float(loss.detach())
                         if value_head is not None:
                             v = value_head(h[0]).squeeze(-1).float()
                             vl = clipped_value_loss(v, rows_tokens(per_token, offsets, "values", idx).to(t.device),
                                                     rows_tokens(per_token, offsets, "returns", idx).to(t.device), cfg.value_clip)
-                            vl = aggregate(vl, seq, len(idx), "token_mean") * share
+                            vl = aggregate(vl, seq, len(idx), "token_mean") * (share * w)
                             loss = loss + cfg.vf_coef * vl
                             acc["loss/value"] += float(vl.detach())
                         t.backward(loss)
                         for key, x in (("policy/entropy", ent), ("policy/clip_fraction", st["clip_fraction"]),
                                        ("policy/kl", st.get("kl"))):
-                            if x is not None:
+                            if x is not None and w:
                                 acc[key] += float(x.detach().float().sum())
                                 acc[key + "#n"] += x.numel()
-                        train_tokens += int(b["attention_mask"].sum())
+                        train_tokens += int(b["attention_mask"].sum()) if w else 0
                     grad_norm = t.step(cfg.max_grad_norm)
                     n_updates += 1
             t_train = time.perf_counter() - t_train

@@ -85,7 +85,7 @@ def evaluate(model, examples: list[StepExample], batch_size: int, pad_id: int, d
     was_training = model.training
     model.eval()
     loss_sum, steps, step_ok, sol_ok = 0.0, 0, 0, 0
-    mine = distributed.shard(examples)  # each rank scores its share; the sums are combined
+    mine = distributed.eval_shard(examples)  # each rank scores its share; the sums are combined
     for s in range(0, len(mine), batch_size):
         chunk = mine[s : s + batch_size]
         b = step_batch(chunk, pad_id)
@@ -100,7 +100,7 @@ def evaluate(model, examples: list[StepExample], batch_size: int, pad_id: int, d
             sol_ok += first_wrong(probs[k : k + len(e.labels)]) == first_wrong(e.labels)
             k += len(e.labels)
     model.train(was_training)
-    sums = distributed.all_sum({"loss": loss_sum, "steps": steps, "step_ok": step_ok, "sol_ok": sol_ok})
+    sums = distributed.eval_sum({"loss": loss_sum, "steps": steps, "step_ok": step_ok, "sol_ok": sol_ok})
     loss_sum, steps, step_ok, sol_ok = sums["loss"], sums["steps"], sums["step_ok"], sums["sol_ok"]
     return {"loss/eval": loss_sum / steps, "eval/step_accuracy": step_ok / steps,
             "eval/solution_accuracy": sol_ok / len(examples)}
@@ -133,16 +133,16 @@ def train(cfg: PRMConfig) -> PRMResult:
             micro = batches.for_step(step, cfg.grad_accum)
             n_steps = sum(len(train_ex[i].labels) for idx in micro for i in idx)
             loss_value, correct = 0.0, 0
-            for idx in distributed.local_micro_batches(micro):
+            for idx, w in distributed.local_micro_batches(micro):
                 b = step_batch([train_ex[i] for i in idx], pad)
                 logits = step_logits(t.model, b["input_ids"].to(t.device), b["attention_mask"].to(t.device),
                                      b["rows"].to(t.device), b["positions"].to(t.device))
                 labels = b["labels"].to(t.device)
                 # per-step mean over the whole optimizer step (all micro-batches)
-                loss = step_bce_loss(logits, labels) * (labels.numel() / n_steps)
+                loss = step_bce_loss(logits, labels) * (w * labels.numel() / n_steps)
                 t.backward(loss)
                 loss_value += float(loss.detach())
-                correct += int(((logits.detach() > 0) == (labels > 0.5)).sum())
+                correct += int(((logits.detach() > 0) == (labels > 0.5)).sum()) if w else 0
             grad_norm = t.step(cfg.max_grad_norm)
             sums = distributed.all_sum({"loss": loss_value, "correct": correct})
             loss_value, correct = sums["loss"], int(sums["correct"])
@@ -165,8 +165,9 @@ def train(cfg: PRMConfig) -> PRMResult:
         metrics.log(total_steps, ev)
     engine.save_checkpoint(run_dir, t, tok, {"step": total_steps, "stage": "prm"}, cfg.keep_last)
     model_dir = run_dir / "model"
+    state = t.full_state()
     if t.accelerator.is_main_process:
-        engine.save_model_dir(t.unwrapped(), tok, model_dir, merge_lora=cfg.model.lora)
+        engine.save_model_dir(t.unwrapped(), tok, model_dir, merge_lora=cfg.model.lora, state_dict=state)
         (model_dir / PRM_META).write_text(json.dumps({"kind": "process", "step_separator": cfg.step_separator,
                                                       "eval": ev}, indent=2))
     engine.finish_run(run_dir, metrics)

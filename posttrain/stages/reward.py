@@ -27,7 +27,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -107,7 +107,7 @@ def evaluate(cfg: RewardConfig, score_batch, pairs: list[PreferencePair]) -> dic
     if not pairs:
         return {}
     total, weight, acc, margin = 0.0, 0.0, 0.0, 0.0
-    mine = distributed.shard(list(range(len(pairs))))  # each rank scores its share; the sums are combined
+    mine = distributed.eval_shard(list(range(len(pairs))))  # each rank scores its share; the sums are combined
     for s in range(0, len(mine), cfg.eval_batch_size):
         r_c, r_r, batch = score_batch(mine[s : s + cfg.eval_batch_size])
         w = float(batch["weight"].sum())
@@ -115,7 +115,7 @@ def evaluate(cfg: RewardConfig, score_batch, pairs: list[PreferencePair]) -> dic
         weight += w
         acc += float((r_c > r_r).float().sum())
         margin += float((r_c - r_r).sum())
-    sums = distributed.all_sum({"total": total, "weight": weight, "acc": acc, "margin": margin})
+    sums = distributed.eval_sum({"total": total, "weight": weight, "acc": acc, "margin": margin})
     return {"loss/eval": sums["total"] / sums["weight"], "eval/accuracy": sums["acc"] / len(pairs),
             "eval/margin": sums["margin"] / len(pairs)}
 
@@ -215,7 +215,8 @@ def train(cfg: RewardConfig, data: PreferenceData | None = None) -> RewardResult
     total_steps = cfg.total_steps(batches.per_epoch)
     trained = head if head is not None else model
     trainable_params, _ = count_parameters(trained)
-    t = engine.open_training(cfg, trained, total_steps)
+    # the frozen mode trains only a small head: data parallel (fsdp has nothing to shard)
+    t = engine.open_training(replace(cfg, parallel="ddp") if head is not None else cfg, trained, total_steps)
     log(f"rm ({mode}): {len(data.train)} train / {len(data.eval)} eval pairs, {total_steps} steps of "
         f"{cfg.batch_size}x{cfg.grad_accum} pairs, {trainable_params:,} params trained, on "
         f"{engine.describe_device(t.device, dtype)}")
@@ -231,13 +232,14 @@ def train(cfg: RewardConfig, data: PreferenceData | None = None) -> RewardResult
             micro = batches.for_step(step, cfg.grad_accum)
             step_weight = sum(data.train[i].weight for idx in micro for i in idx)
             loss_value, stats = 0.0, []
-            for idx in distributed.local_micro_batches(micro):
+            for idx, w in distributed.local_micro_batches(micro):
                 batch = pair_batch([data.train[i] for i in idx], pad)
                 r_c, r_r = score_train(idx)
-                loss = bt_loss(cfg, r_c, r_r, batch) * (float(batch["weight"].sum()) / step_weight)
+                loss = bt_loss(cfg, r_c, r_r, batch) * (w * float(batch["weight"].sum()) / step_weight)
                 t.backward(loss)
                 loss_value += float(loss.detach())
-                stats.append(pair_metrics(r_c, r_r))
+                if w:  # (w = 0: an FSDP rank's placeholder, see posttrain.distributed)
+                    stats.append(pair_metrics(r_c, r_r))
             grad_norm = t.step(cfg.max_grad_norm)
             dt = time.perf_counter() - t0
             means = distributed.global_means(stats, STAT_KEYS)
@@ -260,8 +262,9 @@ def train(cfg: RewardConfig, data: PreferenceData | None = None) -> RewardResult
     model_dir = run_dir / "model"
     if head is None:
         engine.save_checkpoint(run_dir, t, tok, {"step": total_steps, "stage": "rm"}, cfg.keep_last)
+    state = t.full_state()
     if engine.is_main_process():
-        save_reward_model(model if head is not None else t.unwrapped(), tok, model_dir, head, cfg, ev)
+        save_reward_model(model if head is not None else t.unwrapped(), tok, model_dir, head, cfg, ev, state)
         if cfg.model.lora:
             engine.save_model_dir(t.unwrapped(), tok, run_dir / "adapter")
     engine.finish_run(run_dir, metrics)
@@ -274,7 +277,8 @@ def train(cfg: RewardConfig, data: PreferenceData | None = None) -> RewardResult
     return RewardResult(run_dir, model_dir, total_steps, loss_value, ev)
 
 
-def save_reward_model(model, tok, out: Path, head, cfg: RewardConfig, ev: dict) -> None:
+def save_reward_model(model, tok, out: Path, head, cfg: RewardConfig, ev: dict,
+                      state_dict: dict | None = None) -> None:
     """``out`` as an ``AutoModelForSequenceClassification`` directory (LoRA merged) + metadata."""
     out.mkdir(parents=True, exist_ok=True)
     info = {"kind": "outcome", "read_at": "last token of the chat-rendered conversation", "head": "linear",
@@ -282,7 +286,7 @@ def save_reward_model(model, tok, out: Path, head, cfg: RewardConfig, ev: dict) 
     if head is not None and not cfg.head_hidden:
         _, score = backbone_and_score_head(model)
         score.weight.data.copy_(head.weight.data.to(score.weight.dtype))
-    engine.save_model_dir(model, tok, out, merge_lora=cfg.model.lora)
+    engine.save_model_dir(model, tok, out, merge_lora=cfg.model.lora, state_dict=state_dict)
     if head is not None and cfg.head_hidden:
         from safetensors.torch import save_file
 

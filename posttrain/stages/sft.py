@@ -65,7 +65,7 @@ def evaluate(model, examples: list[TokenizedExample], batch_size: int, batching:
         return {}
     was_training = model.training
     model.eval()
-    order = distributed.shard(sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids)))
+    order = distributed.eval_shard(sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids)))
     total, count = 0.0, 0
     for s in range(0, len(order), batch_size):
         batch = collate([examples[i] for i in order[s : s + batch_size]], batching, pad_id)
@@ -74,7 +74,7 @@ def evaluate(model, examples: list[TokenizedExample], batch_size: int, batching:
         total -= float(lp.sum())
         count += lp.numel()
     model.train(was_training)
-    summed = distributed.all_sum({"total": total, "count": count})
+    summed = distributed.eval_sum({"total": total, "count": count})
     total, count = summed["total"], int(summed["count"])
     loss = total / max(count, 1)
     return {"loss/eval": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/tokens": count}
@@ -110,13 +110,14 @@ def train(cfg: SFTConfig, data: SFTData | None = None) -> SFTResult:
             n_targets = sum(num_targets(collate([data.train[i] for i in idx], cfg.batching, tok.pad_token_id)["labels"])
                             for idx in micro)
             step_loss, step_tokens = 0.0, 0
-            for idx in distributed.local_micro_batches(micro):
+            for idx, weight in distributed.local_micro_batches(micro):
                 b = collate([data.train[i] for i in idx], cfg.batching, tok.pad_token_id)
                 b = {k: v.to(t.device) for k, v in b.items()}
-                loss = sft_loss(batch_logprobs(t.model, b), n_targets)
+                loss = sft_loss(batch_logprobs(t.model, b), n_targets) * weight
                 t.backward(loss)
                 step_loss += float(loss.detach())
-                step_tokens += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                n_tok = int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                step_tokens += n_tok if weight else 0
             grad_norm = t.step(cfg.max_grad_norm)
             summed = distributed.all_sum({"loss": step_loss, "tokens": step_tokens})
             step_loss, step_tokens = summed["loss"], int(summed["tokens"])
