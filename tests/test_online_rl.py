@@ -261,6 +261,28 @@ def test_other_estimators_run(tiny_model_dir, prompt_file, tmp_path, cls, extra)
         assert "loss/value" in m[-1] and (res.run_dir / "value_head.safetensors").is_file()
 
 
+def test_ppo_separate_critic_trains_its_own_backbone(tiny_model_dir, prompt_file, tmp_path):
+    """critic=separate: a value head on its own copy of the decoder, trained fully, next to a
+    LoRA policy; the policy's base weights stay untouched by the value loss."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.stages import online_rl
+
+    res = online_rl.train(rl_cfg(online_rl.PPOConfig, tiny_model_dir, prompt_file, tmp_path / "run", "max_steps=6",
+                                 "batch_size=4", "minibatch_size=4", "critic=separate", "vf_coef=1.0",
+                                 "model.lora=true", "model.lora_dropout=0", "lr=3e-3"),
+                          reward_functions=[e_fraction])
+    m = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines() if "loss/value" in x]
+    assert len(m) == 6 and m[-1]["loss/value"] < m[0]["loss/value"]  # the critic fits the returns
+    critic = load_file(str(res.run_dir / "critic.safetensors"))
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).model.state_dict()
+    w = "layers.0.mlp.up_proj.weight"
+    assert {"head.weight", "head.bias", f"backbone.{w}"} <= set(critic)
+    assert not torch.equal(critic[f"backbone.{w}"], start[w])  # the critic's own decoder was trained
+    assert (res.run_dir / "model" / "adapter_model.safetensors").is_file()
+
+
 def test_grpo_resume_reaches_same_weights(tiny_model_dir, prompt_file, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 

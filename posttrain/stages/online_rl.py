@@ -22,9 +22,10 @@ Each step, top to bottom:
 
 Departures and simplifications, stated plainly:
 
-* The critic is a linear value head on the policy's own final hidden states (shared
-  backbone; its gradient reaches the backbone scaled by ``vf_coef``). There is no separate
-  critic model yet.
+* The critic (PPO) is a linear value head, either on the policy's own final hidden states
+  (``critic: shared``: one copy of the weights; its gradient reaches the backbone scaled by
+  ``vf_coef``) or on a separate, fully trained copy of the starting model's decoder
+  (``critic: separate``: twice the weights, no interference with the policy).
 * With ``num_iterations = 1`` and no PPO, the "old" log-probs are the current ones
   detached, so the ratio is exactly 1 (on-policy; the clip never triggers), as in TRL.
 * KL for PPO enters the reward with the k1 estimator (InstructGPT); for GRPO/RLOO it enters
@@ -98,6 +99,8 @@ class RLConfig(engine.TrainConfig):
     clip_eps_high: float = doc("Upper clip range (DAPO clip-higher; 0 = same as clip_eps).", 0.0)
     loss_agg: str = doc("Token aggregation: seq_mean (GRPO), token_mean (DAPO), constant (Dr. GRPO).", "seq_mean")
     vf_coef: float = doc("PPO: weight of the value loss.", 0.1)
+    critic: str = doc("PPO critic: shared (a value head on the policy's backbone) or separate (a value head on "
+                      "its own copy of the starting model's decoder, fully trained).", "shared")
     value_clip: float = doc("PPO: clip range of the value update.", 0.2)
     gamma: float = doc("PPO: discount γ.", 1.0)
     lam: float = doc("PPO: GAE λ.", 0.95)
@@ -110,6 +113,8 @@ class RLConfig(engine.TrainConfig):
         super().validate()
         if self.advantage not in ESTIMATORS:
             raise ConfigError(f"advantage: {self.advantage!r} is not one of {', '.join(ESTIMATORS)}")
+        if self.critic not in ("shared", "separate"):
+            raise ConfigError(f"critic: {self.critic!r} is not shared or separate")
         if self.scale_rewards not in ("group", "batch", "none"):
             raise ConfigError("scale_rewards must be group, batch or none")
         if self.loss_agg not in ("seq_mean", "token_mean", "constant"):
@@ -224,6 +229,26 @@ class Policy:
             return self.forward(self.ref_model, batch)
         with self.model.disable_adapter():  # LoRA: the base weights are the reference
             return self.forward(self.model, batch)
+
+
+class Critic(torch.nn.Module):
+    """PPO's value model: a linear head (zero-initialised) on the policy's hidden states, or on
+    those of its own ``backbone`` (a separate decoder) when given."""
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype, backbone: torch.nn.Module | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.head = torch.nn.Linear(hidden_size, 1).to(dtype)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, policy_hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(N,)`` values at the positions that predict each target token (float32)."""
+        h = policy_hidden
+        if self.backbone is not None:
+            out = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            h = out.last_hidden_state[:, :-1][batch["labels"][:, 1:] != IGNORE]
+        return self.head(h).squeeze(-1).float()
 
 
 def completion_examples(roll: Rollout) -> list[TokenizedExample]:
@@ -345,11 +370,10 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
     ref_model = None
     if cfg.beta and not cfg.model.lora:  # full fine-tuning keeps a frozen copy as the reference
         ref_model = load_model(cfg.model.name_or_path, dtype).eval().requires_grad_(False)
-    value_head = None
+    value_head = None  # the critic (PPO)
     if cfg.advantage == "gae":
-        value_head = torch.nn.Linear(model.config.hidden_size, 1).to(dtype)
-        torch.nn.init.zeros_(value_head.weight)
-        torch.nn.init.zeros_(value_head.bias)
+        backbone = load_model(cfg.model.name_or_path, dtype).get_decoder() if cfg.critic == "separate" else None
+        value_head = Critic(model.config.hidden_size, dtype, backbone)
     policy = Policy(cfg, model, value_head, ref_model)
     G = cfg.group_size
     batches = engine.EpochBatches([len(p.ids) for p in prompts], cfg.batch_size, cfg.seed)
@@ -420,7 +444,7 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                             lp, h = policy.forward(t.model, b, extras=("hidden",))
                             parts["logp"].update(zip(idx, lp.float().cpu().split(sizes)))
                             if value_head is not None:
-                                parts["values"].update(zip(idx, value_head(h).squeeze(-1).float().cpu().split(sizes)))
+                                parts["values"].update(zip(idx, value_head(h, b).cpu().split(sizes)))
                         if cfg.beta:
                             parts["ref_logp"].update(zip(idx, policy.reference_logprobs(b).float().cpu().split(sizes)))
                 t.model.train()
@@ -467,7 +491,7 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                         loss = loss * (share * w)  # (w = 0: an FSDP rank's placeholder)
                         acc["loss/policy"] += float(loss.detach())
                         if value_head is not None:
-                            v = value_head(h[0]).squeeze(-1).float()
+                            v = value_head(h[0], b)
                             vl = clipped_value_loss(v, rows_tokens(per_token, offsets, "values", idx).to(t.device),
                                                     rows_tokens(per_token, offsets, "returns", idx).to(t.device), cfg.value_clip)
                             vl = aggregate(vl, seq, len(idx), "token_mean") * (share * w)
@@ -515,7 +539,8 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
     if engine.is_main_process() and value_head is not None:
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in value_head.state_dict().items()}, str(run_dir / "value_head.safetensors"))
+        name = "critic.safetensors" if value_head.backbone is not None else "value_head.safetensors"
+        save_file({k: v.contiguous() for k, v in value_head.state_dict().items()}, str(run_dir / name))
     engine.finish_run(run_dir, metrics)
     log(f"{stage} done: {total_steps} steps" + (f", eval reward {ev['eval/reward']:.3f}" if ev else "")
         + f"; model saved to {model_dir}")
