@@ -337,3 +337,36 @@ def test_grpo_with_process_reward_model(tiny_model_dir, prompt_file, tmp_path):
                        f"process_reward_model={tmp_path / 'prm'}", "step_separator=e"), [e_fraction])
     m = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(m) == 2 and m[-1]["advantage/std"] > 0  # per-token process advantages vary within completions
+
+
+def test_decode_loop_matches_hf_generate(tiny_model_dir, smol_tokenizer):
+    """Our KV-cache decode loop: greedy tokens equal HF generate's on a left-padded batch, and
+    the sampling filter equals HF's temperature -> top-k -> top-p warpers."""
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from posttrain.rollout import decode, filter_logits
+
+    tok = smol_tokenizer
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompts = [tok.apply_chat_template([{"role": "user", "content": "hi " * (i + 1)}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=True)["input_ids"] for i in range(4)]
+    width = max(map(len, prompts))
+    ids = torch.full((4, width), tok.pad_token_id)
+    mask = torch.zeros((4, width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[:, width:]
+    got = decode(model, ids, mask, 10, tok.eos_token_id, tok.pad_token_id)
+    assert torch.equal(got, want)
+    x = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    hf = TopPLogitsWarper(0.8)(None, TopKLogitsWarper(10)(None, TemperatureLogitsWarper(0.7)(None, x.clone())))
+    ours = filter_logits(x, 0.7, 10, 0.8)
+    assert torch.equal(torch.isinf(hf), torch.isinf(ours))
+    torch.testing.assert_close(hf.softmax(-1), ours.softmax(-1))
