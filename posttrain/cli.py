@@ -221,12 +221,12 @@ def cmd_generate(args) -> int:
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                          batch_size=args.batch_size, seed=args.seed)
     completions = generate(model, tok, [r.messages for r in records], cfg)
-    out = open(args.out, "w") if args.out else sys.stdout
-    for r, c in zip(records, completions):
-        out.write(json.dumps({"prompt": r.messages, "completion": c, **r.fields}) + "\n")
+    lines = [json.dumps({"prompt": r.messages, "completion": c, **r.fields}) + "\n" for r, c in zip(records, completions)]
     if args.out:
-        out.close()
+        Path(args.out).write_text("".join(lines))
         log(f"wrote {len(completions)} completions to {args.out}")
+    else:
+        sys.stdout.writelines(lines)
     if bad.total:
         log(bad.summary())
     return 0

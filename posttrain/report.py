@@ -70,9 +70,9 @@ def write_recipe_report(run_dir: Path) -> Path:
     from posttrain.pipeline import DONE
 
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
-    parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(recipe.get('name', run_dir.name))}</title>"
-             f"</head><body><h1>posttrain recipe: {html.escape(recipe.get('name', ''))} ({html.escape(str(run_dir))})"
-             "</h1>"]
+    title = html.escape(recipe.get("name", run_dir.name))
+    parts = [f"<html><head><meta charset='utf-8'><title>{title}</title></head><body>",
+             f"<h1>posttrain recipe: {title} ({html.escape(str(run_dir))})</h1>"]
     if (run_dir / "accuracy.png").is_file():
         parts.append("<h2>Held-out accuracy per stage</h2><img src='accuracy.png'>")
     parts.append("<h2>Stages</h2><table border=1 cellpadding=3><tr><th>stage</th><th>kind</th><th>status</th>"

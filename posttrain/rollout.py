@@ -75,8 +75,8 @@ def generate(model, tok, conversations: list[list[dict[str, str]]], cfg: Samplin
             idx = order[s : s + cfg.batch_size]
             enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(model.device) for k, v in enc.items()}
-            kwargs = dict(max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id,
-                          eos_token_id=tok.eos_token_id, streamer=streamer)
+            kwargs = {"max_new_tokens": cfg.max_new_tokens, "pad_token_id": tok.pad_token_id,
+                      "eos_token_id": tok.eos_token_id, "streamer": streamer}
             if cfg.stop:
                 kwargs.update(stop_strings=cfg.stop, tokenizer=tok)
             if cfg.temperature > 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import sys
 import types
+import typing
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ class FakeOutput:
 
 
 class FakeLLM:
-    instances: list = []
+    instances: typing.ClassVar[list] = []
 
     def __init__(self, **kwargs):
         self.kwargs, self.loaded, self.requests = kwargs, {}, []
