@@ -60,24 +60,9 @@ def assert_same_weights(a_dir: Path, b_dir: Path, name: str = "model.safetensors
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=atol, msg=k)
 
 
-def run_here(stage: str, args: list[str], home: Path) -> None:
-    """The one-process run, in this process (saves a launch: ~10 s of imports)."""
-    from posttrain.cli import main
-
-    old = os.environ.get("POSTTRAIN_HOME")
-    os.environ["POSTTRAIN_HOME"] = str(home)
-    try:
-        assert main([stage, *args]) == 0
-    finally:
-        if old is None:
-            os.environ.pop("POSTTRAIN_HOME")
-        else:
-            os.environ["POSTTRAIN_HOME"] = old
-
-
 def one_vs_two(stage: str, args: list[str], tmp_path: Path, home: Path) -> tuple[Path, Path]:
     one, two = tmp_path / "one", tmp_path / "two"
-    run_here(stage, [*args, f"output_dir={one}"], home)
+    launch(stage, [*args, f"output_dir={one}"], 1, home)
     launch(stage, [*args, f"output_dir={two}"], 2, home)
     assert json.loads((two / "manifest.json").read_text())["host"]["world_size"] == 2
     return one, two
