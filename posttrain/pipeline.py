@@ -35,6 +35,7 @@ overrides, for a smoke run in minutes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -148,10 +149,12 @@ class Run:
         data = self.dir / "data"
         self.train_questions = [q for t in recipe.tasks for q in problems(t, recipe.n_train, "train", recipe.seed)]
         self.test_questions = [q for t in recipe.tasks for q in problems(t, recipe.n_test, "test", recipe.seed)]
-        # fresh questions for synthesis and RL: disjoint from the cold-start ones
-        self.fresh_questions = [q for t in recipe.tasks
-                                for q in problems(t, 2 * recipe.n_train, "train", recipe.seed + 1)
-                                if q.question not in {p.question for p in self.train_questions}]
+        # fresh questions for synthesis and RL: disjoint from the cold-start ones, the tasks
+        # interleaved so that the first n of them (a stage's ``n``) cover every task evenly
+        seen = {p.question for p in self.train_questions}
+        per_task = [[q for q in problems(t, 2 * recipe.n_train, "train", recipe.seed + 1) if q.question not in seen]
+                    for t in recipe.tasks]
+        self.fresh_questions = [q for group in itertools.zip_longest(*per_task) for q in group if q is not None]
         self.files = {
             "cold_start": write_rows(data / "cold_start.jsonl", [q.as_sft_row() for q in self.train_questions]),
             "prompts": write_rows(data / "prompts.jsonl", [q.as_prompt_row() for q in self.fresh_questions]),

@@ -78,3 +78,16 @@ def test_one_shot_prompt_shows_an_exemplar():
     ex = problems("gcd", 1, "train")[0]
     (msg,) = one_shot_messages("What is the greatest common divisor of 8 and 12?", ex)
     assert ex.solution in msg["content"] and msg["content"].endswith("8 and 12?\nResponse:")
+
+
+def test_fresh_questions_interleave_tasks(tmp_path):
+    """A stage that takes the first n fresh questions (rejection sampling's ``n``) gets every task."""
+    from posttrain.pipeline import Run
+
+    bad = tmp_path / "r.yaml"
+    bad.write_text(f"tasks: [addition, subtraction, gcd]\nn_train: 6\nn_test: 2\noutput_dir: {tmp_path / 'run'}\n"
+                   "stages:\n  - {name: e, kind: eval}\n")
+    run = Run(load_recipe(bad))
+    assert [q.task for q in run.fresh_questions[:6]] == ["addition", "subtraction", "gcd"] * 2
+    assert not {q.question for q in run.fresh_questions} & {q.question for q in run.train_questions}
+    assert {q.task for q in run.test_questions} == {"addition", "subtraction", "gcd"}
