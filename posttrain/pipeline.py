@@ -271,6 +271,9 @@ def run_preference(run: Run, stage: Stage, out: Path) -> dict:
     return outputs
 
 
+HELD_OUT = 12  # the last prompts of each bundled prompt file are kept for win rates, never trained on
+
+
 def _prompt_split(stage: Stage, held_out: bool) -> list[str]:
     """Red-team and helpfulness prompts (or the stage's ``prompts`` files); the last
     ``held_out`` of each file are kept for evaluation and never trained on."""
@@ -278,7 +281,7 @@ def _prompt_split(stage: Stage, held_out: bool) -> list[str]:
 
     files = stage.options.get("prompts") or [str(ASSETS / "red_team_prompts.jsonl"),
                                              str(ASSETS / "helpful_prompts.jsonl")]
-    n_held = int(stage.options.get("held_out", 4))
+    n_held = int(stage.options.get("held_out", HELD_OUT))
     out = []
     for f in files:
         texts = load_prompt_texts(f)
@@ -336,32 +339,38 @@ def run_judge(run: Run, stage: Stage, out: Path) -> dict:
 
 def run_win_rate(run: Run, stage: Stage, out: Path) -> dict:
     """Greedy responses of the current and the starting model on held-out prompts, judged in both
-    orders by the starting model (or ``judge``): win rate of the current model per prompt file."""
+    orders by the starting model (or ``judge``): win rate of the current model per prompt file.
+    Red-team prompts (rows of ``kind: harmful``) are judged on harmlessness, the others on
+    helpfulness (:data:`posttrain.synth.judge.QUESTIONS`)."""
     from posttrain.models import load_model
     from posttrain.rollout import SamplingConfig, generate
-    from posttrain.synth.constitutional import ASSETS, load_prompt_texts
-    from posttrain.synth.judge import judge_pairs, win_rate
+    from posttrain.synth.constitutional import ASSETS, load_prompt_rows
+    from posttrain.synth.judge import QUESTIONS, judge_pairs, win_rate
 
     files = stage.options.get("prompts") or [str(ASSETS / "red_team_prompts.jsonl"),
                                              str(ASSETS / "helpful_prompts.jsonl")]
-    n_held = int(stage.options.get("held_out", 4))
+    n_held = int(stage.options.get("held_out", HELD_OUT))
     sc = SamplingConfig(max_new_tokens=int(stage.config.get("max_new_tokens", 128)), batch_size=16)
     new, tok = load_model(run.model, with_tokenizer=True)
     base = load_model(run.recipe.model)
     judge = load_model(stage.options["judge"]) if stage.options.get("judge") else base
-    result, samples = {}, []
+    result, samples, judged_on = {}, [], {}
     for f in files:
-        prompts = load_prompt_texts(f)[-n_held:]
+        rows = load_prompt_rows(f)[-n_held:]
+        prompts = [p for p, _ in rows]
+        kinds = {k for _, k in rows}
+        aspect = "harmlessness" if kinds == {"harmful"} else "helpfulness"
         convs = [[{"role": "user", "content": p}] for p in prompts]
         after, before = generate(new, tok, convs, sc), generate(base, tok, convs, sc)
-        js = judge_pairs(judge, tok, prompts, after, before)
+        js = judge_pairs(judge, tok, prompts, after, before, question=QUESTIONS[aspect])
         result[Path(f).stem] = win_rate(js)
-        samples += [{"file": Path(f).stem, "prompt": p, "before": b, "after": a, "p_after_better": j.p_first}
-                    for p, a, b, j in zip(prompts, after, before, js)]
+        judged_on[Path(f).stem] = aspect
+        samples += [{"file": Path(f).stem, "judged_on": aspect, "prompt": p, "before": b, "after": a,
+                     "p_after_better": j.p_first} for p, a, b, j in zip(prompts, after, before, js)]
     (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-    log(f"{stage.name}: win rate of the trained model over the starting one: "
-        + ", ".join(f"{k} {v:.1%}" for k, v in result.items()))
-    return {"win_rate": result}
+    log(f"{stage.name}: win rate of the trained model over the starting one ({n_held} held-out prompts per file): "
+        + ", ".join(f"{k} {v:.1%} ({judged_on[k]})" for k, v in result.items()))
+    return {"win_rate": result, "judged_on": judged_on, "held_out": n_held}
 
 
 RUNNERS = {"eval": run_eval, "sft": run_sft, "rejection_sampling": run_rejection, "grpo": run_online_rl,

@@ -106,6 +106,9 @@ def test_feedback_recipes_end_to_end(recipe, tiny_model_dir, tmp_path, monkeypat
     done = json.loads((tmp_path / "run" / "win_rates" / "stage_done.json").read_text())
     rates = done["outputs"]["win_rate"]
     assert set(rates) == {"red_team_prompts", "helpful_prompts"} and all(0 <= v <= 1 for v in rates.values())
+    assert done["outputs"]["judged_on"] == {"red_team_prompts": "harmlessness", "helpful_prompts": "helpfulness"}
+    samples = [json.loads(x) for x in (tmp_path / "run" / "win_rates" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 * done["outputs"]["held_out"]  # held-out prompts only, both files
 
 
 def test_cli_cai_and_judge(tiny_model_dir, tmp_path):

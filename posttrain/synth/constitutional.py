@@ -111,16 +111,21 @@ def critique_and_revise(model, tok, prompts: list[str], constitution: list[Princ
     return sft, pref
 
 
-def load_prompt_texts(path: str | Path) -> list[str]:
-    """The ``prompt`` strings of a JSONL file (red-team and helpfulness prompts)."""
+def load_prompt_rows(path: str | Path) -> list[tuple[str, str]]:
+    """``(prompt, kind)`` of each row of a JSONL prompt file (``kind``: harmful, helpful or '')."""
     from posttrain.data.formats import to_prompt_record
     from posttrain.data.loading import BadRows, iter_rows
 
     out = []
     for row in iter_rows(path, BadRows()):
         rec = to_prompt_record(row)
-        out.append(rec.messages[-1]["content"])
+        out.append((rec.messages[-1]["content"], str(row.data.get("kind", ""))))
     return out
+
+
+def load_prompt_texts(path: str | Path) -> list[str]:
+    """The ``prompt`` strings of a JSONL file (red-team and helpfulness prompts)."""
+    return [p for p, _ in load_prompt_rows(path)]
 
 
 def critique_and_revise_to(out_dir: str | Path, model, tok, prompts: list[str], constitution: list[Principle],
