@@ -20,10 +20,15 @@ def test_worked_solutions_verify_and_perturbations_fail():
 def test_column_procedures_by_hand():
     text, result = solve_addition(478, 356)
     assert result == 834
-    assert text.splitlines()[0] == "Ones: 8 + 6 = 14, write 4, carry 1."
+    assert text.splitlines() == ["478 = 4 hundreds + 7 tens + 8 ones.", "356 = 3 hundreds + 5 tens + 6 ones.",
+                                 "Ones: 8 + 6 = 14, write 4, carry 1.",
+                                 "Tens: 7 + 5 + 1 (carry) = 13, write 3, carry 1.",
+                                 "Hundreds: 4 + 3 + 1 (carry) = 8, write 8."]
     text, result = solve_subtraction(503, 278)
     assert result == 225
-    assert "borrow" in text.splitlines()[0]
+    assert text.splitlines()[2:] == ["Ones: 3 is less than 8, borrow 1: 13 - 8 = 5.",
+                                     "Tens: 0 - 1 (borrowed) is less than 7, borrow 1: 9 - 7 = 2.",
+                                     "Hundreds: 5 - 1 (borrowed) - 2 = 2."]
 
 
 def test_splits_are_disjoint():

@@ -62,11 +62,22 @@ def _digits(n: int, width: int) -> list[int]:
     return [(n // 10**i) % 10 for i in range(width)]  # ones first
 
 
+def place_values(n: int, width: int) -> str:
+    """``"557 = 5 hundreds + 5 tens + 7 ones."``: the number written out by place, largest first.
+
+    The column lines that follow name their place ("Tens: ..."), so a model reads each digit
+    off a labelled term instead of counting positions inside a string of digit tokens (which
+    is where a small model trained on bare column steps went wrong most often).
+    """
+    d = _digits(n, width)
+    return f"{n} = " + " + ".join(f"{d[i]} {PLACES[i]}" for i in reversed(range(width))) + "."
+
+
 def solve_addition(a: int, b: int) -> tuple[str, int]:
     """Column addition with carries; returns (reasoning lines, result)."""
     width = max(len(str(a)), len(str(b)))
     da, db = _digits(a, width), _digits(b, width)
-    lines, carry, out = [], 0, []
+    lines, carry, out = [place_values(a, width), place_values(b, width)], 0, []
     for i in range(width):
         s = da[i] + db[i] + carry
         expr = f"{da[i]} + {db[i]}" + (f" + {carry} (carry)" if carry else "")
@@ -85,7 +96,7 @@ def solve_subtraction(a: int, b: int) -> tuple[str, int]:
     assert a >= b >= 0
     width = len(str(a))
     da, db = _digits(a, width), _digits(b, width)
-    lines, borrow, out = [], 0, []
+    lines, borrow, out = [place_values(a, width), place_values(b, width)], 0, []
     for i in range(width):
         top = da[i] - borrow
         expr_top = f"{da[i]} - {borrow} (borrowed)" if borrow else f"{da[i]}"
@@ -118,12 +129,11 @@ def arithmetic_problem(rng: random.Random, split: str, digits: tuple[int, int] =
         if op == "+":
             steps, result = solve_addition(a, b)
             assert result == a + b
-            reasoning = f"Add {a} and {b} column by column, starting from the ones.\n{steps}\nSo {a} + {b} = {result}."
+            reasoning = f"{steps}\nSo {a} + {b} = {result}."
         else:
             steps, result = solve_subtraction(a, b)
             assert result == a - b
-            reasoning = (f"Subtract {b} from {a} column by column, starting from the ones.\n{steps}\n"
-                         f"So {a} - {b} = {result}.")
+            reasoning = f"{steps}\nSo {a} - {b} = {result}."
         question = f"What is {a} {op} {b}?"
         return Problem(task, question, str(result), format_solution(reasoning, str(result)),
                        {"a": a, "b": b, "op": op})
