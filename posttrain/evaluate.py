@@ -79,12 +79,14 @@ def evaluate_items(model, tok, items: list[EvalItem], max_new_tokens: int = 256,
         return exact_answer(None, [resp], answer=[answer])[0] == 1.0
 
     convs = [it.messages for it in items]
-    greedy = generate(model, tok, convs, SamplingConfig(max_new_tokens=max_new_tokens, batch_size=batch_size))
+    greedy = generate(model, tok, convs, SamplingConfig(max_new_tokens=max_new_tokens, batch_size=batch_size),
+                      progress="eval")
     sampled = []
     if k > 1:
         reps = [c for c in convs for _ in range(k)]
         flat = generate(model, tok, reps, SamplingConfig(max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                                         temperature=temperature, seed=seed))
+                                                         temperature=temperature, seed=seed),
+                        progress=f"pass@{k}")
         sampled = [flat[i * k : (i + 1) * k] for i in range(len(items))]
     groups: dict[str, list[dict]] = defaultdict(list)
     samples = []
@@ -93,6 +95,7 @@ def evaluate_items(model, tok, items: list[EvalItem], max_new_tokens: int = 256,
         s = {"origin": it.origin, "task": it.task, "prompt": it.messages[-1]["content"], "answer": it.answer,
              "response": resp, "correct": bool(verify(resp, it.answer, **it.fields)), "format": is_well_formatted(resp),
              "tokens": len(tok(resp, add_special_tokens=False)["input_ids"])}
+        s["correct_lenient"] = s["correct"] or lenient(resp, it.answer)
         if sampled:
             s["samples_correct"] = sum(bool(verify(r, it.answer, **it.fields)) for r in sampled[i])
         samples.append(s)
@@ -102,6 +105,8 @@ def evaluate_items(model, tok, items: list[EvalItem], max_new_tokens: int = 256,
     for task in sorted(t for t in groups if t != "all") + ["all"]:
         ss = groups[task]
         m = {"n": len(ss), "accuracy": sum(s["correct"] for s in ss) / len(ss),
+             # the right number as the tagged answer or else the response's last number, format or not
+             "lenient": sum(s["correct_lenient"] for s in ss) / len(ss),
              "format": sum(s["format"] for s in ss) / len(ss),
              "mean_tokens": sum(s["tokens"] for s in ss) / len(ss)}
         if sampled:
@@ -116,7 +121,7 @@ def print_table(metrics: dict, title: str = "held-out evaluation") -> None:
 
     from posttrain.log import console
 
-    cols = ["task", "n", "accuracy", "format", "mean_tokens"] + [c for c in next(iter(metrics.values()))
+    cols = ["task", "n", "accuracy", "lenient", "format", "mean_tokens"] + [c for c in next(iter(metrics.values()))
                                                                   if c.startswith(("pass@", "sample_"))]
     table = Table(title=title)
     for c in cols:

@@ -59,9 +59,17 @@ def _cut_at_stop(text: str, stops: list[str]) -> str:
 
 @torch.no_grad()
 def generate(model, tok, conversations: list[list[dict[str, str]]], cfg: SamplingConfig | None = None,
-             streamer=None) -> list[str]:
-    """Completions (text, special tokens removed) for chat ``conversations``, in input order."""
+             streamer=None, progress: str | None = None) -> list[str]:
+    """Completions (text, special tokens removed) for chat ``conversations``, in input order.
+    ``progress``: show a bar with this label, advanced per batch (not inside another bar)."""
     cfg = cfg or SamplingConfig()
+    bar = None
+    if progress:
+        from posttrain.engine import progress as progress_bar
+
+        bar = progress_bar(progress)
+        bar_task = bar.add_task(progress, total=len(conversations), status="")
+        bar.start()
     texts = render_prompts(tok, conversations)
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     results: list[str] = [""] * len(texts)
@@ -89,9 +97,13 @@ def generate(model, tok, conversations: list[list[dict[str, str]]], cfg: Samplin
             new = out[:, enc["input_ids"].shape[1] :]
             for row, i in enumerate(idx):
                 results[i] = _cut_at_stop(tok.decode(new[row], skip_special_tokens=True), cfg.stop)
+            if bar is not None:
+                bar.update(bar_task, advance=len(idx), status=f"{new.shape[1]} tokens")
     finally:
         tok.padding_side = padding_side
         model.train(was_training)
+        if bar is not None:
+            bar.stop()
     return results
 
 

@@ -103,12 +103,14 @@ def test_eval_reports_accuracy_per_task(tiny_model_dir, tmp_path, monkeypatch):
 
     probs = arithmetic_problems(3, "test")
     data = write_jsonl(tmp_path / "q.jsonl", [p.as_prompt_row() for p in probs])
-    # a model that answers the first question with its worked solution and the others wrongly
-    answers = iter([probs[0].solution, "<think>\nx\n</think>\n<answer>0</answer>", "no idea"])
-    monkeypatch.setattr(ev, "generate", lambda model, tok, convs, cfg: [next(answers) for _ in convs])
+    # a model that answers the first question with its worked solution, the second wrongly and
+    # the third rightly but without the format (counted by the lenient accuracy only)
+    answers = iter([probs[0].solution, "<think>\nx\n</think>\n<answer>0</answer>", f"It is {probs[2].answer}."])
+    monkeypatch.setattr(ev, "generate", lambda model, tok, convs, cfg, **kw: [next(answers) for _ in convs])
     assert main(["eval", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "ev")]) == 0
     out = json.loads((tmp_path / "ev" / "eval.json").read_text())["metrics"]
     assert out["arithmetic"]["accuracy"] == pytest.approx(1 / 3) and out["all"]["format"] == pytest.approx(2 / 3)
+    assert out["arithmetic"]["lenient"] == pytest.approx(2 / 3)
 
 
 def test_pass_at_k_by_hand():
