@@ -124,3 +124,20 @@ def test_cli_cai_and_judge(tiny_model_dir, tmp_path):
     assert main(["judge", "--data", str(pairs), "--judge", str(tiny_model_dir), "--out", str(tmp_path / "j.jsonl")]) == 0
     rows = [json.loads(x) for x in (tmp_path / "j.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(0.5 <= r["label"] <= 1 for r in rows)
+
+
+def test_revisions_about_the_exercise_are_not_kept(monkeypatch, smol_tokenizer):
+    """A revision that talks about the critique/original response keeps the previous response."""
+    import posttrain.synth.constitutional as cai
+
+    script = iter([["Sure, here is how.", "Here you go."],            # responses
+                   ["It helps a harmful request.", "Fine."],           # critiques
+                   ["The original response was: Sure, here is how.",   # a meta "revision": not kept
+                    "Here you go, kindly."]])                          # a real revision: kept
+    monkeypatch.setattr(cai, "generate", lambda model, tok, convs, cfg: next(script)[: len(convs)])
+    assert cai.is_meta_revision("This critique is not") and not cai.is_meta_revision("I can't help with that.")
+    sft, pref = cai.critique_and_revise(None, smol_tokenizer, ["p1", "p2"], cai.load_constitution(None),
+                                        cai.CAIConfig(revisions=1))
+    assert [r["messages"][1]["content"] for r in sft] == ["Sure, here is how.", "Here you go, kindly."]
+    assert [p["prompt"] for p in pref] == ["p2"]  # no pair where nothing was revised
+    assert [t["kept"] for r in pref for t in r["trail"]] == [True]

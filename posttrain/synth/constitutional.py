@@ -21,6 +21,7 @@ weak model follow the requests; we rely on the instruct model's chat format alon
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,17 @@ def revision_messages(prompt: str, response: str, principle: Principle, critique
                                     "only."}]
 
 
+# A "revision" that talks about the exercise instead of answering the user ("The original
+# response was ...", "This critique ..."). A 135M model writes these often (15 of 56 in the
+# first full run), and SL-CAI trained on them taught the model to answer every prompt so.
+META_RE = re.compile(r"\b(original|previous|revised|rewritten) response\b|\bcritique\b|\brevision request\b", re.I)
+
+
+def is_meta_revision(text: str) -> bool:
+    """True when a revision refers to the critique/revision exercise itself."""
+    return bool(META_RE.search(text))
+
+
 @dataclass
 class CAIConfig:
     revisions: int = 1
@@ -99,8 +111,10 @@ def critique_and_revise(model, tok, prompts: list[str], constitution: list[Princ
         revised = gen([revision_messages(p, y, c, k) for p, y, c, k in zip(prompts, current, principles, critiques)],
                       cfg.seed + 2 * r + 2)
         for i in range(len(prompts)):
-            trail[i].append({"principle": principles[i].name, "critique": critiques[i], "revision": revised[i]})
-            if revised[i]:  # an empty revision keeps the previous response
+            kept = bool(revised[i]) and not is_meta_revision(revised[i])
+            trail[i].append({"principle": principles[i].name, "critique": critiques[i], "revision": revised[i],
+                             "kept": kept})
+            if kept:  # an empty revision, or one about the exercise, keeps the previous response
                 current[i] = revised[i]
     sft, pref = [], []
     for p, y, y2, t in zip(prompts, original, current, trail):
