@@ -75,7 +75,7 @@ def revision_messages(prompt: str, response: str, principle: Principle, critique
 # A "revision" that talks about the exercise instead of answering the user ("The original
 # response was ...", "This critique ..."). A 135M model writes these often (15 of 56 in the
 # first full run), and SL-CAI trained on them taught the model to answer every prompt so.
-META_RE = re.compile(r"\b(original|previous|revised|rewritten) response\b|\bcritique\b|\brevision request\b", re.I)
+META_RE = re.compile(r"\b(original|previous|revised|rewritten) response\b|\bcritique\b|\brevision request\b", re.IGNORECASE)
 
 
 def is_meta_revision(text: str) -> bool:
