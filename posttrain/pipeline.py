@@ -274,14 +274,22 @@ def run_preference(run: Run, stage: Stage, out: Path) -> dict:
 HELD_OUT = 12  # the last prompts of each bundled prompt file are kept for win rates, never trained on
 
 
-def _prompt_split(stage: Stage, held_out: bool) -> list[str]:
-    """Red-team and helpfulness prompts (or the stage's ``prompts`` files); the last
-    ``held_out`` of each file are kept for evaluation and never trained on."""
-    from posttrain.synth.constitutional import ASSETS, load_prompt_texts
+def _prompt_files(stage: Stage) -> tuple[list[str], int]:
+    """(the stage's ``prompts`` files or the bundled red-team and helpfulness ones, how many of
+    the last prompts of each file are held out)."""
+    from posttrain.synth.constitutional import ASSETS
 
     files = stage.options.get("prompts") or [str(ASSETS / "red_team_prompts.jsonl"),
                                              str(ASSETS / "helpful_prompts.jsonl")]
-    n_held = int(stage.options.get("held_out", HELD_OUT))
+    return files, int(stage.options.get("held_out", HELD_OUT))
+
+
+def _prompt_split(stage: Stage, held_out: bool) -> list[str]:
+    """Red-team and helpfulness prompts (or the stage's ``prompts`` files); the last
+    ``held_out`` of each file are kept for evaluation and never trained on."""
+    from posttrain.synth.constitutional import load_prompt_texts
+
+    files, n_held = _prompt_files(stage)
     out = []
     for f in files:
         texts = load_prompt_texts(f)
@@ -344,12 +352,10 @@ def run_win_rate(run: Run, stage: Stage, out: Path) -> dict:
     helpfulness (:data:`posttrain.synth.judge.QUESTIONS`)."""
     from posttrain.models import load_model
     from posttrain.rollout import SamplingConfig, generate
-    from posttrain.synth.constitutional import ASSETS, load_prompt_rows
+    from posttrain.synth.constitutional import load_prompt_rows
     from posttrain.synth.judge import QUESTIONS, judge_pairs, win_rate
 
-    files = stage.options.get("prompts") or [str(ASSETS / "red_team_prompts.jsonl"),
-                                             str(ASSETS / "helpful_prompts.jsonl")]
-    n_held = int(stage.options.get("held_out", HELD_OUT))
+    files, n_held = _prompt_files(stage)
     sc = SamplingConfig(max_new_tokens=int(stage.config.get("max_new_tokens", 128)), batch_size=16)
     new, tok = load_model(run.model, with_tokenizer=True)
     base = load_model(run.recipe.model)

@@ -63,14 +63,13 @@ def generate(model, tok, conversations: list[list[dict[str, str]]], cfg: Samplin
     """Completions (text, special tokens removed) for chat ``conversations``, in input order.
     ``progress``: show a bar with this label, advanced per batch (not inside another bar)."""
     cfg = cfg or SamplingConfig()
+    texts = render_prompts(tok, conversations)
     bar = None
     if progress:
         from posttrain.engine import progress as progress_bar
 
         bar = progress_bar(progress)
         bar_task = bar.add_task(progress, total=len(conversations), status="")
-        bar.start()
-    texts = render_prompts(tok, conversations)
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     results: list[str] = [""] * len(texts)
     was_training = model.training
@@ -78,6 +77,8 @@ def generate(model, tok, conversations: list[list[dict[str, str]]], cfg: Samplin
     padding_side = tok.padding_side
     tok.padding_side = "left"
     try:
+        if bar is not None:
+            bar.start()
         gen = torch.Generator().manual_seed(cfg.seed)
         for s in range(0, len(order), cfg.batch_size):
             idx = order[s : s + cfg.batch_size]
