@@ -2,18 +2,17 @@
 
 :func:`generate` renders each conversation with the chat template and its generation
 prompt, left-pads the batch (so every row's continuation starts at the same column),
-and samples with the HF ``generate`` loop and its KV cache: greedy when
-``temperature == 0``, otherwise temperature / top-p / top-k sampling, seeded. It stops
-at EOS (the end-of-turn token for chat models) and at any of ``stop`` strings, which are
-cut from the returned text. Prompts are processed longest-first in batches so that
-little padding is generated.
+and samples with our KV-cache loop (:func:`decode`): greedy when ``temperature == 0``,
+otherwise temperature / top-p / top-k sampling, seeded. It stops at EOS (the end-of-turn
+token for chat models) and at any of ``stop`` strings, which are cut from the returned
+text (HF ``generate`` checks those as it goes). Prompts are processed longest-first in
+batches so that little padding is generated.
 
 For online RL, :func:`sample` works on token ids: it returns each completion's token
 ids up to and including its EOS (or cut at ``max_new_tokens``: ``truncated``), decoded
 text, and generation throughput. The behaviour policy's log-probs are recomputed by the
 trainer with :func:`posttrain.logprobs.token_logprobs` (the same function as the loss, so
-the importance ratio is exactly 1 on the first update, with no sampler/trainer mismatch);
-the sampling itself is HF ``generate`` with its KV cache.
+the importance ratio is exactly 1 on the first update, with no sampler/trainer mismatch).
 """
 
 from __future__ import annotations
@@ -79,35 +78,21 @@ def generate(model, tok, conversations: list[list[dict[str, str]]], cfg: Samplin
     try:
         if bar is not None:
             bar.start()
-        gen = torch.Generator().manual_seed(cfg.seed)
-        for s in range(0, len(order), cfg.batch_size):
+        for b, s in enumerate(range(0, len(order), cfg.batch_size)):
             idx = order[s : s + cfg.batch_size]
             enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(model.device) for k, v in enc.items()}
-            kwargs = {"max_new_tokens": cfg.max_new_tokens, "pad_token_id": tok.pad_token_id,
-                      "eos_token_id": tok.eos_token_id, "streamer": streamer}
-            if cfg.stop:
-                kwargs.update(stop_strings=cfg.stop, tokenizer=tok)
-            if cfg.temperature > 0:
-                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-                kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
-                              top_k=cfg.top_k or None)
-            else:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            out = model.generate(**enc, **kwargs)
-            new = out[:, enc["input_ids"].shape[1] :]
+            new = continue_batch(model, tok, enc["input_ids"], enc["attention_mask"], cfg, cfg.seed * 100_003 + b,
+                                 streamer)
             for row, i in enumerate(idx):
                 results[i] = _cut_at_stop(tok.decode(new[row], skip_special_tokens=True), cfg.stop)
             if bar is not None:
-                bar.update(bar_task, advance=len(idx), status=f"{new.shape[1]} tokens")
+                bar.update(bar_task, advance=len(idx), status=f"{max(map(len, new), default=0)} tokens")
     finally:
         tok.padding_side = padding_side
         model.train(was_training)
         if bar is not None:
             bar.stop()
     return results
-
-
 
 
 @dataclass
@@ -155,6 +140,60 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return logits
 
 
+def preallocated_cache(model, capacity: int):
+    """A ``DynamicCache`` whose layers hold ``capacity`` positions written in place, or
+    ``None`` (the model makes its usual cache) when a layer is not a plain dynamic layer
+    (sliding windows, linear attention).
+
+    HF's ``DynamicLayer`` appends with ``torch.cat``, copying the whole cache on every token;
+    at batch 64 on CPU that copy was about half of a decoding step's profile. Here each
+    step's keys/values are written in place and views of the filled part are returned.
+    """
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        def __init__(self):
+            super().__init__()
+            self.length = 0
+
+        def lazy_initialization(self, key_states, value_states):
+            self.dtype, self.device = key_states.dtype, key_states.device
+            b, h, _, d = key_states.shape
+            self._k = key_states.new_empty(b, h, capacity, d)
+            self._v = value_states.new_empty(b, h, capacity, value_states.shape[-1])
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.length + key_states.shape[-2]
+            if end > capacity:
+                raise RuntimeError(f"KV cache of {capacity} positions overflowed")
+            self._k[:, :, self.length : end] = key_states
+            self._v[:, :, self.length : end] = value_states
+            self.length = end
+            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def batch_select_indices(self, indices):
+            if self.is_initialized:
+                k, v = self._k, self._v
+                self._k = k.new_empty((len(indices),) + k.shape[1:])
+                self._v = v.new_empty((len(indices),) + v.shape[1:])
+                self._k[:, :, : self.length] = k[indices, :, : self.length]
+                self._v[:, :, : self.length] = v[indices, :, : self.length]
+                self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+    cache = DynamicCache(config=model.config)
+    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    cache.layers = [PreallocatedLayer() for _ in cache.layers]
+    return cache
+
+
 @torch.no_grad()
 def decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: int, pad: int,
            temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -164,15 +203,23 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eo
 
     Our own loop instead of HF ``generate``: at batch 8-32 on CPU most of ``generate``'s time
     per token went to its per-step machinery (logits processors, stopping criteria, cache
-    bookkeeping) rather than to the model, and online RL calls it on every step.
+    bookkeeping) rather than to the model, and online RL calls it on every step. The cache is
+    preallocated (:func:`preallocated_cache`), and rows that ended are dropped from the batch
+    once they are an eighth of it, so a few long completions do not keep the whole batch
+    decoding (completions here vary from ~40 to the token limit).
     """
     B = ids.shape[0]
+    out = ids.new_full((B, max_new_tokens), pad)
+    live = torch.arange(B, device=ids.device)  # original row of each row still in the batch
     position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
-    past, logits = out.past_key_values, out.logits[:, -1]
+    past = preallocated_cache(model, ids.shape[1] + max_new_tokens)
+    kwargs = {"past_key_values": past} if past is not None else {}
+    res = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1,
+                **kwargs)
+    past, logits = res.past_key_values, res.logits[:, -1]
     next_pos = position_ids[:, -1:] + 1
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
-    new = []
+    n = 0
     for t in range(max_new_tokens):
         if temperature > 0:
             probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
@@ -181,16 +228,46 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eo
         else:
             token = logits.argmax(-1)
         token = token.masked_fill(done, pad)
-        new.append(token)
+        out[live, t] = token
         done |= token == eos
+        n = t + 1
         if bool(done.all()) or t == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], 1)
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=past,
+        if int(done.sum()) * 8 >= len(live):  # compact: drop the rows that ended
+            keep = (~done).nonzero().squeeze(-1)
+            live, token, mask, next_pos, done = live[keep], token[keep], mask[keep], next_pos[keep], done[keep]
+            past.batch_select_indices(keep)
+        mask = torch.cat([mask, torch.ones(len(live), 1, dtype=mask.dtype, device=mask.device)], 1)
+        res = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=past,
                     use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1]
+        past, logits = res.past_key_values, res.logits[:, -1]
         next_pos = next_pos + 1
-    return torch.stack(new, 1) if new else ids.new_zeros((B, 0))
+    return out[:, :n]
+
+
+def continue_batch(model, tok, ids: torch.Tensor, mask: torch.Tensor, cfg: SamplingConfig,
+                   seed: int, streamer=None) -> list[list[int]]:
+    """New token ids after each left-padded prompt row (pad after EOS), sampled as ``cfg``
+    says and seeded by ``seed``: our :func:`decode` loop, or HF ``generate`` when stop
+    strings must be checked as the text grows or a ``streamer`` prints it."""
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    if not cfg.stop and streamer is None:
+        g = torch.Generator().manual_seed(seed)
+        return decode(model, ids, mask, cfg.max_new_tokens, eos, pad, cfg.temperature, cfg.top_k, cfg.top_p,
+                      g).tolist()
+    kwargs = {"max_new_tokens": cfg.max_new_tokens, "pad_token_id": pad, "eos_token_id": eos,
+              "streamer": streamer}
+    if cfg.stop:
+        kwargs.update(stop_strings=cfg.stop, tokenizer=tok)
+    if cfg.temperature > 0:
+        torch.manual_seed(seed)
+        kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1] :].tolist()
 
 
 @torch.no_grad()
@@ -209,7 +286,6 @@ def sample(model, tok, prompt_ids: list[list[int]], cfg: SamplingConfig, seed: i
     was_training = model.training
     policy, model = model, generation_model(model)
     model.eval()
-    device = next(model.parameters()).device
     try:
         for b, s in enumerate(range(0, len(prompt_ids), cfg.batch_size)):
             rows = list(range(s, min(s + cfg.batch_size, len(prompt_ids))))
@@ -219,21 +295,7 @@ def sample(model, tok, prompt_ids: list[list[int]], cfg: SamplingConfig, seed: i
             for r, i in enumerate(rows):  # left padding
                 ids[r, width - len(prompt_ids[i]) :] = torch.tensor(prompt_ids[i])
                 mask[r, width - len(prompt_ids[i]) :] = 1
-            if cfg.stop:  # stop strings: HF generate checks them as it goes
-                kwargs = {"max_new_tokens": cfg.max_new_tokens, "pad_token_id": pad, "eos_token_id": eos,
-                          "stop_strings": cfg.stop, "tokenizer": tok}
-                if cfg.temperature > 0:
-                    torch.manual_seed(seed * 100_003 + b)
-                    kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
-                                  top_k=cfg.top_k or None)
-                else:
-                    kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-                gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-                new = gen[:, width:].tolist()
-            else:
-                g = torch.Generator().manual_seed(seed * 100_003 + b)
-                new = decode(model, ids.to(device), mask.to(device), cfg.max_new_tokens, eos, pad, cfg.temperature,
-                             cfg.top_k, cfg.top_p, g).tolist()
+            new = continue_batch(model, tok, ids, mask, cfg, seed * 100_003 + b)
             for r, i in enumerate(rows):
                 seq = new[r]
                 if eos in seq:

@@ -370,3 +370,37 @@ def test_decode_loop_matches_hf_generate(tiny_model_dir, smol_tokenizer):
     ours = filter_logits(x, 0.7, 10, 0.8)
     assert torch.equal(torch.isinf(hf), torch.isinf(ours))
     torch.testing.assert_close(hf.softmax(-1), ours.softmax(-1))
+
+
+def test_decode_drops_ended_rows_and_matches_hf_generate(tiny_model_dir, smol_tokenizer):
+    """Rows that reach EOS leave the batch (the cache is compacted); every row's tokens still
+    equal HF generate's, with pads after each row's EOS, greedy and sampled-with-seed alike."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.rollout import decode
+
+    tok = smol_tokenizer
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompts = [tok.encode(f"row {i}: " + "x " * (i % 3)) for i in range(8)]
+    width = max(map(len, prompts))
+    ids = torch.full((8, width), tok.pad_token_id)
+    mask = torch.zeros((8, width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    free = decode(model, ids, mask, 12, eos=-1, pad=tok.pad_token_id)
+    # an EOS that some rows emit after a few tokens and others never: those rows end and the
+    # batch is compacted while the rest go on decoding
+    eos = next(t for t in free.unique().tolist()
+               if 0 < int((free == t).any(1).sum()) < len(free) and not bool((free[:, 0] == t).any()))
+    want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                          pad_token_id=tok.pad_token_id, eos_token_id=eos)[:, width:]
+    got = decode(model, ids, mask, 12, eos, tok.pad_token_id)
+    assert 0 < int((got == eos).any(1).sum()) < len(got) and got.shape == want.shape
+    assert torch.equal(got, want)
+    a = decode(model, ids, mask, 12, eos, tok.pad_token_id, 1.0, generator=torch.Generator().manual_seed(3))
+    b = decode(model, ids, mask, 12, eos, tok.pad_token_id, 1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    for row in a.tolist():  # nothing but pads after a row's EOS
+        if eos in row:
+            assert set(row[row.index(eos) + 1:]) <= {tok.pad_token_id}
