@@ -404,3 +404,32 @@ def test_decode_drops_ended_rows_and_matches_hf_generate(tiny_model_dir, smol_to
     for row in a.tolist():  # nothing but pads after a row's EOS
         if eos in row:
             assert set(row[row.index(eos) + 1:]) <= {tok.pad_token_id}
+
+
+def half_constant(prompts, completions, answer, **kw):
+    """e_fraction for even-numbered prompts, a constant for odd ones (their groups have no spread)."""
+    return [0.5 if int(a) % 2 else f for a, f in zip(answer, e_fraction(prompts, completions))]
+
+
+def test_grpo_skips_zero_advantage_completions_without_changing_the_update(tiny_model_dir, prompt_file, tmp_path,
+                                                                           monkeypatch):
+    from safetensors.torch import load_file
+
+    from posttrain.stages import online_rl
+
+    args = ("max_steps=3", "sample_every=0", "micro_batch_size=3", "loss_agg=token_mean", "beta=0")
+    fast = online_rl.train(rl_cfg(online_rl.GRPOConfig, tiny_model_dir, prompt_file, tmp_path / "skip", *args),
+                           [half_constant])
+    m = [json.loads(x) for x in (fast.run_dir / "metrics.jsonl").read_text().splitlines() if "reward/mean" in x]
+    assert all(0 < r["train/skipped_frac"] < 1 for r in m)
+    monkeypatch.setattr(online_rl, "zero_gradient_free", lambda cfg, vh, adv, offsets: [True] * (len(offsets) - 1))
+    full = online_rl.train(rl_cfg(online_rl.GRPOConfig, tiny_model_dir, prompt_file, tmp_path / "all", *args),
+                           [half_constant])
+    m_full = [json.loads(x) for x in (full.run_dir / "metrics.jsonl").read_text().splitlines() if "reward/mean" in x]
+    assert all(r["train/skipped_frac"] == 0 for r in m_full)
+    # the same gradients (their norm is taken before clipping) and so the same weights
+    for x, y in zip(m, m_full):
+        assert x["train/grad_norm"] == pytest.approx(y["train/grad_norm"], rel=1e-5)
+    a, b = load_file(str(fast.model_dir / "model.safetensors")), load_file(str(full.model_dir / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-5)  # micro-batches differ: summation order

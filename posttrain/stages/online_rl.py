@@ -465,13 +465,16 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
             # sums (and "#n" counts) over this rank's micro-batches, summed over ranks below
             acc = dict.fromkeys(("loss/policy", "loss/value", *(k + s for k in TOKEN_STATS for s in ("", "#n"))), 0.0)
             n_updates, train_tokens, t_train = 0, 0, time.perf_counter()
+            trained = zero_gradient_free(cfg, value_head, adv["adv"], offsets)
             for _ in range(cfg.num_iterations):
                 order = list(range(len(examples)))
                 if mb < n_completions:
                     rng.shuffle(order)
                 for mb_idx in chunks(order, mb):
+                    # normalisers count every completion, trained or not, so skipping the ones
+                    # with no gradient leaves the update exactly as it was
                     mb_seqs, mb_tokens = len(mb_idx), sum(lengths[i] for i in mb_idx)
-                    for idx, w in distributed.even_chunks(mb_idx, cfg.micro_batch_size):
+                    for idx, w in distributed.even_chunks([i for i in mb_idx if trained[i]], cfg.micro_batch_size):
                         b = {k: v.to(t.device) for k, v in collate_pad([examples[i] for i in idx],
                                                                         tok.pad_token_id).items()}
                         extras = ("entropy", "hidden") if value_head is not None else ("entropy",)
@@ -514,6 +517,7 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
             # 6. log
             rec = step_metrics(cfg, roll, rewards, per_fn, adv["adv"], acc, n_updates, old)
             rec.update({"train/grad_norm": grad_norm, "train/lr": t.lr, "perf/step_s": dt,
+                        "train/skipped_frac": 1.0 - sum(trained) / max(len(trained), 1),
                         "perf/rollout_s": roll.seconds, "perf/train_tokens_per_s": train_tokens / max(t_train, 1e-9),
                         "perf/peak_rss_mb": engine.peak_rss_mb()})
             if step % cfg.log_every == 0 or step == total_steps:
@@ -547,6 +551,20 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
     if bad.total:
         log(f"data: {bad.summary()}")
     return RLResult(run_dir, model_dir, total_steps, ev)
+
+
+def zero_gradient_free(cfg: RLConfig, value_head, adv: torch.Tensor, offsets: list[int]) -> list[bool]:
+    """Which completions the update pass must run: with no critic and no KL term in the loss,
+    a completion whose every token has advantage 0 (a group whose rewards were all equal)
+    adds exactly nothing to the loss or its gradient, so its forward and backward are
+    skipped (DAPO filters such groups out for the same reason). Under several processes
+    every completion is run, so that all ranks do the same passes."""
+    n = len(offsets) - 1
+    if value_head is not None or cfg.beta or distributed.world_size() > 1:
+        return [True] * n
+    seq = torch.repeat_interleave(torch.arange(n), torch.tensor(offsets).diff())
+    nonzero = torch.zeros(n, dtype=torch.long).index_add(0, seq, (adv.cpu() != 0).long()) > 0
+    return nonzero.tolist()
 
 
 def step_metrics(cfg: RLConfig, roll: Rollout, rewards: torch.Tensor, per_fn: dict, adv: torch.Tensor,
