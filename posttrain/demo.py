@@ -1,9 +1,10 @@
 """The main job (``make demo`` / ``posttrain demo``): the reasoning recipe on the embedded model.
 
 Runs ``recipes/reasoning.yaml`` (baseline eval -> cold-start SFT on programmatic worked
-solutions -> eval -> rejection sampling -> SFT on the kept samples -> eval -> GRPO with correctness and format
-rewards -> final eval) on the embedded SmolLM2-135M-Instruct, then prints held-out
-questions answered before and after, the accuracy table per stage, and the plot's path.
+solutions -> eval -> rejection sampling -> SFT on the kept samples -> eval -> GRPO with
+correctness and format rewards -> final eval) on the embedded SmolLM2-135M-Instruct, then
+prints held-out questions answered before and after, the accuracy table per stage, and the
+plot's path.
 ``--quick`` runs the recipe's quick block (minutes, for smoke tests). A stopped demo
 continues where it stopped when run again.
 """
