@@ -36,8 +36,8 @@ class SamplingConfig:
     stop: list[str] = doc("Extra stop strings (EOS always stops).", default_factory=list)
     batch_size: int = doc("Prompts generated together.", 16)
     seed: int = doc("Sampling seed.", 0)
-    backend: str = doc("Online-RL rollout backend: hf (transformers generate, any device) or vllm (CUDA, "
-                       "pip install 'posttrain[vllm]').", "hf")
+    backend: str = doc("Online-RL rollout backend: hf (our KV-cache loop on the transformers model, any "
+                       "device) or vllm (CUDA, pip install 'posttrain[vllm]').", "hf")
     vllm_gpu_memory_utilization: float = doc("Share of the GPU the colocated vLLM engine may use.", 0.3)
 
     def validate(self) -> None:
