@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, ROOT, write_jsonl  # noqa: E402
+from _common import RESULTS, ROOT, write_jsonl
 
 STEPS = {"sft": 8, "dpo": 6, "grpo": 5}
 
