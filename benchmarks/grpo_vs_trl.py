@@ -36,8 +36,8 @@ What is not the same (and cannot be made the same)
     script records every step's completion lengths and rewards for both, and the mean
     completion length of each run, so the per-step times can be read against the tokens
     processed. Implementation choices that are part of what is compared: posttrain samples
-    from a merged copy of the LoRA model (one weight copy per step); TRL samples through the
-    unmerged peft model.
+    from the LoRA model with its adapters merged in place for the rollout (unmerged after);
+    TRL samples through the unmerged peft model.
 
 Runs (each in a fresh ``spawn`` subprocess, one after the other)
     ``posttrain``: ``posttrain.stages.online_rl.train`` with a ``GRPOConfig`` from
@@ -65,6 +65,7 @@ TRL's. The summary also goes to benchmarks/results/grpo_vs_trl.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -151,11 +152,14 @@ def run_posttrain(spec: dict) -> dict:
 
     real_merge = rollout.generation_model
 
-    def timed_merge(model):  # the merged copy of the LoRA model that rollout.sample generates with
+    @contextlib.contextmanager
+    def timed_merge(model):  # merging the LoRA adapters in before rollout.sample generates, and out after
         t = time.perf_counter()
-        out = real_merge(model)
+        with real_merge(model) as merged:
+            parts["merge"] += time.perf_counter() - t
+            yield merged
+            t = time.perf_counter()
         parts["merge"] += time.perf_counter() - t
-        return out
 
     rollout.generation_model = timed_merge
 
@@ -445,7 +449,7 @@ def print_table(s: dict) -> None:
               f"  {r['basis']}")
     print("  (generate / ref pass / rest: means over the window steps 2..N of all steps, rest = s/step(all) - both)")
     if runs.get("posttrain", {}).get("window_lora_merge_s_per_step") is not None:
-        print(f"  posttrain's generate includes copying + merging the LoRA model: "
+        print(f"  posttrain's generate includes merging the LoRA adapters in and out: "
               f"{runs['posttrain']['window_lora_merge_s_per_step']:.2f} s/step")
     for name, t in s["targets"].items():
         verdict = "info" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")

@@ -18,6 +18,7 @@ the importance ratio is exactly 1 on the first update, with no sampler/trainer m
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -111,18 +112,25 @@ class Rollout:
         return sum(len(c) for c in self.completion_ids)
 
 
+@contextmanager
 def generation_model(model):
-    """The model to sample from: a LoRA model is merged into a temporary copy of its base.
+    """The model to sample from, inside a ``with``: a LoRA model has its adapters merged into
+    the base weights for the duration and unmerged after, even on error.
 
     Unmerged LoRA adds two small matmuls per adapted projection to every decoding step
-    (several times slower on CPU); merging in place and unmerging afterwards would drift the
-    base weights by rounding each step. A merged copy costs one weight copy per rollout.
+    (10-15% slower decoding at batch 8 on CPU). Merging into a deep copy, as this did before,
+    cost 0.8 s and a whole weight copy (540 MB here) per rollout; in place it costs 0.3 s and
+    nothing. Merge + unmerge round the base weights by about one float32 ulp (1.2e-7 after
+    two cycles on the embedded model); TRL's vLLM path for peft models does the same.
     """
-    if hasattr(model, "merge_and_unload") and getattr(model, "peft_config", None):
-        import copy
-
-        return copy.deepcopy(model).merge_and_unload()
-    return model
+    if getattr(model, "peft_config", None) and hasattr(model, "merge_adapter"):
+        model.merge_adapter()
+        try:
+            yield model
+        finally:
+            model.unmerge_adapter()
+    else:
+        yield model
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -284,30 +292,30 @@ def sample(model, tok, prompt_ids: list[list[int]], cfg: SamplingConfig, seed: i
     out_ids: list[list[int]] = [[] for _ in prompt_ids]
     truncated = [False] * len(prompt_ids)
     was_training = model.training
-    policy, model = model, generation_model(model)
-    model.eval()
     try:
-        for b, s in enumerate(range(0, len(prompt_ids), cfg.batch_size)):
-            rows = list(range(s, min(s + cfg.batch_size, len(prompt_ids))))
-            width = max(len(prompt_ids[i]) for i in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):  # left padding
-                ids[r, width - len(prompt_ids[i]) :] = torch.tensor(prompt_ids[i])
-                mask[r, width - len(prompt_ids[i]) :] = 1
-            new = continue_batch(model, tok, ids, mask, cfg, seed * 100_003 + b)
-            for r, i in enumerate(rows):
-                seq = new[r]
-                if eos in seq:
-                    seq = seq[: seq.index(eos) + 1]
-                else:
-                    while seq and seq[-1] == pad and pad != eos:
-                        seq.pop()
-                out_ids[i] = seq
-                text = tok.decode(seq, skip_special_tokens=True)
-                truncated[i] = eos not in seq and not any(st and st in text for st in cfg.stop)
+        with generation_model(model) as gen:
+            gen.eval()
+            for b, s in enumerate(range(0, len(prompt_ids), cfg.batch_size)):
+                rows = list(range(s, min(s + cfg.batch_size, len(prompt_ids))))
+                width = max(len(prompt_ids[i]) for i in rows)
+                ids = torch.full((len(rows), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(rows), width), dtype=torch.long)
+                for r, i in enumerate(rows):  # left padding
+                    ids[r, width - len(prompt_ids[i]) :] = torch.tensor(prompt_ids[i])
+                    mask[r, width - len(prompt_ids[i]) :] = 1
+                new = continue_batch(gen, tok, ids, mask, cfg, seed * 100_003 + b)
+                for r, i in enumerate(rows):
+                    seq = new[r]
+                    if eos in seq:
+                        seq = seq[: seq.index(eos) + 1]
+                    else:
+                        while seq and seq[-1] == pad and pad != eos:
+                            seq.pop()
+                    out_ids[i] = seq
+                    text = tok.decode(seq, skip_special_tokens=True)
+                    truncated[i] = eos not in seq and not any(st and st in text for st in cfg.stop)
     finally:
-        policy.train(was_training)
+        model.train(was_training)
     texts = [_cut_at_stop(tok.decode(c, skip_special_tokens=True), cfg.stop) for c in out_ids]
     dt = time.perf_counter() - t0
     n_tok = sum(len(c) for c in out_ids)

@@ -433,3 +433,33 @@ def test_grpo_skips_zero_advantage_completions_without_changing_the_update(tiny_
     a, b = load_file(str(fast.model_dir / "model.safetensors")), load_file(str(full.model_dir / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-5)  # micro-batches differ: summation order
+
+
+def test_generation_model_merges_lora_for_the_rollout_only(tiny_model_dir):
+    """Adapters are merged into the base weights inside the ``with`` (same outputs as the
+    unmerged model) and unmerged after, also on error; the base weights come back to within
+    float rounding and the LoRA weights still get gradients."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.rollout import generation_model
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "up_proj"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    x = torch.arange(10)[None]
+    want = model(input_ids=x).logits
+    with generation_model(model) as gen:
+        assert any(m.merged for m in gen.modules() if hasattr(m, "merged"))
+        torch.testing.assert_close(gen(input_ids=x).logits, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError), generation_model(model):
+        raise RuntimeError("stopped mid-rollout")
+    assert not any(m.merged for m in model.modules() if hasattr(m, "merged"))
+    for n, p in model.named_parameters():
+        if n in base:
+            torch.testing.assert_close(p, base[n], rtol=0, atol=1e-6)
+    model(input_ids=x).logits.sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
