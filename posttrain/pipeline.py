@@ -161,8 +161,9 @@ class Run:
             "test": write_rows(data / "test.jsonl", [q.as_prompt_row() for q in self.test_questions]),
         }
 
-    def data_files(self, spec: str) -> list[str]:
-        """``''`` = cold start; ``@stage`` = rows a synthesis stage wrote; ``a+b`` joins them."""
+    def data_files(self, spec: str, allow_empty: bool = False) -> list[str]:
+        """``''`` = cold start; ``@stage`` = rows a synthesis stage wrote; ``a+b`` joins them.
+        Every source empty is an error unless ``allow_empty`` (then ``[]``)."""
         if not spec:
             return [str(self.files["cold_start"])]
         out = []
@@ -182,7 +183,7 @@ class Run:
                     raise ConfigError(f"data '{part}': no earlier stage '{name}' wrote {key}")
             else:
                 out.append(part)
-        if not out:
+        if not out and not allow_empty:
             raise ConfigError(f"data '{spec}': every source is empty")
         return out
 
@@ -211,8 +212,13 @@ def _train_model_dir(result, lora: bool) -> str:
 def run_sft(run: Run, stage: Stage, out: Path) -> dict:
     from posttrain.stages.sft import SFTConfig, train
 
+    files = run.data_files(stage.data, allow_empty=True)
+    if not files:  # e.g. a self-improvement round after rejection sampling kept nothing
+        warn(f"stage '{stage.name}': every data source ({stage.data}) is empty; no training, the model goes on "
+             "unchanged")
+        return {"model": run.model, "train_loss": None, "eval_loss": None, "skipped": "no training rows"}
     overrides = [f"model.name_or_path={run.model}", f"output_dir={out}", "resume=true", "merge_lora=true",
-                 f"data.train={','.join(run.data_files(stage.data))}", "tensorboard=false"]
+                 f"data.train={','.join(files)}", "tensorboard=false"]
     cfg = load_config(SFTConfig, None, overrides + _flatten("", stage.config))
     res = train(cfg)
     return {"model": _train_model_dir(res, cfg.model.lora), "train_loss": res.train_loss, "eval_loss": res.eval_loss}
@@ -259,8 +265,13 @@ def run_preference(run: Run, stage: Stage, out: Path) -> dict:
     mod, cls = (dpo, dpo.DPOConfig) if stage.kind == "dpo" else (reward, reward.RewardConfig)
     if not stage.data:
         raise ConfigError(f"stage '{stage.name}': {stage.kind} needs data (preference rows)")
+    files = run.data_files(stage.data, allow_empty=True)
+    if not files:  # e.g. a self-improvement round after rejection sampling kept nothing
+        warn(f"stage '{stage.name}': every data source ({stage.data}) is empty; no training, the model goes on "
+             "unchanged")
+        return {"model": run.model, "train_loss": None, "eval_loss": None, "skipped": "no training rows"}
     overrides = [f"model.name_or_path={run.model}", f"output_dir={out}", "resume=true", "merge_lora=true",
-                 f"data.train={','.join(run.data_files(stage.data))}", "tensorboard=false"]
+                 f"data.train={','.join(files)}", "tensorboard=false"]
     cfg = load_config(cls, None, overrides + _flatten("", stage.config))
     res = mod.train(cfg)
     outputs = {"eval": res.eval}

@@ -3,6 +3,7 @@ rejection sampling filters on literal responses."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,9 @@ def test_recipe_runs_end_to_end_and_resumes(recipe, tiny_model_dir, tmp_path, mo
     assert list(summary["evals"]) == [s.name for s in r.stages if s.kind == "eval"]
     assert (run / "accuracy.png").is_file() and (run / "summary.json").is_file()
     assert summary["final_model"] != str(tiny_model_dir)  # the trained model flows to the end
+    done = {s.name: json.loads((run / s.name / "stage_done.json").read_text())["outputs"] for s in r.stages}
+    if done.get("rejection_sampling", {}).get("rows_count") == 0:  # a random tiny model keeps nothing:
+        assert done["sft_round2"]["skipped"] == "no training rows"  # round 2 has no rows and passes the model on
     from posttrain.report import write_report
     from posttrain.runs import find_runs
 
