@@ -148,6 +148,18 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return logits
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of ``(B, V)`` probabilities, by inverting the cumulative sum with one
+    uniform draw per row. ``torch.multinomial`` took 11 ms for 8 rows of SmolLM2's 49,152-token
+    vocabulary on this CPU (about a tenth of a decoding step), this 0.3 ms. Tokens of
+    probability 0 are never drawn (``right=True``: the first cumulative sum above the draw)."""
+    cum = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=cum.dtype, device=cum.device) * cum[:, -1:]
+    token = torch.searchsorted(cum, u, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
+    bad = probs.gather(-1, token[:, None]).squeeze(-1) <= 0  # a draw rounded onto the very end of the sum
+    return torch.where(bad, probs.argmax(-1), token)
+
+
 def preallocated_cache(model, capacity: int):
     """A ``DynamicCache`` whose layers hold ``capacity`` positions written in place, or
     ``None`` (the model makes its usual cache) when a layer is not a plain dynamic layer
@@ -231,8 +243,7 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eo
     for t in range(max_new_tokens):
         if temperature > 0:
             probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
-            token = torch.multinomial(probs.cpu() if generator is not None else probs, 1,
-                                      generator=generator).squeeze(-1).to(ids.device)
+            token = draw(probs.cpu() if generator is not None else probs, generator).to(ids.device)
         else:
             token = logits.argmax(-1)
         token = token.masked_fill(done, pad)

@@ -463,3 +463,16 @@ def test_generation_model_merges_lora_for_the_rollout_only(tiny_model_dir):
             torch.testing.assert_close(p, base[n], rtol=0, atol=1e-6)
     model(input_ids=x).logits.sum().backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_draw_follows_the_distribution():
+    from posttrain.rollout import draw
+
+    p = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 1.0, 0.0]]).repeat(10_000, 1)
+    tokens = draw(p, torch.Generator().manual_seed(0))
+    first, second = tokens[0::2], tokens[1::2]
+    assert set(first.tolist()) <= {0, 2, 3} and set(second.tolist()) == {3}  # never a zero-probability token
+    freq = torch.bincount(first, minlength=5).float() / len(first)
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0]), rtol=0, atol=0.015)
+    again = draw(p, torch.Generator().manual_seed(0))
+    assert torch.equal(tokens, again)
