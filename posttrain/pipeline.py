@@ -209,6 +209,13 @@ def _train_model_dir(result, lora: bool) -> str:
     return str(merged if lora and merged.is_dir() else result.model_dir)
 
 
+def _train_overrides(run: Run, out: Path, files: list[str]) -> list[str]:
+    """Config keys every training stage of a recipe gets: the run's current model, the stage's
+    directory (resumable), its data files, a merged model at the end."""
+    return [f"model.name_or_path={run.model}", f"output_dir={out}", "resume=true", "merge_lora=true",
+            f"data.train={','.join(files)}", "tensorboard=false"]
+
+
 def run_sft(run: Run, stage: Stage, out: Path) -> dict:
     from posttrain.stages.sft import SFTConfig, train
 
@@ -217,9 +224,7 @@ def run_sft(run: Run, stage: Stage, out: Path) -> dict:
         warn(f"stage '{stage.name}': every data source ({stage.data}) is empty; no training, the model goes on "
              "unchanged")
         return {"model": run.model, "train_loss": None, "eval_loss": None, "skipped": "no training rows"}
-    overrides = [f"model.name_or_path={run.model}", f"output_dir={out}", "resume=true", "merge_lora=true",
-                 f"data.train={','.join(files)}", "tensorboard=false"]
-    cfg = load_config(SFTConfig, None, overrides + _flatten("", stage.config))
+    cfg = load_config(SFTConfig, None, _train_overrides(run, out, files) + _flatten("", stage.config))
     res = train(cfg)
     return {"model": _train_model_dir(res, cfg.model.lora), "train_loss": res.train_loss, "eval_loss": res.eval_loss}
 
@@ -265,14 +270,7 @@ def run_preference(run: Run, stage: Stage, out: Path) -> dict:
     mod, cls = (dpo, dpo.DPOConfig) if stage.kind == "dpo" else (reward, reward.RewardConfig)
     if not stage.data:
         raise ConfigError(f"stage '{stage.name}': {stage.kind} needs data (preference rows)")
-    files = run.data_files(stage.data, allow_empty=True)
-    if not files:  # e.g. a self-improvement round after rejection sampling kept nothing
-        warn(f"stage '{stage.name}': every data source ({stage.data}) is empty; no training, the model goes on "
-             "unchanged")
-        return {"model": run.model, "train_loss": None, "eval_loss": None, "skipped": "no training rows"}
-    overrides = [f"model.name_or_path={run.model}", f"output_dir={out}", "resume=true", "merge_lora=true",
-                 f"data.train={','.join(files)}", "tensorboard=false"]
-    cfg = load_config(cls, None, overrides + _flatten("", stage.config))
+    cfg = load_config(cls, None, _train_overrides(run, out, run.data_files(stage.data)) + _flatten("", stage.config))
     res = mod.train(cfg)
     outputs = {"eval": res.eval}
     if stage.kind == "dpo":

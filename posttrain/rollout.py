@@ -289,6 +289,18 @@ def continue_batch(model, tok, ids: torch.Tensor, mask: torch.Tensor, cfg: Sampl
     return model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1] :].tolist()
 
 
+def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, attention_mask)`` of token-id rows padded on the left to the longest, so every
+    row's continuation starts at the same column."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[r, width - len(row) :] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def sample(model, tok, prompt_ids: list[list[int]], cfg: SamplingConfig, seed: int = 0) -> Rollout:
     """Sample one completion per entry of ``prompt_ids`` (repeat a prompt for a group).
@@ -308,12 +320,7 @@ def sample(model, tok, prompt_ids: list[list[int]], cfg: SamplingConfig, seed: i
             gen.eval()
             for b, s in enumerate(range(0, len(prompt_ids), cfg.batch_size)):
                 rows = list(range(s, min(s + cfg.batch_size, len(prompt_ids))))
-                width = max(len(prompt_ids[i]) for i in rows)
-                ids = torch.full((len(rows), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(rows), width), dtype=torch.long)
-                for r, i in enumerate(rows):  # left padding
-                    ids[r, width - len(prompt_ids[i]) :] = torch.tensor(prompt_ids[i])
-                    mask[r, width - len(prompt_ids[i]) :] = 1
+                ids, mask = left_pad([prompt_ids[i] for i in rows], pad)
                 new = continue_batch(gen, tok, ids, mask, cfg, seed * 100_003 + b)
                 for r, i in enumerate(rows):
                     seq = new[r]

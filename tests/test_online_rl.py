@@ -349,18 +349,14 @@ def test_decode_loop_matches_hf_generate(tiny_model_dir, smol_tokenizer):
         TopPLogitsWarper,
     )
 
-    from posttrain.rollout import decode, filter_logits
+    from posttrain.rollout import decode, filter_logits, left_pad
 
     tok = smol_tokenizer
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     prompts = [tok.apply_chat_template([{"role": "user", "content": "hi " * (i + 1)}], add_generation_prompt=True,
                                        tokenize=True, return_dict=True)["input_ids"] for i in range(4)]
-    width = max(map(len, prompts))
-    ids = torch.full((4, width), tok.pad_token_id)
-    mask = torch.zeros((4, width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    width = ids.shape[1]
     want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[:, width:]
     got = decode(model, ids, mask, 10, tok.eos_token_id, tok.pad_token_id)
@@ -377,17 +373,13 @@ def test_decode_drops_ended_rows_and_matches_hf_generate(tiny_model_dir, smol_to
     equal HF generate's, with pads after each row's EOS, greedy and sampled-with-seed alike."""
     from transformers import AutoModelForCausalLM
 
-    from posttrain.rollout import decode
+    from posttrain.rollout import decode, left_pad
 
     tok = smol_tokenizer
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     prompts = [tok.encode(f"row {i}: " + "x " * (i % 3)) for i in range(8)]
-    width = max(map(len, prompts))
-    ids = torch.full((8, width), tok.pad_token_id)
-    mask = torch.zeros((8, width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    width = ids.shape[1]
     free = decode(model, ids, mask, 12, eos=-1, pad=tok.pad_token_id)
     # an EOS that some rows emit after a few tokens and others never: those rows end and the
     # batch is compacted while the rest go on decoding
