@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import yaml
 
-from posttrain import distributed, faults
+from posttrain import allocator, distributed, faults
 from posttrain.config import ConfigError, doc
 from posttrain.data.dataset import DataConfig
 from posttrain.log import is_main_process, log, warn
@@ -97,6 +97,7 @@ def file_fingerprint(path: str | Path) -> str:
 def setup_run(output_dir: str | Path, stage: str, cfg: Any, inputs: list[str] | None = None) -> Path:
     """Create ``output_dir`` with ``config.yaml`` and ``manifest.json``; returns it."""
     distributed.init()
+    allocator.keep_freed_memory()
     out = Path(output_dir)
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)

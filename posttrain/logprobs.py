@@ -6,8 +6,9 @@ decoder once, keeps only the hidden states whose next token is a target (``label
 -100``), and applies the LM head to those alone: on chat data most tokens are prompt,
 so this skips most of the (N, vocab) logits that a plain ``model(...).logits`` would
 materialise (49,152 columns for SmolLM2), and their softmax. The head itself runs in
-row chunks (:func:`head_logprobs`), with the logits recomputed in backward, so no
-``(N, vocab)`` matrix exists at any time.
+row chunks (:func:`head_logprobs`); the softmax that backward needs is kept when it is
+small and otherwise recomputed there block by block, so a long batch never holds an
+``(N, vocab)`` matrix across the decoder's backward.
 
 Convention (as in transformers): ``labels`` is aligned with ``input_ids``; the log-prob
 at position ``t`` is log p(labels[t] | input_ids[:t]), computed from the hidden state at
@@ -77,11 +78,11 @@ def token_logprobs(
 
 # --------------------------------------------------------------------------- LM head + log-softmax
 
-#: Rows of the ``(rows, vocab)`` logits block computed at once. 128 x 49,152 fp32 is 24 MiB:
-#: under glibc's largest mmap threshold, so the block's memory is reused from the heap
-#: instead of being mapped and zero-filled by the kernel on every call (which cost ~10% of
-#: a CPU training step when the whole ``(N, vocab)`` matrix was materialised).
-HEAD_CHUNK_ROWS = 128
+#: Rows of the ``(rows, vocab)`` logits block computed at once (256 x 49,152 fp32 is 48 MiB).
+#: Measured on the 2-core CPU (1,200 target tokens, SmolLM2's head, forward + backward):
+#: 128 rows 2.35 s, 256 rows 1.89 s, 512 rows 1.80 s with the softmax kept; the blocks are
+#: reused from the heap because :mod:`posttrain.allocator` keeps freed memory mapped.
+HEAD_CHUNK_ROWS = 256
 
 
 def _full_head_logprobs(logits, targets, temperature, want_entropy):
@@ -100,42 +101,72 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _chunk_logits(h, weight, bias, inv_temp):
-    logits = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
-    logits = logits.to(_acc(logits.dtype))  # bf16/fp16 logits are summed in fp32
+def _chunk_logits(h, weight, bias, inv_temp, out=None):
+    """``(h W^T + b) / T`` in the accumulation dtype, written into ``out`` when given."""
+    if out is not None and out.dtype == h.dtype:
+        logits = torch.mm(h, weight.T, out=out) if bias is None else torch.addmm(bias, h, weight.T, out=out)
+    else:
+        logits = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
+        logits = logits.to(_acc(logits.dtype))  # bf16/fp16 logits are summed in fp32
+        if out is not None:
+            logits = out.copy_(logits)
     if inv_temp != 1.0:
         logits.mul_(inv_temp)
     return logits
 
 
-def _head_forward(h, weight, bias, targets, inv_temp, want_entropy, chunk):
+def _head_forward(h, weight, bias, targets, inv_temp, want_entropy, chunk, probs=None):
+    """Log-probs, log-sum-exps and entropies (or None) of each row; with ``probs`` (an
+    ``(N, vocab)`` buffer) each row's softmax is left there for the backward pass."""
     n, acc = h.shape[0], _acc(h.dtype)
     lp = torch.empty(n, dtype=acc, device=h.device)
     lse = torch.empty(n, dtype=acc, device=h.device)
     ent = torch.empty(n, dtype=acc, device=h.device) if want_entropy else None
     for s in range(0, n, chunk):
-        logits = _chunk_logits(h[s : s + chunk], weight, bias, inv_temp)
-        z = torch.logsumexp(logits, -1)
-        lse[s : s + chunk] = z
-        lp[s : s + chunk] = logits.gather(1, targets[s : s + chunk, None]).squeeze(1) - z
-        if want_entropy:  # H = lse - sum p * logit
+        e = min(s + chunk, n)
+        logits = _chunk_logits(h[s:e], weight, bias, inv_temp, None if probs is None else probs[s:e])
+        target_logit = logits.gather(1, targets[s:e, None]).squeeze(1)
+        if want_entropy:  # H = lse - sum p * logit (needs the logits after the softmax)
+            z = torch.logsumexp(logits, -1)
             p = logits.sub(z[:, None]).exp_()
-            ent[s : s + chunk] = z - (p * logits).sum(-1)
+            ent[s:e] = z - (p * logits).sum(-1)
+            if probs is not None:
+                logits.copy_(p)
+        else:  # the softmax in place: logits -> exp(logits - max) -> / sum
+            m = logits.amax(-1, keepdim=True)
+            p = logits.sub_(m).exp_()
+            total = p.sum(-1, keepdim=True)
+            z = (m + total.log()).squeeze(1)
+            if probs is not None:
+                p.div_(total)
+        lse[s:e] = z
+        lp[s:e] = target_logit - z
     return lp, lse, ent
+
+
+#: Up to this many bytes, the forward pass keeps the ``(N, vocab)`` softmax for backward
+#: (3 matmuls per chunk in all); above it, backward recomputes each logits block from the
+#: saved hidden states (4 matmuls, no ``(N, vocab)`` matrix alive across the decoder's
+#: backward). 2,048 target tokens x 49,152 fp32 is 384 MiB.
+HEAD_SAVE_BYTES = 512 * 2**20
 
 
 class _HeadLogprobs(torch.autograd.Function):
     """Log-probs of ``targets`` under ``softmax((h W^T + b) / T)``, chunked over rows.
 
-    Only ``(N,)`` log-sum-exps are kept for backward; each logits block is recomputed
-    there (one extra ``h W^T`` matmul per chunk) instead of holding the ``(N, vocab)``
-    logits and their softmax alive across the whole decoder backward.
+    The softmax needed by backward is either kept from the forward pass (when ``(N, vocab)``
+    fits in :data:`HEAD_SAVE_BYTES`) or recomputed there block by block from ``h``, so only
+    ``(N,)`` log-sum-exps are kept and no ``(N, vocab)`` matrix lives across the whole
+    decoder backward.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, inv_temp, want_entropy, chunk):
-        lp, lse, ent = _head_forward(h, weight, bias, targets, inv_temp, want_entropy, chunk)
-        ctx.save_for_backward(h, weight, bias, targets, lse)
+    def forward(ctx, h, weight, bias, targets, inv_temp, want_entropy, chunk, save_bytes):
+        acc = _acc(h.dtype)
+        keep = h.shape[0] * weight.shape[0] * torch.tensor([], dtype=acc).element_size() <= save_bytes
+        probs = torch.empty(h.shape[0], weight.shape[0], dtype=acc, device=h.device) if keep else None
+        lp, lse, ent = _head_forward(h, weight, bias, targets, inv_temp, want_entropy, chunk, probs)
+        ctx.save_for_backward(h, weight, bias, targets, lse, probs)  # freed after backward
         ctx.inv_temp, ctx.chunk = inv_temp, chunk
         if ent is not None:
             ctx.mark_non_differentiable(ent)
@@ -143,38 +174,42 @@ class _HeadLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_lp, _grad_ent):
-        h, weight, bias, targets, lse = ctx.saved_tensors
+        h, weight, bias, targets, lse, probs = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(h) if need_h else None
         acc = _acc(weight.dtype)
-        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
-        grad_b = torch.zeros_like(bias, dtype=acc) if need_b else None
+        grad_w = grad_b = None
         for s in range(0, h.shape[0], ctx.chunk):
-            hc, g = h[s : s + ctx.chunk], grad_lp[s : s + ctx.chunk].to(lse.dtype)
+            e = min(s + ctx.chunk, h.shape[0])
+            hc, g = h[s:e], grad_lp[s:e].to(lse.dtype)
             # d lp / d logit = onehot(target) - softmax; times the upstream grad and 1/T
-            d = _chunk_logits(hc, weight, bias, ctx.inv_temp).sub_(lse[s : s + ctx.chunk, None]).exp_()
-            d.mul_(-g[:, None])
-            d.scatter_add_(1, targets[s : s + ctx.chunk, None], g[:, None])
+            if probs is None:
+                d = _chunk_logits(hc, weight, bias, ctx.inv_temp).sub_(lse[s:e, None]).exp_().mul_(-g[:, None])
+            else:  # (not in place: a retained graph may run backward again)
+                d = probs[s:e] * -g[:, None]
+            d.scatter_add_(1, targets[s:e, None], g[:, None])
             if ctx.inv_temp != 1.0:
                 d.mul_(ctx.inv_temp)
             d = d.to(weight.dtype)
             if need_h:
-                grad_h[s : s + ctx.chunk] = d @ weight
-            if need_w:
-                grad_w.addmm_(d.T.to(acc), hc.to(acc))  # no-ops in fp32
+                torch.mm(d, weight, out=grad_h[s:e])
+            if need_w:  # the first block writes, the others add (no zero-filled (V, H) buffer)
+                grad_w = d.T.to(acc) @ hc.to(acc) if grad_w is None else grad_w.addmm_(d.T.to(acc), hc.to(acc))
             if need_b:
-                grad_b += d.sum(0).to(acc)
+                grad_b = d.sum(0).to(acc) if grad_b is None else grad_b.add_(d.sum(0).to(acc))
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
 def head_logprobs(h, weight, bias, targets, temperature: float = 1.0, want_entropy: bool = False,
-                  chunk: int = HEAD_CHUNK_ROWS):
+                  chunk: int = HEAD_CHUNK_ROWS, save_bytes: int | None = None):
     """``(log p(target), entropy or None)`` from final hidden states ``h`` ``(N, H)`` and the LM
-    head ``weight`` ``(V, H)`` / ``bias``, never materialising more than ``chunk`` rows of logits.
+    head ``weight`` ``(V, H)`` / ``bias``, computing ``chunk`` rows of logits at a time; under
+    autograd the softmax is kept for backward when it fits in ``save_bytes`` (default
+    :data:`HEAD_SAVE_BYTES`; 0 = always recompute it there).
 
     The same value as ``-cross_entropy(h @ weight.T / temperature, targets)``; gradients flow
     to ``h``, ``weight`` and ``bias`` (tied embeddings included); entropy has no gradient.
@@ -182,7 +217,8 @@ def head_logprobs(h, weight, bias, targets, temperature: float = 1.0, want_entro
     inv_temp = 1.0 / temperature
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
-        return _HeadLogprobs.apply(h, weight, bias, targets, inv_temp, want_entropy, chunk)
+        save = HEAD_SAVE_BYTES if save_bytes is None else save_bytes
+        return _HeadLogprobs.apply(h, weight, bias, targets, inv_temp, want_entropy, chunk, save)
     lp, _, ent = _head_forward(h, weight, bias, targets, inv_temp, want_entropy, chunk)
     return lp, ent
 

@@ -102,3 +102,25 @@ def test_chunked_head_gradcheck():
     b = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)
     t = torch.tensor([0, 6, 2, 2, 5])
     torch.autograd.gradcheck(lambda h, w, b: head_logprobs(h, w, b, t, 0.9, chunk=2)[0], (h, w, b))
+    # the path that recomputes the softmax in backward instead of keeping it
+    torch.autograd.gradcheck(lambda h, w, b: head_logprobs(h, w, b, t, 0.9, chunk=2, save_bytes=0)[0], (h, w, b))
+
+
+def test_chunked_head_kept_softmax_equals_recomputed():
+    from posttrain.logprobs import head_logprobs
+
+    g = torch.Generator().manual_seed(2)
+    h0, w0 = torch.randn(9, 4, generator=g), torch.randn(11, 4, generator=g)
+    t = torch.randint(0, 11, (9,), generator=g)
+    up = torch.randn(9, generator=g)
+    grads = []
+    for save in (0, 1 << 30):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        lp, ent = head_logprobs(h, w, None, t, 0.7, want_entropy=True, chunk=4, save_bytes=save)
+        (lp * up).sum().backward()
+        ref = torch.log_softmax((h0 @ w0.T) / 0.7, -1)
+        torch.testing.assert_close(lp.detach(), ref.gather(1, t[:, None]).squeeze(1))
+        torch.testing.assert_close(ent, -(ref.exp() * ref).sum(-1))
+        grads.append((h.grad, w.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])

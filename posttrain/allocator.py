@@ -1,0 +1,47 @@
+"""Keep freed CPU memory inside the process instead of handing it back to the OS (glibc).
+
+glibc's ``malloc`` serves every block above its mmap threshold (128 KB, rising to at most
+32 MB) with a fresh ``mmap`` and ``munmap``s it on ``free``; smaller frees at the top of the
+heap are trimmed back with ``sbrk``. A training step allocates and frees the same large
+tensors every time (logits chunks, activation gradients, the 113 MB gradient of a 49k x 576
+embedding), so each step the kernel maps those pages anew and zero-fills every 4 KB page at
+its first touch. Profiled on the embedded SmolLM2 (2-core CPU, batch 8 x 150 tokens), zeroing
+the embedding gradient took 290 ms per call instead of ~10 ms and a ``128 x 49152`` logits
+matmul 154 ms instead of ~70 ms; with the settings below a full step was ~10% faster.
+
+``keep_freed_memory()`` turns off mmap for large blocks (``M_MMAP_MAX = 0``: everything comes
+from the heap, whose freed pages stay mapped) and raises the trim threshold, as
+``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` would before start-up. Peak RSS is
+unchanged in principle (memory is reused, not added) but the process no longer shrinks
+after a peak. Off with ``POSTTRAIN_KEEP_FREED_MEMORY=0``; a no-op off glibc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: keep up to 2 GiB of free heap top
+
+_state: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Apply the malloc settings once per process; True when they are in effect."""
+    global _state
+    if _state is not None:
+        return _state
+    _state = False
+    if os.environ.get("POSTTRAIN_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+        return _state
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt, _ = libc.mallopt, libc.gnu_get_libc_version  # glibc only (musl has no mallopt)
+    except (OSError, AttributeError):
+        return _state
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    _state = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return _state
