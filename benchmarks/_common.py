@@ -252,6 +252,10 @@ def machine() -> dict[str, object]:
 def _child(fn, spec: dict, conn) -> None:
     """Body of a benchmark subprocess: send ``fn(spec)``, or the error and traceback, to the parent."""
     try:
+        if spec.get("keep_freed_memory"):  # posttrain's process-level malloc settings, for a peer's run too
+            from posttrain.allocator import keep_freed_memory
+
+            spec = {**spec, "keep_freed_memory": keep_freed_memory()}
         conn.send(fn(spec))
     except BaseException as e:  # noqa: BLE001 - report any failure to the parent
         import traceback

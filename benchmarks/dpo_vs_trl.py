@@ -351,6 +351,9 @@ def parse_args(argv=None):
                    help="leave out TRL's default run (reference forward inside every step)")
     p.add_argument("--wait-quiet", type=float, default=300, metavar="S",
                    help="before each run, wait up to S seconds for other processes to leave the CPU idle")
+    p.add_argument("--trl-default-malloc", action="store_true",
+                   help="run TRL with glibc's default malloc settings instead of the ones posttrain applies "
+                        "to itself (posttrain.allocator)")
     p.add_argument("--only", choices=["posttrain", "trl", "trl_live_ref"], action="append",
                    help="run only these (repeatable)")
     p.add_argument("--json", default=str(C.RESULTS / "dpo_vs_trl.json"), help="where to write the summary")
@@ -400,11 +403,12 @@ def main(argv=None) -> int:
     plan = [
         ("posttrain", run_posttrain, {**base}),
         ("trl", run_trl, {**base, "order": order, "pt_tokens": pt_tokens, "precompute": True,
-                          "settings": dict(TRL_FAST)}),
+                          "settings": dict(TRL_FAST), "keep_freed_memory": not a.trl_default_malloc}),
     ]
     if not a.skip_trl_live_ref:
         plan.append(("trl_live_ref", run_trl, {**base, "order": order, "pt_tokens": pt_tokens, "precompute": False,
-                                               "settings": dict(TRL_FAST)}))
+                                               "settings": dict(TRL_FAST),
+                                               "keep_freed_memory": not a.trl_default_malloc}))
     if a.only:
         plan = [p for p in plan if p[0] in a.only]
 

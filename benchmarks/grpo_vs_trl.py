@@ -303,6 +303,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: 3 steps")
     p.add_argument("--wait-quiet", type=float, default=300, metavar="S",
                    help="before each run, wait up to S seconds for other processes to leave the CPU idle")
+    p.add_argument("--trl-default-malloc", action="store_true",
+                   help="run TRL with glibc's default malloc settings instead of the ones posttrain applies "
+                        "to itself (posttrain.allocator)")
     p.add_argument("--only", choices=["posttrain", "trl"], action="append", help="run only these (repeatable)")
     p.add_argument("--json", default=str(C.RESULTS / "grpo_vs_trl.json"), help="where to write the summary")
     a = p.parse_args(argv)
@@ -337,7 +340,8 @@ def main(argv=None) -> int:
           "tokens", flush=True)
 
     plan = [("posttrain", run_posttrain, dict(base)),
-            ("trl", run_trl, {**base, "order": order, "settings": dict(TRL_FAST)})]
+            ("trl", run_trl, {**base, "order": order, "settings": dict(TRL_FAST),
+                              "keep_freed_memory": not a.trl_default_malloc})]
     if a.only:
         plan = [p for p in plan if p[0] in a.only]
     results: dict[str, dict] = {}

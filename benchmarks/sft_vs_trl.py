@@ -37,7 +37,10 @@ Runs (each in a fresh ``spawn`` subprocess, one after the other)
     ``trl_fast``: the fastest TRL settings found for CPU: ``bf16=False`` (fp32),
     ``gradient_checkpointing=False``, ``dataloader_pin_memory=False``, the default
     fused AdamW, no eval, no saving, ``report_to="none"`` (see ``TRL_FAST`` and the notes
-    in benchmarks/README.md on what was tried: ``padding_free=True`` measured slower).
+    in benchmarks/README.md on what was tried: ``padding_free=True`` measured slower),
+    and the same process-level malloc settings that posttrain applies to itself
+    (``posttrain.allocator.keep_freed_memory``: freed memory stays mapped, so a step does
+    not page-fault its large tensors in again; ``--trl-fast-default-malloc`` leaves them out).
     ``trl_default``: TRL's defaults apart from the controls above (bf16 autocast and
     gradient checkpointing on), for ``--trl-default-steps`` steps only: bf16 is several
     times slower than fp32 on CPUs without native bf16 matmul. Every TRL run sets
@@ -231,6 +234,7 @@ def run_trl(spec: dict) -> dict:
         "total_s": time.perf_counter() - t0, "labels_match": labels_match,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", "") + (" + bf16 autocast" if args.bf16 else ""),
         "settings": {k: v for k, v in settings.items()},
+        "keep_freed_memory": bool(spec.get("keep_freed_memory")),
         "resolved": {k: str(getattr(args, k)) for k in ("bf16", "gradient_checkpointing", "optim", "padding_free",
                                                          "dataloader_num_workers", "torch_compile")},
     }
@@ -270,6 +274,9 @@ def parse_args(argv=None):
                    help="before each run, wait up to S seconds for other processes to leave the CPU idle")
     p.add_argument("--trl-fast-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra SFTConfig setting for the trl_fast run (JSON value), e.g. padding_free=true")
+    p.add_argument("--trl-fast-default-malloc", action="store_true",
+                   help="run trl_fast with glibc's default malloc settings instead of the ones posttrain "
+                        "applies to itself (posttrain.allocator)")
     p.add_argument("--posttrain-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra posttrain config override for the posttrain run, e.g. batching=flatten")
     p.add_argument("--only", choices=["posttrain", "trl_fast", "trl_default"], action="append",
@@ -335,7 +342,8 @@ def main(argv=None) -> int:
     plan = [
         ("posttrain", run_posttrain, {**base, "steps": a.steps, "extra": a.posttrain_set}),
         ("trl_fast", run_trl, {**base, "steps": a.steps, "order": order, "template_file": str(template_file),
-                               "settings": {**TRL_FAST, **_kv(a.trl_fast_set)}}),
+                               "settings": {**TRL_FAST, **_kv(a.trl_fast_set)},
+                               "keep_freed_memory": not a.trl_fast_default_malloc}),
     ]
     if not a.skip_trl_default:
         plan.append(("trl_default", run_trl, {**base, "steps": trl_default_steps,
