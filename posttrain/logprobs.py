@@ -17,6 +17,8 @@ at position ``t`` is log p(labels[t] | input_ids[:t]), computed from the hidden 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -147,8 +149,9 @@ def _head_forward(h, weight, bias, targets, inv_temp, want_entropy, chunk, probs
 #: Up to this many bytes, the forward pass keeps the ``(N, vocab)`` softmax for backward
 #: (3 matmuls per chunk in all); above it, backward recomputes each logits block from the
 #: saved hidden states (4 matmuls, no ``(N, vocab)`` matrix alive across the decoder's
-#: backward). 2,048 target tokens x 49,152 fp32 is 384 MiB.
-HEAD_SAVE_BYTES = 512 * 2**20
+#: backward). 2,048 target tokens x 49,152 fp32 is 384 MiB. Env ``POSTTRAIN_HEAD_SAVE_MIB``
+#: overrides it (0 = always recompute).
+HEAD_SAVE_BYTES = int(os.environ.get("POSTTRAIN_HEAD_SAVE_MIB", "512")) * 2**20
 
 
 class _HeadLogprobs(torch.autograd.Function):
