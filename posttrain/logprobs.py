@@ -166,7 +166,7 @@ class _HeadLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, targets, inv_temp, want_entropy, chunk, save_bytes):
         acc = _acc(h.dtype)
-        keep = h.shape[0] * weight.shape[0] * torch.tensor([], dtype=acc).element_size() <= save_bytes
+        keep = h.shape[0] * weight.shape[0] * acc.itemsize <= save_bytes
         probs = torch.empty(h.shape[0], weight.shape[0], dtype=acc, device=h.device) if keep else None
         lp, lse, ent = _head_forward(h, weight, bias, targets, inv_temp, want_entropy, chunk, probs)
         ctx.save_for_backward(h, weight, bias, targets, lse, probs)  # freed after backward
