@@ -271,14 +271,16 @@ def cmd_cai(args) -> int:
         CAIConfig,
         critique_and_revise_to,
         load_constitution,
-        load_prompt_texts,
+        load_prompt_rows,
     )
 
     model, tok = load_model(args.model, with_tokenizer=True)
-    prompts = [p for f in args.prompts for p in load_prompt_texts(f)]
+    rows = [r for f in args.prompts for r in load_prompt_rows(f)]
+    prompts, kinds = [p for p, _ in rows], [k for _, k in rows]
     sft, pairs, n = critique_and_revise_to(args.out_dir, model, tok, prompts, load_constitution(args.constitution),
                                            CAIConfig(revisions=args.revisions, max_new_tokens=args.max_new_tokens,
-                                                     temperature=args.temperature, seed=args.seed))
+                                                     temperature=args.temperature, seed=args.seed,
+                                                     few_shot=args.few_shot), kinds=kinds)
     log(f"wrote {sft} ({n['sft']} rows) and {pairs} ({n['pairs']} pairs)")
     return 0
 
@@ -308,9 +310,9 @@ def cmd_judge(args) -> int:
         second.append(pair[1])
     judge, tok = load_model(args.judge, with_tokenizer=True)
     js = judge_pairs(judge, tok, prompts, first, second, question=args.question)
-    rows = judged_preference_rows(prompts, first, second, js, args.min_confidence)
+    rows = judged_preference_rows(prompts, first, second, js, args.min_confidence, soft_labels=not args.hard_labels)
     write_rows(args.out, rows)
-    log(f"judged {len(js)} pairs in both orders; wrote {len(rows)} soft-labelled preference rows to {args.out}"
+    log(f"judged {len(js)} pairs in both orders; wrote {len(rows)} {'hard' if args.hard_labels else 'soft'}-labelled preference rows to {args.out}"
         + (f"; {bad.summary()}" if bad.total else ""))
     return 0
 
@@ -455,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     cg.add_argument("--max-new-tokens", type=int, default=160)
     cg.add_argument("--temperature", type=float, default=0.7)
     cg.add_argument("--seed", type=int, default=0)
+    cg.add_argument("--few-shot", type=int, default=2, help="worked critique/revision examples shown first (0: none)")
     cg.add_argument("--out-dir", required=True)
     cg.set_defaults(func=cmd_cai)
 
@@ -463,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--judge", default=EMBEDDED_NAME, help="judge model (any local causal LM)")
     j.add_argument("--question", default="Which of these assistant responses is more helpful, honest, and harmless?")
     j.add_argument("--min-confidence", type=float, default=0.0, help="drop pairs judged with less confidence")
+    j.add_argument("--hard-labels", action="store_true", help="label 1.0 for the preferred response instead of "
+                   "its probability")
     j.add_argument("--skip-bad-rows", action="store_true")
     j.add_argument("--out", required=True)
     j.set_defaults(func=cmd_judge)

@@ -293,16 +293,16 @@ def _prompt_files(stage: Stage) -> tuple[list[str], int]:
     return files, int(stage.options.get("held_out", HELD_OUT))
 
 
-def _prompt_split(stage: Stage, held_out: bool) -> list[str]:
-    """Red-team and helpfulness prompts (or the stage's ``prompts`` files); the last
-    ``held_out`` of each file are kept for evaluation and never trained on."""
-    from posttrain.synth.constitutional import load_prompt_texts
+def _prompt_split(stage: Stage, held_out: bool) -> list[tuple[str, str]]:
+    """``(prompt, kind)`` of the red-team and helpfulness prompts (or the stage's ``prompts``
+    files); the last ``held_out`` of each file are kept for evaluation and never trained on."""
+    from posttrain.synth.constitutional import load_prompt_rows
 
     files, n_held = _prompt_files(stage)
     out = []
     for f in files:
-        texts = load_prompt_texts(f)
-        out += texts[-n_held:] if held_out else texts[:-n_held]
+        rows = load_prompt_rows(f)
+        out += rows[-n_held:] if held_out else rows[:-n_held]
     limit = int(stage.config.get("n", 0))
     return out[:limit] if limit else out
 
@@ -314,40 +314,60 @@ def run_cai(run: Run, stage: Stage, out: Path) -> dict:
     known = set(CAIConfig.__dataclass_fields__)
     cfg = CAIConfig(**{k: v for k, v in stage.config.items() if k in known})
     model, tok = load_model(run.model, with_tokenizer=True)
-    prompts = _prompt_split(stage, held_out=False)
+    prompts, kinds = map(list, zip(*_prompt_split(stage, held_out=False)))
     sft, pairs, n = critique_and_revise_to(out, model, tok, prompts,
-                                           load_constitution(stage.options.get("constitution")), cfg)
+                                           load_constitution(stage.options.get("constitution")), cfg, kinds=kinds)
     log(f"{stage.name}: {n['sft']} revised responses, {n['pairs']} (revision, original) pairs")
     return {"rows": str(sft), "rows_count": n["sft"], "pairs": str(pairs), "pairs_count": n["pairs"]}
 
 
+def _aspect(kind: str) -> str:
+    """What a prompt's responses are judged on: red-team prompts on harmlessness, others on helpfulness."""
+    return "harmlessness" if kind == "harmful" else "helpfulness"
+
+
+def _load_judge(stage: Stage, default):
+    """``(model, tokenizer)`` of the stage's ``judge`` option, else ``default``."""
+    from posttrain.models import load_model
+
+    return load_model(stage.options["judge"], with_tokenizer=True) if stage.options.get("judge") else default
+
+
 def run_judge(run: Run, stage: Stage, out: Path) -> dict:
     """Two sampled responses per prompt from the current model, judged by ``judge`` (default:
-    the current model) in both orders; writes soft-labelled preference pairs."""
+    the current model) in both orders, red-team prompts on harmlessness and the others on
+    helpfulness; writes preference pairs, soft-labelled unless ``soft_labels: false``."""
     from posttrain.models import load_model
     from posttrain.rollout import SamplingConfig, generate
     from posttrain.synth.journal import fingerprint, run_chunks
-    from posttrain.synth.judge import judge_pairs, judged_preference_rows
+    from posttrain.synth.judge import QUESTIONS, judge_pairs, judged_preference_rows
 
     model, tok = load_model(run.model, with_tokenizer=True)
-    prompts = _prompt_split(stage, held_out=False)
+    rows = _prompt_split(stage, held_out=False)
     sc = SamplingConfig(max_new_tokens=int(stage.config.get("max_new_tokens", 128)),
                         temperature=float(stage.config.get("temperature", 0.9)), batch_size=16)
-    judge = model
-    if stage.options.get("judge"):
-        judge = load_model(stage.options["judge"])
+    judge, judge_tok = _load_judge(stage, (model, tok))
     min_conf, chunk = float(stage.config.get("min_confidence", 0.0)), 16
+    soft = bool(stage.config.get("soft_labels", True))
 
     def produce(c, lo, hi):  # two samples per prompt, judged in both orders (a chunk at a time, resumable)
-        convs = [[{"role": "user", "content": p}] for p in prompts[lo:hi]]
+        prompts = [p for p, _ in rows[lo:hi]]
+        convs = [[{"role": "user", "content": p}] for p in prompts]
         first = generate(model, tok, convs, SamplingConfig(**{**sc.__dict__, "seed": 1 + 1_000 * c}))
         second = generate(model, tok, convs, SamplingConfig(**{**sc.__dict__, "seed": 2 + 1_000 * c}))
-        js = judge_pairs(judge, tok, prompts[lo:hi], first, second)
-        rows = judged_preference_rows(prompts[lo:hi], first, second, js, min_conf)
-        return {"pairs": rows}, {"judged": len(js), "confidence": sum(j.confidence for j in js)}
+        pairs, js = [], []
+        for aspect in ("harmlessness", "helpfulness"):
+            idx = [i for i, (_, k) in enumerate(rows[lo:hi]) if _aspect(k) == aspect]
+            if not idx:
+                continue
+            sel = [prompts[i] for i in idx], [first[i] for i in idx], [second[i] for i in idx]
+            j = judge_pairs(judge, judge_tok, *sel, question=QUESTIONS[aspect])
+            pairs += judged_preference_rows(*sel, j, min_conf, soft_labels=soft)
+            js += j
+        return {"pairs": pairs}, {"judged": len(js), "confidence": sum(j.confidence for j in js)}
 
-    key = fingerprint("judge", sc.__dict__, prompts, min_conf, run.model, stage.options.get("judge"))
-    counts, parts = run_chunks({"pairs": out / "pairs.jsonl"}, len(prompts), chunk, key, produce, stage.name)
+    key = fingerprint("judge", sc.__dict__, rows, min_conf, soft, run.model, stage.options.get("judge"))
+    counts, parts = run_chunks({"pairs": out / "pairs.jsonl"}, len(rows), chunk, key, produce, stage.name)
     judged = sum(p["judged"] for p in parts)
     log(f"{stage.name}: judged {judged} pairs, kept {counts['pairs']} (mean confidence "
         f"{sum(p['confidence'] for p in parts) / max(judged, 1):.3f})")
@@ -356,36 +376,39 @@ def run_judge(run: Run, stage: Stage, out: Path) -> dict:
 
 def run_win_rate(run: Run, stage: Stage, out: Path) -> dict:
     """Greedy responses of the current and the starting model on held-out prompts, judged in both
-    orders by the starting model (or ``judge``): win rate of the current model per prompt file.
+    orders by the starting model (or ``judge``): per prompt file, the win rate of the current
+    model (share of prompts whose response the judge prefers) and the judge's mean probability.
     Red-team prompts (rows of ``kind: harmful``) are judged on harmlessness, the others on
     helpfulness (:data:`posttrain.synth.judge.QUESTIONS`)."""
     from posttrain.models import load_model
     from posttrain.rollout import SamplingConfig, generate
     from posttrain.synth.constitutional import load_prompt_rows
-    from posttrain.synth.judge import QUESTIONS, judge_pairs, win_rate
+    from posttrain.synth.judge import QUESTIONS, judge_pairs, mean_preference, win_rate
 
     files, n_held = _prompt_files(stage)
     sc = SamplingConfig(max_new_tokens=int(stage.config.get("max_new_tokens", 128)), batch_size=16)
     new, tok = load_model(run.model, with_tokenizer=True)
-    base = load_model(run.recipe.model)
-    judge = load_model(stage.options["judge"]) if stage.options.get("judge") else base
-    result, samples, judged_on = {}, [], {}
+    base, base_tok = load_model(run.recipe.model, with_tokenizer=True)
+    judge, judge_tok = _load_judge(stage, (base, base_tok))
+    result, mean_p, samples, judged_on = {}, {}, [], {}
     for f in files:
         rows = load_prompt_rows(f)[-n_held:]
         prompts = [p for p, _ in rows]
         kinds = {k for _, k in rows}
         aspect = "harmlessness" if kinds == {"harmful"} else "helpfulness"
         convs = [[{"role": "user", "content": p}] for p in prompts]
-        after, before = generate(new, tok, convs, sc), generate(base, tok, convs, sc)
-        js = judge_pairs(judge, tok, prompts, after, before, question=QUESTIONS[aspect])
+        after, before = generate(new, tok, convs, sc), generate(base, base_tok, convs, sc)
+        js = judge_pairs(judge, judge_tok, prompts, after, before, question=QUESTIONS[aspect])
         result[Path(f).stem] = win_rate(js)
+        mean_p[Path(f).stem] = mean_preference(js)
         judged_on[Path(f).stem] = aspect
         samples += [{"file": Path(f).stem, "judged_on": aspect, "prompt": p, "before": b, "after": a,
                      "p_after_better": j.p_first} for p, a, b, j in zip(prompts, after, before, js)]
     (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     log(f"{stage.name}: win rate of the trained model over the starting one ({n_held} held-out prompts per file): "
-        + ", ".join(f"{k} {v:.1%} ({judged_on[k]})" for k, v in result.items()))
-    return {"win_rate": result, "judged_on": judged_on, "held_out": n_held}
+        + ", ".join(f"{k} {v:.1%} ({judged_on[k]}; mean judge probability {mean_p[k]:.3f})"
+                    for k, v in result.items()))
+    return {"win_rate": result, "mean_preference": mean_p, "judged_on": judged_on, "held_out": n_held}
 
 
 RUNNERS = {"eval": run_eval, "sft": run_sft, "rejection_sampling": run_rejection, "grpo": run_online_rl,

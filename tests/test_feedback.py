@@ -72,6 +72,60 @@ def test_judged_rows_put_the_preferred_first():
                                   [Judgement(0.8, 0.6, 0.8, 0.8), Judgement(0.3, 0.4, 0.3, 0.3)])
     assert rows[0] == {"prompt": "p", "chosen": "a1", "rejected": "a2", "label": 0.8, "confidence": 0.6}
     assert rows[1]["chosen"] == "b2" and rows[1]["label"] == pytest.approx(0.7)
+    hard = judged_preference_rows(["p", "q", "t"], ["a1", "b1", "c1"], ["a2", "b2", "c2"],
+                                  [Judgement(0.8, 0.6, 0.8, 0.8), Judgement(0.3, 0.4, 0.3, 0.3),
+                                   Judgement(0.5, 0.0, 0.6, 0.4)], soft_labels=False)
+    assert [(r["chosen"], r["label"]) for r in hard] == [("a1", 1.0), ("b2", 1.0)]  # a tie gives no row
+
+
+def test_win_rate_is_the_share_of_prompts_won():
+    from posttrain.synth.judge import Judgement, mean_preference, win_rate
+
+    js = [Judgement(p, abs(2 * p - 1), p, p) for p in (0.52, 0.51, 0.5, 0.1)]
+    assert win_rate(js) == pytest.approx((1 + 1 + 0.5 + 0) / 4)  # a tie counts half
+    assert mean_preference(js) == pytest.approx((0.52 + 0.51 + 0.5 + 0.1) / 4)
+
+
+def test_principles_are_drawn_for_the_prompt_kind(tmp_path):
+    from posttrain.config import ConfigError
+    from posttrain.synth.constitutional import principles_for
+
+    c = load_constitution()
+    names = lambda kind: {p.name for p in principles_for(c, kind)}  # noqa: E731
+    assert names("harmful") == {"avoid harm", "be honest", "respect privacy", "maintain neutrality",
+                                "encourage positivity"}
+    assert names("helpful") == {"be helpful", "be honest", "maintain neutrality", "clarify uncertainty",
+                                "encourage positivity"}
+    assert names("") == {p.name for p in c}  # prompts of no kind: every principle
+    bad = tmp_path / "c.yaml"
+    bad.write_text("- {name: x, critique: c, revision: r, applies_to: harmful}\n")
+    with pytest.raises(ConfigError, match="principle 0: applies_to must be a list"):
+        load_constitution(bad)
+
+
+def test_worked_examples_come_first_in_the_critique_chat(tmp_path):
+    from posttrain.config import ConfigError
+    from posttrain.synth.constitutional import load_examples
+
+    c = load_constitution()
+    shots = load_examples(c)
+    assert [e.principle.name for e in shots] == ["respect privacy", "be helpful"]
+    p = c[1]
+    msgs = revision_messages("q", "y", p, "crit", shots[:1])
+    e = shots[0]
+    assert msgs[:6] == [{"role": "user", "content": e.prompt}, {"role": "assistant", "content": e.response},
+                        {"role": "user", "content": f"Critique request: {e.principle.critique}"},
+                        {"role": "assistant", "content": e.critique},
+                        {"role": "user", "content": f"Revision request: {e.principle.revision} Reply with the "
+                                                    "rewritten response only."},
+                        {"role": "assistant", "content": e.revision}]
+    assert msgs[6:] == revision_messages("q", "y", p, "crit")
+    # an example whose principle is not in the constitution is left out; a missing field is an error
+    assert [e.principle.name for e in load_examples([x for x in c if x.name != "be helpful"])] == ["respect privacy"]
+    bad = tmp_path / "e.yaml"
+    bad.write_text("- {prompt: p, response: r, principle: be helpful, critique: c}\n")
+    with pytest.raises(ConfigError, match="example 0: missing revision"):
+        load_examples(c, bad)
 
 
 def test_generated_rows_load_in_sft_and_dpo(tiny_model_dir, tmp_path):
@@ -136,6 +190,7 @@ def test_revisions_about_the_exercise_are_not_kept(monkeypatch, smol_tokenizer):
                     "Here you go, kindly."]])                          # a real revision: kept
     monkeypatch.setattr(cai, "generate", lambda model, tok, convs, cfg: next(script)[: len(convs)])
     assert cai.is_meta_revision("This critique is not") and not cai.is_meta_revision("I can't help with that.")
+    assert cai.is_meta_revision("The response presents one view") and not cai.is_meta_revision("The egg boils.")
     sft, pref = cai.critique_and_revise(None, smol_tokenizer, ["p1", "p2"], cai.load_constitution(None),
                                         cai.CAIConfig(revisions=1))
     assert [r["messages"][1]["content"] for r in sft] == ["Sure, here is how.", "Here you go, kindly."]

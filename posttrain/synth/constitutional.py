@@ -3,8 +3,9 @@
 For every prompt ``x`` (Bai et al. 2022, "Constitutional AI", §3):
 
 1. the model answers: ``y``;
-2. a principle is drawn from the constitution (seeded); its critique request is appended as
-   a user turn after ``y`` and the model critiques its own response;
+2. a principle is drawn from the constitution (seeded; among the principles that apply to the
+   prompt's kind, ``harmful`` or ``helpful``); its critique request is appended as a user turn
+   after ``y`` and the model critiques its own response;
 3. the principle's revision request is appended and the model rewrites: ``y'``;
 4. with ``revisions > 1`` steps 2–3 repeat on ``y'`` with a newly drawn principle.
 
@@ -14,8 +15,11 @@ text-in text-out call of :func:`posttrain.rollout.generate`. The constitution is
 of ``{name, critique, revision}``; the default (seven principles) is
 ``posttrain/assets/constitution.yaml``.
 
-Simplification: the paper prepends few-shot examples of critiques and revisions to help a
-weak model follow the requests; we rely on the instruct model's chat format alone.
+As in the paper, worked examples of the whole exchange (prompt, response, critique request,
+critique, revision request, revision; ``posttrain/assets/cai_examples.yaml``) are shown as earlier
+turns of the same chat before every critique and revision request (``few_shot`` of them), so a
+small model sees what is asked. Revisions that talk about the exercise instead of answering
+(:func:`is_meta_revision`) are not kept.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from posttrain.rollout import SamplingConfig, generate
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_CONSTITUTION = ASSETS / "constitution.yaml"
+DEFAULT_EXAMPLES = ASSETS / "cai_examples.yaml"
 
 
 @dataclass
@@ -39,43 +44,107 @@ class Principle:
     name: str
     critique: str
     revision: str
+    applies_to: tuple[str, ...] = ()  # prompt kinds ('harmful', 'helpful'); empty: every prompt
+
+
+@dataclass
+class Example:
+    """One worked critique -> revision exchange, shown before the real requests."""
+    prompt: str
+    response: str
+    principle: Principle
+    critique: str
+    revision: str
+
+
+def _yaml_list(p: Path, what: str) -> list:
+    if not p.is_file():
+        raise ConfigError(f"{what} not found: {p}")
+    raw = yaml.safe_load(p.read_text())
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{p}: {what} is a non-empty YAML list")
+    return raw
+
+
+def _missing(item, keys) -> list[str]:
+    return [k for k in keys if not (isinstance(item, dict) and item.get(k))]
 
 
 def load_constitution(path: str | Path | None = None) -> list[Principle]:
     """Principles from a YAML list of ``{name, critique, revision}`` (the default when None)."""
     p = Path(path) if path else DEFAULT_CONSTITUTION
-    if not p.is_file():
-        raise ConfigError(f"constitution not found: {p}")
-    raw = yaml.safe_load(p.read_text())
-    if not isinstance(raw, list) or not raw:
-        raise ConfigError(f"{p}: a constitution is a non-empty YAML list of principles")
     out = []
-    for i, item in enumerate(raw):
-        missing = [k for k in ("name", "critique", "revision") if not (isinstance(item, dict) and item.get(k))]
-        if missing:
+    for i, item in enumerate(_yaml_list(p, "constitution")):
+        if missing := _missing(item, ("name", "critique", "revision")):
             raise ConfigError(f"{p}: principle {i}: missing {', '.join(missing)}")
-        out.append(Principle(str(item["name"]), str(item["critique"]).strip(), str(item["revision"]).strip()))
+        kinds = item.get("applies_to") or []
+        if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
+            raise ConfigError(f"{p}: principle {i}: applies_to must be a list of prompt kinds")
+        out.append(Principle(str(item["name"]), str(item["critique"]).strip(), str(item["revision"]).strip(),
+                             tuple(kinds)))
     return out
 
 
-def critique_messages(prompt: str, response: str, principle: Principle) -> list[dict[str, str]]:
-    """The conversation that asks the model to critique its response under ``principle``."""
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response},
-            {"role": "user", "content": f"Critique request: {principle.critique}"}]
+def principles_for(constitution: list[Principle], kind: str) -> list[Principle]:
+    """The principles that apply to a prompt of ``kind`` (all of them for an unknown kind)."""
+    fit = [c for c in constitution if not c.applies_to or kind in c.applies_to] if kind else constitution
+    return fit or constitution
 
 
-def revision_messages(prompt: str, response: str, principle: Principle, critique: str) -> list[dict[str, str]]:
+def load_examples(constitution: list[Principle], path: str | Path | None = None) -> list[Example]:
+    """Worked examples from a YAML list of ``{prompt, response, principle, critique, revision}``
+    (the bundled ones when None). An example whose principle is not in ``constitution`` is left out,
+    so the bundled examples work with any constitution that shares their principles."""
+    p = Path(path) if path else DEFAULT_EXAMPLES
+    by_name = {c.name: c for c in constitution}
+    out = []
+    for i, item in enumerate(_yaml_list(p, "critique/revision examples")):
+        if missing := _missing(item, ("prompt", "response", "principle", "critique", "revision")):
+            raise ConfigError(f"{p}: example {i}: missing {', '.join(missing)}")
+        if item["principle"] in by_name:
+            out.append(Example(str(item["prompt"]).strip(), str(item["response"]).strip(), by_name[item["principle"]],
+                               str(item["critique"]).strip(), str(item["revision"]).strip()))
+    return out
+
+
+def _revision_request(principle: Principle) -> str:
+    return f"Revision request: {principle.revision} Reply with the rewritten response only."
+
+
+def _shots(examples: list[Example]) -> list[dict[str, str]]:
+    """The worked examples as earlier turns of the chat."""
+    out = []
+    for e in examples:
+        out += [{"role": "user", "content": e.prompt}, {"role": "assistant", "content": e.response},
+                {"role": "user", "content": f"Critique request: {e.principle.critique}"},
+                {"role": "assistant", "content": e.critique},
+                {"role": "user", "content": _revision_request(e.principle)},
+                {"role": "assistant", "content": e.revision}]
+    return out
+
+
+def critique_messages(prompt: str, response: str, principle: Principle, examples: list[Example] = ()
+                      ) -> list[dict[str, str]]:
+    """The conversation that asks the model to critique its response under ``principle``
+    (after the worked ``examples``)."""
+    return _shots(list(examples)) + [
+        {"role": "user", "content": prompt}, {"role": "assistant", "content": response},
+        {"role": "user", "content": f"Critique request: {principle.critique}"}]
+
+
+def revision_messages(prompt: str, response: str, principle: Principle, critique: str,
+                      examples: list[Example] = ()) -> list[dict[str, str]]:
     """The conversation that asks for a revision after the critique."""
-    return critique_messages(prompt, response, principle) + [
-        {"role": "assistant", "content": critique},
-        {"role": "user", "content": f"Revision request: {principle.revision} Reply with the rewritten response "
-                                    "only."}]
+    return critique_messages(prompt, response, principle, examples) + [
+        {"role": "assistant", "content": critique}, {"role": "user", "content": _revision_request(principle)}]
 
 
 # A "revision" that talks about the exercise instead of answering the user ("The original
-# response was ...", "This critique ..."). A 135M model writes these often (15 of 56 in the
-# first full run), and SL-CAI trained on them taught the model to answer every prompt so.
-META_RE = re.compile(r"\b(original|previous|revised|rewritten) response\b|\bcritique\b|\brevision request\b", re.IGNORECASE)
+# response was ...", "This critique ...", "The response presents ..."). A 135M model writes
+# these often (15 of 56 in the first full run), and SL-CAI trained on them taught the model to
+# answer every prompt so.
+META_RE = re.compile(r"\b(original|previous|revised|rewritten) response\b|\bcritique\b|\brevision request\b"
+                     r"|^\W*(the|this) (assistant's )?(last )?response\b", re.IGNORECASE)
 
 
 def is_meta_revision(text: str) -> bool:
@@ -90,12 +159,16 @@ class CAIConfig:
     temperature: float = 0.7
     batch_size: int = 16
     seed: int = 0
+    few_shot: int = 2  # worked examples shown before each critique and revision request (0: none)
+    examples: str = ""  # YAML of worked examples (default: the bundled ones)
 
 
-def critique_and_revise(model, tok, prompts: list[str], constitution: list[Principle], cfg: CAIConfig
-                        ) -> tuple[list[dict], list[dict]]:
-    """(SFT rows, preference rows) for ``prompts`` (see module docstring)."""
+def critique_and_revise(model, tok, prompts: list[str], constitution: list[Principle], cfg: CAIConfig,
+                        kinds: list[str] | None = None) -> tuple[list[dict], list[dict]]:
+    """(SFT rows, preference rows) for ``prompts`` of ``kinds`` (see module docstring)."""
     rng = random.Random(cfg.seed)
+    kinds = kinds or [""] * len(prompts)
+    shots = load_examples(constitution, cfg.examples or None)[: cfg.few_shot] if cfg.few_shot > 0 else []
 
     def gen(convs, seed):
         return [t.strip() for t in generate(model, tok, convs, SamplingConfig(
@@ -105,11 +178,11 @@ def critique_and_revise(model, tok, prompts: list[str], constitution: list[Princ
     current = list(original)
     trail: list[list[dict]] = [[] for _ in prompts]
     for r in range(cfg.revisions):
-        principles = [rng.choice(constitution) for _ in prompts]
-        critiques = gen([critique_messages(p, y, c) for p, y, c in zip(prompts, current, principles)],
+        principles = [rng.choice(principles_for(constitution, k)) for k in kinds]
+        critiques = gen([critique_messages(p, y, c, shots) for p, y, c in zip(prompts, current, principles)],
                         cfg.seed + 2 * r + 1)
-        revised = gen([revision_messages(p, y, c, k) for p, y, c, k in zip(prompts, current, principles, critiques)],
-                      cfg.seed + 2 * r + 2)
+        revised = gen([revision_messages(p, y, c, k, shots)
+                       for p, y, c, k in zip(prompts, current, principles, critiques)], cfg.seed + 2 * r + 2)
         for i in range(len(prompts)):
             kept = bool(revised[i]) and not is_meta_revision(revised[i])
             trail[i].append({"principle": principles[i].name, "critique": critiques[i], "revision": revised[i],
@@ -137,13 +210,9 @@ def load_prompt_rows(path: str | Path) -> list[tuple[str, str]]:
     return out
 
 
-def load_prompt_texts(path: str | Path) -> list[str]:
-    """The ``prompt`` strings of a JSONL file (red-team and helpfulness prompts)."""
-    return [p for p, _ in load_prompt_rows(path)]
-
-
 def critique_and_revise_to(out_dir: str | Path, model, tok, prompts: list[str], constitution: list[Principle],
-                           cfg: CAIConfig, chunk: int = 16) -> tuple[Path, Path, dict[str, int]]:
+                           cfg: CAIConfig, chunk: int = 16, kinds: list[str] | None = None
+                           ) -> tuple[Path, Path, dict[str, int]]:
     """:func:`critique_and_revise` in chunks of ``chunk`` prompts appended to ``out_dir/sft.jsonl``
     and ``out_dir/pairs.jsonl`` with a progress marker: a killed run resumes where it stopped."""
     from dataclasses import asdict, replace
@@ -155,9 +224,12 @@ def critique_and_revise_to(out_dir: str | Path, model, tok, prompts: list[str], 
 
     def produce(c, lo, hi):
         sft, pref = critique_and_revise(model, tok, prompts[lo:hi], constitution,
-                                        replace(cfg, seed=cfg.seed + 1_000 * c))
+                                        replace(cfg, seed=cfg.seed + 1_000 * c), kinds[lo:hi])
         return {"sft": sft, "pairs": pref}, {}
 
-    key = fingerprint("cai", asdict(cfg), prompts, [asdict(p) for p in constitution], chunk, model.name_or_path)
+    kinds = kinds or [""] * len(prompts)
+    examples = [asdict(e) for e in load_examples(constitution, cfg.examples or None)[: cfg.few_shot]]
+    key = fingerprint("cai", asdict(cfg), prompts, kinds, [asdict(p) for p in constitution], examples, chunk,
+                      model.name_or_path)
     counts, _ = run_chunks(paths, len(prompts), chunk, key, produce, "critique and revision")
     return paths["sft"], paths["pairs"], counts

@@ -16,7 +16,11 @@ letters ``A`` and ``B`` (not from generated text): ``P(A) = softmax(log p(A), lo
 Each pair is judged in both orders to cancel position bias:
 ``p(first better) = (P_AB(A) + P_BA(B)) / 2``. The result is a soft label in [0, 1] and a
 confidence ``|2p - 1|``; :func:`judged_preference_rows` writes preference rows whose ``label``
-the RM and DPO losses honour.
+the RM and DPO losses honour (or hard labels: a small judge's probabilities crowd near 0.5
+even where its choice is right, which leaves a soft-label DPO loss almost no gradient).
+
+A win rate (:func:`win_rate`) is the share of prompts on which the judge prefers the first
+response (a tie counts half); :func:`mean_preference` is the mean probability.
 """
 
 from __future__ import annotations
@@ -100,18 +104,26 @@ def judge_pairs(model, tok, prompts: list[str], first: list[str], second: list[s
 
 
 def judged_preference_rows(prompts: list[str], first: list[str], second: list[str],
-                           judgements: list[Judgement], min_confidence: float = 0.0) -> list[dict]:
-    """Preference rows, the preferred response as ``chosen`` and ``label`` = its probability."""
+                           judgements: list[Judgement], min_confidence: float = 0.0,
+                           soft_labels: bool = True) -> list[dict]:
+    """Preference rows, the preferred response as ``chosen`` and ``label`` = its probability
+    (1.0 with ``soft_labels=False``). Ties and identical responses give no row."""
     rows = []
     for p, a, b, j in zip(prompts, first, second, judgements):
-        if j.confidence < min_confidence or a == b:
+        if j.confidence < min_confidence or a == b or j.p_first == 0.5:
             continue
-        chosen, rejected, label = (a, b, j.p_first) if j.p_first >= 0.5 else (b, a, 1 - j.p_first)
-        rows.append({"prompt": p, "chosen": chosen, "rejected": rejected, "label": round(label, 6),
-                     "confidence": round(j.confidence, 6)})
+        chosen, rejected, label = (a, b, j.p_first) if j.p_first > 0.5 else (b, a, 1 - j.p_first)
+        rows.append({"prompt": p, "chosen": chosen, "rejected": rejected,
+                     "label": round(label, 6) if soft_labels else 1.0, "confidence": round(j.confidence, 6)})
     return rows
 
 
 def win_rate(judgements: list[Judgement]) -> float:
-    """Mean probability that the first response wins (ties count half)."""
+    """Share of pairs whose first response the judge prefers (a tie counts half)."""
+    wins = sum(1.0 if j.p_first > 0.5 else 0.5 if j.p_first == 0.5 else 0.0 for j in judgements)
+    return wins / max(len(judgements), 1)
+
+
+def mean_preference(judgements: list[Judgement]) -> float:
+    """Mean probability that the first response is the better one."""
     return sum(j.p_first for j in judgements) / max(len(judgements), 1)
