@@ -77,7 +77,7 @@ def test_parser_lists_every_command():
 
 
 @pytest.mark.parametrize("stage,data", [
-    ("rm", "arithmetic_preference"), ("prm", "arithmetic_steps"), ("dpo", "arithmetic_preference")])
+    ("rm", "arithmetic_pairs"), ("prm", "arithmetic_steps"), ("dpo", "arithmetic_pairs")])
 def test_preference_stages_from_recipes(stage, data, tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("POSTTRAIN_HOME", str(tmp_path / "home"))
     out = tmp_path / "run"

@@ -91,7 +91,7 @@ def test_principles_are_drawn_for_the_prompt_kind(tmp_path):
     from posttrain.synth.constitutional import principles_for
 
     c = load_constitution()
-    names = lambda kind: {p.name for p in principles_for(c, kind)}  # noqa: E731
+    names = lambda kind: {p.name for p in principles_for(c, kind)}
     assert names("harmful") == {"avoid harm", "be honest", "respect privacy", "maintain neutrality",
                                 "encourage positivity"}
     assert names("helpful") == {"be helpful", "be honest", "maintain neutrality", "clarify uncertainty",
