@@ -24,9 +24,11 @@ Stage kinds (``kind:``) and what flows between them:
   bundled red-team and helpfulness prompts (the last ``held_out`` of each file are kept for
   evaluation): writes SFT rows (``@STAGE``) and (revision, original) pairs (``@STAGE.pairs``).
 * ``judge``: two sampled responses per prompt, judged by an AI judge from option-letter
-  log-probs in both orders (:mod:`posttrain.synth.judge`): soft-labelled pairs.
+  log-probs in both orders (:mod:`posttrain.synth.judge`), red-team prompts on harmlessness and
+  the others on helpfulness: soft-labelled pairs (``soft_labels: false``: hard labels).
 * ``win_rate``: the current model against the starting one on the held-out prompts, judged in
-  both orders: harmlessness (red-team prompts) and helpfulness win rates.
+  both orders: harmlessness (red-team prompts) and helpfulness win rates (share of prompts won)
+  and the judge's mean probabilities.
 
 Within a stage, ``config:`` holds the stage's own config keys (dotted keys allowed).
 ``--quick`` applies the recipe's ``quick:`` block: top-level keys and per-stage ``config``
