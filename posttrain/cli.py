@@ -24,6 +24,7 @@ Commands::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -295,19 +296,20 @@ def cmd_judge(args) -> int:
     prompts, first, second = [], [], []
     for row in iter_rows(args.data, bad):
         d = row.data
-        pair = d.get("responses") if isinstance(d.get("responses"), list) else [d.get("response_a"), d.get("response_b")]
+        many = d.get("responses") if isinstance(d.get("responses"), list) else [d.get("response_a"), d.get("response_b")]
         try:
             if not isinstance(d.get("prompt"), str) or not d["prompt"].strip():
                 raise BadRowError(row.origin, "prompt", "missing field or not a string")
-            if len(pair) != 2 or not all(isinstance(x, str) and x.strip() for x in pair):
-                raise BadRowError(row.origin, "responses", "expected two non-empty responses (responses: [a, b], "
-                                  "or response_a and response_b)")
+            if len(many) < 2 or not all(isinstance(x, str) and x.strip() for x in many):
+                raise BadRowError(row.origin, "responses", "expected two or more non-empty responses (responses: "
+                                  "[a, b, ...], or response_a and response_b)")
         except BadRowError as e:
             bad.handle(e)
             continue
-        prompts.append(d["prompt"])
-        first.append(pair[0])
-        second.append(pair[1])
+        for i, j in itertools.combinations(range(len(many)), 2):  # every pair, each judged in both orders
+            prompts.append(d["prompt"])
+            first.append(many[i])
+            second.append(many[j])
     judge, tok = load_model(args.judge, with_tokenizer=True)
     js = judge_pairs(judge, tok, prompts, first, second, question=args.question)
     rows = judged_preference_rows(prompts, first, second, js, args.min_confidence, soft_labels=not args.hard_labels)
@@ -462,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     cg.set_defaults(func=cmd_cai)
 
     j = sub.add_parser("judge", help="AI feedback: judge response pairs by option-letter log-probs, both orders")
-    j.add_argument("--data", required=True, help="rows with prompt and responses: [a, b] (or response_a/response_b)")
+    j.add_argument("--data", required=True, help="rows with prompt and responses: [a, b, ...] (every pair is judged) or response_a/response_b")
     j.add_argument("--judge", default=EMBEDDED_NAME, help="judge model (any local causal LM)")
     j.add_argument("--question", default="Which of these assistant responses is more helpful, honest, and harmless?")
     j.add_argument("--min-confidence", type=float, default=0.0, help="drop pairs judged with less confidence")

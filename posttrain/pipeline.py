@@ -458,9 +458,12 @@ def run_recipe(recipe: Recipe) -> dict:
         summary["plot"] = str(plot_accuracy(run.evals, run.dir / "accuracy.png"))
         print_summary(run.evals)
     (run.dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    from posttrain.report import write_report
+
+    report = write_report(run.dir)
     write_status(run.dir, "finished")
     log(f"recipe '{recipe.name}' done in {summary['seconds']:.0f} s; final model {run.model}"
-        + (f"; plot {summary['plot']}" if run.evals else ""))
+        + (f"; plot {summary['plot']}" if run.evals else "") + f"; report {report}")
     return summary
 
 

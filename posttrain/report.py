@@ -83,7 +83,7 @@ def write_recipe_report(run_dir: Path) -> Path:
         if (d / "metrics.jsonl").is_file():
             write_report(d)
         link = f"<a href='{html.escape(st['name'])}/report.html'>report</a>" if (d / "report.html").is_file() else ""
-        outs = {k: v for k, v in (done or {}).get("outputs", {}).items() if not isinstance(v, dict)}
+        outs = (done or {}).get("outputs", {})
         parts.append(f"<tr><td>{html.escape(st['name'])}</td><td>{html.escape(st['kind'])}</td>"
                      f"<td>{'finished' if done else 'not finished'}</td><td>{(done or {}).get('seconds', '')}</td>"
                      f"<td>{html.escape(json.dumps(outs))} {link}</td></tr>")
@@ -92,10 +92,25 @@ def write_recipe_report(run_dir: Path) -> Path:
         if (run_dir / st["name"] / "report.png").is_file():
             parts.append(f"<h3>{html.escape(st['name'])}</h3><img src='{html.escape(st['name'])}/report.png' "
                          "style='max-width:100%'>")
+        if not (run_dir / st["name"] / "metrics.jsonl").is_file():  # e.g. win rates: before/after examples
+            parts += _samples_table(run_dir / st["name"] / "samples.jsonl", f"{st['name']}: samples")
     parts.append("</body></html>")
     out = run_dir / "report.html"
     out.write_text("\n".join(parts))
     return out
+
+
+def _samples_table(path: Path, title: str, limit: int = 50) -> list[str]:
+    """HTML of the first ``limit`` rows of a ``samples.jsonl`` (nothing when there is none)."""
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    if not rows:
+        return []
+    keys = list(rows[0])
+    out = [f"<h2>{html.escape(title)}</h2><table border=1 cellpadding=3><tr>"
+           + "".join(f"<th>{html.escape(k)}</th>" for k in keys) + "</tr>"]
+    out += ["<tr>" + "".join(f"<td><pre>{html.escape(str(r.get(k, '')))}</pre></td>" for k in keys) + "</tr>"
+            for r in rows[:limit]]
+    return out + ["</table>"]
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -117,17 +132,7 @@ def write_report(run_dir: str | Path) -> Path:
         parts.append("<h2>Last values</h2><table border=1 cellpadding=3>")
         parts += [f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in sorted(last.items())]
         parts.append("</table>")
-    samples = run_dir / "samples.jsonl"
-    if samples.is_file():
-        rows = [json.loads(x) for x in samples.read_text().splitlines() if x.strip()]
-        if rows:
-            keys = list(rows[0])
-            parts.append("<h2>Samples</h2><table border=1 cellpadding=3><tr>"
-                         + "".join(f"<th>{html.escape(k)}</th>" for k in keys) + "</tr>")
-            for r in rows[:50]:
-                parts.append("<tr>" + "".join(f"<td><pre>{html.escape(str(r.get(k, '')))}</pre></td>" for k in keys)
-                             + "</tr>")
-            parts.append("</table>")
+    parts += _samples_table(run_dir / "samples.jsonl", "Samples")
     cfg = run_dir / "config.yaml"
     if cfg.is_file():
         parts.append(f"<h2>Config</h2><pre>{html.escape(cfg.read_text())}</pre>")

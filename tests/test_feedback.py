@@ -163,9 +163,11 @@ def test_feedback_recipes_end_to_end(recipe, tiny_model_dir, tmp_path, monkeypat
     assert done["outputs"]["judged_on"] == {"red_team_prompts": "harmlessness", "helpful_prompts": "helpfulness"}
     samples = [json.loads(x) for x in (tmp_path / "run" / "win_rates" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 * done["outputs"]["held_out"]  # held-out prompts only, both files
+    report = (tmp_path / "run" / "report.html").read_text()  # before/after examples in the run report
+    assert "win_rates: samples" in report and json.dumps(rates)[:20] in report.replace("&quot;", '"')
 
 
-def test_cli_cai_and_judge(tiny_model_dir, tmp_path):
+def test_cli_cai_and_judge(tiny_model_dir, tmp_path, capsys):
     from posttrain.cli import main
     from tests.conftest import write_jsonl
 
@@ -178,6 +180,20 @@ def test_cli_cai_and_judge(tiny_model_dir, tmp_path):
     assert main(["judge", "--data", str(pairs), "--judge", str(tiny_model_dir), "--out", str(tmp_path / "j.jsonl")]) == 0
     rows = [json.loads(x) for x in (tmp_path / "j.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(0.5 <= r["label"] <= 1 for r in rows)
+    # three responses: every pair judged; a row with one response is a bad row named by line
+    three = write_jsonl(tmp_path / "r3.jsonl", [{"prompt": "hi", "responses": ["hello", "go away", "hi there"]}])
+    assert main(["judge", "--data", str(three), "--judge", str(tiny_model_dir), "--out", str(tmp_path / "j3.jsonl"),
+                 "--hard-labels"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "j3.jsonl").read_text().splitlines()]
+    assert {frozenset((r["chosen"], r["rejected"])) for r in rows} <= {
+        frozenset(p) for p in (("hello", "go away"), ("hello", "hi there"), ("go away", "hi there"))}
+    assert len(rows) >= 2 and all(r["label"] == 1.0 for r in rows)  # (a tie would give no row)
+    one = write_jsonl(tmp_path / "r1.jsonl", [{"prompt": "hi", "responses": ["hello"]}])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["judge", "--data", str(one), "--judge", str(tiny_model_dir), "--out", str(tmp_path / "j1.jsonl")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "r1.jsonl:1: field 'responses'" in err
 
 
 def test_revisions_about_the_exercise_are_not_kept(monkeypatch, smol_tokenizer):
