@@ -397,7 +397,7 @@ def run_win_rate(run: Run, stage: Stage, out: Path) -> dict:
         rows = load_prompt_rows(f)[-n_held:]
         prompts = [p for p, _ in rows]
         kinds = {k for _, k in rows}
-        aspect = "harmlessness" if kinds == {"harmful"} else "helpfulness"
+        aspect = _aspect(kinds.pop() if len(kinds) == 1 else "")  # a file of harmful prompts only: harmlessness
         convs = [[{"role": "user", "content": p}] for p in prompts]
         after, before = generate(new, tok, convs, sc), generate(base, base_tok, convs, sc)
         js = judge_pairs(judge, judge_tok, prompts, after, before, question=QUESTIONS[aspect])

@@ -163,12 +163,19 @@ class CAIConfig:
     examples: str = ""  # YAML of worked examples (default: the bundled ones)
 
 
+def worked_examples(constitution: list[Principle], cfg: CAIConfig) -> list[Example]:
+    """The ``cfg.few_shot`` worked examples shown before each request (none when 0)."""
+    return load_examples(constitution, cfg.examples or None)[: cfg.few_shot] if cfg.few_shot > 0 else []
+
+
 def critique_and_revise(model, tok, prompts: list[str], constitution: list[Principle], cfg: CAIConfig,
-                        kinds: list[str] | None = None) -> tuple[list[dict], list[dict]]:
-    """(SFT rows, preference rows) for ``prompts`` of ``kinds`` (see module docstring)."""
+                        kinds: list[str] | None = None, shots: list[Example] | None = None
+                        ) -> tuple[list[dict], list[dict]]:
+    """(SFT rows, preference rows) for ``prompts`` of ``kinds`` (see module docstring); ``shots``:
+    the worked examples, read as ``cfg`` says when None."""
     rng = random.Random(cfg.seed)
     kinds = kinds or [""] * len(prompts)
-    shots = load_examples(constitution, cfg.examples or None)[: cfg.few_shot] if cfg.few_shot > 0 else []
+    shots = worked_examples(constitution, cfg) if shots is None else shots
 
     def gen(convs, seed):
         return [t.strip() for t in generate(model, tok, convs, SamplingConfig(
@@ -222,14 +229,15 @@ def critique_and_revise_to(out_dir: str | Path, model, tok, prompts: list[str], 
     out = Path(out_dir)
     paths = {"sft": out / "sft.jsonl", "pairs": out / "pairs.jsonl"}
 
+    kinds = kinds or [""] * len(prompts)
+    shots = worked_examples(constitution, cfg)
+
     def produce(c, lo, hi):
         sft, pref = critique_and_revise(model, tok, prompts[lo:hi], constitution,
-                                        replace(cfg, seed=cfg.seed + 1_000 * c), kinds[lo:hi])
+                                        replace(cfg, seed=cfg.seed + 1_000 * c), kinds[lo:hi], shots)
         return {"sft": sft, "pairs": pref}, {}
 
-    kinds = kinds or [""] * len(prompts)
-    examples = [asdict(e) for e in load_examples(constitution, cfg.examples or None)[: cfg.few_shot]]
-    key = fingerprint("cai", asdict(cfg), prompts, kinds, [asdict(p) for p in constitution], examples, chunk,
-                      model.name_or_path)
+    key = fingerprint("cai", asdict(cfg), prompts, kinds, [asdict(p) for p in constitution],
+                      [asdict(e) for e in shots], chunk, model.name_or_path)
     counts, _ = run_chunks(paths, len(prompts), chunk, key, produce, "critique and revision")
     return paths["sft"], paths["pairs"], counts
