@@ -17,10 +17,12 @@ What is held equal (the settings of ``recipes/grpo.yaml`` at one prompt per step
     them (``shuffle_dataset=False``), so step k of both runs samples from the same prompt
     (the script checks that the prompt token ids agree). One optimisation step = 1 prompt
     x G = 8 completions: posttrain ``batch_size=1``, ``group_size=8``, all 8 sampled in one
-    ``generate`` call (``sampling.batch_size`` 32) and trained in one forward/backward
-    (``micro_batch_size`` 16); TRL ``per_device_train_batch_size=8``, ``num_generations=8``,
-    ``steps_per_generation=1``, ``gradient_accumulation_steps=1``, so one generation batch
-    of 8 and one optimizer step per generation. Sampling: temperature 0.7, top-p 1, no
+    ``generate`` call (``sampling.batch_size`` 32) and trained in forward/backward passes of
+    ``--micro-batch`` completions (``micro_batch_size``, default 4, posttrain's default);
+    TRL ``num_generations=8`` and ``per_device_train_batch_size`` = ``--trl-micro-batch``
+    (default: the same), with ``steps_per_generation`` = ``gradient_accumulation_steps`` =
+    8 / that, so one generation batch of 8 and one optimizer step per generation in both.
+    ``--trl-micro-batch 8`` is TRL's own default (all 8 completions in one pass). Sampling: temperature 0.7, top-p 1, no
     top-k, at most 64 new tokens, HF ``generate`` with its KV cache (no vLLM). Reward:
     posttrain's ``exact_answer`` (TRL calls the same function through a TRL-style wrapper).
     Loss: GRPO with group-normalised advantages (``scale_rewards="group"``), per-sequence
@@ -103,7 +105,7 @@ def posttrain_overrides(spec: dict) -> list[str]:
         f"max_steps={spec['steps']}", "batch_size=1", f"group_size={s['group_size']}",
         f"sampling.max_new_tokens={s['max_new_tokens']}", f"sampling.temperature={s['temperature']}",
         "sampling.batch_size=32", f"beta={s['beta']}", f"lr={s['lr']}", f"clip_eps={s['clip_eps']}",
-        "micro_batch_size=16", "num_iterations=1", "loss_agg=seq_mean", "scale_rewards=group", "kl_estimator=k3",
+        f"micro_batch_size={spec['micro_batch']}", "num_iterations=1", "loss_agg=seq_mean", "scale_rewards=group", "kl_estimator=k3",
         "schedule=constant", "warmup_ratio=0", "eval_every=0", "save_every=0", "sample_every=0", "merge_lora=false",
         "seed=0", "tensorboard=false",
     ]
@@ -223,8 +225,9 @@ def run_trl(spec: dict) -> dict:
         tok.pad_token = tok.eos_token
     G = s["group_size"]
     args = GRPOConfig(
-        output_dir=spec["out_dir"], max_steps=spec["steps"], per_device_train_batch_size=G, num_generations=G,
-        steps_per_generation=1, gradient_accumulation_steps=1, num_iterations=1,
+        output_dir=spec["out_dir"], max_steps=spec["steps"], per_device_train_batch_size=spec["micro_batch"],
+        num_generations=G, steps_per_generation=G // spec["micro_batch"],
+        gradient_accumulation_steps=G // spec["micro_batch"], num_iterations=1,
         max_completion_length=s["max_new_tokens"], temperature=s["temperature"], top_p=1.0, top_k=0,
         beta=s["beta"], epsilon=s["clip_eps"], loss_type="grpo", scale_rewards="group",
         mask_truncated_completions=False, learning_rate=s["lr"], lr_scheduler_type="constant", warmup_steps=0,
@@ -306,11 +309,20 @@ def parse_args(argv=None):
     p.add_argument("--trl-default-malloc", action="store_true",
                    help="run TRL with glibc's default malloc settings instead of the ones posttrain applies "
                         "to itself (posttrain.allocator)")
+    p.add_argument("--micro-batch", type=int, default=4, metavar="N",
+                   help="completions per forward/backward pass (posttrain micro_batch_size; TRL's too unless "
+                        "--trl-micro-batch): a divisor of the group size 8")
+    p.add_argument("--trl-micro-batch", type=int, metavar="N",
+                   help="TRL's per_device_train_batch_size (8: TRL's default, all completions in one pass)")
     p.add_argument("--only", choices=["posttrain", "trl"], action="append", help="run only these (repeatable)")
     p.add_argument("--json", default=str(C.RESULTS / "grpo_vs_trl.json"), help="where to write the summary")
     a = p.parse_args(argv)
     if a.quick:
         a.steps = min(a.steps, 3)
+    a.trl_micro_batch = a.trl_micro_batch or a.micro_batch
+    for n in (a.micro_batch, a.trl_micro_batch):
+        if n < 1 or SETTINGS["group_size"] % n:
+            p.error(f"a micro-batch must divide the group size {SETTINGS['group_size']}; got {n}")
     return a
 
 
@@ -333,14 +345,14 @@ def main(argv=None) -> int:
         raise SystemExit(f"{a.steps} prompts needed, {DATA} has {len(src)}")
     train_file = work / "prompts.jsonl"
     train_file.write_text("".join(line + "\n" for line in src[: a.steps]))
-    base = {"model_dir": model_dir, "train_file": str(train_file), "steps": a.steps}
+    base = {"model_dir": model_dir, "train_file": str(train_file), "steps": a.steps, "micro_batch": a.micro_batch}
     order, pt_prompt_ids = posttrain_prompt_order(base)
     print(f"data: {a.steps} prompts of {DATA.name} ({min(map(len, pt_prompt_ids))}-{max(map(len, pt_prompt_ids))} "
           f"prompt tokens), one per step, x {SETTINGS['group_size']} completions of <= {SETTINGS['max_new_tokens']} "
           "tokens", flush=True)
 
     plan = [("posttrain", run_posttrain, dict(base)),
-            ("trl", run_trl, {**base, "order": order, "settings": dict(TRL_FAST),
+            ("trl", run_trl, {**base, "order": order, "settings": dict(TRL_FAST), "micro_batch": a.trl_micro_batch,
                               "keep_freed_memory": not a.trl_default_malloc})]
     if a.only:
         plan = [p for p in plan if p[0] in a.only]
@@ -431,6 +443,7 @@ def summarize(a, results, mach, git, started) -> dict:
         "benchmark": "posttrain GRPO vs TRL GRPOTrainer", "started": started, "machine": mach, "posttrain_git": git,
         "config": {"steps": a.steps, "prompts_per_step": 1, **SETTINGS, "lora": {**LORA, "target_modules": lora_targets()},
                    "reward": "exact_answer", "loss": "grpo (seq mean), k3 KL", "num_iterations": 1,
+                   "micro_batch": {"posttrain": a.micro_batch, "trl": a.trl_micro_batch},
                    "data": str(DATA.relative_to(C.ROOT)), "quick": a.quick, "trl_settings": TRL_FAST},
         "paired_quiet_steps": paired, "runs": runs, "targets": targets,
     }

@@ -427,6 +427,36 @@ def test_grpo_skips_zero_advantage_completions_without_changing_the_update(tiny_
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-5)  # micro-batches differ: summation order
 
 
+def test_micro_batches_sum_to_the_whole_batch_update(tiny_model_dir, prompt_file, tmp_path):
+    """Passes of 1 completion (or 3, grouped shortest first) accumulate to the update of one pass
+    over all of them: the same gradient norms and weights to float summation order."""
+    from safetensors.torch import load_file
+
+    from posttrain.stages import online_rl
+
+    runs = {}
+    for micro in (1, 3, 16):
+        args = ("max_steps=2", "sample_every=0", f"micro_batch_size={micro}", "beta=0.1", "num_iterations=2")
+        res = online_rl.train(rl_cfg(online_rl.GRPOConfig, tiny_model_dir, prompt_file, tmp_path / f"m{micro}", *args),
+                              [e_fraction])
+        m = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines() if "reward/mean" in x]
+        runs[micro] = ([r["train/grad_norm"] for r in m], load_file(str(res.model_dir / "model.safetensors")))
+    norms, weights = runs[16]
+    for micro in (1, 3):
+        assert runs[micro][0] == pytest.approx(norms, rel=1e-4)
+        for k in weights:
+            torch.testing.assert_close(runs[micro][1][k], weights[k], rtol=0, atol=5e-5)
+
+
+def test_by_length_orders_shortest_first():
+    from posttrain.data.tokenize import TokenizedExample
+    from posttrain.stages.online_rl import by_length, chunks
+
+    ex = [TokenizedExample([1] * n, [1] * n, "") for n in (5, 2, 9, 2, 7)]
+    assert by_length([0, 1, 2, 3, 4], ex) == [1, 3, 0, 4, 2]  # ties keep their order
+    assert chunks(by_length([4, 2, 0], ex), 2) == [[0, 4], [2]]
+
+
 def test_generation_model_merges_lora_for_the_rollout_only(tiny_model_dir):
     """Adapters are merged into the base weights inside the ``with`` (same outputs as the
     unmerged model) and unmerged after, also on error; the base weights come back to within

@@ -94,7 +94,8 @@ class RLConfig(engine.TrainConfig):
                                     "use_bias_correction_kl).", False)
     num_iterations: int = doc("Passes over each rollout batch (μ in GRPO, PPO epochs).", 1)
     minibatch_size: int = doc("Completions per optimizer step (0 = the whole rollout batch).", 0)
-    micro_batch_size: int = doc("Completions per forward/backward pass (memory bound).", 8)
+    micro_batch_size: int = doc("Completions per forward/backward pass, shortest first: peak memory grows "
+                                "with it (~2.5 MB a token for a 135M model in fp32).", 4)
     clip_eps: float = doc("Clip range ε of the importance ratio.", 0.2)
     clip_eps_high: float = doc("Upper clip range (DAPO clip-higher; 0 = same as clip_eps).", 0.0)
     loss_agg: str = doc("Token aggregation: seq_mean (GRPO), token_mean (DAPO), constant (Dr. GRPO).", "seq_mean")
@@ -258,6 +259,12 @@ def completion_examples(roll: Rollout) -> list[TokenizedExample]:
 
 def chunks(idx: list[int], size: int) -> list[list[int]]:
     return [idx[i : i + size] for i in range(0, len(idx), size)]
+
+
+def by_length(idx: list[int], examples: list[TokenizedExample]) -> list[int]:
+    """``idx`` shortest example first, so that each micro-batch pads its rows to similar lengths
+    (the micro-batches of one optimizer step are summed: their order does not change the update)."""
+    return sorted(idx, key=lambda i: len(examples[i].input_ids))
 
 
 def split_steps(text: str, sep: str) -> list[str]:
@@ -436,7 +443,8 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                 parts: dict[str, dict[int, torch.Tensor]] = {"logp": {}, "ref_logp": {}, "values": {}}
                 t.model.eval()
                 with torch.no_grad():
-                    for idx, _ in distributed.even_chunks(list(range(len(examples))), cfg.micro_batch_size):
+                    for idx, _ in distributed.even_chunks(by_length(list(range(len(examples))), examples),
+                                                         cfg.micro_batch_size):
                         b = {k: v.to(t.device) for k, v in collate_pad([examples[i] for i in idx],
                                                                         tok.pad_token_id).items()}
                         sizes = [lengths[i] for i in idx]
@@ -474,7 +482,8 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                     # normalisers count every completion, trained or not, so skipping the ones
                     # with no gradient leaves the update exactly as it was
                     mb_seqs, mb_tokens = len(mb_idx), sum(lengths[i] for i in mb_idx)
-                    for idx, w in distributed.even_chunks([i for i in mb_idx if trained[i]], cfg.micro_batch_size):
+                    for idx, w in distributed.even_chunks(by_length([i for i in mb_idx if trained[i]], examples),
+                                                         cfg.micro_batch_size):
                         b = {k: v.to(t.device) for k, v in collate_pad([examples[i] for i in idx],
                                                                         tok.pad_token_id).items()}
                         extras = ("entropy", "hidden") if value_head is not None else ("entropy",)
