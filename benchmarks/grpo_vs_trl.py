@@ -107,7 +107,7 @@ def posttrain_overrides(spec: dict) -> list[str]:
         "sampling.batch_size=32", f"beta={s['beta']}", f"lr={s['lr']}", f"clip_eps={s['clip_eps']}",
         f"micro_batch_size={spec['micro_batch']}", "num_iterations=1", "loss_agg=seq_mean", "scale_rewards=group", "kl_estimator=k3",
         "schedule=constant", "warmup_ratio=0", "eval_every=0", "save_every=0", "sample_every=0", "merge_lora=false",
-        "seed=0", "tensorboard=false",
+        "seed=0", "tensorboard=false", *spec.get("extra", []),
     ]
 
 
@@ -314,6 +314,8 @@ def parse_args(argv=None):
                         "--trl-micro-batch): a divisor of the group size 8")
     p.add_argument("--trl-micro-batch", type=int, metavar="N",
                    help="TRL's per_device_train_batch_size (8: TRL's default, all completions in one pass)")
+    p.add_argument("--posttrain-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra posttrain config override, e.g. model.gradient_checkpointing=true (repeatable)")
     p.add_argument("--only", choices=["posttrain", "trl"], action="append", help="run only these (repeatable)")
     p.add_argument("--json", default=str(C.RESULTS / "grpo_vs_trl.json"), help="where to write the summary")
     a = p.parse_args(argv)
@@ -351,7 +353,7 @@ def main(argv=None) -> int:
           f"prompt tokens), one per step, x {SETTINGS['group_size']} completions of <= {SETTINGS['max_new_tokens']} "
           "tokens", flush=True)
 
-    plan = [("posttrain", run_posttrain, dict(base)),
+    plan = [("posttrain", run_posttrain, {**base, "extra": a.posttrain_set}),
             ("trl", run_trl, {**base, "order": order, "settings": dict(TRL_FAST), "micro_batch": a.trl_micro_batch,
                               "keep_freed_memory": not a.trl_default_malloc})]
     if a.only:
@@ -444,6 +446,7 @@ def summarize(a, results, mach, git, started) -> dict:
         "config": {"steps": a.steps, "prompts_per_step": 1, **SETTINGS, "lora": {**LORA, "target_modules": lora_targets()},
                    "reward": "exact_answer", "loss": "grpo (seq mean), k3 KL", "num_iterations": 1,
                    "micro_batch": {"posttrain": a.micro_batch, "trl": a.trl_micro_batch},
+                   "posttrain_set": a.posttrain_set,
                    "data": str(DATA.relative_to(C.ROOT)), "quick": a.quick, "trl_settings": TRL_FAST},
         "paired_quiet_steps": paired, "runs": runs, "targets": targets,
     }
