@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from posttrain import engine
 from posttrain.advantages import gae, group_advantages, process_advantages, rloo_advantages, whiten
 from posttrain.config import load_config
 from posttrain.losses import aggregate, clipped_policy_loss, clipped_value_loss, grpo_loss, kl_estimate
@@ -286,7 +287,6 @@ def test_ppo_separate_critic_trains_its_own_backbone(tiny_model_dir, prompt_file
 def test_grpo_resume_reaches_same_weights(tiny_model_dir, prompt_file, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from posttrain import engine
     from posttrain.stages.online_rl import GRPOConfig, train
     from tests.test_sft import _interrupt_after
 
@@ -412,12 +412,12 @@ def test_grpo_skips_zero_advantage_completions_without_changing_the_update(tiny_
     args = ("max_steps=3", "sample_every=0", "micro_batch_size=3", "loss_agg=token_mean", "beta=0")
     fast = online_rl.train(rl_cfg(online_rl.GRPOConfig, tiny_model_dir, prompt_file, tmp_path / "skip", *args),
                            [half_constant])
-    m = [json.loads(x) for x in (fast.run_dir / "metrics.jsonl").read_text().splitlines() if "reward/mean" in x]
+    m = [r for r in engine.read_metrics(fast.run_dir) if "reward/mean" in r]
     assert all(0 < r["train/skipped_frac"] < 1 for r in m)
     monkeypatch.setattr(online_rl, "zero_gradient_free", lambda cfg, vh, adv, offsets: [True] * (len(offsets) - 1))
     full = online_rl.train(rl_cfg(online_rl.GRPOConfig, tiny_model_dir, prompt_file, tmp_path / "all", *args),
                            [half_constant])
-    m_full = [json.loads(x) for x in (full.run_dir / "metrics.jsonl").read_text().splitlines() if "reward/mean" in x]
+    m_full = [r for r in engine.read_metrics(full.run_dir) if "reward/mean" in r]
     assert all(r["train/skipped_frac"] == 0 for r in m_full)
     # the same gradients (their norm is taken before clipping) and so the same weights
     for x, y in zip(m, m_full):
@@ -439,7 +439,7 @@ def test_micro_batches_sum_to_the_whole_batch_update(tiny_model_dir, prompt_file
         args = ("max_steps=2", "sample_every=0", f"micro_batch_size={micro}", "beta=0.1", "num_iterations=2")
         res = online_rl.train(rl_cfg(online_rl.GRPOConfig, tiny_model_dir, prompt_file, tmp_path / f"m{micro}", *args),
                               [e_fraction])
-        m = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines() if "reward/mean" in x]
+        m = [r for r in engine.read_metrics(res.run_dir) if "reward/mean" in r]
         runs[micro] = ([r["train/grad_norm"] for r in m], load_file(str(res.model_dir / "model.safetensors")))
     norms, weights = runs[16]
     for micro in (1, 3):
