@@ -22,9 +22,10 @@ What is held equal (the settings of ``recipes/grpo.yaml`` at one prompt per step
     TRL ``num_generations=8`` and ``per_device_train_batch_size`` = ``--trl-micro-batch``
     (default: the same), with ``steps_per_generation`` = ``gradient_accumulation_steps`` =
     8 / that, so one generation batch of 8 and one optimizer step per generation in both.
-    ``--trl-micro-batch 8`` is TRL's own default (all 8 completions in one pass). Sampling: temperature 0.7, top-p 1, no
-    top-k, at most 64 new tokens, HF ``generate`` with its KV cache (no vLLM). Reward:
-    posttrain's ``exact_answer`` (TRL calls the same function through a TRL-style wrapper).
+    ``--trl-micro-batch 8`` is TRL's own default (all 8 completions in one pass).
+    Sampling: temperature 0.7, top-p 1, no top-k, at most 64 new tokens, HF ``generate``
+    with its KV cache (no vLLM). Reward: posttrain's ``exact_answer`` (TRL calls the same
+    function through a TRL-style wrapper).
     Loss: GRPO with group-normalised advantages (``scale_rewards="group"``), per-sequence
     token mean (TRL ``loss_type="grpo"``, posttrain ``loss_agg=seq_mean``), clip 0.2, k3 KL
     to the reference with beta 0.04 (under LoRA the reference is the same weights with the

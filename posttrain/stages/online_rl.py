@@ -95,7 +95,7 @@ class RLConfig(engine.TrainConfig):
     num_iterations: int = doc("Passes over each rollout batch (μ in GRPO, PPO epochs).", 1)
     minibatch_size: int = doc("Completions per optimizer step (0 = the whole rollout batch).", 0)
     micro_batch_size: int = doc("Completions per forward/backward pass, shortest first: peak memory grows "
-                                "with it (~2.5 MB a token for a 135M model in fp32).", 4)
+                                "with it (~2.4 MB a token for a 135M model in fp32).", 4)
     clip_eps: float = doc("Clip range ε of the importance ratio.", 0.2)
     clip_eps_high: float = doc("Upper clip range (DAPO clip-higher; 0 = same as clip_eps).", 0.0)
     loss_agg: str = doc("Token aggregation: seq_mean (GRPO), token_mean (DAPO), constant (Dr. GRPO).", "seq_mean")
