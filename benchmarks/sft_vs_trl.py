@@ -33,8 +33,11 @@ Loss mask (the fairest comparable setting)
 
 Runs (each in a fresh ``spawn`` subprocess, one after the other)
     ``posttrain``: ``posttrain.stages.sft.train`` with its defaults (``batching=pad``,
-    ``model.dtype=auto``, which picks fp32 on a CPU without fast bf16).
-    ``trl_fast``: the fastest TRL settings found for CPU: ``bf16=False`` (fp32),
+    ``model.dtype=auto``: fp32 on a CPU without fast bf16; fp32 weights with bf16 autocast
+    on one with it, AVX512-BF16 or AMX).
+    ``trl_fast``: the fastest TRL settings found for CPU: its precision as posttrain's
+    ``auto`` resolves on this machine (``bf16=True``, TRL's autocast over fp32 weights, where
+    bf16 is fast; ``bf16=False``, fp32, elsewhere; ``--trl-fast-set bf16=...`` overrides),
     ``gradient_checkpointing=False``, ``dataloader_pin_memory=False``, the default
     fused AdamW, no eval, no saving, ``report_to="none"`` (see ``TRL_FAST`` and the notes
     in benchmarks/README.md on what was tried: ``padding_free=True`` measured slower),
@@ -99,9 +102,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C
 
-# TRL settings of the "fast" run, on top of the controls every TRL run shares.
+# TRL settings of the "fast" run, on top of the controls every TRL run shares ("bf16" is
+# resolved at run time: the precision posttrain's dtype=auto picks on this machine).
 TRL_FAST = {
-    "bf16": False,
+    "bf16": "auto",
     "gradient_checkpointing": False,
     "dataloader_pin_memory": False,
 }
@@ -130,7 +134,7 @@ def marked_template(template: str) -> str:
 def run_posttrain(spec: dict) -> dict:
     from posttrain import engine
     from posttrain.config import load_config
-    from posttrain.models import count_parameters
+    from posttrain.models import count_parameters, pick_precision
     from posttrain.stages import sft
 
     recs: list[dict] = []
@@ -164,21 +168,12 @@ def run_posttrain(spec: dict) -> dict:
         "step_ends": [r["t_end"] for r in recs], "step_s": [m["perf/step_s"] for m in metrics],
         "rss_train_mb": recs[-1]["rss_mb"], "rss_exit_mb": C.peak_rss_mb(), "params": params.get("total"),
         "load": C.window_load(recs[0]["cpu"], recs[-1]["cpu"]) if len(recs) > 1 else {},
-        "total_s": time.perf_counter() - t0, "dtype": _dtype_of(res.run_dir),
+        "total_s": time.perf_counter() - t0, "dtype": str(pick_precision(cfg.model.dtype)),
         "settings": {o.split("=", 1)[0]: o.split("=", 1)[1] for o in spec.get("extra", [])},
     }
     out.update(C.window_throughput(out["step_ends"], tokens, [r["cpu"] for r in recs]))
     shutil.rmtree(spec["out_dir"], ignore_errors=True)
     return out
-
-
-def _dtype_of(run_dir: Path) -> str:
-    try:
-        import json as _json
-
-        return _json.loads((Path(run_dir) / "model" / "config.json").read_text()).get("dtype", "?")
-    except OSError:
-        return "?"
 
 
 # --------------------------------------------------------------------------- TRL run (child)
@@ -194,6 +189,10 @@ def run_trl(spec: dict) -> dict:
     ds = datasets.Dataset.from_list([{"messages": rows[i]["messages"]} for i in order])
     tok = AutoTokenizer.from_pretrained(spec["model_dir"])
     settings = dict(spec["settings"])
+    if settings.get("bf16") == "auto":  # TRL's fastest precision here: posttrain's auto choice
+        from posttrain.models import pick_precision
+
+        settings["bf16"] = pick_precision("auto", "cpu").autocast is not None
     max_length = None if settings.get("padding_free") else spec["max_length"]
     args = SFTConfig(
         output_dir=spec["out_dir"], max_steps=spec["steps"], per_device_train_batch_size=spec["batch_size"],

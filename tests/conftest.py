@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# model.dtype=auto means float32 in the tests (and in the processes they start), whatever this
+# machine's bf16 speed: their exact comparisons (two processes vs one, resume, TRL cross-checks)
+# are float32 facts. Mixed precision is tested explicitly (test_models.py).
+os.environ.setdefault("POSTTRAIN_DTYPE", "float32")
 
 
 @pytest.fixture(scope="session")

@@ -129,8 +129,11 @@ def test_dpo_two_processes_match_one(tiny_model_dir, tmp_path, mode):
     assert_same_weights(one / "model", two / "model",
                         "adapter_model.safetensors" if mode == "lora-ddp" else "model.safetensors")
     m1, m2 = train_metrics(one), train_metrics(two)
-    for key in ("loss/train", "reward/accuracy", "reward/margin"):
+    for key in ("loss/train", "reward/margin"):
         assert [m[key] for m in m1] == pytest.approx([m[key] for m in m2], rel=1e-4, abs=1e-6), key
+    # accuracy counts margins > 0; at step 1 the policy equals the reference and every margin is
+    # float32 rounding noise (|margin| < 1e-6, whose sign depends on the batch split), so from step 2
+    assert [m["reward/accuracy"] for m in m1[1:]] == pytest.approx([m["reward/accuracy"] for m in m2[1:]])
     e1, e2 = (json.loads((d / "metrics.jsonl").read_text().splitlines()[-1]) for d in (one, two))
     assert e1["eval/reward_accuracy"] == pytest.approx(e2["eval/reward_accuracy"])
 

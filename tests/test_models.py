@@ -65,10 +65,37 @@ def test_hub_id_from_local_cache_offline(tiny_model_dir, tmp_path, monkeypatch):
     assert model.config.num_hidden_layers == 2
 
 
-def test_dtype_choice():
+def test_dtype_choice(monkeypatch):
     assert models.pick_dtype("float32") == torch.float32
     assert models.pick_dtype("bfloat16") == torch.bfloat16
-    assert models.pick_dtype("auto", "cpu") in (torch.float32, torch.bfloat16)
+    P = models.Precision
+    assert models.pick_precision("bf16-mixed") == P(torch.float32, torch.bfloat16)
+    assert models.pick_precision("bfloat16") == P(torch.bfloat16)  # pure bf16 only when asked for
+    assert str(P(torch.float32, torch.bfloat16)) == "float32 weights, bfloat16 autocast"
+    monkeypatch.delenv("POSTTRAIN_DTYPE", raising=False)
+    # auto never trains pure-bf16 weights: float32, with bf16 autocast where bf16 is fast
+    assert models.pick_precision("auto", "cpu") in (P(torch.float32), P(torch.float32, torch.bfloat16))
+    monkeypatch.setenv("POSTTRAIN_DTYPE", "bf16-mixed")
+    assert models.pick_precision("auto", "cpu") == P(torch.float32, torch.bfloat16)
+
+
+def test_mixed_precision_forward_is_bf16_and_returns_float32(tiny_model_dir):
+    """bf16-mixed: float32 weights; the decoder runs under bf16 autocast, log-probs come back
+    float32 and within bf16 rounding of the float32 model's."""
+    from posttrain.logprobs import token_logprobs
+
+    fp32 = models.load_model(tiny_model_dir, "float32")
+    mixed = models.load_model(tiny_model_dir, "bf16-mixed")
+    assert all(p.dtype == torch.float32 for p in mixed.parameters())
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    seen = []
+    hook = mixed.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    lp_mixed = token_logprobs(mixed, ids, ids)
+    hook.remove()
+    lp_fp32 = token_logprobs(fp32, ids, ids)
+    assert seen == [torch.bfloat16] and lp_mixed.dtype == torch.float32
+    assert not torch.equal(lp_mixed, lp_fp32)
+    torch.testing.assert_close(lp_mixed, lp_fp32, rtol=0.02, atol=0.05)
 
 
 def test_lora_defaults_target_attention_and_mlp(tiny_model_dir):

@@ -36,6 +36,18 @@ def test_full_finetune_learns_and_saves_hf_dir(tiny_model_dir, chat_file, tmp_pa
     assert reloaded.config.num_hidden_layers == 2
 
 
+def test_mixed_precision_learns_and_saves_float32(tiny_model_dir, chat_file, tmp_path):
+    """Mixed precision trains float32 weights (saved as float32) and tracks the float32 run."""
+    dtype, runs = "bf16-mixed", {}
+    for d in (dtype, "float32"):
+        train(cfg_for(tiny_model_dir, chat_file, tmp_path / d, f"model.dtype={d}"))
+        runs[d] = [m["loss/train"] for m in engine.read_metrics(tmp_path / d) if "loss/train" in m]
+    assert runs[dtype][-1] < runs[dtype][0]
+    assert runs[dtype] == pytest.approx(runs["float32"], rel=0.05)
+    saved = load_file(tmp_path / dtype / "model" / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in saved.values())
+
+
 def test_lora_saves_adapter_and_merged(tiny_model_dir, chat_file, tmp_path):
     res = train(cfg_for(tiny_model_dir, chat_file, tmp_path / "run", "model.lora=true", "model.lora_r=4",
                         "merge_lora=true", "max_steps=3", "batching=flatten"))

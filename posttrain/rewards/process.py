@@ -22,6 +22,8 @@ from posttrain.models import (
     final_hidden_states,
     load_tokenizer,
     pick_dtype,
+    pick_precision,
+    set_precision,
 )
 
 PRM_META = "posttrain_prm.json"
@@ -65,6 +67,7 @@ class ProcessRewardModel:
         self.separator = json.loads(meta.read_text())["step_separator"] if meta.is_file() else "\n\n"
         self.model = AutoModelForTokenClassification.from_pretrained(
             self.path, dtype=pick_dtype(dtype, self.device)).to(self.device).eval()
+        set_precision(self.model, pick_precision(dtype, self.device))
 
     @torch.no_grad()
     def score_steps(self, prompt, steps: list[str]) -> list[float]:

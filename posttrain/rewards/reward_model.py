@@ -24,6 +24,8 @@ from posttrain.models import (
     final_hidden_states,
     load_tokenizer,
     pick_dtype,
+    pick_precision,
+    set_precision,
 )
 
 REWARD_META = "posttrain_reward.json"
@@ -73,6 +75,7 @@ class RewardModel:
         distinct_pad_token(self.tok)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             self.path, dtype=pick_dtype(dtype, self.device)).to(self.device).eval()
+        set_precision(self.model, pick_precision(dtype, self.device))
         self.head = None
         meta = self.path / REWARD_META
         info = json.loads(meta.read_text()) if meta.is_file() else {}

@@ -53,7 +53,14 @@ from posttrain.data.tokenize import IGNORE, TokenizedExample, collate_pad
 from posttrain.log import log
 from posttrain.logprobs import token_logprobs
 from posttrain.losses import aggregate, clipped_value_loss, grpo_loss, kl_estimate
-from posttrain.models import count_parameters, load_model, prepare_model, resolve_model_path
+from posttrain.models import (
+    autocast,
+    count_parameters,
+    load_model,
+    prepare_model,
+    resolve_model_path,
+    set_precision,
+)
 from posttrain.rewards.combine import RewardSet, reward_name
 from posttrain.rollout import Rollout, SamplingConfig, generate, sample
 
@@ -247,8 +254,10 @@ class Critic(torch.nn.Module):
         """``(N,)`` values at the positions that predict each target token (float32)."""
         h = policy_hidden
         if self.backbone is not None:
-            out = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-            h = out.last_hidden_state[:, :-1][batch["labels"][:, 1:] != IGNORE]
+            with autocast(self.backbone):
+                out = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    use_cache=False)
+            h = out.last_hidden_state[:, :-1][batch["labels"][:, 1:] != IGNORE].to(self.head.weight.dtype)
         return self.head(h).squeeze(-1).float()
 
 
@@ -379,8 +388,10 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
         ref_model = load_model(cfg.model.name_or_path, dtype).eval().requires_grad_(False)
     value_head = None  # the critic (PPO)
     if cfg.advantage == "gae":
-        backbone = load_model(cfg.model.name_or_path, dtype).get_decoder() if cfg.critic == "separate" else None
-        value_head = Critic(model.config.hidden_size, dtype, backbone)
+        backbone = None
+        if cfg.critic == "separate":
+            backbone = set_precision(load_model(cfg.model.name_or_path, dtype).get_decoder(), dtype)
+        value_head = Critic(model.config.hidden_size, dtype.weights, backbone)
     policy = Policy(cfg, model, value_head, ref_model)
     G = cfg.group_size
     batches = engine.EpochBatches([len(p.ids) for p in prompts], cfg.batch_size, cfg.seed)
@@ -400,7 +411,7 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
     if cfg.sampling.backend == "vllm":
         from posttrain.rollout_vllm import VLLMSampler
 
-        sampler = VLLMSampler(str(resolve_model_path(cfg.model.name_or_path)), dtype,
+        sampler = VLLMSampler(str(resolve_model_path(cfg.model.name_or_path)), dtype.compute,
                               cfg.sampling.vllm_gpu_memory_utilization, seed=cfg.seed).sample
 
     # ---------------------------------------------------------------- train
