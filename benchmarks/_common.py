@@ -189,8 +189,9 @@ def window_throughput(step_ends: list[float], step_tokens: list[int], step_cpu: 
 
 
 def matmul_gflops(n: int = 2048, reps: int = 8, quiet_trials: int = 4, max_s: float = 120.0,
-                  quiet_below: float = 0.1) -> dict:
-    """Best fp32 ``n x n`` matmul rate (GFLOP/s) over trials run while other processes left the CPU idle.
+                  quiet_below: float = 0.1, dtype=None) -> dict:
+    """Best ``n x n`` matmul rate (GFLOP/s; fp32 unless ``dtype``) over trials run while other
+    processes left the CPU idle.
 
     Trials of ``reps`` products are repeated until ``quiet_trials`` of them ran with other
     processes below ``quiet_below`` cores, or ``max_s`` have passed; the best quiet trial
@@ -198,7 +199,7 @@ def matmul_gflops(n: int = 2048, reps: int = 8, quiet_trials: int = 4, max_s: fl
     """
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)
     t_start, quiet, loaded = time.perf_counter(), [], []
     while len(quiet) < quiet_trials and (time.perf_counter() - t_start < max_s or not (quiet or loaded)):

@@ -78,7 +78,8 @@ Other figures
     posttrain's final save). Final loss: the train loss of the last step (the same batch
     for posttrain and trl_fast). FLOP/s: ``6 x parameters x tokens/s`` (the usual
     training estimate, embeddings included; attention ignored), as a share of the best
-    fp32 2048x2048 matmul rate measured in this invocation (before and after the runs).
+    2048x2048 matmul rate measured in this invocation (before and after the runs) in the
+    dtype posttrain computes in (fp32, or bf16 under mixed precision).
     Load: ``/proc/loadavg`` and, over each timing window, the cores this run kept busy
     and the cores everything else on the machine kept busy.
 
@@ -298,8 +299,17 @@ def _kv(items: list[str]) -> dict:
     return out
 
 
+def compute_dtype(a):
+    """The dtype posttrain's matmuls run in here (bf16 under mixed precision): the reference
+    matmul is timed in it, so that the FLOP share compares like with like."""
+    from posttrain.models import pick_precision
+
+    return pick_precision(_kv(a.posttrain_set).get("model.dtype", "auto"), "cpu").compute
+
+
 def measure_matmul(a) -> dict:
-    return C.matmul_gflops(reps=8, quiet_trials=2 if a.quick else 4, max_s=60 if a.quick else 180)
+    return C.matmul_gflops(reps=8, quiet_trials=2 if a.quick else 4, max_s=60 if a.quick else 180,
+                           dtype=compute_dtype(a))
 
 
 def main(argv=None) -> int:
@@ -313,7 +323,8 @@ def main(argv=None) -> int:
     print(f"machine: {mach['cpu']}, {mach['cores']} cores, torch threads {mach['torch_threads']}; "
           + ", ".join(f"{k} {v}" for k, v in mach["versions"].items()), flush=True)
     mm_before = measure_matmul(a)
-    print(f"fp32 2048x2048 matmul: {mm_before['gflops']:.1f} GFLOP/s (best of {mm_before['trials']} trials; "
+    mm_name = str(compute_dtype(a)).replace("torch.", "")
+    print(f"{mm_name} 2048x2048 matmul: {mm_before['gflops']:.1f} GFLOP/s (best of {mm_before['trials']} trials; "
           f"{'quiet' if mm_before['quiet'] else 'LOADED: no trial ran on an idle CPU'})", flush=True)
 
     model_dir = str(embedded_model_dir())
@@ -367,7 +378,7 @@ def main(argv=None) -> int:
     mm_after = measure_matmul(a)
     quiet_mm = [m["gflops"] for m in (mm_before, mm_after) if m["quiet"]]
     peak = max(quiet_mm or [mm_before["gflops"], mm_after["gflops"]])
-    print(f"\nfp32 2048x2048 matmul after the runs: {mm_after['gflops']:.1f} GFLOP/s "
+    print(f"\n{mm_name} 2048x2048 matmul after the runs: {mm_after['gflops']:.1f} GFLOP/s "
           f"({'quiet' if mm_after['quiet'] else 'LOADED'}; reference: {peak:.1f})", flush=True)
     summary = summarize(a, results, peak, mm_before, mm_after, pad_grouped, pad_random, mach, started, n, lengths)
     print_table(summary)
@@ -439,7 +450,8 @@ def summarize(a, results, peak, mm_before, mm_after, pad_grouped, pad_random, ma
                    "example_tokens": {"min": min(lengths), "max": max(lengths), "mean": round(sum(lengths) / n, 1)},
                    "padding_share_grouped": round(pad_grouped, 4), "padding_share_random": round(pad_random, 4),
                    "trl_fast_settings": {**TRL_FAST, **_kv(a.trl_fast_set)}, "posttrain_overrides": a.posttrain_set},
-        "matmul_gflops": {"before": mm_before, "after": mm_after, "reference": round(peak, 1)},
+        "matmul_gflops": {"before": mm_before, "after": mm_after, "reference": round(peak, 1),
+                          "dtype": str(compute_dtype(a)).replace("torch.", "")},
         "paired_quiet_steps": paired, "runs": runs, "targets": targets,
     }
 
@@ -460,7 +472,7 @@ def print_table(s: dict) -> None:
               f"{C.fmt(r['final_loss'], '.4f'):>10}  {r['dtype']}; {r['rate_basis']}")
     mm = s["matmul_gflops"]
     params = next((r["params"] for r in runs.values() if r.get("params")), "?")
-    print(f"matmul reference: {mm['reference']} GFLOP/s (before {mm['before']['gflops']:.1f}, "
+    print(f"{mm.get('dtype', 'float32')} matmul reference: {mm['reference']} GFLOP/s (before {mm['before']['gflops']:.1f}, "
           f"after {mm['after']['gflops']:.1f}); GFLOP/s = 6 x {params} "
           "params x tok/s")
     for name, t in s["targets"].items():

@@ -263,9 +263,14 @@ class Trainable:
             raise ValueError("the model has no trainable parameters")
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]  # norms and biases are not decayed
+        # fused AdamW: one kernel over all tensors. On the 2-core CPU its step over SmolLM2's
+        # 134.5M parameters took 0.08 s against 0.56 s for the default per-tensor loop (whose
+        # sqrt/div temporaries of the 49k x 576 embedding alone were ~0.35 s of a step).
+        # Not under FSDP (sharded DTensor parameters take the default path).
+        fused = not self.fsdp and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=lr, betas=betas,
+            lr=lr, betas=betas, fused=fused or None,
         )
         self.scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps,
                                        num_training_steps=total_steps)
