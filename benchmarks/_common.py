@@ -188,6 +188,26 @@ def window_throughput(step_ends: list[float], step_tokens: list[int], step_cpu: 
 # --------------------------------------------------------------------------- machine
 
 
+# TRL's fastest CPU settings found (every benchmark's "fast" TRL run). "bf16": "auto" is resolved by
+# resolve_trl_settings to the precision posttrain's dtype=auto picks on this machine: bf16=True
+# (TRL's autocast over fp32 weights, as posttrain's mixed precision) where bf16 is fast, else fp32.
+TRL_FAST = {
+    "bf16": "auto",
+    "gradient_checkpointing": False,
+    "dataloader_pin_memory": False,
+}
+
+
+def resolve_trl_settings(settings: dict) -> dict:
+    """``settings`` with ``bf16: "auto"`` replaced by posttrain's precision choice on this CPU."""
+    out = dict(settings)
+    if out.get("bf16") == "auto":
+        from posttrain.models import pick_precision
+
+        out["bf16"] = pick_precision("auto", "cpu").autocast is not None
+    return out
+
+
 def matmul_gflops(n: int = 2048, reps: int = 8, quiet_trials: int = 4, max_s: float = 120.0,
                   quiet_below: float = 0.1, dtype=None) -> dict:
     """Best ``n x n`` matmul rate (GFLOP/s; fp32 unless ``dtype``) over trials run while other

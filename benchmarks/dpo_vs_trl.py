@@ -46,9 +46,11 @@ Reference log-probs
 
 Runs (each in a fresh ``spawn`` subprocess, one after the other)
     ``posttrain``: ``posttrain.stages.dpo.train`` (config from ``load_config(DPOConfig,
-    None, overrides)``, ``model.dtype=float32``, no eval, no checkpoints, no merge).
+    None, overrides)``, ``model.dtype=auto`` (float32 weights, with bf16 autocast where bf16 is
+    fast), no eval, no checkpoints, no merge).
     ``trl`` / ``trl_live_ref``: ``DPOTrainer`` with the CPU settings of
-    ``sft_vs_trl.py``'s fast run: ``bf16=False`` (fp32), ``use_cpu=True``,
+    ``sft_vs_trl.py``'s fast run: float32 weights, ``bf16`` autocast exactly where posttrain's
+    ``auto`` picks it (``C.TRL_FAST``), ``use_cpu=True``,
     ``gradient_checkpointing=False``, ``dataloader_pin_memory=False``, no eval, no saving,
     ``report_to="none"``.
 
@@ -85,12 +87,8 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 WARMUP_RATIO = 0.1  # posttrain's DPOConfig default
 REF_BATCH_SEQS = 16  # posttrain's DPOConfig.ref_batch_size default (sequences = 8 pairs)
 
-# TRL settings shared by both TRL runs (the fast CPU settings of sft_vs_trl.py)
-TRL_FAST = {
-    "bf16": False,
-    "gradient_checkpointing": False,
-    "dataloader_pin_memory": False,
-}
+# TRL's fast CPU settings (shared with sft_vs_trl.py; bf16 as posttrain's dtype=auto resolves here)
+TRL_FAST = C.TRL_FAST
 
 
 def lora_targets() -> list[str]:
@@ -101,7 +99,7 @@ def lora_targets() -> list[str]:
 
 def posttrain_overrides(spec: dict) -> list[str]:
     return [
-        f"model.name_or_path={spec['model_dir']}", "model.dtype=float32", "model.lora=true",
+        f"model.name_or_path={spec['model_dir']}", "model.dtype=auto", "model.lora=true",
         f"model.lora_r={LORA['r']}", f"model.lora_alpha={LORA['alpha']}", f"model.lora_dropout={LORA['dropout']}",
         f"data.train={spec['train_file']}", "data.eval_fraction=0", f"data.max_length={spec['max_length']}",
         f"output_dir={spec['out_dir']}", f"max_steps={spec['steps']}", f"batch_size={spec['batch_size']}",
@@ -247,7 +245,7 @@ def run_trl(spec: dict) -> dict:
         precompute_ref_log_probs=spec["precompute"], precompute_ref_batch_size=REF_BATCH_SEQS // 2,
         disable_dropout=False, model_init_kwargs={"dtype": "float32"}, logging_steps=1, seed=0,
         report_to="none", save_strategy="no", eval_strategy="no", train_sampling_strategy="sequential",
-        use_cpu=True, **spec["settings"],
+        use_cpu=True, **C.resolve_trl_settings(spec["settings"]),
     )
     peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                              target_modules=lora_targets(), task_type="CAUSAL_LM", bias="none")
@@ -301,7 +299,7 @@ def run_trl(spec: dict) -> dict:
         "split_s": {"forward": [round(r["forward"], 3) for r in recs]},
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "settings": {**spec["settings"], "precompute_ref_log_probs": spec["precompute"]},
+        "settings": {**C.resolve_trl_settings(spec["settings"]), "precompute_ref_log_probs": spec["precompute"]},
         "resolved": {k: str(getattr(args, k)) for k in ("bf16", "gradient_checkpointing", "optim", "disable_dropout",
                                                          "precompute_ref_log_probs", "lr_scheduler_type",
                                                          "warmup_steps", "dataloader_num_workers")},
@@ -500,7 +498,7 @@ def summarize(a, results, mach, git, started, n, real, padded) -> dict:
                    "data": str(DATA.relative_to(C.ROOT)), "quick": a.quick,
                    "posttrain_tokens": {"non_padding": real, "padded": padded,
                                         "padding_share": round(1 - real / padded, 4)},
-                   "trl_settings": TRL_FAST, "ref_batch_sequences": REF_BATCH_SEQS},
+                   "trl_settings": C.resolve_trl_settings(TRL_FAST), "ref_batch_sequences": REF_BATCH_SEQS},
         "paired_quiet_steps": paired, "runs": runs, "targets": targets,
     }
 

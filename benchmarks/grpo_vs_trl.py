@@ -8,9 +8,10 @@ Usage::
 
 What is held equal (the settings of ``recipes/grpo.yaml`` at one prompt per step)
     Model: the embedded SmolLM2-135M-Instruct (``posttrain.models.embedded_model_dir()``,
-    a plain HF directory), fp32, LoRA r 16, alpha 32, dropout 0 on posttrain's default
-    targets for llama models (q/k/v/o and gate/up/down projections), given to TRL as the
-    same ``peft.LoraConfig``. Prompts: the first ``steps`` rows of
+    a plain HF directory), float32 weights (bf16 autocast in both where posttrain's auto
+    picks it), LoRA r 16, alpha 32, dropout 0 on posttrain's default targets for llama
+    models (q/k/v/o and gate/up/down projections), given to TRL as the same
+    ``peft.LoraConfig``. Prompts: the first ``steps`` rows of
     ``examples/data/add2_train.jsonl`` (``prompt`` + ``answer``), a user turn rendered with
     SmolLM2's chat template and its generation prompt in both (TRL gets the
     conversational form); TRL is fed them in the order posttrain's ``EpochBatches`` visits
@@ -45,7 +46,8 @@ What is not the same (and cannot be made the same)
 Runs (each in a fresh ``spawn`` subprocess, one after the other)
     ``posttrain``: ``posttrain.stages.online_rl.train`` with a ``GRPOConfig`` from
     ``load_config`` (no eval, no checkpoints, no samples file, no merge at the end).
-    ``trl``: ``GRPOTrainer`` with ``bf16=False`` (fp32), ``use_cpu=True``,
+    ``trl``: ``GRPOTrainer`` with float32 weights and ``bf16`` autocast exactly where posttrain's
+    ``auto`` picks it (``C.TRL_FAST``), ``use_cpu=True``,
     ``gradient_checkpointing=False``, ``dataloader_pin_memory=False``, ``use_vllm=False``,
     no eval, no saving, ``report_to="none"``.
 
@@ -84,11 +86,8 @@ DATA = C.ROOT / "examples" / "data" / "add2_train.jsonl"
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 SETTINGS = {"group_size": 8, "max_new_tokens": 64, "temperature": 0.7, "beta": 0.04, "lr": 1e-4, "clip_eps": 0.2}
 
-TRL_FAST = {
-    "bf16": False,
-    "gradient_checkpointing": False,
-    "dataloader_pin_memory": False,
-}
+# TRL's fast CPU settings (shared with sft_vs_trl.py; bf16 as posttrain's dtype=auto resolves here)
+TRL_FAST = C.TRL_FAST
 
 
 def lora_targets() -> list[str]:
@@ -100,7 +99,7 @@ def lora_targets() -> list[str]:
 def posttrain_overrides(spec: dict) -> list[str]:
     s = SETTINGS
     return [
-        f"model.name_or_path={spec['model_dir']}", "model.dtype=float32", "model.lora=true",
+        f"model.name_or_path={spec['model_dir']}", "model.dtype=auto", "model.lora=true",
         f"model.lora_r={LORA['r']}", f"model.lora_alpha={LORA['alpha']}", f"model.lora_dropout={LORA['dropout']}",
         f"data.train={spec['train_file']}", "data.max_length=256", f"output_dir={spec['out_dir']}",
         f"max_steps={spec['steps']}", "batch_size=1", f"group_size={s['group_size']}",
@@ -234,7 +233,8 @@ def run_trl(spec: dict) -> dict:
         mask_truncated_completions=False, learning_rate=s["lr"], lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.999, shuffle_dataset=False,
         use_vllm=False, model_init_kwargs={"dtype": "float32"}, logging_steps=1, seed=0, report_to="none",
-        save_strategy="no", eval_strategy="no", log_completions=False, use_cpu=True, **spec["settings"],
+        save_strategy="no", eval_strategy="no", log_completions=False, use_cpu=True,
+        **C.resolve_trl_settings(spec["settings"]),
     )
     peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                              target_modules=lora_targets(), task_type="CAUSAL_LM", bias="none")
@@ -288,7 +288,8 @@ def run_trl(spec: dict) -> dict:
         "load": C.window_load(recs[0]["cpu"], recs[-1]["cpu"]) if len(recs) > 1 else {},
         "total_s": time.perf_counter() - t0,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "settings": spec["settings"],
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "settings": C.resolve_trl_settings(spec["settings"]),
         "resolved": {k: str(getattr(args, k)) for k in ("bf16", "gradient_checkpointing", "optim", "loss_type",
                                                          "generation_batch_size", "steps_per_generation",
                                                          "num_iterations", "beta", "top_k", "disable_dropout")},
@@ -448,7 +449,7 @@ def summarize(a, results, mach, git, started) -> dict:
                    "reward": "exact_answer", "loss": "grpo (seq mean), k3 KL", "num_iterations": 1,
                    "micro_batch": {"posttrain": a.micro_batch, "trl": a.trl_micro_batch},
                    "posttrain_set": a.posttrain_set,
-                   "data": str(DATA.relative_to(C.ROOT)), "quick": a.quick, "trl_settings": TRL_FAST},
+                   "data": str(DATA.relative_to(C.ROOT)), "quick": a.quick, "trl_settings": C.resolve_trl_settings(TRL_FAST)},
         "paired_quiet_steps": paired, "runs": runs, "targets": targets,
     }
 

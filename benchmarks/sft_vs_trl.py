@@ -103,13 +103,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C
 
-# TRL settings of the "fast" run, on top of the controls every TRL run shares ("bf16" is
-# resolved at run time: the precision posttrain's dtype=auto picks on this machine).
-TRL_FAST = {
-    "bf16": "auto",
-    "gradient_checkpointing": False,
-    "dataloader_pin_memory": False,
-}
+# TRL settings of the "fast" run, on top of the controls every TRL run shares.
+TRL_FAST = C.TRL_FAST
 # The "default" run changes nothing on top of the controls.
 TRL_DEFAULT: dict = {}
 
@@ -189,11 +184,7 @@ def run_trl(spec: dict) -> dict:
     order = spec["order"]
     ds = datasets.Dataset.from_list([{"messages": rows[i]["messages"]} for i in order])
     tok = AutoTokenizer.from_pretrained(spec["model_dir"])
-    settings = dict(spec["settings"])
-    if settings.get("bf16") == "auto":  # TRL's fastest precision here: posttrain's auto choice
-        from posttrain.models import pick_precision
-
-        settings["bf16"] = pick_precision("auto", "cpu").autocast is not None
+    settings = C.resolve_trl_settings(spec["settings"])
     max_length = None if settings.get("padding_free") else spec["max_length"]
     args = SFTConfig(
         output_dir=spec["out_dir"], max_steps=spec["steps"], per_device_train_batch_size=spec["batch_size"],
@@ -449,7 +440,8 @@ def summarize(a, results, peak, mm_before, mm_after, pad_grouped, pad_random, ma
                    "trl_default_steps": a.trl_default_steps, "examples": n, "quick": a.quick,
                    "example_tokens": {"min": min(lengths), "max": max(lengths), "mean": round(sum(lengths) / n, 1)},
                    "padding_share_grouped": round(pad_grouped, 4), "padding_share_random": round(pad_random, 4),
-                   "trl_fast_settings": {**TRL_FAST, **_kv(a.trl_fast_set)}, "posttrain_overrides": a.posttrain_set},
+                   "trl_fast_settings": C.resolve_trl_settings({**TRL_FAST, **_kv(a.trl_fast_set)}),
+                   "posttrain_overrides": a.posttrain_set},
         "matmul_gflops": {"before": mm_before, "after": mm_after, "reference": round(peak, 1),
                           "dtype": str(compute_dtype(a)).replace("torch.", "")},
         "paired_quiet_steps": paired, "runs": runs, "targets": targets,
