@@ -256,6 +256,8 @@ class Trainable:
             # device placement and mixed precision only: no DDP wrapper, the gradients are
             # summed across ranks once per optimizer step in :meth:`step`
             self.model = self.accelerator.prepare_model(model, evaluation_mode=True)
+        if not self.fsdp:
+            sparse_tied_embedding_grad(self.model)
         self.model_params = [p for p in self.model.parameters() if p.requires_grad]
         self.extra_params = extra_params
         params = self.model_params + extra_params
@@ -308,6 +310,27 @@ class Trainable:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def sparse_tied_embedding_grad(model) -> bool:
+    """Make the input embedding's gradient sparse when it is tied to the LM head; True if done.
+
+    A dense embedding backward zero-fills a ``(vocab, hidden)`` matrix and adds the rows of the
+    step's tokens into it; with tied weights that matrix is then added to the head's (dense)
+    gradient. Sparse, only the step's rows are added, in place into the head's gradient: the
+    same sum, without the fill and the second (vocab, hidden) pass (~0.25 s of a 4 s SFT step
+    of SmolLM2 on 2 cores). Only when tied and trained: an untied embedding would be left
+    with a sparse gradient, which AdamW does not take.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(base, "get_input_embeddings"):  # a bare head (frozen-backbone reward model)
+        return False
+    emb, head = base.get_input_embeddings(), base.get_output_embeddings()
+    if (isinstance(emb, torch.nn.Embedding) and isinstance(head, torch.nn.Linear) and emb.weight is head.weight
+            and emb.weight.requires_grad):
+        emb.sparse = True
+        return True
+    return False
 
 
 def _clip_grad_norm(groups: list[list[torch.Tensor]], max_norm: float) -> float:

@@ -106,3 +106,22 @@ def test_partial_checkpoint_is_never_loaded(tmp_path):
 def test_keep_last_prunes(tiny_model_dir, chat_file, tmp_path):
     train(cfg_for(tiny_model_dir, chat_file, tmp_path / "run", "save_every=1", "keep_last=2"))
     assert [c.name for c in engine.checkpoints(tmp_path / "run")] == ["step-5", "step-6"]
+
+
+def test_sparse_tied_embedding_grad_is_the_dense_one(tiny_model_dir):
+    """With the input embedding tied to the LM head, its gradient is taken sparse and added into
+    the head's dense one: the same dense gradient as without, which AdamW then takes."""
+    from posttrain.logprobs import token_logprobs
+    from posttrain.models import load_model
+
+    ids = torch.randint(0, 1000, (3, 10), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for sparse in (False, True):
+        model = load_model(tiny_model_dir, "float32")
+        assert engine.sparse_tied_embedding_grad(model) if sparse else True
+        for _ in range(2):  # two micro-batches accumulate
+            (-token_logprobs(model, ids, ids).sum()).backward()
+        g = model.get_input_embeddings().weight.grad
+        assert not g.is_sparse
+        grads.append(g)
+    torch.testing.assert_close(grads[0], grads[1])
