@@ -38,7 +38,7 @@ from posttrain.data.dataset import PreferenceData, load_preference_data
 from posttrain.data.preference import PreferencePair
 from posttrain.log import is_main_process, log
 from posttrain.losses import bradley_terry_loss
-from posttrain.models import backbone_and_score_head, count_parameters, prepare_scoring_model
+from posttrain.models import autocast, backbone_and_score_head, count_parameters, prepare_scoring_model
 from posttrain.rewards.reward_model import (
     MLP_HEAD_FILE,
     REWARD_META,
@@ -133,7 +133,8 @@ def pair_features(model, pairs: list[PreferencePair], pad_id: int, batch_size: i
         task = bar.add_task("features", total=len(pairs), status="")
         for s in range(0, len(pairs), batch_size):
             batch = pair_batch(pairs[s : s + batch_size], pad_id)
-            h = last_token_states(backbone, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            with autocast(model, device):  # the precision the scorer will read them in
+                h = last_token_states(backbone, batch["input_ids"].to(device), batch["attention_mask"].to(device))
             h = h.float().cpu().view(2, -1, h.shape[-1]).transpose(0, 1)  # (b, 2, H)
             out = h if out is None else torch.cat([out, h])
             bar.update(task, advance=h.shape[0])
