@@ -118,6 +118,13 @@ def _chunk_logits(h, weight, bias, inv_temp, out=None):
     return logits
 
 
+def _in_dtype(dtype: torch.dtype | None, h, weight, bias):
+    """``(h, weight, bias)`` cast to ``dtype`` (None: as they are; a missing bias stays None)."""
+    if dtype is None:
+        return h, weight, bias
+    return h.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
 def _head_forward(h, weight, bias, targets, inv_temp, want_entropy, chunk, probs=None):
     """Log-probs, log-sum-exps and entropies (or None) of each row; with ``probs`` (an
     ``(N, vocab)`` buffer) each row's softmax is left there for the backward pass."""
@@ -168,9 +175,7 @@ class _HeadLogprobs(torch.autograd.Function):
     def forward(ctx, h, weight, bias, targets, inv_temp, want_entropy, chunk, save_bytes, compute_dtype):
         # the inputs in the compute dtype, cast once (kept for backward: no second cast there)
         ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
-        if compute_dtype is not None:
-            h, weight = h.to(compute_dtype), weight.to(compute_dtype)
-            bias = bias.to(compute_dtype) if bias is not None else None
+        h, weight, bias = _in_dtype(compute_dtype, h, weight, bias)
         acc = _acc(h.dtype)
         keep = h.shape[0] * weight.shape[0] * acc.itemsize <= save_bytes
         probs = torch.empty(h.shape[0], weight.shape[0], dtype=acc, device=h.device) if keep else None
@@ -250,9 +255,7 @@ def head_logprobs(h, weight, bias, targets, temperature: float = 1.0, want_entro
                                     or (bias is not None and bias.requires_grad)):
         save = HEAD_SAVE_BYTES if save_bytes is None else save_bytes
         return _HeadLogprobs.apply(h, weight, bias, targets, inv_temp, want_entropy, chunk, save, compute_dtype)
-    if compute_dtype is not None:
-        h, weight = h.to(compute_dtype), weight.to(compute_dtype)
-        bias = bias.to(compute_dtype) if bias is not None else None
+    h, weight, bias = _in_dtype(compute_dtype, h, weight, bias)
     lp, _, ent = _head_forward(h, weight, bias, targets, inv_temp, want_entropy, chunk)
     return lp, ent
 

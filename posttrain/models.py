@@ -292,11 +292,6 @@ def pick_precision(requested: str | torch.dtype | Precision, device: torch.devic
     return Precision(torch.float32)
 
 
-def pick_dtype(requested: str | torch.dtype | Precision, device: torch.device | str = "cpu") -> torch.dtype:
-    """The weights dtype for ``requested`` on ``device`` (see :func:`pick_precision`)."""
-    return pick_precision(requested, device).weights
-
-
 def set_precision(model, precision: Precision):
     """Mark ``model`` so that :func:`autocast` runs its training/scoring forward passes in
     ``precision.autocast`` (a peft wrapper reads the mark through to its base model)."""
@@ -468,10 +463,10 @@ def final_hidden_states(model, inner, input_ids: torch.Tensor, attention_mask: t
     """``(B, T, H)`` final (normed) hidden states of ``model`` whose decoder/backbone is ``inner``.
 
     Under mixed precision (:func:`set_precision`) the decoder runs in bf16 autocast and the
-    states are returned in float32. Normally ``inner`` is called directly (no logits are computed). Under FSDP the call goes
-    through the root module's forward instead, so that FSDP gathers the parameters; the root's
-    own (embeddings, final norm, heads) stay gathered until the backward, so a caller may apply
-    the head's weight to these states itself.
+    states are returned in float32. Normally ``inner`` is called directly (no logits are
+    computed). Under FSDP the call goes through the root module's forward instead, so that
+    FSDP gathers the parameters; the root's own (embeddings, final norm, heads) stay gathered
+    until the backward, so a caller may apply the head's weight to these states itself.
     """
     from posttrain import distributed
 

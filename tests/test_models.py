@@ -66,8 +66,8 @@ def test_hub_id_from_local_cache_offline(tiny_model_dir, tmp_path, monkeypatch):
 
 
 def test_dtype_choice(monkeypatch):
-    assert models.pick_dtype("float32") == torch.float32
-    assert models.pick_dtype("bfloat16") == torch.bfloat16
+    assert models.pick_precision("float32").weights == torch.float32
+    assert models.pick_precision("bfloat16").weights == torch.bfloat16
     P = models.Precision
     assert models.pick_precision("bf16-mixed") == P(torch.float32, torch.bfloat16)
     assert models.pick_precision("bfloat16") == P(torch.bfloat16)  # pure bf16 only when asked for

@@ -21,7 +21,6 @@ from posttrain.models import (
     distinct_pad_token,
     final_hidden_states,
     load_tokenizer,
-    pick_dtype,
     pick_precision,
     set_precision,
 )
@@ -65,9 +64,9 @@ class ProcessRewardModel:
         distinct_pad_token(self.tok)
         meta = self.path / PRM_META
         self.separator = json.loads(meta.read_text())["step_separator"] if meta.is_file() else "\n\n"
-        self.model = AutoModelForTokenClassification.from_pretrained(
-            self.path, dtype=pick_dtype(dtype, self.device)).to(self.device).eval()
-        set_precision(self.model, pick_precision(dtype, self.device))
+        precision = pick_precision(dtype, self.device)
+        self.model = AutoModelForTokenClassification.from_pretrained(self.path, dtype=precision.weights).to(self.device).eval()
+        set_precision(self.model, precision)
 
     @torch.no_grad()
     def score_steps(self, prompt, steps: list[str]) -> list[float]:

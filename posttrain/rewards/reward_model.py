@@ -23,7 +23,6 @@ from posttrain.models import (
     distinct_pad_token,
     final_hidden_states,
     load_tokenizer,
-    pick_dtype,
     pick_precision,
     set_precision,
 )
@@ -73,9 +72,9 @@ class RewardModel:
         self.batch_size = batch_size
         self.tok = load_tokenizer(self.path)
         distinct_pad_token(self.tok)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            self.path, dtype=pick_dtype(dtype, self.device)).to(self.device).eval()
-        set_precision(self.model, pick_precision(dtype, self.device))
+        precision = pick_precision(dtype, self.device)
+        self.model = AutoModelForSequenceClassification.from_pretrained(self.path, dtype=precision.weights).to(self.device).eval()
+        set_precision(self.model, precision)
         self.head = None
         meta = self.path / REWARD_META
         info = json.loads(meta.read_text()) if meta.is_file() else {}
