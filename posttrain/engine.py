@@ -266,9 +266,8 @@ class Trainable:
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]  # norms and biases are not decayed
         # fused AdamW: one kernel over all tensors. On the 2-core CPU its step over SmolLM2's
-        # 134.5M parameters took 0.08 s against 0.56 s for the default per-tensor loop (whose
-        # sqrt/div temporaries of the 49k x 576 embedding alone were ~0.35 s of a step).
-        # Not under FSDP (sharded DTensor parameters take the default path).
+        # 134.5M parameters took 0.048 s against 0.212 s for the default per-tensor loop
+        # (benchmarks/precision_probe.py). Not under FSDP (sharded DTensor parameters take the default path).
         fused = not self.fsdp and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -318,9 +317,10 @@ def sparse_tied_embedding_grad(model) -> bool:
     A dense embedding backward zero-fills a ``(vocab, hidden)`` matrix and adds the rows of the
     step's tokens into it; with tied weights that matrix is then added to the head's (dense)
     gradient. Sparse, only the step's rows are added, in place into the head's gradient: the
-    same sum, without the fill and the second (vocab, hidden) pass (~0.25 s of a 4 s SFT step
-    of SmolLM2 on 2 cores). Only when tied and trained: an untied embedding would be left
-    with a sparse gradient, which AdamW does not take.
+    same sum, without the fill and the second (vocab, hidden) pass (the fill alone was 0.175 s
+    of a 4.7 s SFT step of SmolLM2 on 2 cores in benchmarks/profile_step.py). Only when tied
+    and trained: an untied embedding would be left with a sparse gradient, which AdamW does
+    not take.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not hasattr(base, "get_input_embeddings"):  # a bare head (frozen-backbone reward model)

@@ -20,8 +20,9 @@ fp32 (AVX512-BF16 or AMX), and plain fp32 on other CPUs (where bf16 runs several
 slower: what makes TRL's bf16 default crawl on a laptop). Pure bf16 weights
 (``dtype: bfloat16``) are faster still but round away AdamW updates smaller than 1/256 of a
 weight: on an AVX512-BF16 CPU a 6-step SFT run ended at loss 1.27 in pure bf16 against 0.68
-in fp32 and in mixed precision, so ``auto`` never picks them. Generation runs on the float32
-weights without autocast (decoding reads every weight per token; bf16 was not faster there).
+for TRL in fp32 (mixed precision ends within 0.1% of TRL's loss), so ``auto`` never picks
+them. Generation runs on the float32 weights without autocast, so that samples come from the
+policy being trained (a bf16 copy would decode faster: benchmarks/precision_probe.py).
 The choice is logged.
 """
 
