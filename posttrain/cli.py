@@ -218,7 +218,7 @@ def cmd_generate(args) -> int:
             records.append(to_prompt_record(row))
         except BadRowError as e:
             bad.handle(e)
-    model, tok = load_model(args.model, with_tokenizer=True)
+    model, tok = load_model(args.model, with_tokenizer=True, inference=True)
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                          batch_size=args.batch_size, seed=args.seed)
     completions = generate(model, tok, [r.messages for r in records], cfg)
@@ -239,7 +239,7 @@ def cmd_chat(args) -> int:
     from posttrain.models import load_model
     from posttrain.rollout import SamplingConfig, generate
 
-    model, tok = load_model(args.model, with_tokenizer=True)
+    model, tok = load_model(args.model, with_tokenizer=True, inference=True)
     history = [{"role": "system", "content": args.system}] if args.system else []
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=1)
     console.print("chat with the model; /reset clears the conversation, /exit (or Ctrl-D) quits", style="dim")
@@ -275,7 +275,7 @@ def cmd_cai(args) -> int:
         load_prompt_rows,
     )
 
-    model, tok = load_model(args.model, with_tokenizer=True)
+    model, tok = load_model(args.model, with_tokenizer=True, inference=True)
     rows = [r for f in args.prompts for r in load_prompt_rows(f)]
     prompts, kinds = [p for p, _ in rows], [k for _, k in rows]
     sft, pairs, n = critique_and_revise_to(args.out_dir, model, tok, prompts, load_constitution(args.constitution),
@@ -310,7 +310,7 @@ def cmd_judge(args) -> int:
             prompts.append(d["prompt"])
             first.append(many[i])
             second.append(many[j])
-    judge, tok = load_model(args.judge, with_tokenizer=True)
+    judge, tok = load_model(args.judge, with_tokenizer=True, inference=True)
     js = judge_pairs(judge, tok, prompts, first, second, question=args.question)
     rows = judged_preference_rows(prompts, first, second, js, args.min_confidence, soft_labels=not args.hard_labels)
     write_rows(args.out, rows)
@@ -358,7 +358,7 @@ def cmd_eval(args) -> int:
 
     run_eval(args.model, args.data, args.out, limit=args.limit, max_new_tokens=args.max_new_tokens,
              batch_size=args.batch_size, k=args.k, temperature=args.temperature, seed=args.seed,
-             answer_format=args.answer_format)
+             answer_format=args.answer_format, dtype=args.dtype)
     return 0
 
 
@@ -509,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-k", type=int, default=1, help="samples per question for pass@k (1 = greedy only)")
     e.add_argument("--temperature", type=float, default=0.8, help="sampling temperature for pass@k")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--dtype", default="auto",
+                   help="weights dtype to decode in: auto (bfloat16 where mixed precision is picked, else "
+                        "float32), float32 or bfloat16")
     e.add_argument("--answer-format", default="tagged", choices=["tagged", "last_number"],
                    help="tagged: the task verifier (answer inside <answer> tags); last_number: the tagged "
                         "answer or else the last number in the response (for models not trained on the format)")

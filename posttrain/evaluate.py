@@ -132,7 +132,8 @@ def print_table(metrics: dict, title: str = "held-out evaluation") -> None:
     console.print(table)
 
 
-def run_eval(model_path: str, data: str, out: str | None = None, limit: int = 0, **kw) -> dict:
+def run_eval(model_path: str, data: str, out: str | None = None, limit: int = 0, dtype: str = "auto",
+             **kw) -> dict:
     from posttrain.log import log
     from posttrain.models import load_model
 
@@ -140,8 +141,8 @@ def run_eval(model_path: str, data: str, out: str | None = None, limit: int = 0,
     items = load_eval_items(data, bad)
     if limit:
         items = items[:limit]
-    model, tok = load_model(model_path, with_tokenizer=True)
-    log(f"eval: {len(items)} questions from {data} with {model_path}")
+    model, tok = load_model(model_path, dtype, with_tokenizer=True, inference=True)
+    log(f"eval: {len(items)} questions from {data} with {model_path} ({str(next(model.parameters()).dtype).replace('torch.', '')})")
     metrics, samples = evaluate_items(model, tok, items, **kw)
     print_table(metrics, f"{model_path} on {Path(data).name}")
     if out:

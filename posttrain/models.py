@@ -332,10 +332,14 @@ def load_model(
     device: torch.device | str = "cpu",
     attn_implementation: str = "sdpa",
     with_tokenizer: bool = False,
+    inference: bool = False,
 ):
     """A causal LM (and optionally its tokenizer) from any source ``resolve_model_path`` knows.
 
     A peft adapter directory loads its base model with the adapter attached (trainable).
+    ``inference``: for generation and scoring only: the weights in the compute dtype (bf16
+    where ``dtype`` resolves to mixed precision; no float32 copy kept), a peft adapter merged
+    into them (in the float32 weights, then cast).
     """
     from transformers import AutoModelForCausalLM
 
@@ -349,10 +353,17 @@ def load_model(
 
         base = resolve_model_path(json.loads(adapter_cfg.read_text())["base_model_name_or_path"])
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, attn_implementation=attn_implementation)
-        model = PeftModel.from_pretrained(model, str(path), is_trainable=True)
+        model = PeftModel.from_pretrained(model, str(path), is_trainable=not inference)
+        if inference:
+            model = model.merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)
     model.to(device)
+    if inference:
+        precision = Precision(precision.compute)
+        model.requires_grad_(False).eval()
+        for p in model.parameters():  # parameters only: buffers (rotary frequencies) stay float32
+            p.data = p.data.to(precision.weights)
     set_precision(model, precision)
     if with_tokenizer:
         return model, load_tokenizer(path)

@@ -194,7 +194,7 @@ def run_eval(run: Run, stage: Stage, out: Path) -> dict:
     from posttrain.evaluate import EvalItem, evaluate_items, print_table
     from posttrain.models import load_model
 
-    model, tok = load_model(run.model, with_tokenizer=True)
+    model, tok = load_model(run.model, with_tokenizer=True, inference=True)
     items = [EvalItem([{"role": "user", "content": q.question}], q.answer, q.task, q.question,
                       {k: v for k, v in q.as_prompt_row().items() if k not in ("prompt", "answer", "task")})
              for q in run.test_questions]
@@ -242,7 +242,7 @@ def run_rejection(run: Run, stage: Stage, out: Path) -> dict:
                           f"{sorted(known | {'n'})})")
     cfg = RejectionConfig(**{k: v for k, v in stage.config.items() if k in known})
     n = int(stage.config.get("n", len(run.fresh_questions)))
-    model, tok = load_model(run.model, with_tokenizer=True)
+    model, tok = load_model(run.model, with_tokenizer=True, inference=True)
     rows = out / "rows.jsonl"
     kept, stats = rejection_sample_to(rows, model, tok, run.fresh_questions[:n], cfg)
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
@@ -315,7 +315,7 @@ def run_cai(run: Run, stage: Stage, out: Path) -> dict:
 
     known = set(CAIConfig.__dataclass_fields__)
     cfg = CAIConfig(**{k: v for k, v in stage.config.items() if k in known})
-    model, tok = load_model(run.model, with_tokenizer=True)
+    model, tok = load_model(run.model, with_tokenizer=True, inference=True)
     prompts, kinds = map(list, zip(*_prompt_split(stage, held_out=False)))
     sft, pairs, n = critique_and_revise_to(out, model, tok, prompts,
                                            load_constitution(stage.options.get("constitution")), cfg, kinds=kinds)
@@ -332,7 +332,7 @@ def _load_judge(stage: Stage, default):
     """``(model, tokenizer)`` of the stage's ``judge`` option, else ``default``."""
     from posttrain.models import load_model
 
-    return load_model(stage.options["judge"], with_tokenizer=True) if stage.options.get("judge") else default
+    return load_model(stage.options["judge"], with_tokenizer=True, inference=True) if stage.options.get("judge") else default
 
 
 def run_judge(run: Run, stage: Stage, out: Path) -> dict:
@@ -344,7 +344,7 @@ def run_judge(run: Run, stage: Stage, out: Path) -> dict:
     from posttrain.synth.journal import fingerprint, run_chunks
     from posttrain.synth.judge import QUESTIONS, judge_pairs, judged_preference_rows
 
-    model, tok = load_model(run.model, with_tokenizer=True)
+    model, tok = load_model(run.model, with_tokenizer=True, inference=True)
     rows = _prompt_split(stage, held_out=False)
     sc = SamplingConfig(max_new_tokens=int(stage.config.get("max_new_tokens", 128)),
                         temperature=float(stage.config.get("temperature", 0.9)), batch_size=16)
@@ -389,8 +389,8 @@ def run_win_rate(run: Run, stage: Stage, out: Path) -> dict:
 
     files, n_held = _prompt_files(stage)
     sc = SamplingConfig(max_new_tokens=int(stage.config.get("max_new_tokens", 128)), batch_size=16)
-    new, tok = load_model(run.model, with_tokenizer=True)
-    base, base_tok = load_model(run.recipe.model, with_tokenizer=True)
+    new, tok = load_model(run.model, with_tokenizer=True, inference=True)
+    base, base_tok = load_model(run.recipe.model, with_tokenizer=True, inference=True)
     judge, judge_tok = _load_judge(stage, (base, base_tok))
     result, mean_p, samples, judged_on = {}, {}, [], {}
     for f in files:

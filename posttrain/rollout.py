@@ -12,12 +12,20 @@ For online RL, :func:`sample` works on token ids: it returns each completion's t
 ids up to and including its EOS (or cut at ``max_new_tokens``: ``truncated``), decoded
 text, and generation throughput. The behaviour policy's log-probs are recomputed by the
 trainer with :func:`posttrain.logprobs.token_logprobs` (the same function as the loss, so
-the importance ratio is exactly 1 on the first update, with no sampler/trainer mismatch).
+the importance ratio is exactly 1 on the first update).
+
+Decoding runs in the model's compute dtype (``SamplingConfig.dtype``): under mixed precision
+(float32 weights, bf16 autocast) from a bf16 copy of the weights (:func:`decode_copy`). The
+sampler then differs from the trainer's autocast forward only by where bf16 rounding happens
+(autocast keeps softmax and norms in float32), the way a bf16 vLLM engine differs from a TRL
+or verl trainer; ``sampling.dtype=float32`` decodes on the float32 weights instead.
 """
 
 from __future__ import annotations
 
+import copy
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -37,15 +45,20 @@ class SamplingConfig:
     stop: list[str] = doc("Extra stop strings (EOS always stops).", default_factory=list)
     batch_size: int = doc("Prompts generated together.", 16)
     seed: int = doc("Sampling seed.", 0)
+    dtype: str = doc("Weights dtype decoding runs in: auto (the model's compute dtype: bfloat16 under "
+                     "mixed precision, decoded from a bf16 copy of the weights refreshed before each "
+                     "rollout; otherwise the weights as they are), float32, or bfloat16.", "auto")
     backend: str = doc("Online-RL rollout backend: hf (our KV-cache loop on the transformers model, any "
                        "device) or vllm (CUDA, pip install 'posttrain[vllm]').", "hf")
     vllm_gpu_memory_utilization: float = doc("Share of the GPU the colocated vLLM engine may use.", 0.3)
 
     def validate(self) -> None:
-        if self.backend not in ("hf", "vllm"):
-            from posttrain.config import ConfigError
+        from posttrain.config import ConfigError
 
+        if self.backend not in ("hf", "vllm"):
             raise ConfigError(f"sampling.backend: {self.backend!r} is not hf or vllm")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"sampling.dtype: {self.dtype!r} is not auto, float32 or bfloat16")
 
 
 def render_prompts(tok, conversations: list[list[dict[str, str]]]) -> list[str]:
@@ -79,15 +92,17 @@ def generate(model, tok, conversations: list[list[dict[str, str]]], cfg: Samplin
     try:
         if bar is not None:
             bar.start()
-        for b, s in enumerate(range(0, len(order), cfg.batch_size)):
-            idx = order[s : s + cfg.batch_size]
-            enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-            new = continue_batch(model, tok, enc["input_ids"], enc["attention_mask"], cfg, cfg.seed * 100_003 + b,
-                                 streamer)
-            for row, i in enumerate(idx):
-                results[i] = _cut_at_stop(tok.decode(new[row], skip_special_tokens=True), cfg.stop)
-            if bar is not None:
-                bar.update(bar_task, advance=len(idx), status=f"{max(map(len, new), default=0)} tokens")
+        with generation_model(model, decode_dtype(model, cfg.dtype)) as gen:
+            gen.eval()
+            for b, s in enumerate(range(0, len(order), cfg.batch_size)):
+                idx = order[s : s + cfg.batch_size]
+                enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+                new = continue_batch(gen, tok, enc["input_ids"], enc["attention_mask"], cfg,
+                                     cfg.seed * 100_003 + b, streamer)
+                for row, i in enumerate(idx):
+                    results[i] = _cut_at_stop(tok.decode(new[row], skip_special_tokens=True), cfg.stop)
+                if bar is not None:
+                    bar.update(bar_task, advance=len(idx), status=f"{max(map(len, new), default=0)} tokens")
     finally:
         tok.padding_side = padding_side
         model.train(was_training)
@@ -112,10 +127,55 @@ class Rollout:
         return sum(len(c) for c in self.completion_ids)
 
 
+def decode_dtype(model, requested: str = "auto") -> torch.dtype:
+    """The dtype to decode ``model`` in: ``requested``, or for ``auto`` its compute dtype (the
+    autocast dtype under mixed precision, else its weights'). Always the weights' dtype under
+    FSDP (the gathered parameters are decoded where they are)."""
+    from posttrain import distributed
+
+    weights = next(model.parameters()).dtype
+    if distributed.fsdp():
+        return weights
+    if requested == "auto":
+        return getattr(model, "posttrain_autocast", None) or weights
+    return getattr(torch, requested)
+
+
+_DECODE_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def decode_copy(model, dtype: torch.dtype):
+    """``model`` (adapters already merged) with its parameters copied into ``dtype``.
+
+    Made once per model and refreshed in place on every call (one cast-copy of the weights,
+    ~0.1 s for 135M parameters), so a training loop pays for the second copy's memory
+    (2 bytes a parameter in bf16) once. Buffers (rotary frequencies) stay as they are, and tied
+    parameters stay tied: the copy is a ``deepcopy`` whose memo maps each parameter to its cast.
+    Why: on a CPU with fast bf16, decoding reads every weight per token, and reading bf16 ones
+    made a decoding step ~1.9x faster than float32 (``benchmarks/precision_probe.py``), while
+    training under mixed precision already computes its forward passes in bf16.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    entry = _DECODE_COPIES.get(base)
+    if entry is None or entry[0] != dtype:
+        memo = {id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in base.parameters()}
+        copy_ = copy.deepcopy(base, memo)
+        copy_.requires_grad_(False)
+        pairs = [(src, memo[id(src)]) for src in base.parameters()]
+        entry = (dtype, copy_, pairs)
+        _DECODE_COPIES[base] = entry
+    else:
+        with torch.no_grad():
+            for src, dst in entry[2]:
+                dst.copy_(src)
+    return entry[1]
+
+
 @contextmanager
-def generation_model(model):
+def generation_model(model, dtype: torch.dtype | None = None):
     """The model to sample from, inside a ``with``: a LoRA model has its adapters merged into
-    the base weights for the duration and unmerged after, even on error.
+    the base weights for the duration and unmerged after, even on error; when ``dtype`` differs
+    from the weights' dtype, a :func:`decode_copy` of the merged weights in ``dtype``.
 
     Unmerged LoRA adds two small matmuls per adapted projection to every decoding step
     (10-15% slower decoding at batch 8 on CPU). Merging into a deep copy, as this did before,
@@ -123,14 +183,17 @@ def generation_model(model):
     nothing. Merge + unmerge round the base weights by about one float32 ulp (1.2e-7 after
     two cycles on the embedded model); TRL's vLLM path for peft models does the same.
     """
-    if getattr(model, "peft_config", None) and hasattr(model, "merge_adapter"):
+    merge = bool(getattr(model, "peft_config", None) and hasattr(model, "merge_adapter"))
+    if merge:
         model.merge_adapter()
-        try:
+    try:
+        if dtype is not None and dtype != next(model.parameters()).dtype:
+            yield decode_copy(model, dtype)
+        else:
             yield model
-        finally:
+    finally:
+        if merge:
             model.unmerge_adapter()
-    else:
-        yield model
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -214,6 +277,15 @@ def preallocated_cache(model, capacity: int):
     return cache
 
 
+def _cache_argument(model) -> str:
+    """The KV-cache argument (and output field) of ``model``'s forward: ``cache`` since transformers
+    5.2x renamed it, ``past_key_values`` before (still accepted there, with a FutureWarning)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: int, pad: int,
            temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -233,10 +305,11 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eo
     live = torch.arange(B, device=ids.device)  # original row of each row still in the batch
     position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
     past = preallocated_cache(model, ids.shape[1] + max_new_tokens)
-    kwargs = {"past_key_values": past} if past is not None else {}
+    key = _cache_argument(model)
+    kwargs = {key: past} if past is not None else {}
     res = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1,
                 **kwargs)
-    past, logits = res.past_key_values, res.logits[:, -1]
+    past, logits = getattr(res, key), res.logits[:, -1]
     next_pos = position_ids[:, -1:] + 1
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
     n = 0
@@ -257,9 +330,9 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eo
             live, token, mask, next_pos, done = live[keep], token[keep], mask[keep], next_pos[keep], done[keep]
             past.batch_select_indices(keep)
         mask = torch.cat([mask, torch.ones(len(live), 1, dtype=mask.dtype, device=mask.device)], 1)
-        res = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=past,
-                    use_cache=True)
-        past, logits = res.past_key_values, res.logits[:, -1]
+        res = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
+                    **{key: past})
+        past, logits = getattr(res, key), res.logits[:, -1]
         next_pos = next_pos + 1
     return out[:, :n]
 
@@ -316,7 +389,7 @@ def sample(model, tok, prompt_ids: list[list[int]], cfg: SamplingConfig, seed: i
     truncated = [False] * len(prompt_ids)
     was_training = model.training
     try:
-        with generation_model(model) as gen:
+        with generation_model(model, decode_dtype(model, cfg.dtype)) as gen:
             gen.eval()
             for b, s in enumerate(range(0, len(prompt_ids), cfg.batch_size)):
                 rows = list(range(s, min(s + cfg.batch_size, len(prompt_ids))))

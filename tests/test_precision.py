@@ -98,3 +98,77 @@ def test_online_rl_mixed_precision(tiny_model_dir, tmp_path, cls, extra):
     assert len(policy) == 2 and all(math.isfinite(x) for x in policy)
     if cls == "PPOConfig":
         assert all(math.isfinite(x) for x in losses(res.run_dir, "loss/value"))
+
+
+def test_decode_copy_follows_the_weights_in_bf16(tiny_model_dir):
+    """Under mixed precision the rollout decodes from a bf16 copy of the current LoRA-merged
+    weights, refreshed on every rollout (a training step in between is seen), with tied
+    weights still tied and buffers in float32; it decodes exactly like a bf16 cast of the
+    merged model, and the trained float32 weights come back unmerged."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.models import Precision, set_precision
+    from posttrain.rollout import decode, decode_dtype, generation_model
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "up_proj"]))
+    set_precision(model, Precision(torch.float32, torch.bfloat16))
+    assert decode_dtype(model) == torch.bfloat16 and decode_dtype(model, "float32") == torch.float32
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    ids, mask = torch.arange(3, 13).repeat(2, 1), torch.ones(2, 10, dtype=torch.long)
+    copies = set()
+    for step in range(2):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        cast = copy.deepcopy(model).merge_and_unload()
+        for p in cast.parameters():
+            p.data = p.data.to(torch.bfloat16)
+        want = decode(cast.eval(), ids, mask, 6, eos=-1, pad=0)
+        with generation_model(model, torch.bfloat16) as gen:
+            copies.add(id(gen))
+            assert all(p.dtype == torch.bfloat16 for p in gen.parameters())
+            assert all(b.dtype == torch.float32 for b in gen.buffers())
+            assert gen.get_output_embeddings().weight is gen.get_input_embeddings().weight
+            merged = dict(model.get_base_model().named_parameters())
+            for n, p in gen.named_parameters():
+                assert torch.equal(p, merged[n].to(torch.bfloat16)), n
+            got = decode(gen.eval(), ids, mask, 6, eos=-1, pad=0)
+        assert torch.equal(got, want)
+        for n, p in model.named_parameters():  # the trained weights come back, unmerged and float32
+            assert p.dtype == torch.float32 and p.requires_grad == ("lora_" in n)
+            torch.testing.assert_close(p, before[n], rtol=0, atol=1e-6)
+        with torch.no_grad():  # a training step moves the weights: the next rollout's copy follows
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.mul_(-2.0)
+    assert len(copies) == 1  # made once, refreshed in place
+
+
+def test_inference_load_is_bf16_and_merged(tiny_model_dir, tmp_path):
+    """``load_model(inference=True)`` under mixed precision: bf16 parameters (float32 buffers),
+    a LoRA adapter directory merged into them, nothing trainable, no autocast mark."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.models import load_model
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    x = torch.arange(10)[None]
+    want = peft_model.eval()(input_ids=x).logits
+    m = load_model(tmp_path / "adapter", "bf16-mixed", inference=True)
+    assert not hasattr(m, "peft_config") and getattr(m, "posttrain_autocast", None) is None
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in m.parameters())
+    assert all(b.dtype == torch.float32 for b in m.buffers())
+    torch.testing.assert_close(m(input_ids=x).logits.float(), want, rtol=0.05, atol=0.05)
+    assert next(load_model(tmp_path / "adapter", "float32", inference=True).parameters()).dtype == torch.float32

@@ -30,8 +30,11 @@ Departures and simplifications, stated plainly:
   detached, so the ratio is exactly 1 (on-policy; the clip never triggers), as in TRL.
 * KL for PPO enters the reward with the k1 estimator (InstructGPT); for GRPO/RLOO it enters
   the loss with ``kl_estimator`` (k3 by default), as in DeepSeekMath.
-* Sampling uses HF ``generate``; the behaviour log-probs are recomputed by the trainer's
-  own forward (no sampler/trainer numerical mismatch on CPU).
+* Sampling uses our KV-cache loop (:mod:`posttrain.rollout`); the behaviour log-probs are
+  recomputed by the trainer's own forward. Under mixed precision the rollout decodes from a
+  bf16 copy of the weights (``sampling.dtype``), so the samples come from a policy that differs
+  from the trained one by bf16 rounding (as with a bf16 vLLM engine); no importance correction
+  for that is applied (``sampling.dtype=float32`` removes the difference, at decoding speed).
 """
 
 from __future__ import annotations
