@@ -26,9 +26,53 @@ def test_column_procedures_by_hand():
                                  "Hundreds: 4 + 3 + 1 (carry) = 8, write 8."]
     text, result = solve_subtraction(503, 278)
     assert result == 225
-    assert text.splitlines()[2:] == ["Ones: 3 is less than 8, borrow 1: 13 - 8 = 5.",
-                                     "Tens: 0 - 1 (borrowed) is less than 7, borrow 1: 9 - 7 = 2.",
-                                     "Hundreds: 5 - 1 (borrowed) - 2 = 2."]
+    assert text.splitlines()[2:] == ["Ones: 3 < 8, borrow 1: 13 - 8 = 5.",
+                                     "Tens: 0 - 1 (borrowed) = -1 < 7, borrow 1: 9 - 7 = 2.",
+                                     "Hundreds: 5 - 1 (borrowed) = 4 >= 2: 4 - 2 = 2."]
+
+
+def test_signed_arithmetic_by_hand():
+    """Signed sums inside linear equations reduce to the column methods, sign written first."""
+    from posttrain.synth.tasks import solve_signed
+
+    text, v = solve_signed(-16, "-", 22)
+    assert v == -38 and text.splitlines()[0] == "-16 - 22 = -(16 + 22)." and text.endswith("So -16 - 22 = -38.")
+    text, v = solve_signed(-30, "+", 5)
+    assert v == -25 and text.splitlines()[0] == "-30 + 5 = -(30 - 5)."
+    text, v = solve_signed(8, "-", 28)
+    assert v == -20 and text.splitlines()[0] == "8 - 28 = -(28 - 8)."
+    text, v = solve_signed(-6, "+", 17)
+    assert v == 11 and text.splitlines()[0] == "-6 + 17 = 17 - 6."
+    text, v = solve_signed(17, "+", 28)
+    assert v == 45 and text.splitlines()[0] == "17 = 1 tens + 7 ones." and "carry 1" in text
+    assert solve_signed(-3, "+", 5) == ("-3 + 5 = 2.", 2)  # single digits: one line
+    for a in range(-250, 251, 7):
+        for b in range(0, 40, 3):
+            assert solve_signed(a, "+", b)[1] == a + b and solve_signed(a, "-", b)[1] == a - b
+
+
+def test_linear_and_gcd_solutions_by_hand():
+    from posttrain.synth.tasks import _split_of, gcd_problem, linear_problem
+
+    class Draws:  # a random.Random stand-in returning fixed draws
+        def __init__(self, ints, choices=()):
+            self.ints, self.choices = list(ints), list(choices)
+
+        def randint(self, lo, hi):
+            return self.ints.pop(0)
+
+        def choice(self, seq):
+            return self.choices.pop(0)
+
+    p = linear_problem(Draws([5, 9, -28]), _split_of("lin5,9,-28"))
+    assert p.question == "Solve for x: 5x - 28 = 17." and p.answer == "9"
+    lines = p.solution.splitlines()
+    assert lines[2] == "Add 28 to both sides: 5x = 17 + 28." and "So 17 + 28 = 45." in lines
+    assert lines[-4:-2] == ["Divide both sides by 5: x = 45 / 5.", "5 * 9 = 45, so x = 9."]
+    p = gcd_problem(Draws([23, 24], [12]), _split_of("gcd276,288"))
+    assert p.question == "What is the greatest common divisor of 276 and 288?" and p.answer == "12"
+    assert p.solution.splitlines()[2:5] == ["288 = 1 * 276 + 12.", "276 = 23 * 12 + 0.",
+                                            "The last non-zero remainder is 12."]
 
 
 def test_splits_are_disjoint():
