@@ -155,9 +155,9 @@ def run_posttrain(spec: dict) -> dict:
     real_merge = rollout.generation_model
 
     @contextlib.contextmanager
-    def timed_merge(model):  # merging the LoRA adapters in before rollout.sample generates, and out after
-        t = time.perf_counter()
-        with real_merge(model) as merged:
+    def timed_merge(model, dtype=None):  # merging the LoRA adapters in (and refreshing the decoding copy)
+        t = time.perf_counter()                 # before rollout.sample generates, and out after
+        with real_merge(model, dtype) as merged:
             parts["merge"] += time.perf_counter() - t
             yield merged
             t = time.perf_counter()
