@@ -352,8 +352,12 @@ def prefill(model, cache, **inputs):
     head weight expanded (and copied) once per row: a ``(48, 576, 49152)`` bf16 copy, 2.9 s of a
     4.7 s prefill of 48 prompts (1.0 of 3.7 s in float32), once per generated batch.
     """
+    from posttrain import distributed
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base.config, "model_type", "") in _PLAIN_HEAD and hasattr(base, "get_decoder"):
+    # not under FSDP: its root module's forward must run first (lazy init, parameter gathering)
+    if getattr(base.config, "model_type", "") in _PLAIN_HEAD and hasattr(base, "get_decoder") \
+            and not distributed.fsdp():
         decoder = base.get_decoder()
         key = _cache_argument(decoder)
         out = model.get_decoder()(use_cache=True, **({key: cache} if cache is not None else {}), **inputs)
