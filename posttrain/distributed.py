@@ -132,7 +132,9 @@ def fsdp_wrap(model) -> None:
     model lists in ``_no_split_modules``), then the root."""
     from torch.distributed.fsdp import fully_shard
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from posttrain.models import unwrap_peft
+
+    base = unwrap_peft(model)
     names = set(getattr(base, "_no_split_modules", None) or [])
     if not names:
         raise ValueError(f"{type(base).__name__} does not list its decoder layers (_no_split_modules); "

@@ -39,7 +39,7 @@ from posttrain import allocator, distributed, faults
 from posttrain.config import ConfigError, doc
 from posttrain.data.dataset import DataConfig
 from posttrain.log import is_main_process, log, warn
-from posttrain.models import ModelConfig
+from posttrain.models import ModelConfig, unwrap_peft
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -322,7 +322,7 @@ def sparse_tied_embedding_grad(model) -> bool:
     and trained: an untied embedding would be left with a sparse gradient, which AdamW does
     not take.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     if not hasattr(base, "get_input_embeddings"):  # a bare head (frozen-backbone reward model)
         return False
     emb, head = base.get_input_embeddings(), base.get_output_embeddings()

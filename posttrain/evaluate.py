@@ -135,14 +135,14 @@ def print_table(metrics: dict, title: str = "held-out evaluation") -> None:
 def run_eval(model_path: str, data: str, out: str | None = None, limit: int = 0, dtype: str = "auto",
              **kw) -> dict:
     from posttrain.log import log
-    from posttrain.models import load_model
+    from posttrain.models import Precision, load_model
 
     bad = BadRows(skip=False)
     items = load_eval_items(data, bad)
     if limit:
         items = items[:limit]
     model, tok = load_model(model_path, dtype, with_tokenizer=True, inference=True)
-    log(f"eval: {len(items)} questions from {data} with {model_path} ({str(next(model.parameters()).dtype).replace('torch.', '')})")
+    log(f"eval: {len(items)} questions from {data} with {model_path} ({Precision(next(model.parameters()).dtype)})")
     metrics, samples = evaluate_items(model, tok, items, **kw)
     print_table(metrics, f"{model_path} on {Path(data).name}")
     if out:

@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.data.tokenize import IGNORE
-from posttrain.models import final_hidden_states, gathered
+from posttrain.models import final_hidden_states, gathered, unwrap_peft
 
 
 def decoder_and_head(model):
     """(decoder returning hidden states, output head) of a causal LM, peft-wrapped or not."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     base = getattr(base, "module", base)  # DDP
     return base.get_decoder(), base.get_output_embeddings()
 

@@ -21,9 +21,10 @@ slower: what makes TRL's bf16 default crawl on a laptop). Pure bf16 weights
 (``dtype: bfloat16``) are faster still but round away AdamW updates smaller than 1/256 of a
 weight: on an AVX512-BF16 CPU a 6-step SFT run ended at loss 1.27 in pure bf16 against 0.68
 for TRL in fp32 (mixed precision ends within 0.1% of TRL's loss), so ``auto`` never picks
-them. Generation runs on the float32 weights without autocast, so that samples come from the
-policy being trained (a bf16 copy would decode faster: benchmarks/precision_probe.py).
-The choice is logged.
+them. Generation decodes in the compute dtype: under mixed precision from a bf16 copy of the
+weights (``posttrain.rollout.decode_copy``; ``load_model(inference=True)`` loads bf16 weights
+directly), since reading bf16 weights made a decoding step ~1.9x faster
+(benchmarks/precision_probe.py). The choice is logged.
 """
 
 from __future__ import annotations
@@ -293,6 +294,11 @@ def pick_precision(requested: str | torch.dtype | Precision, device: torch.devic
     return Precision(torch.float32)
 
 
+def unwrap_peft(model):
+    """The transformers model inside a peft wrapper (``model`` itself when not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def set_precision(model, precision: Precision):
     """Mark ``model`` so that :func:`autocast` runs its training/scoring forward passes in
     ``precision.autocast`` (a peft wrapper reads the mark through to its base model)."""
@@ -511,7 +517,7 @@ def apply_head(head: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 def backbone_and_score_head(model):
     """(backbone returning hidden states, scalar head) of a sequence/token classification model."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     base = getattr(base, "module", base)  # DDP
     head = getattr(base, "score", None)
     head = getattr(base, "classifier", None) if head is None else head

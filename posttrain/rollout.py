@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from posttrain.config import doc
+from posttrain.models import unwrap_peft
 
 
 @dataclass
@@ -155,7 +156,7 @@ def decode_copy(model, dtype: torch.dtype):
     made a decoding step ~1.9x faster than float32 (``benchmarks/precision_probe.py``), while
     training under mixed precision already computes its forward passes in bf16.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     entry = _DECODE_COPIES.get(base)
     if entry is None or entry[0] != dtype:
         memo = {id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in base.parameters()}
@@ -282,7 +283,7 @@ def _cache_argument(model) -> str:
     5.2x renamed it, ``past_key_values`` before (still accepted there, with a FutureWarning)."""
     import inspect
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
@@ -326,7 +327,7 @@ def _register_decode_attention() -> None:
 @contextmanager
 def fast_decode_attention(model):
     """``model`` attends with :func:`decode_attention` for the duration, when it uses SDPA."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     config = base.config
     if getattr(config, "_attn_implementation", None) != "sdpa":
         yield model
@@ -353,15 +354,14 @@ def prefill(model, cache, **inputs):
     4.7 s prefill of 48 prompts (1.0 of 3.7 s in float32), once per generated batch.
     """
     from posttrain import distributed
+    from posttrain.logprobs import decoder_and_head
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     # not under FSDP: its root module's forward must run first (lazy init, parameter gathering)
-    if getattr(base.config, "model_type", "") in _PLAIN_HEAD and hasattr(base, "get_decoder") \
-            and not distributed.fsdp():
-        decoder = base.get_decoder()
+    if getattr(unwrap_peft(model).config, "model_type", "") in _PLAIN_HEAD and not distributed.fsdp():
+        decoder, head = decoder_and_head(model)
         key = _cache_argument(decoder)
-        out = model.get_decoder()(use_cache=True, **({key: cache} if cache is not None else {}), **inputs)
-        return getattr(out, key), base.get_output_embeddings()(out.last_hidden_state[:, -1].contiguous())
+        out = decoder(use_cache=True, **({key: cache} if cache is not None else {}), **inputs)
+        return getattr(out, key), head(out.last_hidden_state[:, -1].contiguous())
     key = _cache_argument(model)
     res = model(use_cache=True, logits_to_keep=1, **({key: cache} if cache is not None else {}), **inputs)
     return getattr(res, key), res.logits[:, -1]
