@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from posttrain import attention
 from posttrain.config import doc
 from posttrain.models import unwrap_peft
 
@@ -287,59 +288,6 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
-DECODE_ATTENTION = "posttrain_sdpa"
-
-
-def decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """HF attention function (registered as ``posttrain_sdpa``): SDPA, except for one query
-    position (a decoding step), where two small matmuls with the query heads grouped over their
-    shared key/value head do the work. torch's CPU SDPA kernel took 4.3 ms for one bf16 decoding
-    step of 48 rows (9 query / 3 key-value heads, 166 cached positions), this 0.4 ms; summed
-    over 30 layers that was most of a decoding step. The matmuls run in the cache's dtype and
-    the softmax in float32, as HF's eager attention does (float32 matmuls over a cast of the
-    whole cache cost as much again at 300 cached positions)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    B, Hq, q_len, D = query.shape
-    if q_len != 1 or dropout or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    Hk, L = key.shape[1], key.shape[2]
-    q = query.reshape(B, Hk, Hq // Hk, D)
-    scores = torch.matmul(q, key.transpose(-1, -2)).float() * (scaling if scaling is not None else D**-0.5)
-    if attention_mask is not None:  # (B, 1 or Hq, 1, L): True (or 0.0) where a position is seen
-        m = attention_mask[:, :, -1:, :]
-        m = m if m.shape[1] == 1 else m.reshape(m.shape[0], Hk, Hq // Hk, L)
-        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
-    out = torch.matmul(scores.softmax(-1).to(value.dtype), value)  # (B, Hk, G, D)
-    return out.reshape(B, Hq, 1, D).transpose(1, 2).contiguous(), None
-
-
-def _register_decode_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    if DECODE_ATTENTION not in AttentionInterface._global_mapping:
-        AttentionInterface.register(DECODE_ATTENTION, decode_attention)
-        AttentionMaskInterface.register(DECODE_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-
-
-@contextmanager
-def fast_decode_attention(model):
-    """``model`` attends with :func:`decode_attention` for the duration, when it uses SDPA."""
-    base = unwrap_peft(model)
-    config = base.config
-    if getattr(config, "_attn_implementation", None) != "sdpa":
-        yield model
-        return
-    _register_decode_attention()
-    config._attn_implementation = DECODE_ATTENTION
-    try:
-        yield model
-    finally:
-        config._attn_implementation = "sdpa"
-
-
 # causal LMs whose logits are exactly ``lm_head(decoder(...).last_hidden_state)`` (no scaling or capping)
 _PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3"}
 
@@ -381,7 +329,7 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eo
     once they are an eighth of it, so a few long completions do not keep the whole batch
     decoding (completions here vary from ~40 to the token limit).
     """
-    with fast_decode_attention(model):
+    with attention.enabled(model):
         return _decode(model, ids, mask, max_new_tokens, eos, pad, temperature, top_k, top_p, generator)
 
 

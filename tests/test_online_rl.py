@@ -498,26 +498,3 @@ def test_draw_follows_the_distribution():
     torch.testing.assert_close(freq, torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0]), rtol=0, atol=0.015)
     again = draw(p, torch.Generator().manual_seed(0))
     assert torch.equal(tokens, again)
-
-
-def test_decode_attention_matches_sdpa():
-    """The one-query decoding attention equals SDPA (grouped key/value heads, a padding mask)."""
-    import types
-
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from posttrain.rollout import decode_attention
-
-    torch.manual_seed(0)
-    B, Hq, Hk, L, D = 3, 6, 2, 11, 16
-    module = types.SimpleNamespace(num_key_value_groups=Hq // Hk, is_causal=True)
-    q, k, v = torch.randn(B, Hq, 1, D), torch.randn(B, Hk, L, D), torch.randn(B, Hk, L, D)
-    mask = torch.ones(B, 1, 1, L, dtype=torch.bool)
-    mask[1, ..., :4] = False  # a left-padded row
-    for m in (mask, None):
-        got, _ = decode_attention(module, q, k, v, m, scaling=0.3)
-        want, _ = sdpa_attention_forward(module, q, k, v, m, scaling=0.3)
-        assert got.shape == want.shape == (B, 1, Hq, D)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    q2 = torch.randn(B, Hq, 4, D)  # more than one query position: SDPA itself
-    torch.testing.assert_close(decode_attention(module, q2, k, v, None)[0], sdpa_attention_forward(module, q2, k, v, None)[0])
