@@ -11,10 +11,7 @@ On the embedded SmolLM2-135M-Instruct, in this one process:
   autocast (what ``dtype: auto`` picks where bf16 is fast);
 * a greedy decoding step at batch 8 (posttrain's KV-cache loop, 64 new tokens) with fp32
   weights and with a bf16 copy;
-* one AdamW step over all 134.5M parameters, per-tensor (torch's CPU default) and fused;
-* the decoder's forward + backward under bf16 autocast with transformers' SDPA attention and
-  with posttrain's (``posttrain.attention``; what models loaded by posttrain use), at 2 x 194
-  and 8 x 256 tokens, alternating between the two (``--only attention``: this part alone).
+* one AdamW step over all 134.5M parameters, per-tensor (torch's CPU default) and fused.
 
 Each figure is the mean of a few repetitions after a warm-up; the machine's speed drifts
 between invocations, so compare within one run. The summary goes to
@@ -57,47 +54,8 @@ def train_step(model, opt, ids, mixed: bool) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def attention_step(model, ids, mask) -> None:
-    """The decoder's forward (bf16 autocast) and backward, no LM head."""
-    import torch
-
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-    hidden.float().pow(2).mean().backward()
-    model.zero_grad(set_to_none=True)
-
-
-def attention_probe(g) -> dict[str, dict[str, float]]:
-    import torch
-
-    from posttrain.attention import NAME
-    from posttrain.models import load_model
-
-    model = load_model("smollm2-135m-instruct", "float32").train()
-    out = {}
-    for B, L in ((2, 194), (8, 256)):
-        ids = torch.randint(0, 49000, (B, L), generator=g)
-        mask = torch.ones_like(ids)
-        mask[-1, L - L // 8:] = 0  # one right-padded row
-        times: dict[str, list[float]] = {"sdpa": [], NAME: []}
-        for _ in range(3):
-            for impl, seconds in times.items():
-                model.config._attn_implementation = impl
-                seconds.append(timed(1, attention_step, model, ids, mask))
-        out[f"{B}x{L}"] = {k: round(sum(v) / len(v), 3) for k, v in times.items()}
-        print(f"decoder forward + backward, {B} x {L} tokens: SDPA {out[f'{B}x{L}']['sdpa']:.3f} s, "
-              f"{NAME} {out[f'{B}x{L}'][NAME]:.3f} s", flush=True)
-    return out
-
-
 def main() -> int:
-    import argparse
-
     import torch
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", choices=["attention"], help="run one part only")
-    args = ap.parse_args()
 
     from posttrain.allocator import keep_freed_memory
     from posttrain.models import load_model
@@ -106,10 +64,7 @@ def main() -> int:
     keep_freed_memory()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 49000, (8, 200), generator=g)
-    if args.only == "attention":
-        print(json.dumps(attention_probe(g), indent=2))
-        return 0
-    out: dict[str, dict] = {"train_step_s": {}, "decode_ms_per_token": {}, "adamw_step_s": {}}
+    out: dict[str, dict[str, float]] = {"train_step_s": {}, "decode_ms_per_token": {}, "adamw_step_s": {}}
 
     for name, dtype, mixed in (("float32", torch.float32, False), ("bfloat16 weights", torch.bfloat16, False),
                                ("float32 weights + bf16 autocast", torch.float32, True)):
@@ -136,9 +91,6 @@ def main() -> int:
         out["adamw_step_s"][name] = round(timed(3, opt.step), 3)
         print(f"AdamW step over {sum(p.numel() for p in params):,} params, {name}: "
               f"{out['adamw_step_s'][name]:.3f} s", flush=True)
-
-    del model, params
-    out["attention_fwd_bwd_s"] = attention_probe(g)
 
     summary = {"benchmark": "precision probe", "machine": C.machine(), **out}
     path = Path(__file__).resolve().parent / "results" / "precision_probe.json"

@@ -44,7 +44,6 @@ from typing import Any
 
 import torch
 
-from posttrain import attention
 from posttrain.config import ConfigError, doc
 from posttrain.log import log
 
@@ -366,7 +365,6 @@ def load_model(
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)
     model.to(device)
-    attention.enable(model)  # SDPA -> posttrain_sdpa (faster bf16 paths on CPU; posttrain.attention)
     if inference:
         precision = Precision(precision.compute)
         model.requires_grad_(False).eval()
@@ -463,7 +461,6 @@ def prepare_scoring_model(cfg: ModelConfig, kind: str, device: torch.device | st
     model = auto.from_pretrained(path, num_labels=1, dtype=dtype, attn_implementation=cfg.attn_implementation,
                                  pad_token_id=tok.pad_token_id)
     model.to(device)
-    attention.enable(model)
     set_precision(model, precision)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
