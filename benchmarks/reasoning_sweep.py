@@ -40,6 +40,7 @@ VARIANTS: dict[str, tuple[tuple[str, ...] | None, dict, dict]] = {
     "bs4": (SFT_ONLY, {}, {"cold_start": {"batch_size": 4, "max_steps": 240}}),
     "bs4-lr4e-4": (SFT_ONLY, {}, {"cold_start": {"batch_size": 4, "max_steps": 240, "lr": 4.0e-4}}),
     "bs2": (SFT_ONLY, {}, {"cold_start": {"batch_size": 2, "max_steps": 480}}),
+    "bs1": (SFT_ONLY, {}, {"cold_start": {"batch_size": 1, "max_steps": 960}}),
     "bs2-lr1e-4": (SFT_ONLY, {}, {"cold_start": {"batch_size": 2, "max_steps": 480, "lr": 1.0e-4}}),
     "2pass": (SFT_ONLY, {}, {"cold_start": {"max_steps": 240}}),
     "data2x": (SFT_ONLY, {"n_train": 480}, {"cold_start": {"max_steps": 240}}),
