@@ -57,27 +57,17 @@ def register() -> None:
         AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
-def enable(model) -> bool:
-    """Make ``model`` (a peft wrapper or not) attend with :func:`attention` when it uses SDPA;
-    True if it does now."""
-    from posttrain.models import unwrap_peft
-
-    config = unwrap_peft(model).config
-    impl = getattr(config, "_attn_implementation", None)
-    if impl == "sdpa":
-        register()
-        config._attn_implementation = impl = NAME
-    return impl == NAME
-
-
 @contextmanager
 def enabled(model):
-    """:func:`enable` for the length of the block (the model's own setting back afterwards)."""
+    """``model`` (a peft wrapper or not) attends with :func:`attention` for the length of the
+    block when it uses SDPA; its own setting comes back afterwards."""
     from posttrain.models import unwrap_peft
 
     config = unwrap_peft(model).config
     before = getattr(config, "_attn_implementation", None)
-    enable(model)
+    if before == "sdpa":
+        register()
+        config._attn_implementation = NAME
     try:
         yield model
     finally:
