@@ -75,6 +75,26 @@ def test_rejection_filters(monkeypatch, smol_tokenizer):
     assert res.stats["per_task"]["arithmetic"]["yield"] == 0.25
 
 
+def test_rejection_difficulty_filter(monkeypatch, smol_tokenizer):
+    """max_pass_rate: a question right in every sample keeps nothing; one right in 1 of 2 keeps it."""
+    import posttrain.synth.rejection as rej
+    from posttrain.synth.tasks import problems
+
+    easy, hard = problems("addition", 2, "train")
+    wrong = hard.solution.replace(f"<answer>{hard.answer}</answer>", "<answer>0</answer>")
+    responses = [easy.solution, easy.solution + "\n", hard.solution, wrong]
+    monkeypatch.setattr(rej, "generate", lambda model, tok, convs, cfg: responses[: len(convs)])
+    cfg = rej.RejectionConfig(k=2, keep_per_question=2, max_pass_rate=0.5)
+    res = rej.rejection_sample(None, smol_tokenizer, [easy, hard], cfg)
+    assert [r["messages"][0]["content"] for r in res.rows] == [hard.question]
+    assert res.stats["rejected"] == {"question too easy": 2, "wrong answer": 1}
+    t = res.stats["per_task"]["addition"]
+    assert (t["questions"], t["questions_solved"], t["questions_too_easy"], t["correct"]) == (2, 2, 1, 3)
+    assert t["sample_accuracy"] == 0.75 and t["yield"] == 0.25
+    res = rej.rejection_sample(None, smol_tokenizer, [easy, hard], rej.RejectionConfig(k=2, keep_per_question=2))
+    assert len(res.rows) == 2  # by default both questions keep theirs (the second easy one is a duplicate)
+
+
 def test_one_shot_prompt_shows_an_exemplar():
     from posttrain.synth.rejection import one_shot_messages
     from posttrain.synth.tasks import problems

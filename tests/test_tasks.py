@@ -68,11 +68,27 @@ def test_linear_and_gcd_solutions_by_hand():
     assert p.question == "Solve for x: 5x - 28 = 17." and p.answer == "9"
     lines = p.solution.splitlines()
     assert lines[2] == "Add 28 to both sides: 5x = 17 + 28." and "So 17 + 28 = 45." in lines
-    assert lines[-4:-2] == ["Divide both sides by 5: x = 45 / 5.", "5 * 9 = 45, so x = 9."]
+    assert lines[-5:-2] == ["Divide both sides by 5: x = 45 / 5.", "45 / 5 = 9, remainder 0.",
+                            "So 45 / 5 = 9 and x = 9."]
     p = gcd_problem(Draws([23, 24], [12]), _split_of("gcd276,288"))
     assert p.question == "What is the greatest common divisor of 276 and 288?" and p.answer == "12"
     assert p.solution.splitlines()[2:5] == ["288 = 1 * 276 + 12.", "276 = 23 * 12 + 0.",
                                             "The last non-zero remainder is 12."]
+
+
+def test_long_division_by_hand():
+    from posttrain.synth.tasks import solve_division
+
+    # 238 / 7: 23 / 7 = 3 rem 2; bring down 8: 28 / 7 = 4 rem 0 -> 34
+    assert solve_division(238, 7) == ("23 / 7 = 3, remainder 2.\nBring down 8: 28 / 7 = 4, remainder 0.\n"
+                                      "So 238 / 7 = 34.", 34)
+    # a zero quotient digit: 120 / 6 -> 12 / 6 = 2, then 0 / 6 = 0 -> 20
+    assert solve_division(120, 6) == ("12 / 6 = 2, remainder 0.\nBring down 0: 0 / 6 = 0, remainder 0.\n"
+                                      "So 120 / 6 = 20.", 20)
+    assert solve_division(108, 12) == ("108 / 12 = 9, remainder 0.\nSo 108 / 12 = 9.", 9)
+    for d in range(2, 13):  # every linear-equation right-hand side divides out
+        for q in range(1, 21):
+            assert solve_division(d * q, d)[1] == q
 
 
 def test_splits_are_disjoint():

@@ -8,8 +8,11 @@
   kept when it parses strictly (``<think>`` then ``<answer>``), its answer passes the task's
   exact verifier, it is at most ``max_tokens`` long, and (optionally) mostly ASCII text (a
   crude language filter); kept responses are de-duplicated per question (whitespace
-  normalised) and at most ``keep_per_question`` are kept. Yield is reported per task and
-  with the reasons responses were rejected.
+  normalised) and at most ``keep_per_question`` are kept. With ``max_pass_rate`` < 1 the
+  questions the model answers right in more than that share of its ``k`` samples keep none
+  (difficulty filtering: the kept set then holds the questions the model is unsure of). Yield,
+  sampled accuracy and questions solved are reported per task, with the reasons responses were
+  rejected.
 
 Both write SFT rows (``messages`` + ``task`` + ``answer``) that ``posttrain sft`` reads.
 """
@@ -43,6 +46,9 @@ class RejectionConfig:
     max_new_tokens: int = 192
     max_tokens: int = 256
     keep_per_question: int = 2
+    # questions whose share of verified samples is above this keep none of them: a question the
+    # model already solves every time teaches it little (difficulty filtering); 1.0 keeps all
+    max_pass_rate: float = 1.0
     ascii_ratio: float = 0.95
     one_shot: bool = False
     batch_size: int = 16
@@ -78,14 +84,21 @@ def rejection_sample(model, tok, questions: list[Problem], cfg: RejectionConfig)
     rows = []
     for i, q in enumerate(questions):
         seen, kept = set(), 0
-        for resp in responses[i * cfg.k : (i + 1) * cfg.k]:
+        extra = {k: v for k, v in q.as_prompt_row().items() if k not in ("prompt", "answer", "task")}
+        group = responses[i * cfg.k : (i + 1) * cfg.k]
+        parsed = [parse_reasoning(r) for r in group]
+        right = [p.ok and VERIFIERS[q.task](r, q.answer, **extra) for r, p in zip(group, parsed)]
+        per_task[q.task]["correct"] += sum(right)
+        too_easy = sum(right) > cfg.max_pass_rate * len(group)
+        per_task[q.task]["questions_too_easy"] += too_easy
+        for resp, p, ok in zip(group, parsed, right):
             per_task[q.task]["sampled"] += 1
-            parsed = parse_reasoning(resp)
-            extra = {k: v for k, v in q.as_prompt_row().items() if k not in ("prompt", "answer", "task")}
-            if not parsed.ok:
-                reasons[f"format: {parsed.error}"] += 1
-            elif not VERIFIERS[q.task](resp, q.answer, **extra):
+            if not p.ok:
+                reasons[f"format: {p.error}"] += 1
+            elif not ok:
                 reasons["wrong answer"] += 1
+            elif too_easy:
+                reasons["question too easy"] += 1
             elif len(tok(resp, add_special_tokens=False)["input_ids"]) > cfg.max_tokens:
                 reasons["too long"] += 1
             elif sum(c.isascii() for c in resp) < cfg.ascii_ratio * len(resp):
@@ -102,10 +115,11 @@ def rejection_sample(model, tok, questions: list[Problem], cfg: RejectionConfig)
                                           {"role": "assistant", "content": resp.strip()}],
                              "task": q.task, "answer": q.answer})
         per_task[q.task]["questions"] += 1
-        per_task[q.task]["questions_solved"] += kept > 0
+        per_task[q.task]["questions_solved"] += any(right)
     stats = {"sampled": len(responses), "kept": len(rows), "yield": len(rows) / max(len(responses), 1),
              "rejected": dict(reasons),
-             "per_task": {t: {**c, "yield": c["kept"] / max(c["sampled"], 1)} for t, c in per_task.items()}}
+             "per_task": {t: {**c, "yield": c["kept"] / max(c["sampled"], 1),
+                              "sample_accuracy": c["correct"] / max(c["sampled"], 1)} for t, c in per_task.items()}}
     return RejectionResult(rows, stats)
 
 
@@ -140,5 +154,6 @@ def rejection_sample_to(path: str | Path, model, tok, questions: list[Problem], 
     stats["yield"] = stats.get("kept", 0) / max(stats.get("sampled", 0), 1)
     for t in stats.get("per_task", {}).values():
         t["yield"] = t.get("kept", 0) / max(t.get("sampled", 0), 1)
+        t["sample_accuracy"] = t.get("correct", 0) / max(t.get("sampled", 0), 1)
     stats.setdefault("rejected", {})
     return counts["rows"], stats

@@ -261,6 +261,35 @@ def _int_answer(response: str, answer: str, prefix: str = "") -> bool:
     return re.fullmatch(r"-?\d+", got) is not None and int(got) == int(answer)
 
 
+def solve_division(n: int, d: int) -> tuple[str, int]:
+    """Long division of ``n >= d > 0`` by ``d`` (exact), one line per quotient digit, as taught
+    in school: the leading digits that reach ``d`` first, then ``Bring down 8: 18 / 2 = 9,
+    remainder 0.`` for each further digit, ending ``So n / d = q.``; returns (lines, quotient).
+
+    Each line asks for a quotient below ten of a number below ``10 d`` (a times-table fact).
+    The linear-equation solutions used to state the quotient at once (``2 * 19 = 38``); the
+    cold-start model then guessed it (``2 * 18 = 38, so x = -18``), the error in most of the
+    linear equations it got wrong.
+    """
+    assert n >= d > 0 and n % d == 0
+    digits = str(n)
+    k = 1
+    while int(digits[:k]) < d:
+        k += 1
+    cur, lines, q = int(digits[:k]), [], ""
+    for i in range(k - 1, len(digits)):
+        if i >= k:
+            cur = cur * 10 + int(digits[i])
+        qd, cur_r = divmod(cur, d)
+        head = f"Bring down {digits[i]}: " if i >= k else ""
+        lines.append(f"{head}{cur} / {d} = {qd}, remainder {cur_r}.")
+        q += str(qd)
+        cur = cur_r
+    assert int(q) * d == n
+    lines.append(f"So {n} / {d} = {int(q)}.")
+    return "\n".join(lines), int(q)
+
+
 def linear_problem(rng: random.Random, split: str) -> Problem:
     """``a x + b = c`` with an integer solution, solved by undoing ``b`` then ``a``."""
     while True:
@@ -275,7 +304,11 @@ def linear_problem(rng: random.Random, split: str) -> Problem:
         lines = [f"The equation is {a}x {sign} {abs(b)} = {c}.",
                  f"{'Subtract' if b > 0 else 'Add'} {abs(b)} {'from' if b > 0 else 'to'} both sides: {a}x = {c} {op} {abs(b)}.",
                  work, f"Divide both sides by {a}: x = {rhs} / {a}."]
-        lines.append(f"{a} * {abs(x)} = {abs(rhs)}, so x = {x}." if x else f"0 / {a} = 0, so x = 0.")
+        if x:
+            division, _ = solve_division(abs(rhs), a)
+            lines.append(f"{division[:-1]} and x = {x}.")
+        else:
+            lines.append(f"0 / {a} = 0, so x = 0.")
         reasoning = "\n".join(lines)
         assert (c - b) % a == 0 and (c - b) // a == x
         return Problem("linear", question, str(x), format_solution(reasoning, str(x)), {"a": a, "b": b, "c": c})
