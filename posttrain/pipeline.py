@@ -243,15 +243,21 @@ def run_rejection(run: Run, stage: Stage, out: Path) -> dict:
     cfg = RejectionConfig(**{k: v for k, v in stage.config.items() if k in known})
     n = int(stage.config.get("n", len(run.fresh_questions)))
     model, tok = load_model(run.model, with_tokenizer=True, inference=True)
-    rows = out / "rows.jsonl"
-    kept, stats = rejection_sample_to(rows, model, tok, run.fresh_questions[:n], cfg)
+    rows, pairs = out / "rows.jsonl", out / "pairs.jsonl"
+    counts, stats = rejection_sample_to(rows, model, tok, run.fresh_questions[:n], cfg,
+                                        pairs_path=pairs if cfg.pairs_per_question else None)
+    kept = counts["rows"]
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     log(f"{stage.name}: kept {stats['kept']} of {stats['sampled']} samples (yield {stats['yield']:.1%}); "
         f"rejected: {stats['rejected']}")
     if not kept:
         warn(f"stage '{stage.name}': no sample passed the filters ({stats['rejected']}); later stages that read "
              "its rows get none (the model needs a cold start first, or more samples: k)")
-    return {"rows": str(rows), "rows_count": kept, "stats": stats}
+    outputs = {"rows": str(rows), "rows_count": kept, "stats": stats}
+    if cfg.pairs_per_question:
+        log(f"{stage.name}: {counts['pairs']} preference pairs (verified against wrong answers) in {pairs}")
+        outputs.update(pairs=str(pairs), pairs_count=counts["pairs"])
+    return outputs
 
 
 def run_online_rl(run: Run, stage: Stage, out: Path) -> dict:

@@ -84,12 +84,15 @@ def test_rejection_difficulty_filter(monkeypatch, smol_tokenizer):
     wrong = hard.solution.replace(f"<answer>{hard.answer}</answer>", "<answer>0</answer>")
     responses = [easy.solution, easy.solution + "\n", hard.solution, wrong]
     monkeypatch.setattr(rej, "generate", lambda model, tok, convs, cfg: responses[: len(convs)])
-    cfg = rej.RejectionConfig(k=2, keep_per_question=2, max_pass_rate=0.5)
+    cfg = rej.RejectionConfig(k=2, keep_per_question=2, max_pass_rate=0.5, pairs_per_question=1)
     res = rej.rejection_sample(None, smol_tokenizer, [easy, hard], cfg)
     assert [r["messages"][0]["content"] for r in res.rows] == [hard.question]
-    assert res.stats["rejected"] == {"question too easy": 2, "wrong answer": 1}
+    assert res.stats["rejected"] == {"question too easy": 1, "duplicate": 1, "wrong answer": 1}
+    # the one question with a right and a wrong sample gives the one preference pair
+    assert res.pairs == [{"prompt": hard.question, "chosen": hard.solution.strip(), "rejected": wrong.strip(),
+                          "task": "addition", "answer": hard.answer}]
     t = res.stats["per_task"]["addition"]
-    assert (t["questions"], t["questions_solved"], t["questions_too_easy"], t["correct"]) == (2, 2, 1, 3)
+    assert (t["questions"], t["questions_solved"], t["questions_too_easy"], t["correct"], t["pairs"]) == (2, 2, 1, 3, 1)
     assert t["sample_accuracy"] == 0.75 and t["yield"] == 0.25
     res = rej.rejection_sample(None, smol_tokenizer, [easy, hard], rej.RejectionConfig(k=2, keep_per_question=2))
     assert len(res.rows) == 2  # by default both questions keep theirs (the second easy one is a duplicate)

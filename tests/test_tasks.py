@@ -68,7 +68,7 @@ def test_linear_and_gcd_solutions_by_hand():
     assert p.question == "Solve for x: 5x - 28 = 17." and p.answer == "9"
     lines = p.solution.splitlines()
     assert lines[2] == "Add 28 to both sides: 5x = 17 + 28." and "So 17 + 28 = 45." in lines
-    assert lines[-5:-2] == ["Divide both sides by 5: x = 45 / 5.", "45 / 5 = 9, remainder 0.",
+    assert lines[-5:-2] == ["Divide both sides by 5: x = 45 / 5.", "45 / 5 = 9, 9 * 5 = 45, remainder 45 - 45 = 0.",
                             "So 45 / 5 = 9 and x = 9."]
     p = gcd_problem(Draws([23, 24], [12]), _split_of("gcd276,288"))
     assert p.question == "What is the greatest common divisor of 276 and 288?" and p.answer == "12"
@@ -80,12 +80,13 @@ def test_long_division_by_hand():
     from posttrain.synth.tasks import solve_division
 
     # 238 / 7: 23 / 7 = 3 rem 2; bring down 8: 28 / 7 = 4 rem 0 -> 34
-    assert solve_division(238, 7) == ("23 / 7 = 3, remainder 2.\nBring down 8: 28 / 7 = 4, remainder 0.\n"
-                                      "So 238 / 7 = 34.", 34)
+    assert solve_division(238, 7) == (("23 / 7 = 3, 3 * 7 = 21, remainder 23 - 21 = 2.\n"
+                                       "Bring down 8: 28 / 7 = 4, 4 * 7 = 28, remainder 28 - 28 = 0.\n"
+                                       "So 238 / 7 = 34."), 34)
     # a zero quotient digit: 120 / 6 -> 12 / 6 = 2, then 0 / 6 = 0 -> 20
-    assert solve_division(120, 6) == ("12 / 6 = 2, remainder 0.\nBring down 0: 0 / 6 = 0, remainder 0.\n"
-                                      "So 120 / 6 = 20.", 20)
-    assert solve_division(108, 12) == ("108 / 12 = 9, remainder 0.\nSo 108 / 12 = 9.", 9)
+    assert solve_division(120, 6)[0].splitlines()[1:] == ["Bring down 0: 0 / 6 = 0, 0 * 6 = 0, remainder 0 - 0 = 0.",
+                                                          "So 120 / 6 = 20."]
+    assert solve_division(108, 12) == ("108 / 12 = 9, 9 * 12 = 108, remainder 108 - 108 = 0.\nSo 108 / 12 = 9.", 9)
     for d in range(2, 13):  # every linear-equation right-hand side divides out
         for q in range(1, 21):
             assert solve_division(d * q, d)[1] == q

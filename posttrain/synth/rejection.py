@@ -12,7 +12,8 @@
   questions the model answers right in more than that share of its ``k`` samples keep none
   (difficulty filtering: the kept set then holds the questions the model is unsure of). Yield,
   sampled accuracy and questions solved are reported per task, with the reasons responses were
-  rejected.
+  rejected. With ``pairs_per_question`` it also writes preference pairs (a verified response
+  against a wrong one to the same question) for DPO on the model's own mistakes.
 
 Both write SFT rows (``messages`` + ``task`` + ``answer``) that ``posttrain sft`` reads.
 """
@@ -49,6 +50,10 @@ class RejectionConfig:
     # questions whose share of verified samples is above this keep none of them: a question the
     # model already solves every time teaches it little (difficulty filtering); 1.0 keeps all
     max_pass_rate: float = 1.0
+    # also write up to this many preference pairs per question: a verified response (chosen)
+    # against a wrong or unparsable one to the same question (rejected), for DPO on the model's
+    # own mistakes; only questions with both kinds give pairs
+    pairs_per_question: int = 0
     ascii_ratio: float = 0.95
     one_shot: bool = False
     batch_size: int = 16
@@ -58,6 +63,7 @@ class RejectionConfig:
 @dataclass
 class RejectionResult:
     rows: list[dict]
+    pairs: list[dict] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
 
 
@@ -81,9 +87,9 @@ def rejection_sample(model, tok, questions: list[Problem], cfg: RejectionConfig)
                                                            batch_size=cfg.batch_size, seed=cfg.seed))
     reasons: Counter = Counter()
     per_task: dict[str, Counter] = defaultdict(Counter)
-    rows = []
+    rows, pairs = [], []
     for i, q in enumerate(questions):
-        seen, kept = set(), 0
+        seen, kept, good, bad = set(), 0, [], {}
         extra = {k: v for k, v in q.as_prompt_row().items() if k not in ("prompt", "answer", "task")}
         group = responses[i * cfg.k : (i + 1) * cfg.k]
         parsed = [parse_reasoning(r) for r in group]
@@ -93,34 +99,40 @@ def rejection_sample(model, tok, questions: list[Problem], cfg: RejectionConfig)
         per_task[q.task]["questions_too_easy"] += too_easy
         for resp, p, ok in zip(group, parsed, right):
             per_task[q.task]["sampled"] += 1
-            if not p.ok:
-                reasons[f"format: {p.error}"] += 1
-            elif not ok:
-                reasons["wrong answer"] += 1
-            elif too_easy:
-                reasons["question too easy"] += 1
-            elif len(tok(resp, add_special_tokens=False)["input_ids"]) > cfg.max_tokens:
+            if not ok:
+                reasons[f"format: {p.error}" if not p.ok else "wrong answer"] += 1
+                bad.setdefault(_normalise(resp), resp.strip())
+                continue
+            if len(tok(resp, add_special_tokens=False)["input_ids"]) > cfg.max_tokens:
                 reasons["too long"] += 1
             elif sum(c.isascii() for c in resp) < cfg.ascii_ratio * len(resp):
                 reasons["language filter"] += 1
             elif _normalise(resp) in seen:
                 reasons["duplicate"] += 1
-            elif kept >= cfg.keep_per_question:
-                reasons["enough for this question"] += 1
             else:
                 seen.add(_normalise(resp))
-                kept += 1
-                per_task[q.task]["kept"] += 1
-                rows.append({"messages": [{"role": "user", "content": q.question},
-                                          {"role": "assistant", "content": resp.strip()}],
-                             "task": q.task, "answer": q.answer})
+                good.append(resp.strip())  # a chosen response for the pairs, kept as an SFT row or not
+                if too_easy:
+                    reasons["question too easy"] += 1
+                elif kept >= cfg.keep_per_question:
+                    reasons["enough for this question"] += 1
+                else:
+                    kept += 1
+                    per_task[q.task]["kept"] += 1
+                    rows.append({"messages": [{"role": "user", "content": q.question},
+                                              {"role": "assistant", "content": resp.strip()}],
+                                 "task": q.task, "answer": q.answer})
+        for chosen, rejected in list(zip(good * len(bad), bad.values()))[: cfg.pairs_per_question]:
+            pairs.append({"prompt": q.question, "chosen": chosen, "rejected": rejected, "task": q.task,
+                          "answer": q.answer})
+            per_task[q.task]["pairs"] += 1
         per_task[q.task]["questions"] += 1
         per_task[q.task]["questions_solved"] += any(right)
     stats = {"sampled": len(responses), "kept": len(rows), "yield": len(rows) / max(len(responses), 1),
-             "rejected": dict(reasons),
+             "pairs": len(pairs), "rejected": dict(reasons),
              "per_task": {t: {**c, "yield": c["kept"] / max(c["sampled"], 1),
                               "sample_accuracy": c["correct"] / max(c["sampled"], 1)} for t, c in per_task.items()}}
-    return RejectionResult(rows, stats)
+    return RejectionResult(rows, pairs, stats)
 
 
 def write_rows(path: str | Path, rows: list[dict]) -> Path:
@@ -136,24 +148,26 @@ def write_rows(path: str | Path, rows: list[dict]) -> Path:
 
 
 def rejection_sample_to(path: str | Path, model, tok, questions: list[Problem], cfg: RejectionConfig,
-                        chunk: int = 32) -> tuple[int, dict]:
-    """:func:`rejection_sample` in chunks of ``chunk`` questions appended to ``path`` with a
-    progress marker (:mod:`posttrain.synth.journal`): a killed run resumes where it stopped.
-    Returns (rows kept, merged statistics)."""
+                        chunk: int = 32, pairs_path: str | Path | None = None) -> tuple[dict[str, int], dict]:
+    """:func:`rejection_sample` in chunks of ``chunk`` questions appended to ``path`` (and the
+    preference pairs to ``pairs_path``) with a progress marker (:mod:`posttrain.synth.journal`):
+    a killed run resumes where it stopped. Returns (rows written per output: ``rows``,
+    ``pairs``; merged statistics)."""
     from dataclasses import asdict, replace
 
     from posttrain.synth.journal import fingerprint, run_chunks, sum_stats
 
     def produce(c, lo, hi):
         res = rejection_sample(model, tok, questions[lo:hi], replace(cfg, seed=cfg.seed + 1_000 * c))
-        return {"rows": res.rows}, res.stats
+        return {"rows": res.rows, "pairs": res.pairs}, res.stats
 
     key = fingerprint("rejection", asdict(cfg), [q.question for q in questions], chunk, model.name_or_path)
-    counts, parts = run_chunks({"rows": path}, len(questions), chunk, key, produce, "rejection sampling")
+    outputs = {"rows": path, **({"pairs": pairs_path} if pairs_path else {})}
+    counts, parts = run_chunks(outputs, len(questions), chunk, key, produce, "rejection sampling")
     stats = sum_stats(parts)
     stats["yield"] = stats.get("kept", 0) / max(stats.get("sampled", 0), 1)
     for t in stats.get("per_task", {}).values():
         t["yield"] = t.get("kept", 0) / max(t.get("sampled", 0), 1)
         t["sample_accuracy"] = t.get("correct", 0) / max(t.get("sampled", 0), 1)
     stats.setdefault("rejected", {})
-    return counts["rows"], stats
+    return counts, stats

@@ -263,13 +263,16 @@ def _int_answer(response: str, answer: str, prefix: str = "") -> bool:
 
 def solve_division(n: int, d: int) -> tuple[str, int]:
     """Long division of ``n >= d > 0`` by ``d`` (exact), one line per quotient digit, as taught
-    in school: the leading digits that reach ``d`` first, then ``Bring down 8: 18 / 2 = 9,
-    remainder 0.`` for each further digit, ending ``So n / d = q.``; returns (lines, quotient).
+    in school: the leading digits that reach ``d`` first, then ``Bring down 8: ...`` for each
+    further digit, ending ``So n / d = q.``; returns (lines, quotient).
 
-    Each line asks for a quotient below ten of a number below ``10 d`` (a times-table fact).
-    The linear-equation solutions used to state the quotient at once (``2 * 19 = 38``); the
-    cold-start model then guessed it (``2 * 18 = 38, so x = -18``), the error in most of the
-    linear equations it got wrong.
+    Each line asks for a quotient below ten of a number below ``10 d`` (a times-table fact),
+    then writes its product and the remainder as a difference (``23 / 7 = 3, 3 * 7 = 21,
+    remainder 23 - 21 = 2.``). The linear-equation solutions used to state the quotient at once
+    (``2 * 19 = 38``), and the cold-start model guessed it (``2 * 18 = 38, so x = -18``) in most
+    of the equations it got wrong; with bare long-division lines (``3 / 2 = 1, remainder 1.``)
+    its linear accuracy on 100 held-out equations went 17 -> 38%, and the remainder, then the
+    quotient, were its most frequent errors.
     """
     assert n >= d > 0 and n % d == 0
     digits = str(n)
@@ -282,7 +285,7 @@ def solve_division(n: int, d: int) -> tuple[str, int]:
             cur = cur * 10 + int(digits[i])
         qd, cur_r = divmod(cur, d)
         head = f"Bring down {digits[i]}: " if i >= k else ""
-        lines.append(f"{head}{cur} / {d} = {qd}, remainder {cur_r}.")
+        lines.append(f"{head}{cur} / {d} = {qd}, {qd} * {d} = {qd * d}, remainder {cur} - {qd * d} = {cur_r}.")
         q += str(qd)
         cur = cur_r
     assert int(q) * d == n
