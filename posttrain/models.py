@@ -378,6 +378,9 @@ def load_model(
         model.requires_grad_(False).eval()
         for p in model.parameters():  # parameters only: buffers (rotary frequencies) stay float32
             p.data = p.data.to(precision.weights)
+        from posttrain.decode_step import fuse_in_place
+
+        fuse_in_place(model)  # q/k/v and gate/up weights as views of one tensor each, for decoding
     set_precision(model, precision)
     if with_tokenizer:
         return model, load_tokenizer(path)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from posttrain import attention
+from posttrain import attention, decode_step
 from posttrain.config import doc
 from posttrain.models import unwrap_peft
 
@@ -155,13 +155,21 @@ def decode_copy(model, dtype: torch.dtype):
     parameters stay tied: the copy is a ``deepcopy`` whose memo maps each parameter to its cast.
     Why: on a CPU with fast bf16, decoding reads every weight per token, and reading bf16 ones
     made a decoding step ~1.9x faster than float32 (``benchmarks/precision_probe.py``), while
-    training under mixed precision already computes its forward passes in bf16.
+    training under mixed precision already computes its forward passes in bf16. For the
+    architectures of :mod:`posttrain.decode_step` the copy's q/k/v and gate/up weights are views
+    of one fused tensor each, for its fused decoding step.
     """
     base = unwrap_peft(model)
     entry = _DECODE_COPIES.get(base)
     if entry is None or entry[0] != dtype:
-        memo = {id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in base.parameters()}
+        memo: dict = {}
+        fused = decode_step.fuse_into(base, memo, dtype)  # q/k/v and gate/up as views of one tensor each
+        for p in base.parameters():
+            if id(p) not in memo:
+                memo[id(p)] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
         copy_ = copy.deepcopy(base, memo)
+        if fused is not None:
+            decode_step.attach(copy_, fused)
         copy_.requires_grad_(False)
         pairs = [(src, memo[id(src)]) for src in base.parameters()]
         entry = (dtype, copy_, pairs)
@@ -237,6 +245,8 @@ def preallocated_cache(model, capacity: int):
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
     class PreallocatedLayer(DynamicLayer):
+        preallocated = True  # what decode_step.FusedDecoder writes into
+
         def __init__(self):
             super().__init__()
             self.length = 0
@@ -342,6 +352,7 @@ def _decode(model, ids, mask, max_new_tokens, eos, pad, temperature, top_k, top_
     key = _cache_argument(model)
     past, logits = prefill(model, past, input_ids=ids, attention_mask=mask, position_ids=position_ids)
     next_pos = position_ids[:, -1:] + 1
+    fused = decode_step.FusedDecoder.build(model, past)
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
     n = 0
     for t in range(max_new_tokens):
@@ -361,9 +372,12 @@ def _decode(model, ids, mask, max_new_tokens, eos, pad, temperature, top_k, top_
             live, token, mask, next_pos, done = live[keep], token[keep], mask[keep], next_pos[keep], done[keep]
             past.batch_select_indices(keep)
         mask = torch.cat([mask, torch.ones(len(live), 1, dtype=mask.dtype, device=mask.device)], 1)
-        res = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
-                    **{key: past})
-        past, logits = getattr(res, key), res.logits[:, -1]
+        if fused is not None:
+            logits = fused.step(token, next_pos, mask)
+        else:
+            res = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
+                        **{key: past})
+            past, logits = getattr(res, key), res.logits[:, -1]
         next_pos = next_pos + 1
     return out[:, :n]
 

@@ -398,6 +398,54 @@ def test_decode_drops_ended_rows_and_matches_hf_generate(tiny_model_dir, smol_to
             assert set(row[row.index(eos) + 1:]) <= {tok.pad_token_id}
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_decoding_step_matches_hf_forward(arch, tiny_model_dir, smol_tokenizer):
+    """The fused one-token step (q/k/v and gate/up as one matmul each, views of the decoding
+    copy's weights) gives HF's logits on a left-padded batch, step after step, with the cache
+    compacted in between; Qwen2 has q/k/v biases. In float32, so to rounding only."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from posttrain.decode_step import FusedDecoder
+    from posttrain.rollout import _cache_argument, decode, decode_copy, left_pad, preallocated_cache, prefill
+
+    if arch == "llama":
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    else:
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=256, tie_word_embeddings=True)).eval()
+    fast = decode_copy(model, torch.float32)
+    assert fast is not model and FusedDecoder.build(fast, preallocated_cache(fast, 8)) is not None
+    at = fast.model.layers[0].self_attn
+    assert at.q_proj.weight.untyped_storage().data_ptr() == at.v_proj.weight.untyped_storage().data_ptr()
+    prompts = [smol_tokenizer.encode("x " * (i + 1)) for i in range(4)]
+    ids, mask0 = left_pad(prompts, smol_tokenizer.pad_token_id)
+    mask, pos = mask0, (mask0.cumsum(-1) - 1).clamp(min=0)
+    key = _cache_argument(model)
+    with torch.no_grad():
+        ref_cache, _ = prefill(model, preallocated_cache(model, 20), input_ids=ids, attention_mask=mask, position_ids=pos)
+        cache, _ = prefill(fast, preallocated_cache(fast, 20), input_ids=ids, attention_mask=mask, position_ids=pos)
+        step = FusedDecoder.build(fast, cache)
+        tok, nxt = torch.tensor([5, 6, 7, 8]), pos[:, -1:] + 1
+        for t in range(4):
+            if t == 2:  # rows leave the batch: both caches compacted the same way
+                keep = torch.tensor([0, 2, 3])
+                tok, nxt, mask = tok[keep], nxt[keep], mask[keep]
+                ref_cache.batch_select_indices(keep)
+                cache.batch_select_indices(keep)
+            mask = torch.cat([mask, torch.ones(len(tok), 1, dtype=mask.dtype)], 1)
+            want = model(input_ids=tok[:, None], attention_mask=mask, position_ids=nxt, use_cache=True,
+                         **{key: ref_cache}).logits[:, -1]
+            got = step.step(tok, nxt, mask)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            tok, nxt = want.argmax(-1), nxt + 1
+    # the whole decoding loop on the fused copy gives HF generate's greedy tokens
+    want = model.generate(input_ids=ids, attention_mask=mask0, max_new_tokens=8, do_sample=False,
+                          pad_token_id=smol_tokenizer.pad_token_id)[:, ids.shape[1]:]
+    assert torch.equal(decode(fast, ids, mask0, 8, -1, smol_tokenizer.pad_token_id), want[:, :8])
+
+
 def half_constant(prompts, completions, answer, **kw):
     """e_fraction for even-numbered prompts, a constant for odd ones (their groups have no spread)."""
     return [0.5 if int(a) % 2 else f for a, f in zip(answer, e_fraction(prompts, completions))]

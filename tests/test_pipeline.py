@@ -98,6 +98,39 @@ def test_rejection_difficulty_filter(monkeypatch, smol_tokenizer):
     assert len(res.rows) == 2  # by default both questions keep theirs (the second easy one is a duplicate)
 
 
+def test_rejection_pairs_feed_a_dpo_stage(tiny_model_dir, tmp_path, monkeypatch):
+    """A recipe's DPO stage trains on the pairs its rejection-sampling stage wrote (``@rs.pairs``)."""
+    import posttrain.synth.rejection as rej
+    from posttrain.synth.tasks import problems
+
+    monkeypatch.setenv("POSTTRAIN_HOME", str(tmp_path / "home"))
+    by_question = {p.question: p for p in problems("addition", 8, "train", 1)}
+
+    def fake_generate(model, tok, convs, cfg):  # per question: one right, one wrong worked solution
+        out = []
+        for i, conv in enumerate(convs):
+            p = by_question[conv[-1]["content"]]
+            out.append(p.solution if i % 2 == 0 else p.solution.replace(f"<answer>{p.answer}<", "<answer>0<"))
+        return out
+
+    monkeypatch.setattr(rej, "generate", fake_generate)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {tiny_model_dir}\noutput_dir: {tmp_path / 'run'}\ntasks: [addition]\nn_train: 4\n"
+                      "n_test: 2\nstages:\n"
+                      "  - {name: rs, kind: rejection_sampling, config: {n: 3, k: 2, pairs_per_question: 1}}\n"
+                      "  - {name: dpo, kind: dpo, data: '@rs.pairs', config: {max_steps: 2, batch_size: 2, "
+                      "data.eval_fraction: 0.0, save_every: 0}}\n")
+    summary = run_recipe(load_recipe(recipe))
+    rs = json.loads((tmp_path / "run" / "rs" / "stage_done.json").read_text())["outputs"]
+    assert rs["pairs_count"] == 3 and rs["rows_count"] == 3
+    pairs = [json.loads(x) for x in Path(rs["pairs"]).read_text().splitlines()]
+    assert all(p["chosen"].endswith(f"<answer>{p['answer']}</answer>") and p["rejected"].endswith("<answer>0</answer>")
+               for p in pairs)
+    assert summary["final_model"].startswith(str(tmp_path / "run" / "dpo"))
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss/train" in m] == [1, 2]
+
+
 def test_one_shot_prompt_shows_an_exemplar():
     from posttrain.synth.rejection import one_shot_messages
     from posttrain.synth.tasks import problems

@@ -1,0 +1,159 @@
+"""One decoding step of a Llama-family model in a few fused operations (the rollout's fast path).
+
+HF's forward for one new token per row runs every module on its own: three projections for
+the query, key and value, two for the MLP's gate and up halves, a mask built for the whole
+sequence, and per-module bookkeeping, thirty layers deep. :class:`FusedDecoder` runs the same
+arithmetic with the query/key/value projections as one matmul and the gate/up projections as
+one, the padding mask made once per step, and the keys and values written straight into the
+rollout's preallocated cache (:func:`posttrain.rollout.preallocated_cache`).
+
+It is used on a bf16 decoding copy (:func:`posttrain.rollout.decode_copy`), whose q/k/v and
+gate/up weights are made views of one fused tensor each when the copy is built
+(:func:`fuse_into`): refreshing the copy from the trained weights then refreshes the fused
+ones, and the fusion costs no memory; and on models loaded for inference only
+(``load_model(inference=True)``: evaluation, rejection sampling), fused in place. Architectures: ``llama`` and ``qwen2`` (the same layer,
+with or without projection biases), plain rotary embeddings of any scaling (the model's own
+rotary module computes them), no sliding window. Anything else decodes through HF's forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ARCHS = {"llama", "qwen2"}
+_ATTR = "_posttrain_fused"
+
+
+def _linear(mod):
+    """The ``nn.Linear`` holding a projection's weights (a merged peft layer's base layer), or
+    None when an adapter is active and unmerged (its output is not the base layer's alone)."""
+    base = getattr(mod, "base_layer", None)
+    if base is None:
+        return mod
+    return base if getattr(mod, "merged", False) or not getattr(mod, "active_adapters", None) else None
+
+
+def supported(model) -> bool:
+    cfg = model.config
+    if getattr(cfg, "model_type", "") not in ARCHS or getattr(cfg, "use_sliding_window", False):
+        return False
+    if getattr(cfg, "sliding_window", None) and cfg.model_type != "qwen2":
+        return False
+    inner = getattr(model, "model", None)
+    return inner is not None and hasattr(inner, "rotary_emb") and hasattr(inner, "layers")
+
+
+def fuse_into(src_model, memo: dict, dtype: torch.dtype) -> list[tuple] | None:
+    """Fill ``memo`` (for ``copy.deepcopy(src_model, memo)``) so that each layer's q/k/v weights
+    (and biases) become views of one ``dtype`` tensor, and the gate/up weights of another;
+    returns ``(qkv weight, qkv bias or None, gate_up weight)`` per layer, or None (nothing done)
+    when the model is not supported."""
+    if not supported(src_model):
+        return None
+    plan = []
+    for layer in src_model.model.layers:
+        at, mlp = layer.self_attn, layer.mlp
+        qkv = [_linear(at.q_proj), _linear(at.k_proj), _linear(at.v_proj)]
+        gu = [_linear(mlp.gate_proj), _linear(mlp.up_proj)]
+        if any(m is None or not isinstance(m, torch.nn.Linear) for m in qkv + gu):
+            return None
+        plan.append((qkv, gu))
+    if any(m.bias is not None for qkv, gu in plan for m in gu) or \
+            any((m.bias is None) != (qkv[0].bias is None) for qkv, _ in plan for m in qkv):
+        return None  # biases on some of q/k/v only, or on gate/up: not a layout this handles
+    fused = []
+    for qkv, gu in plan:
+        w_qkv = _fuse_params([m.weight for m in qkv], memo, dtype)
+        b_qkv = _fuse_params([m.bias for m in qkv], memo, dtype) if qkv[0].bias is not None else None
+        fused.append((w_qkv, b_qkv, _fuse_params([m.weight for m in gu], memo, dtype)))
+    return fused
+
+
+def _fuse_params(params: list[torch.nn.Parameter], memo: dict, dtype: torch.dtype) -> torch.Tensor:
+    whole = torch.cat([p.detach().to(dtype) for p in params])
+    start = 0
+    for p in params:
+        n = p.shape[0]
+        memo[id(p)] = torch.nn.Parameter(whole[start : start + n], requires_grad=False)
+        start += n
+    return whole
+
+
+def attach(copy_model, fused) -> None:
+    setattr(copy_model, _ATTR, fused)
+
+
+def fuse_in_place(model) -> bool:
+    """Make ``model``'s own q/k/v and gate/up weights views of fused tensors (for a model loaded
+    for inference only: nothing trains it); True when done."""
+    memo: dict = {}
+    fused = fuse_into(model, memo, next(model.parameters()).dtype)
+    if fused is None:
+        return False
+    for p in model.parameters():
+        if id(p) in memo:
+            p.data = memo[id(p)].data
+    attach(model, fused)
+    return True
+
+
+class FusedDecoder:
+    """``step(tokens, positions, mask) -> logits`` for one new token per row, writing the keys and
+    values into ``cache`` (a preallocated cache, already holding the prompts)."""
+
+    def __init__(self, model, cache):
+        self.model, self.cache = model, cache
+        self.fused = getattr(model, _ATTR)
+        cfg = model.config
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.hq, self.hk = cfg.num_attention_heads, cfg.num_key_value_heads
+
+    @classmethod
+    def build(cls, model, cache):
+        """A decoder for ``model`` (a fused decoding copy) or None (use HF's forward)."""
+        if cache is None or getattr(model, _ATTR, None) is None or not supported(model):
+            return None
+        if not all(getattr(layer, "preallocated", False) for layer in getattr(cache, "layers", [None])):
+            return None
+        return cls(model, cache)
+
+    @staticmethod
+    def _norm(x, norm):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        return norm.weight * h.to(x.dtype)
+
+    @staticmethod
+    def _rotate(x, cos, sin):
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, vocab)`` after ``tokens`` ``(B,)`` at ``positions`` ``(B, 1)``; ``mask``
+        ``(B, cached + 1)`` marks the positions each row sees (0 = left padding)."""
+        from posttrain.attention import attention
+
+        inner = self.model.model
+        B, D = tokens.shape[0], self.head_dim
+        h = inner.embed_tokens(tokens[:, None])
+        cos, sin = inner.rotary_emb(h, positions)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, 1, D)
+        seen = mask.bool()[:, None, None, :]
+        nq, nk = self.hq * D, self.hk * D
+        for layer, cache_layer, (w_qkv, b_qkv, w_gu) in zip(inner.layers, self.cache.layers, self.fused):
+            at, mlp = layer.self_attn, layer.mlp
+            x = self._norm(h, layer.input_layernorm)
+            qkv = F.linear(x, w_qkv, b_qkv)
+            q = qkv[..., :nq].view(B, 1, self.hq, D).transpose(1, 2)
+            k = qkv[..., nq : nq + nk].view(B, 1, self.hk, D).transpose(1, 2)
+            v = qkv[..., nq + nk :].view(B, 1, self.hk, D).transpose(1, 2)
+            k, v = cache_layer.update(self._rotate(k, cos, sin), v)
+            out, _ = attention(at, self._rotate(q, cos, sin), k, v, seen, scaling=at.scaling)
+            h = h + _linear(at.o_proj)(out.reshape(B, 1, nq))
+            x = self._norm(h, layer.post_attention_layernorm)
+            gate, up = F.linear(x, w_gu).chunk(2, -1)
+            h = h + _linear(mlp.down_proj)(mlp.act_fn(gate) * up)
+        h = self._norm(h, inner.norm)
+        return self.model.lm_head(h[:, -1])
