@@ -67,7 +67,8 @@ def fuse_into(src_model, memo: dict, dtype: torch.dtype) -> list[tuple] | None:
         at, mlp = layer.self_attn, layer.mlp
         qkv = [_linear(at.q_proj), _linear(at.k_proj), _linear(at.v_proj)]
         gu = [_linear(mlp.gate_proj), _linear(mlp.up_proj)]
-        if any(m is None or not isinstance(m, torch.nn.Linear) for m in qkv + gu):
+        if any(m is None or not isinstance(m, torch.nn.Linear)
+               for m in qkv + gu + [_linear(at.o_proj), _linear(mlp.down_proj)]):
             return None
         plan.append((qkv, gu))
     if any(m.bias is not None for qkv, gu in plan for m in gu) or \
@@ -127,6 +128,11 @@ class FusedDecoder:
             return None
         if not all(getattr(layer, "preallocated", False) for layer in getattr(cache, "layers", [None])):
             return None
+        for layer in model.model.layers:  # an adapter active and unmerged since the fusion: HF's forward
+            at, mlp = layer.self_attn, layer.mlp
+            if any(_linear(m) is None for m in (at.q_proj, at.k_proj, at.v_proj, at.o_proj, mlp.gate_proj,
+                                                mlp.up_proj, mlp.down_proj)):
+                return None
         return cls(model, cache)
 
     @staticmethod
