@@ -327,11 +327,12 @@ def verify_linear(response: str, answer: str, **_) -> bool:
 def gcd_problem(rng: random.Random, split: str) -> Problem:
     """GCD of two numbers, solved with Euclid's algorithm written out step by step.
 
-    Each division step is one line (``276 = 3 * 72 + 60.``). Writing its product and difference
-    out first (``3 * 72 = 216 and 276 - 216 = 60, so ...``) made solutions 70% longer and did
-    not help: in one cold-start run of the demo recipe (960 solutions) GCD went 4 -> 2 of 24
-    held-out questions, the model now writing the wrong difference (``222 - 216 = 12``) where
-    it had written the wrong remainder, and looping to the token limit on a third of them."""
+    Each division step is one line in the form of the linear equations' long division
+    (``276 / 72 = 3, 3 * 72 = 216, remainder 276 - 216 = 60.``). Stated bare (``276 = 3 * 72 +
+    60.``) the cold-start model wrote wrong remainders, often collapsing to one (``96 = 1 * 76 +
+    12``); on 400 held-out questions (480 steps of 2) the written form scored GCD 22% against 17%
+    (within the noise of 100 questions; the whole cold start 61.5% against 55.2%). An earlier
+    try of a similar form at 120 steps of 8 had not helped (4 -> 2 of 24 questions)."""
     while True:
         g = rng.choice([1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 15])
         a, b = g * rng.randint(2, 40), g * rng.randint(2, 40)
@@ -342,7 +343,7 @@ def gcd_problem(rng: random.Random, split: str) -> Problem:
         x, y = hi, lo
         while y:
             q, r = divmod(x, y)
-            lines.append(f"{x} = {q} * {y} + {r}.")
+            lines.append(f"{x} / {y} = {q}, {q} * {y} = {q * y}, remainder {x} - {q * y} = {r}.")
             x, y = y, r
         lines.append(f"The last non-zero remainder is {x}.")
         assert x == __import__("math").gcd(a, b)
