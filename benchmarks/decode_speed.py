@@ -27,17 +27,18 @@ def main() -> None:
     from posttrain import decode_step
     from posttrain.models import load_model
     from posttrain.rollout import decode, left_pad
-    from posttrain.synth.tasks import TASKS, problems
+    from posttrain.synth.tasks import problems
 
     model, tok = load_model("smollm2-135m-instruct", with_tokenizer=True, inference=True)
     fused = getattr(model, decode_step._ATTR, None)
     if fused is None:
         raise SystemExit("the model was not fused (architecture not supported)")
-    tasks = [t for t in ("addition", "subtraction", "linear", "gcd") if t in TASKS]
+    tasks = ("addition", "subtraction", "linear", "gcd")
     print(f"weights {next(model.parameters()).dtype}, {torch.get_num_threads()} threads, {args.tokens} new tokens")
     print(f"{'batch':>6} {'HF forward':>14} {'fused step':>14} {'speed-up':>9}  same greedy tokens")
     for batch in [int(b) for b in args.batch.split(",")]:
-        qs = [p.question for i in range(batch) for p in problems(tasks[i % len(tasks)], i // len(tasks) + 1, "test")[-1:]]
+        per_task = {t: problems(t, -(-batch // len(tasks)), "test") for t in tasks}
+        qs = [per_task[tasks[i % len(tasks)]][i // len(tasks)].question for i in range(batch)]
         ids, mask = left_pad([tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                                       tokenize=True, return_dict=True)["input_ids"] for q in qs],
                              tok.pad_token_id)

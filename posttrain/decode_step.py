@@ -11,9 +11,10 @@ It is used on a bf16 decoding copy (:func:`posttrain.rollout.decode_copy`), whos
 gate/up weights are made views of one fused tensor each when the copy is built
 (:func:`fuse_into`): refreshing the copy from the trained weights then refreshes the fused
 ones, and the fusion costs no memory; and on models loaded for inference only
-(``load_model(inference=True)``: evaluation, rejection sampling), fused in place. Architectures: ``llama`` and ``qwen2`` (the same layer,
-with or without projection biases), plain rotary embeddings of any scaling (the model's own
-rotary module computes them), no sliding window. Anything else decodes through HF's forward.
+(``load_model(inference=True)``: evaluation, rejection sampling), fused in place.
+Architectures: ``llama`` and ``qwen2`` (the same layer, with or without projection biases),
+plain rotary embeddings of any scaling (the model's own rotary module computes them), no
+sliding window. Anything else decodes through HF's forward.
 
 Measured on a 2-core CPU with fast bf16 (SmolLM2-135M, bf16 weights): decoding alone 1.09x at
 batch 8, 1.07x at 48, 1.02x at 96 (``benchmarks/decode_speed.py``: the matmuls are most of a
@@ -114,9 +115,9 @@ class FusedDecoder:
     """``step(tokens, positions, mask) -> logits`` for one new token per row, writing the keys and
     values into ``cache`` (a preallocated cache, already holding the prompts)."""
 
-    def __init__(self, model, cache):
+    def __init__(self, model, cache, layers):
         self.model, self.cache = model, cache
-        self.fused = getattr(model, _ATTR)
+        self.layers = layers  # per layer: (q/k/v weight, its bias or None, gate/up weight, o_proj, down_proj)
         cfg = model.config
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.hq, self.hk = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -128,12 +129,17 @@ class FusedDecoder:
             return None
         if not all(getattr(layer, "preallocated", False) for layer in getattr(cache, "layers", [None])):
             return None
-        for layer in model.model.layers:  # an adapter active and unmerged since the fusion: HF's forward
+        layers = []
+        for layer, fused in zip(model.model.layers, getattr(model, _ATTR)):
             at, mlp = layer.self_attn, layer.mlp
-            if any(_linear(m) is None for m in (at.q_proj, at.k_proj, at.v_proj, at.o_proj, mlp.gate_proj,
-                                                mlp.up_proj, mlp.down_proj)):
+            # an adapter active and unmerged since the fusion: HF's forward
+            if any(_linear(m) is None for m in (at.q_proj, at.k_proj, at.v_proj, mlp.gate_proj, mlp.up_proj)):
                 return None
-        return cls(model, cache)
+            o, down = _linear(at.o_proj), _linear(mlp.down_proj)
+            if o is None or down is None:
+                return None
+            layers.append((*fused, o, down))
+        return cls(model, cache, layers)
 
     @staticmethod
     def _norm(x, norm):
@@ -159,7 +165,8 @@ class FusedDecoder:
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, 1, D)
         seen = mask.bool()[:, None, None, :]
         nq, nk = self.hq * D, self.hk * D
-        for layer, cache_layer, (w_qkv, b_qkv, w_gu) in zip(inner.layers, self.cache.layers, self.fused):
+        for layer, cache_layer, (w_qkv, b_qkv, w_gu, o_proj, down_proj) in zip(inner.layers, self.cache.layers,
+                                                                              self.layers):
             at, mlp = layer.self_attn, layer.mlp
             x = self._norm(h, layer.input_layernorm)
             qkv = F.linear(x, w_qkv, b_qkv)
@@ -168,9 +175,9 @@ class FusedDecoder:
             v = qkv[..., nq + nk :].view(B, 1, self.hk, D).transpose(1, 2)
             k, v = cache_layer.update(self._rotate(k, cos, sin), v)
             out, _ = attention(at, self._rotate(q, cos, sin), k, v, seen, scaling=at.scaling)
-            h = h + _linear(at.o_proj)(out.reshape(B, 1, nq))
+            h = h + o_proj(out.reshape(B, 1, nq))
             x = self._norm(h, layer.post_attention_layernorm)
             gate, up = F.linear(x, w_gu).chunk(2, -1)
-            h = h + _linear(mlp.down_proj)(mlp.act_fn(gate) * up)
+            h = h + down_proj(mlp.act_fn(gate) * up)
         h = self._norm(h, inner.norm)
         return self.model.lm_head(h[:, -1])

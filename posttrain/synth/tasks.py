@@ -261,6 +261,13 @@ def _int_answer(response: str, answer: str, prefix: str = "") -> bool:
     return re.fullmatch(r"-?\d+", got) is not None and int(got) == int(answer)
 
 
+def division_line(n: int, d: int) -> str:
+    """``"23 / 7 = 3, 3 * 7 = 21, remainder 23 - 21 = 2."``: one division with its product and
+    its remainder as a difference (the form of both long division and Euclid's steps)."""
+    q = n // d
+    return f"{n} / {d} = {q}, {q} * {d} = {q * d}, remainder {n} - {q * d} = {n - q * d}."
+
+
 def solve_division(n: int, d: int) -> tuple[str, int]:
     """Long division of ``n >= d > 0`` by ``d`` (exact), one line per quotient digit, as taught
     in school: the leading digits that reach ``d`` first, then ``Bring down 8: ...`` for each
@@ -283,11 +290,10 @@ def solve_division(n: int, d: int) -> tuple[str, int]:
     for i in range(k - 1, len(digits)):
         if i >= k:
             cur = cur * 10 + int(digits[i])
-        qd, cur_r = divmod(cur, d)
         head = f"Bring down {digits[i]}: " if i >= k else ""
-        lines.append(f"{head}{cur} / {d} = {qd}, {qd} * {d} = {qd * d}, remainder {cur} - {qd * d} = {cur_r}.")
-        q += str(qd)
-        cur = cur_r
+        lines.append(head + division_line(cur, d))
+        q += str(cur // d)
+        cur %= d
     assert int(q) * d == n
     lines.append(f"So {n} / {d} = {int(q)}.")
     return "\n".join(lines), int(q)
@@ -342,9 +348,8 @@ def gcd_problem(rng: random.Random, split: str) -> Problem:
         lines = [f"Use Euclid's algorithm on {hi} and {lo}."]
         x, y = hi, lo
         while y:
-            q, r = divmod(x, y)
-            lines.append(f"{x} / {y} = {q}, {q} * {y} = {q * y}, remainder {x} - {q * y} = {r}.")
-            x, y = y, r
+            lines.append(division_line(x, y))
+            x, y = y, x % y
         lines.append(f"The last non-zero remainder is {x}.")
         assert x == __import__("math").gcd(a, b)
         return Problem("gcd", f"What is the greatest common divisor of {a} and {b}?", str(x),
