@@ -33,13 +33,17 @@ ARCHS = {"llama", "qwen2"}
 _ATTR = "_posttrain_fused"
 
 
-def _linear(mod):
+def _linear(mod, lora_as_base: bool = False):
     """The ``nn.Linear`` holding a projection's weights (a merged peft layer's base layer), or
-    None when an adapter is active and unmerged (its output is not the base layer's alone)."""
+    None when an adapter is active and unmerged (its output is not the base layer's alone);
+    ``lora_as_base``: a peft layer's base layer in any case (a decoding copy that merges the
+    adapters into it)."""
     base = getattr(mod, "base_layer", None)
     if base is None:
         return mod
-    return base if getattr(mod, "merged", False) or not getattr(mod, "active_adapters", None) else None
+    if lora_as_base or getattr(mod, "merged", False) or not getattr(mod, "active_adapters", None):
+        return base
+    return None
 
 
 def supported(model) -> bool:
@@ -56,7 +60,7 @@ def supported(model) -> bool:
     return inner is not None and hasattr(inner, "rotary_emb") and hasattr(inner, "layers")
 
 
-def fuse_into(src_model, memo: dict, dtype: torch.dtype) -> list[tuple] | None:
+def fuse_into(src_model, memo: dict, dtype: torch.dtype, lora_as_base: bool = False) -> list[tuple] | None:
     """Fill ``memo`` (for ``copy.deepcopy(src_model, memo)``) so that each layer's q/k/v weights
     (and biases) become views of one ``dtype`` tensor, and the gate/up weights of another;
     returns ``(qkv weight, qkv bias or None, gate_up weight)`` per layer, or None (nothing done)
@@ -66,10 +70,10 @@ def fuse_into(src_model, memo: dict, dtype: torch.dtype) -> list[tuple] | None:
     plan = []
     for layer in src_model.model.layers:
         at, mlp = layer.self_attn, layer.mlp
-        qkv = [_linear(at.q_proj), _linear(at.k_proj), _linear(at.v_proj)]
-        gu = [_linear(mlp.gate_proj), _linear(mlp.up_proj)]
+        qkv = [_linear(m, lora_as_base) for m in (at.q_proj, at.k_proj, at.v_proj)]
+        gu = [_linear(m, lora_as_base) for m in (mlp.gate_proj, mlp.up_proj)]
         if any(m is None or not isinstance(m, torch.nn.Linear)
-               for m in qkv + gu + [_linear(at.o_proj), _linear(mlp.down_proj)]):
+               for m in qkv + gu + [_linear(at.o_proj, lora_as_base), _linear(mlp.down_proj, lora_as_base)]):
             return None
         plan.append((qkv, gu))
     if any(m.bias is not None for qkv, gu in plan for m in gu) or \

@@ -388,9 +388,9 @@ def save_model_dir(model, tokenizer, out: Path, merge_lora: bool = False,
     """
     out.mkdir(parents=True, exist_ok=True)
     if merge_lora and hasattr(model, "merge_and_unload"):
-        import copy
+        from posttrain.models import merged_for_export
 
-        model = copy.deepcopy(model).merge_and_unload()
+        model = merged_for_export(model)
     if state_dict is not None:
         if getattr(model.config, "tie_word_embeddings", False):  # stored once, as the embeddings
             state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}

@@ -94,6 +94,12 @@ class ModelConfig:
         "Module names to adapt; empty = the architecture's attention and MLP projections.",
         default_factory=list,
     )
+    lora_base_dtype: str = doc(
+        "Under LoRA, the dtype of the frozen weights of the adapted projections: auto = the autocast dtype "
+        "under mixed precision (the forward passes compute in it anyway, so results are unchanged, with half "
+        "the memory and no cast per pass; merged exports reload the float32 base), float32 = as loaded.",
+        "auto",
+    )
     gradient_checkpointing: bool = doc("Recompute activations in backward to save memory.", False)
     attn_implementation: str = doc("Attention kernel: sdpa, eager, flash_attention_2.", "sdpa")
 
@@ -101,6 +107,8 @@ class ModelConfig:
         if self.dtype not in ("auto", "bf16-mixed", "float32", "bfloat16", "float16"):
             raise ConfigError(f"model.dtype: {self.dtype!r} is not one of auto, bf16-mixed, float32, bfloat16, "
                               "float16")
+        if self.lora_base_dtype not in ("auto", "float32"):
+            raise ConfigError(f"model.lora_base_dtype: {self.lora_base_dtype!r} is not auto or float32")
         if self.lora and self.lora_r <= 0:
             raise ConfigError("model.lora_r must be positive")
 
@@ -408,9 +416,67 @@ def apply_lora(model, cfg: ModelConfig):
     return get_peft_model(model, lcfg)
 
 
-def prepare_model(cfg: ModelConfig, device: torch.device | str = "cpu"):
+def lora_layers(model) -> list[torch.nn.Module]:
+    """The peft LoRA layers of ``model`` that wrap an ``nn.Linear`` (``base_layer``)."""
+    return [m for m in model.modules()
+            if hasattr(m, "lora_A") and isinstance(getattr(m, "base_layer", None), torch.nn.Linear)]
+
+
+def store_frozen_base(model, dtype: torch.dtype) -> int:
+    """Keep the frozen weights of ``model``'s LoRA-adapted projections in ``dtype`` (the
+    adapters, embeddings, norms and biases stay as they are); returns the number of weights
+    converted.
+
+    Under bf16 autocast every forward pass casts each float32 weight to bf16 again (a frozen
+    weight's cast is not cached) and keeps the cast for the backward pass, so storing them in
+    bf16 computes exactly the same losses and gradients with half their memory and no casts.
+    The merged LoRA export (:func:`merged_for_export`) reloads the float32 base instead of
+    merging into the rounded weights, and rollouts merge the adapters into their decoding copy
+    (:func:`posttrain.rollout.decode_copy`), never in place into these weights.
+    """
+    n = 0
+    for layer in lora_layers(model):
+        w = layer.base_layer.weight
+        if not w.requires_grad and w.dtype != dtype:
+            w.data = w.data.to(dtype)
+            n += w.numel()
+    return n
+
+
+def merged_for_export(model):
+    """A copy of the LoRA ``model`` with its adapters merged into its base weights, for saving;
+    where :func:`store_frozen_base` rounded them below the model's own dtype, into the original
+    weights reloaded from the base model's directory."""
+    import copy
+
+    own = unwrap_peft(model).get_input_embeddings().weight.dtype
+    rounded = any(layer.base_layer.weight.dtype != own for layer in lora_layers(model))
+    model = copy.deepcopy(model)
+    if rounded:
+        base_path = next(iter(model.peft_config.values())).base_model_name_or_path
+        inner = unwrap_peft(model)
+        try:
+            original = type(inner).from_pretrained(resolve_model_path(str(base_path)), dtype=own).state_dict()
+        except Exception as e:  # noqa: BLE001 - any failure to reload: say what is saved instead
+            from posttrain.log import log
+
+            log(f"warning: could not reload the float32 base from {base_path} ({e}); the merged model's frozen "
+                "weights are the bf16-rounded ones")
+            original = {}
+        prefix = {id(m): n for n, m in inner.named_modules()}
+        for layer in lora_layers(model):
+            w = layer.base_layer.weight
+            name = prefix.get(id(layer), "") + ".weight"
+            src = original.get(name)
+            w.data = src.to(w.device) if src is not None and src.shape == w.shape else w.data.to(own)
+    return model.merge_and_unload()
+
+
+def prepare_model(cfg: ModelConfig, device: torch.device | str = "cpu", lower_frozen: bool = True):
     """(model, tokenizer, :class:`Precision`) ready to train as ``cfg`` says: LoRA, checkpointing,
-    precision."""
+    precision. Under LoRA and mixed precision the frozen projection weights are stored in the
+    autocast dtype (:func:`store_frozen_base`) unless ``cfg.lora_base_dtype`` is float32 or
+    ``lower_frozen`` is False (FSDP shards need one dtype)."""
     precision = pick_precision(cfg.dtype, device)
     model, tok = load_model(cfg.name_or_path, precision, device, cfg.attn_implementation, with_tokenizer=True)
     if cfg.gradient_checkpointing:
@@ -420,6 +486,8 @@ def prepare_model(cfg: ModelConfig, device: torch.device | str = "cpu"):
             model.enable_input_require_grads()
     if cfg.lora and not hasattr(model, "peft_config"):
         model = apply_lora(model, cfg)
+    if cfg.lora and lower_frozen and cfg.lora_base_dtype == "auto" and precision.autocast is not None:
+        store_frozen_base(model, precision.autocast)
     return model, tok, precision
 
 

@@ -33,7 +33,7 @@ import torch
 
 from posttrain import attention, decode_step
 from posttrain.config import doc
-from posttrain.models import unwrap_peft
+from posttrain.models import lora_layers, unwrap_peft
 
 
 @dataclass
@@ -146,12 +146,31 @@ def decode_dtype(model, requested: str = "auto") -> torch.dtype:
 _DECODE_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _active_adapters(layer) -> list[str]:
+    """The adapters a peft LoRA layer adds to its base layer's output now (none when merged or
+    disabled)."""
+    if getattr(layer, "merged", False) or getattr(layer, "disable_adapters", False):
+        return []
+    return [a for a in layer.active_adapters if a in layer.lora_A]
+
+
+def merges_by_delta(model) -> bool:
+    """Whether every LoRA layer of ``model`` merges as ``W + get_delta_weight`` (plain LoRA on a
+    linear layer; DoRA and other variants do not)."""
+    layers = lora_layers(unwrap_peft(model))
+    n_lora = sum(1 for m in unwrap_peft(model).modules() if hasattr(m, "lora_A"))
+    return len(layers) == n_lora and not any(any(getattr(m, "use_dora", {}).values()) for m in layers)
+
+
 def decode_copy(model, dtype: torch.dtype):
-    """``model`` (adapters already merged) with its parameters copied into ``dtype``.
+    """A plain copy of ``model`` in ``dtype`` for decoding, its LoRA adapters merged into the
+    copy's weights (the trained model itself is never changed).
 
     Made once per model and refreshed in place on every call (one cast-copy of the weights,
-    ~0.1 s for 135M parameters), so a training loop pays for the second copy's memory
-    (2 bytes a parameter in bf16) once. Buffers (rotary frequencies) stay as they are, and tied
+    ~0.1 s for 135M parameters; for an adapted projection ``W + B A s`` computed in float32,
+    then cast), so a training loop pays for the second copy's memory (2 bytes a parameter in
+    bf16) once. peft's LoRA layers become their plain base layers in the copy (no adapter
+    bookkeeping per decoding step); buffers (rotary frequencies) stay as they are, and tied
     parameters stay tied: the copy is a ``deepcopy`` whose memo maps each parameter to its cast.
     Why: on a CPU with fast bf16, decoding reads every weight per token, and reading bf16 ones
     made a decoding step ~1.9x faster than float32 (``benchmarks/precision_probe.py``), while
@@ -163,36 +182,64 @@ def decode_copy(model, dtype: torch.dtype):
     entry = _DECODE_COPIES.get(base)
     if entry is None or entry[0] != dtype:
         memo: dict = {}
-        fused = decode_step.fuse_into(base, memo, dtype)  # q/k/v and gate/up as views of one tensor each
-        for p in base.parameters():
+        fused = decode_step.fuse_into(base, memo, dtype, lora_as_base=True)  # q/k/v, gate/up: views of one tensor each
+        delta_of = {id(layer.base_layer.weight): layer for layer in lora_layers(base)}
+        pairs = []
+        for name, p in base.named_parameters():
+            if "lora_" in name:  # adapters: merged into the copy's weights at each refresh
+                continue
             if id(p) not in memo:
-                memo[id(p)] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
+                memo[id(p)] = torch.nn.Parameter(torch.empty_like(p, dtype=dtype), requires_grad=False)
+            pairs.append((p, memo[id(p)], delta_of.get(id(p))))
+        for layer in lora_layers(base):  # each LoRA layer becomes (a copy of) its plain base layer
+            memo[id(layer)] = copy.deepcopy(layer.base_layer, memo)
         copy_ = copy.deepcopy(base, memo)
         if fused is not None:
             decode_step.attach(copy_, fused)
         copy_.requires_grad_(False)
-        pairs = [(src, memo[id(src)]) for src in base.parameters()]
         entry = (dtype, copy_, pairs)
         _DECODE_COPIES[base] = entry
-    else:
-        with torch.no_grad():
-            for src, dst in entry[2]:
-                dst.copy_(src)
+    with torch.no_grad():
+        for src, dst, layer in entry[2]:
+            dst.copy_(merged_weight(src, layer))
     return entry[1]
+
+
+@torch.no_grad()
+def merged_weight(weight: torch.Tensor, layer=None) -> torch.Tensor:
+    """``weight`` with the active adapters of the peft LoRA ``layer`` around it added (``W + B A
+    s``, in float32), or ``weight`` itself (no layer, or nothing active)."""
+    adapters = _active_adapters(layer) if layer is not None else []
+    if not adapters:
+        return weight
+    w = weight.to(torch.float32, copy=True)
+    for a in adapters:
+        w += layer.get_delta_weight(a).to(w.device, torch.float32)
+    return w
 
 
 @contextmanager
 def generation_model(model, dtype: torch.dtype | None = None):
-    """The model to sample from, inside a ``with``: a LoRA model has its adapters merged into
-    the base weights for the duration and unmerged after, even on error; when ``dtype`` differs
-    from the weights' dtype, a :func:`decode_copy` of the merged weights in ``dtype``.
+    """The model to sample from, inside a ``with``.
 
-    Unmerged LoRA adds two small matmuls per adapted projection to every decoding step
-    (10-15% slower decoding at batch 8 on CPU). Merging into a deep copy, as this did before,
-    cost 0.8 s and a whole weight copy (540 MB here) per rollout; in place it costs 0.3 s and
-    nothing. Merge + unmerge round the base weights by about one float32 ulp (1.2e-7 after
-    two cycles on the embedded model); TRL's vLLM path for peft models does the same.
+    When ``dtype`` differs from the weights' dtype, or the adapted projections are stored in
+    a lower precision than float32 (:func:`posttrain.models.store_frozen_base`), a
+    :func:`decode_copy` in ``dtype`` (the compute dtype when None) with the LoRA adapters
+    merged into it: merging in place into rounded weights would not unmerge exactly. Otherwise
+    (float32 weights decoded in float32) a LoRA model has its adapters merged into the base
+    weights for the duration and unmerged after, even on error: unmerged LoRA adds two small
+    matmuls per adapted projection to every decoding step (10-15% slower decoding at batch 8
+    on CPU), and merging in place costs no memory. Merge + unmerge round the base weights by
+    about one float32 ulp (1.2e-7 after two cycles on the embedded model); TRL's vLLM path for
+    peft models does the same.
     """
+    layers = lora_layers(unwrap_peft(model))
+    low = any(m.base_layer.weight.dtype != torch.float32 for m in layers)
+    if low and dtype is None:
+        dtype = getattr(model, "posttrain_autocast", None) or layers[0].base_layer.weight.dtype
+    if dtype is not None and (dtype != next(model.parameters()).dtype or low) and merges_by_delta(model):
+        yield decode_copy(model, dtype)
+        return
     merge = bool(getattr(model, "peft_config", None) and hasattr(model, "merge_adapter"))
     if merge:
         model.merge_adapter()

@@ -4,9 +4,9 @@ interface as the HF backend: :meth:`VLLMSampler.sample` returns a
 
 The engine runs in the trainer's process ("colocated", as TRL's ``vllm_mode="colocate"``),
 one per rank, with ``gpu_memory_utilization`` of the GPU for its weights and KV cache. Before
-each rollout the trainer's current weights are copied into it (:meth:`sync_weights`): a LoRA
-policy is merged into its base for the copy (``merge_adapter`` / ``unmerge_adapter``) and the
-parameter names are mapped back to the plain HF names vLLM's loader expects. Sampling runs on
+each rollout the trainer's current weights are copied into it (:meth:`sync_weights`): each
+LoRA-adapted weight is sent with its adapter merged (``W + B A s``, the policy itself left
+as it is) and the parameter names are mapped back to the plain HF names vLLM's loader expects. Sampling runs on
 token ids (no re-tokenisation), seeded per request, and stops at EOS and the stop strings.
 The behaviour log-probs are still recomputed by the trainer (as with the HF backend), so the
 importance ratio starts at exactly 1 whatever vLLM's kernels round differently.
@@ -25,17 +25,20 @@ from posttrain.config import ConfigError
 from posttrain.rollout import Rollout, SamplingConfig, _cut_at_stop
 
 
-def hf_parameter_names(model) -> list[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` of ``model``'s weights under their plain HF names: a peft wrapper's
-    prefixes and ``base_layer`` segments removed, LoRA matrices skipped (merge them first)."""
-    out = []
+def hf_parameter_names(model):
+    """``(name, tensor)`` of ``model``'s weights under their plain HF names, one at a time: a peft
+    wrapper's prefixes and ``base_layer`` segments removed, LoRA matrices merged into the
+    weights they adapt (each merged tensor made when it is reached, the policy unchanged)."""
+    from posttrain.models import lora_layers
+    from posttrain.rollout import merged_weight
+
+    layer_of = {id(m.base_layer.weight): m for m in lora_layers(model)}
     for name, p in model.named_parameters():
         if "lora_" in name or ".original_module." in name:  # adapters (merged) and replaced copies
             continue
         name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
         name = name.replace(".modules_to_save.default.", ".")
-        out.append((name, p.detach()))
-    return out
+        yield name, merged_weight(p.detach(), layer_of.get(id(p)))
 
 
 class VLLMSampler:
@@ -57,14 +60,7 @@ class VLLMSampler:
     def sync_weights(self, model) -> None:
         """Copy ``model``'s current weights (LoRA merged) into the engine."""
         runner = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-        merged = hasattr(model, "merge_adapter") and getattr(model, "peft_config", None)
-        if merged:
-            model.merge_adapter()
-        try:
-            runner.load_weights(hf_parameter_names(model))
-        finally:
-            if merged:
-                model.unmerge_adapter()
+        runner.load_weights(hf_parameter_names(model))
         self.llm.reset_prefix_cache()
 
     def sample(self, model, tok, prompt_ids: list[list[int]], cfg: SamplingConfig, seed: int = 0) -> Rollout:

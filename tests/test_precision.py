@@ -100,23 +100,27 @@ def test_online_rl_mixed_precision(tiny_model_dir, tmp_path, cls, extra):
         assert all(math.isfinite(x) for x in losses(res.run_dir, "loss/value"))
 
 
-def test_decode_copy_follows_the_weights_in_bf16(tiny_model_dir):
+@pytest.mark.parametrize("base_dtype", ["float32", "bfloat16"])
+def test_decode_copy_follows_the_weights_in_bf16(tiny_model_dir, base_dtype):
     """Under mixed precision the rollout decodes from a bf16 copy of the current LoRA-merged
     weights, refreshed on every rollout (a training step in between is seen), with tied
     weights still tied and buffers in float32; it decodes exactly like a bf16 cast of the
-    merged model, and the trained float32 weights come back unmerged."""
+    merged model (peft's own merge), and the trained weights are never touched. With the
+    frozen projections stored in bf16 (``store_frozen_base``) the same, from those weights."""
     import copy
 
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from posttrain.models import Precision, set_precision
+    from posttrain.models import Precision, set_precision, store_frozen_base
     from posttrain.rollout import decode, decode_dtype, generation_model
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                            LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "up_proj"]))
     set_precision(model, Precision(torch.float32, torch.bfloat16))
+    if base_dtype == "bfloat16":
+        assert store_frozen_base(model, torch.bfloat16) > 0
     assert decode_dtype(model) == torch.bfloat16 and decode_dtype(model, "float32") == torch.float32
     for n, p in model.named_parameters():
         if "lora_B" in n:
@@ -125,28 +129,78 @@ def test_decode_copy_follows_the_weights_in_bf16(tiny_model_dir):
     copies = set()
     for step in range(2):
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        cast = copy.deepcopy(model).merge_and_unload()
+        cast = copy.deepcopy(model)
+        for p in cast.parameters():
+            p.data = p.data.float()
+        cast = cast.merge_and_unload()
         for p in cast.parameters():
             p.data = p.data.to(torch.bfloat16)
         want = decode(cast.eval(), ids, mask, 6, eos=-1, pad=0)
         with generation_model(model, torch.bfloat16) as gen:
             copies.add(id(gen))
+            assert not any(hasattr(m, "lora_A") for m in gen.modules())  # a plain model
             assert all(p.dtype == torch.bfloat16 for p in gen.parameters())
             assert all(b.dtype == torch.float32 for b in gen.buffers())
             assert gen.get_output_embeddings().weight is gen.get_input_embeddings().weight
-            merged = dict(model.get_base_model().named_parameters())
+            merged = dict(cast.named_parameters())
+            assert set(merged) == {n for n, _ in gen.named_parameters()}
             for n, p in gen.named_parameters():
-                assert torch.equal(p, merged[n].to(torch.bfloat16)), n
+                assert torch.equal(p, merged[n]), n
             got = decode(gen.eval(), ids, mask, 6, eos=-1, pad=0)
         assert torch.equal(got, want)
-        for n, p in model.named_parameters():  # the trained weights come back, unmerged and float32
-            assert p.dtype == torch.float32 and p.requires_grad == ("lora_" in n)
-            torch.testing.assert_close(p, before[n], rtol=0, atol=1e-6)
+        for n, p in model.named_parameters():  # the trained weights are untouched
+            assert p.requires_grad == ("lora_" in n)
+            assert p.dtype == (torch.bfloat16 if "base_layer" in n and base_dtype == "bfloat16" else torch.float32)
+            assert torch.equal(p, before[n]), n
         with torch.no_grad():  # a training step moves the weights: the next rollout's copy follows
             for n, p in model.named_parameters():
                 if "lora_B" in n:
                     p.mul_(-2.0)
     assert len(copies) == 1  # made once, refreshed in place
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_frozen_base_in_bf16_changes_nothing(tiny_model_dir, tmp_path, stage):
+    """LoRA under mixed precision with the frozen projections stored in bf16 (the default)
+    trains to exactly the same adapter weights and losses as with them in float32 (autocast
+    casts them to bf16 in every pass anyway; DPO's reference, the adapters disabled, too); the
+    merged export reloads the float32 base, so it equals peft's merge of the same adapter into
+    the float32 model. (Online RL samples from a copy merged from the rounded weights, so its
+    completions may differ by bf16 rounding: ``test_decode_copy_follows_the_weights_in_bf16``.)"""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.models import lora_layers, prepare_model
+    from posttrain.stages import dpo, sft
+
+    def run(base_dtype):
+        common = [f"model.name_or_path={tiny_model_dir}", f"output_dir={tmp_path / base_dtype}", MIXED,
+                  "model.lora=true", "model.lora_r=4", "model.lora_dropout=0", f"model.lora_base_dtype={base_dtype}",
+                  "max_steps=3", "batch_size=2", "lr=1e-2", "tensorboard=false", "merge_lora=true"]
+        if stage == "sft":
+            data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"{i} + {i}?", "completion": f"{2 * i}"}
+                                                        for i in range(8)])
+            res = sft.train(load_config(sft.SFTConfig, None, [*common, f"data.train={data}"]))
+        else:
+            data = write_jsonl(tmp_path / "pairs.jsonl", [
+                {"prompt": f"What is {i} + {i}?", "chosen": f"{2 * i}", "rejected": f"{2 * i + 1}, I think"}
+                for i in range(8)])
+            res = dpo.train(load_config(dpo.DPOConfig, None, [*common, f"data.train={data}", "data.eval_fraction=0",
+                                                              "ref_cache=false"]))
+        return res, losses(res.run_dir, "loss/train"), load_file(str(res.model_dir / "adapter_model.safetensors"))
+
+    cfg = load_config(sft.SFTConfig, None, [f"model.name_or_path={tiny_model_dir}", MIXED, "model.lora=true"])
+    model, _, _ = prepare_model(cfg.model)
+    assert {m.base_layer.weight.dtype for m in lora_layers(model)} == {torch.bfloat16}
+    res32, loss32, ad32 = run("float32")
+    res16, loss16, ad16 = run("auto")
+    assert loss16 == loss32 and len(loss16) == 3
+    assert ad16.keys() == ad32.keys() and all(torch.equal(ad16[k], ad32[k]) for k in ad16)
+    want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(res32.model_dir))
+    want = want.merge_and_unload().state_dict()
+    got = load_file(str(res16.run_dir / "model-merged" / "model.safetensors"))
+    assert all(got[k].dtype == torch.float32 and torch.equal(got[k], want[k]) for k in got)
 
 
 def test_inference_load_is_bf16_and_merged(tiny_model_dir, tmp_path):

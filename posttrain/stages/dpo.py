@@ -216,7 +216,7 @@ def train(cfg: DPOConfig, data: PreferenceData | None = None) -> DPOResult:
     # ---------------------------------------------------------------- setup
     run_dir = engine.setup_run(cfg.output_dir, "dpo", cfg, [s.path for s in cfg.data.train + cfg.data.eval])
     engine.seed_everything(cfg.seed)
-    model, tok, dtype = prepare_model(cfg.model)
+    model, tok, dtype = prepare_model(cfg.model, lower_frozen=cfg.parallel != "fsdp")
     if data is None:
         data = load_preference_data(tok, cfg.data, cfg.seed)
     pad = tok.pad_token_id

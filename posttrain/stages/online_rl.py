@@ -372,7 +372,7 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
     stage = {"group": "grpo", "rloo": "rloo", "gae": "ppo"}[cfg.advantage]
     run_dir = engine.setup_run(cfg.output_dir, stage, cfg, [s.path for s in cfg.data.train + cfg.data.eval])
     engine.seed_everything(cfg.seed)
-    model, tok, dtype = prepare_model(cfg.model)
+    model, tok, dtype = prepare_model(cfg.model, lower_frozen=cfg.parallel != "fsdp")
     bad = BadRows(skip=cfg.data.skip_bad_rows)
     prompts = load_prompts(tok, cfg.data.train, cfg.data.max_length, cfg.data.too_long, bad)
     eval_prompts = load_prompts(tok, cfg.data.eval, cfg.data.max_length, cfg.data.too_long, bad)

@@ -85,7 +85,7 @@ def train(cfg: SFTConfig, data: SFTData | None = None) -> SFTResult:
     # ---------------------------------------------------------------- setup
     run_dir = engine.setup_run(cfg.output_dir, "sft", cfg, [s.path for s in cfg.data.train + cfg.data.eval])
     engine.seed_everything(cfg.seed)
-    model, tok, dtype = prepare_model(cfg.model)
+    model, tok, dtype = prepare_model(cfg.model, lower_frozen=cfg.parallel != "fsdp")
     trainable_params, total_params = count_parameters(model)
     if data is None:
         data = load_sft_data(tok, cfg.data, cfg.seed)
