@@ -42,8 +42,6 @@ VARIANTS: dict[str, tuple[tuple[str, ...] | None, dict, dict]] = {
     "bs2": (SFT_ONLY, {}, {"cold_start": {"batch_size": 2, "max_steps": 480}}),
     "bs1": (SFT_ONLY, {}, {"cold_start": {"batch_size": 1, "max_steps": 960}}),
     "bs2-lr1e-4": (SFT_ONLY, {}, {"cold_start": {"batch_size": 2, "max_steps": 480, "lr": 1.0e-4}}),
-    # room for longer worked solutions (GCD with its remainders worked in columns)
-    "long": (SFT_ONLY, {}, {"cold_start": {"data.max_length": 704}, "after_sft": {"max_new_tokens": 672}}),
     "2pass": (SFT_ONLY, {}, {"cold_start": {"max_steps": 240}}),
     "data2x": (SFT_ONLY, {"n_train": 480}, {"cold_start": {"max_steps": 240}}),
     "data4x": (SFT_ONLY, {"n_train": 960}, {"cold_start": {"max_steps": 480}}),

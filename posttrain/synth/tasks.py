@@ -268,20 +268,6 @@ def division_line(n: int, d: int) -> str:
     return f"{n} / {d} = {q}, {q} * {d} = {q * d}, remainder {n} - {q * d} = {n - q * d}."
 
 
-def euclid_step(n: int, d: int) -> str:
-    """One step of Euclid's algorithm: the division of :func:`division_line`, its remainder
-    worked out with the subtraction task's columns when both numbers have several digits
-    (``276 / 72 = 3, 3 * 72 = 216, remainder 276 - 216:`` then the columns, then ``So 276 -
-    216 = 60.``)."""
-    q = n // d
-    p = q * d
-    if p == n or (n < 10 and p < 10):
-        return division_line(n, d)
-    work, _ = solve_subtraction(n, p)
-    work = "\n".join(work.split("\n")[2:])  # the columns, without the place-value lines
-    return f"{n} / {d} = {q}, {q} * {d} = {p}, remainder {n} - {p}:\n{work}\nSo {n} - {p} = {n - p}."
-
-
 def solve_division(n: int, d: int) -> tuple[str, int]:
     """Long division of ``n >= d > 0`` by ``d`` (exact), one line per quotient digit, as taught
     in school: the leading digits that reach ``d`` first, then ``Bring down 8: ...`` for each
@@ -362,7 +348,7 @@ def gcd_problem(rng: random.Random, split: str) -> Problem:
         lines = [f"Use Euclid's algorithm on {hi} and {lo}."]
         x, y = hi, lo
         while y:
-            lines.append(euclid_step(x, y))
+            lines.append(division_line(x, y))
             x, y = y, x % y
         lines.append(f"The last non-zero remainder is {x}.")
         assert x == __import__("math").gcd(a, b)
