@@ -486,9 +486,13 @@ def prepare_model(cfg: ModelConfig, device: torch.device | str = "cpu", lower_fr
             model.enable_input_require_grads()
     if cfg.lora and not hasattr(model, "peft_config"):
         model = apply_lora(model, cfg)
-    if cfg.lora and lower_frozen and cfg.lora_base_dtype == "auto" and precision.autocast is not None:
-        store_frozen_base(model, precision.autocast)
+    _lower_frozen_base(model, cfg, precision, lower_frozen)
     return model, tok, precision
+
+
+def _lower_frozen_base(model, cfg: ModelConfig, precision: Precision, allowed: bool) -> None:
+    if cfg.lora and allowed and cfg.lora_base_dtype == "auto" and precision.autocast is not None:
+        store_frozen_base(model, precision.autocast)
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -520,7 +524,7 @@ def distinct_pad_token(tok) -> None:
             return
 
 
-def prepare_scoring_model(cfg: ModelConfig, kind: str, device: torch.device | str = "cpu"):
+def prepare_scoring_model(cfg: ModelConfig, kind: str, device: torch.device | str = "cpu", lower_frozen: bool = True):
     """(model, tokenizer, :class:`Precision`): an LM backbone with a fresh scalar head, as ``cfg`` says.
 
     ``kind='sequence'``: ``AutoModelForSequenceClassification`` with one label (outcome reward
@@ -552,6 +556,7 @@ def prepare_scoring_model(cfg: ModelConfig, kind: str, device: torch.device | st
                           target_modules=cfg.lora_target_modules or lora_targets(model),
                           task_type="SEQ_CLS" if kind == "sequence" else "TOKEN_CLS", bias="none")
         model = get_peft_model(model, lcfg)
+    _lower_frozen_base(model, cfg, precision, lower_frozen)  # as prepare_model
     return model, tok, precision
 
 

@@ -159,7 +159,7 @@ def test_decode_copy_follows_the_weights_in_bf16(tiny_model_dir, base_dtype):
     assert len(copies) == 1  # made once, refreshed in place
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", "dpo", "rm"])
 def test_frozen_base_in_bf16_changes_nothing(tiny_model_dir, tmp_path, stage):
     """LoRA under mixed precision with the frozen projections stored in bf16 (the default)
     trains to exactly the same adapter weights and losses as with them in float32 (autocast
@@ -172,7 +172,7 @@ def test_frozen_base_in_bf16_changes_nothing(tiny_model_dir, tmp_path, stage):
     from transformers import AutoModelForCausalLM
 
     from posttrain.models import lora_layers, prepare_model
-    from posttrain.stages import dpo, sft
+    from posttrain.stages import dpo, reward, sft
 
     def run(base_dtype):
         common = [f"model.name_or_path={tiny_model_dir}", f"output_dir={tmp_path / base_dtype}", MIXED,
@@ -186,8 +186,12 @@ def test_frozen_base_in_bf16_changes_nothing(tiny_model_dir, tmp_path, stage):
             data = write_jsonl(tmp_path / "pairs.jsonl", [
                 {"prompt": f"What is {i} + {i}?", "chosen": f"{2 * i}", "rejected": f"{2 * i + 1}, I think"}
                 for i in range(8)])
-            res = dpo.train(load_config(dpo.DPOConfig, None, [*common, f"data.train={data}", "data.eval_fraction=0",
-                                                              "ref_cache=false"]))
+            extra = [f"data.train={data}", "data.eval_fraction=0"]
+            if stage == "dpo":
+                res = dpo.train(load_config(dpo.DPOConfig, None, [*common, *extra, "ref_cache=false"]))
+            else:  # the reward model is saved merged: compare the merged exports
+                res = reward.train(load_config(reward.RewardConfig, None, [*common[:-1], *extra]))
+                return res, losses(res.run_dir, "loss/train"), load_file(str(res.model_dir / "model.safetensors"))
         return res, losses(res.run_dir, "loss/train"), load_file(str(res.model_dir / "adapter_model.safetensors"))
 
     cfg = load_config(sft.SFTConfig, None, [f"model.name_or_path={tiny_model_dir}", MIXED, "model.lora=true"])
@@ -197,6 +201,8 @@ def test_frozen_base_in_bf16_changes_nothing(tiny_model_dir, tmp_path, stage):
     res16, loss16, ad16 = run("auto")
     assert loss16 == loss32 and len(loss16) == 3
     assert ad16.keys() == ad32.keys() and all(torch.equal(ad16[k], ad32[k]) for k in ad16)
+    if stage == "rm":
+        return
     want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(res32.model_dir))
     want = want.merge_and_unload().state_dict()
     got = load_file(str(res16.run_dir / "model-merged" / "model.safetensors"))

@@ -111,7 +111,7 @@ def train(cfg: PRMConfig) -> PRMResult:
     # ---------------------------------------------------------------- setup
     run_dir = engine.setup_run(cfg.output_dir, "prm", cfg, [s.path for s in cfg.data.train + cfg.data.eval])
     engine.seed_everything(cfg.seed)
-    model, tok, dtype = prepare_scoring_model(cfg.model, "token")
+    model, tok, dtype = prepare_scoring_model(cfg.model, "token", lower_frozen=cfg.parallel != "fsdp")
     train_ex, eval_ex, bad = load_step_data(tok, cfg)
     pad = tok.pad_token_id
     batches = engine.EpochBatches([len(e.input_ids) for e in train_ex], cfg.batch_size, cfg.seed)

@@ -172,7 +172,7 @@ def train(cfg: RewardConfig, data: PreferenceData | None = None) -> RewardResult
     # ---------------------------------------------------------------- setup
     run_dir = engine.setup_run(cfg.output_dir, "rm", cfg, [s.path for s in cfg.data.train + cfg.data.eval])
     engine.seed_everything(cfg.seed)
-    model, tok, dtype = prepare_scoring_model(cfg.model, "sequence")
+    model, tok, dtype = prepare_scoring_model(cfg.model, "sequence", lower_frozen=cfg.parallel != "fsdp")
     if data is None:
         data = load_preference_data(tok, cfg.data, cfg.seed)
     pad = tok.pad_token_id
