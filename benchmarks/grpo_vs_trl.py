@@ -155,8 +155,8 @@ def run_posttrain(spec: dict) -> dict:
     real_merge = rollout.generation_model
 
     @contextlib.contextmanager
-    def timed_merge(model, dtype=None):  # merging the LoRA adapters in (and refreshing the decoding copy)
-        t = time.perf_counter()                 # before rollout.sample generates, and out after
+    def timed_merge(model, dtype=None):  # refreshing the decoding copy, LoRA adapters merged into it
+        t = time.perf_counter()                 # before rollout.sample generates (no unmerge after)
         with real_merge(model, dtype) as merged:
             parts["merge"] += time.perf_counter() - t
             yield merged
@@ -471,7 +471,7 @@ def print_table(s: dict) -> None:
               f"  {r['basis']}")
     print("  (generate / ref pass / rest: means over the window steps 2..N of all steps, rest = s/step(all) - both)")
     if runs.get("posttrain", {}).get("window_lora_merge_s_per_step") is not None:
-        print(f"  posttrain's generate includes merging the LoRA adapters in and out: "
+        print(f"  posttrain's generate includes refreshing the decoding copy (LoRA merged into it): "
               f"{runs['posttrain']['window_lora_merge_s_per_step']:.2f} s/step")
     for name, t in s["targets"].items():
         verdict = "info" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
