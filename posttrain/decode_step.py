@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 ARCHS = {"llama", "qwen2"}
-_ATTR = "_posttrain_fused"
+ATTR = "_posttrain_fused"
 
 
 def _linear(mod, lora_as_base: bool = False):
@@ -98,7 +98,7 @@ def _fuse_params(params: list[torch.nn.Parameter], memo: dict, dtype: torch.dtyp
 
 
 def attach(copy_model, fused) -> None:
-    setattr(copy_model, _ATTR, fused)
+    setattr(copy_model, ATTR, fused)
 
 
 def fuse_in_place(model) -> bool:
@@ -129,12 +129,12 @@ class FusedDecoder:
     @classmethod
     def build(cls, model, cache):
         """A decoder for ``model`` (a fused decoding copy) or None (use HF's forward)."""
-        if cache is None or getattr(model, _ATTR, None) is None or not supported(model):
+        if cache is None or getattr(model, ATTR, None) is None or not supported(model):
             return None
         if not all(getattr(layer, "preallocated", False) for layer in getattr(cache, "layers", [None])):
             return None
         layers = []
-        for layer, fused in zip(model.model.layers, getattr(model, _ATTR)):
+        for layer, fused in zip(model.model.layers, getattr(model, ATTR)):
             at, mlp = layer.self_attn, layer.mlp
             # an adapter active and unmerged since the fusion: HF's forward
             if any(_linear(m) is None for m in (at.q_proj, at.k_proj, at.v_proj, mlp.gate_proj, mlp.up_proj)):

@@ -197,12 +197,60 @@ def decode_copy(model, dtype: torch.dtype):
         if fused is not None:
             decode_step.attach(copy_, fused)
         copy_.requires_grad_(False)
-        entry = (dtype, copy_, pairs)
+        entry = (dtype, copy_, pairs, {})
         _DECODE_COPIES[base] = entry
+    _restore_storage(entry)
     with torch.no_grad():
         for src, dst, layer in entry[2]:
             dst.copy_(merged_weight(src, layer))
     return entry[1]
+
+
+def _copy_tensors(copy_) -> tuple[list[torch.nn.Parameter], list]:
+    fused = getattr(copy_, decode_step.ATTR, None) or []
+    return list(dict.fromkeys(copy_.parameters())), fused
+
+
+def release_decode_copy(model) -> None:
+    """Free the weights of ``model``'s decoding copy between rollouts, keeping its structure:
+    the training passes that follow a rollout can then reuse that memory (2 bytes a parameter
+    in bf16) instead of adding their activations on top of it. :func:`decode_copy` allocates
+    them again, in the same layout (tied weights tied, fused q/k/v and gate/up views of one
+    tensor each), before refreshing them."""
+    entry = _DECODE_COPIES.get(unwrap_peft(model))
+    if entry is None or entry[3].get("layout") is not None:
+        return
+    params, fused = _copy_tensors(entry[1])
+    tensors = params + [t for group in fused for t in group if t is not None]
+    if any(t.dtype != entry[0] for t in tensors):
+        return
+    storages: dict[int, tuple[int, int]] = {}
+    layout = []
+    for t in tensors:
+        st = t.untyped_storage()
+        index, _ = storages.setdefault(st.data_ptr(), (len(storages), st.nbytes()))
+        layout.append((index, t.storage_offset(), tuple(t.shape), t.stride()))
+    sizes = dict(storages.values())
+    shape = [tuple(t is not None for t in group) for group in fused]
+    for p in params:
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+    decode_step.attach(entry[1], [tuple(None for _ in group) for group in fused])
+    entry[3]["layout"] = (sizes, layout, len(params), shape, params[0].device)
+
+
+def _restore_storage(entry) -> None:
+    """Undo :func:`release_decode_copy` (new, uninitialised storage in the old layout)."""
+    kept = entry[3].pop("layout", None)
+    if kept is None:
+        return
+    sizes, layout, n_params, shape, device = kept
+    item = torch.empty(0, dtype=entry[0]).element_size()
+    bufs = {i: torch.empty(nbytes // item, dtype=entry[0], device=device) for i, nbytes in sizes.items()}
+    tensors = iter([bufs[i].as_strided(size, stride, offset) for i, offset, size, stride in layout])
+    params, _ = _copy_tensors(entry[1])
+    for p in params[:n_params]:
+        p.data = next(tensors)
+    decode_step.attach(entry[1], [tuple(next(tensors) if present else None for present in group) for group in shape])
 
 
 @torch.no_grad()
@@ -238,7 +286,10 @@ def generation_model(model, dtype: torch.dtype | None = None):
     if low and dtype is None:
         dtype = getattr(model, "posttrain_autocast", None) or layers[0].base_layer.weight.dtype
     if dtype is not None and (dtype != next(model.parameters()).dtype or low) and merges_by_delta(model):
-        yield decode_copy(model, dtype)
+        try:
+            yield decode_copy(model, dtype)
+        finally:
+            release_decode_copy(model)
         return
     merge = bool(getattr(model, "peft_config", None) and hasattr(model, "merge_adapter"))
     if merge:

@@ -105,7 +105,8 @@ def test_decode_copy_follows_the_weights_in_bf16(tiny_model_dir, base_dtype):
     """Under mixed precision the rollout decodes from a bf16 copy of the current LoRA-merged
     weights, refreshed on every rollout (a training step in between is seen), with tied
     weights still tied and buffers in float32; it decodes exactly like a bf16 cast of the
-    merged model (peft's own merge), and the trained weights are never touched. With the
+    merged model (peft's own merge), and the trained weights are never touched; the copy's
+    weights are freed after each rollout and made again for the next. With the
     frozen projections stored in bf16 (``store_frozen_base``) the same, from those weights."""
     import copy
 
@@ -146,8 +147,11 @@ def test_decode_copy_follows_the_weights_in_bf16(tiny_model_dir, base_dtype):
             assert set(merged) == {n for n, _ in gen.named_parameters()}
             for n, p in gen.named_parameters():
                 assert torch.equal(p, merged[n]), n
+            at = gen.model.layers[0].self_attn  # fused q/k/v: views of one tensor, also when made again
+            assert at.q_proj.weight.untyped_storage().data_ptr() == at.v_proj.weight.untyped_storage().data_ptr()
             got = decode(gen.eval(), ids, mask, 6, eos=-1, pad=0)
         assert torch.equal(got, want)
+        assert all(p.numel() == 0 for p in gen.parameters())  # weights freed between rollouts
         for n, p in model.named_parameters():  # the trained weights are untouched
             assert p.requires_grad == ("lora_" in n)
             assert p.dtype == (torch.bfloat16 if "base_layer" in n and base_dtype == "bfloat16" else torch.float32)
