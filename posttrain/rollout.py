@@ -166,10 +166,11 @@ def decode_copy(model, dtype: torch.dtype):
     """A plain copy of ``model`` in ``dtype`` for decoding, its LoRA adapters merged into the
     copy's weights (the trained model itself is never changed).
 
-    Made once per model and refreshed in place on every call (one cast-copy of the weights,
-    ~0.1 s for 135M parameters; for an adapted projection ``W + B A s`` computed in float32,
-    then cast), so a training loop pays for the second copy's memory (2 bytes a parameter in
-    bf16) once. peft's LoRA layers become their plain base layers in the copy (no adapter
+    Made once per model and refreshed on every call (one cast-copy of the weights, ~0.1 s for
+    135M parameters; for an adapted projection ``W + B A s`` computed in float32, then cast);
+    :func:`generation_model` frees its weights after each rollout
+    (:func:`release_decode_copy`), so the training passes between rollouts reuse that memory
+    (2 bytes a parameter in bf16) and only the structure is kept. peft's LoRA layers become their plain base layers in the copy (no adapter
     bookkeeping per decoding step); buffers (rotary frequencies) stay as they are, and tied
     parameters stay tied: the copy is a ``deepcopy`` whose memo maps each parameter to its cast.
     Why: on a CPU with fast bf16, decoding reads every weight per token, and reading bf16 ones
