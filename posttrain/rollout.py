@@ -207,9 +207,9 @@ def decode_copy(model, dtype: torch.dtype):
     return entry[1]
 
 
-def _copy_tensors(copy_) -> tuple[list[torch.nn.Parameter], list]:
-    fused = getattr(copy_, decode_step.ATTR, None) or []
-    return list(dict.fromkeys(copy_.parameters())), fused
+def _copy_tensors(copy_) -> tuple[list[torch.nn.Parameter], list | None]:
+    """The copy's unique parameters and its fused q/k/v, gate/up tensors (None: not fused)."""
+    return list(dict.fromkeys(copy_.parameters())), getattr(copy_, decode_step.ATTR, None)
 
 
 def release_decode_copy(model) -> None:
@@ -222,7 +222,7 @@ def release_decode_copy(model) -> None:
     if entry is None or entry[3].get("layout") is not None:
         return
     params, fused = _copy_tensors(entry[1])
-    tensors = params + [t for group in fused for t in group if t is not None]
+    tensors = params + [t for group in fused or [] for t in group if t is not None]
     if any(t.dtype != entry[0] for t in tensors):
         return
     storages: dict[int, tuple[int, int]] = {}
@@ -232,10 +232,11 @@ def release_decode_copy(model) -> None:
         index, _ = storages.setdefault(st.data_ptr(), (len(storages), st.nbytes()))
         layout.append((index, t.storage_offset(), tuple(t.shape), t.stride()))
     sizes = dict(storages.values())
-    shape = [tuple(t is not None for t in group) for group in fused]
+    shape = None if fused is None else [tuple(t is not None for t in group) for group in fused]
     for p in params:
         p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-    decode_step.attach(entry[1], [tuple(None for _ in group) for group in fused])
+    if fused is not None:
+        decode_step.attach(entry[1], [tuple(None for _ in group) for group in fused])
     entry[3]["layout"] = (sizes, layout, len(params), shape, params[0].device)
 
 
@@ -251,7 +252,9 @@ def _restore_storage(entry) -> None:
     params, _ = _copy_tensors(entry[1])
     for p in params[:n_params]:
         p.data = next(tensors)
-    decode_step.attach(entry[1], [tuple(next(tensors) if present else None for present in group) for group in shape])
+    if shape is not None:
+        decode_step.attach(entry[1], [tuple(next(tensors) if present else None for present in group)
+                                      for group in shape])
 
 
 @torch.no_grad()

@@ -100,8 +100,8 @@ def test_online_rl_mixed_precision(tiny_model_dir, tmp_path, cls, extra):
         assert all(math.isfinite(x) for x in losses(res.run_dir, "loss/value"))
 
 
-@pytest.mark.parametrize("base_dtype", ["float32", "bfloat16"])
-def test_decode_copy_follows_the_weights_in_bf16(tiny_model_dir, base_dtype):
+@pytest.mark.parametrize("base_dtype,fused", [("float32", True), ("bfloat16", True), ("bfloat16", False)])
+def test_decode_copy_follows_the_weights_in_bf16(tiny_model_dir, base_dtype, fused, monkeypatch):
     """Under mixed precision the rollout decodes from a bf16 copy of the current LoRA-merged
     weights, refreshed on every rollout (a training step in between is seen), with tied
     weights still tied and buffers in float32; it decodes exactly like a bf16 cast of the
@@ -117,6 +117,8 @@ def test_decode_copy_follows_the_weights_in_bf16(tiny_model_dir, base_dtype):
     from posttrain.models import Precision, set_precision, store_frozen_base
     from posttrain.rollout import decode, decode_dtype, generation_model
 
+    if not fused:  # HF's forward decodes (no fused q/k/v views to free and make again)
+        monkeypatch.setenv("POSTTRAIN_FUSED_DECODE", "0")
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                            LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "up_proj"]))
     set_precision(model, Precision(torch.float32, torch.bfloat16))
@@ -148,7 +150,8 @@ def test_decode_copy_follows_the_weights_in_bf16(tiny_model_dir, base_dtype):
             for n, p in gen.named_parameters():
                 assert torch.equal(p, merged[n]), n
             at = gen.model.layers[0].self_attn  # fused q/k/v: views of one tensor, also when made again
-            assert at.q_proj.weight.untyped_storage().data_ptr() == at.v_proj.weight.untyped_storage().data_ptr()
+            same = at.q_proj.weight.untyped_storage().data_ptr() == at.v_proj.weight.untyped_storage().data_ptr()
+            assert same == fused and hasattr(gen, "_posttrain_fused") == fused
             got = decode(gen.eval(), ids, mask, 6, eos=-1, pad=0)
         assert torch.equal(got, want)
         assert all(p.numel() == 0 for p in gen.parameters())  # weights freed between rollouts
