@@ -154,10 +154,11 @@ def _active_adapters(layer) -> list[str]:
     return [a for a in layer.active_adapters if a in layer.lora_A]
 
 
-def merges_by_delta(model) -> bool:
+def merges_by_delta(model, layers: list | None = None) -> bool:
     """Whether every LoRA layer of ``model`` merges as ``W + get_delta_weight`` (plain LoRA on a
-    linear layer; DoRA and other variants do not)."""
-    layers = lora_layers(unwrap_peft(model))
+    linear layer; DoRA and other variants do not); ``layers``: its :func:`lora_layers`, when
+    already at hand."""
+    layers = lora_layers(unwrap_peft(model)) if layers is None else layers
     n_lora = sum(1 for m in unwrap_peft(model).modules() if hasattr(m, "lora_A"))
     return len(layers) == n_lora and not any(any(getattr(m, "use_dora", {}).values()) for m in layers)
 
@@ -170,9 +171,10 @@ def decode_copy(model, dtype: torch.dtype):
     135M parameters; for an adapted projection ``W + B A s`` computed in float32, then cast);
     :func:`generation_model` frees its weights after each rollout
     (:func:`release_decode_copy`), so the training passes between rollouts reuse that memory
-    (2 bytes a parameter in bf16) and only the structure is kept. peft's LoRA layers become their plain base layers in the copy (no adapter
-    bookkeeping per decoding step); buffers (rotary frequencies) stay as they are, and tied
-    parameters stay tied: the copy is a ``deepcopy`` whose memo maps each parameter to its cast.
+    (2 bytes a parameter in bf16) and only the structure is kept. peft's LoRA layers become
+    their plain base layers in the copy (no adapter bookkeeping per decoding step); buffers
+    (rotary frequencies) stay as they are, and tied parameters stay tied: the copy is a
+    ``deepcopy`` whose memo maps each parameter to its cast.
     Why: on a CPU with fast bf16, decoding reads every weight per token, and reading bf16 ones
     made a decoding step ~1.9x faster than float32 (``benchmarks/precision_probe.py``), while
     training under mixed precision already computes its forward passes in bf16. For the
@@ -184,7 +186,8 @@ def decode_copy(model, dtype: torch.dtype):
     if entry is None or entry[0] != dtype:
         memo: dict = {}
         fused = decode_step.fuse_into(base, memo, dtype, lora_as_base=True)  # q/k/v, gate/up: views of one tensor each
-        delta_of = {id(layer.base_layer.weight): layer for layer in lora_layers(base)}
+        adapted = lora_layers(base)
+        delta_of = {id(layer.base_layer.weight): layer for layer in adapted}
         pairs = []
         for name, p in base.named_parameters():
             if "lora_" in name:  # adapters: merged into the copy's weights at each refresh
@@ -192,7 +195,7 @@ def decode_copy(model, dtype: torch.dtype):
             if id(p) not in memo:
                 memo[id(p)] = torch.nn.Parameter(torch.empty_like(p, dtype=dtype), requires_grad=False)
             pairs.append((p, memo[id(p)], delta_of.get(id(p))))
-        for layer in lora_layers(base):  # each LoRA layer becomes (a copy of) its plain base layer
+        for layer in adapted:  # each LoRA layer becomes (a copy of) its plain base layer
             memo[id(layer)] = copy.deepcopy(layer.base_layer, memo)
         copy_ = copy.deepcopy(base, memo)
         if fused is not None:
@@ -289,7 +292,7 @@ def generation_model(model, dtype: torch.dtype | None = None):
     low = any(m.base_layer.weight.dtype != torch.float32 for m in layers)
     if low and dtype is None:
         dtype = getattr(model, "posttrain_autocast", None) or layers[0].base_layer.weight.dtype
-    if dtype is not None and (dtype != next(model.parameters()).dtype or low) and merges_by_delta(model):
+    if dtype is not None and (dtype != next(model.parameters()).dtype or low) and merges_by_delta(model, layers):
         try:
             yield decode_copy(model, dtype)
         finally:
