@@ -105,7 +105,7 @@ def posttrain_overrides(spec: dict) -> list[str]:
         f"output_dir={spec['out_dir']}", f"max_steps={spec['steps']}", f"batch_size={spec['batch_size']}",
         f"lr={spec['lr']}", f"beta={spec['beta']}", "loss_type=sigmoid", f"warmup_ratio={WARMUP_RATIO}",
         "schedule=linear", f"ref_batch_size={REF_BATCH_SEQS}", "ref_cache=false", "seed=0", "tensorboard=false",
-        "eval_every=0", "save_every=0", "merge_lora=false",
+        "eval_every=0", "save_every=0", "merge_lora=false", *spec.get("extra", []),
     ]
 
 
@@ -352,6 +352,8 @@ def parse_args(argv=None):
     p.add_argument("--trl-default-malloc", action="store_true",
                    help="run TRL with glibc's default malloc settings instead of the ones posttrain applies "
                         "to itself (posttrain.allocator)")
+    p.add_argument("--posttrain-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra posttrain config override (repeatable), e.g. share_prefix=false")
     p.add_argument("--only", choices=["posttrain", "trl", "trl_live_ref"], action="append",
                    help="run only these (repeatable)")
     p.add_argument("--json", default=str(C.RESULTS / "dpo_vs_trl.json"), help="where to write the summary")
@@ -399,7 +401,7 @@ def main(argv=None) -> int:
           f"{a.steps} batches of {a.batch_size} pairs, padding {1 - real / padded:.1%}", flush=True)
 
     plan = [
-        ("posttrain", run_posttrain, {**base}),
+        ("posttrain", run_posttrain, {**base, "extra": a.posttrain_set}),
         ("trl", run_trl, {**base, "order": order, "pt_tokens": pt_tokens, "precompute": True,
                           "settings": dict(TRL_FAST), "keep_freed_memory": not a.trl_default_malloc}),
     ]
@@ -498,7 +500,8 @@ def summarize(a, results, mach, git, started, n, real, padded) -> dict:
                    "data": str(DATA.relative_to(C.ROOT)), "quick": a.quick,
                    "posttrain_tokens": {"non_padding": real, "padded": padded,
                                         "padding_share": round(1 - real / padded, 4)},
-                   "trl_settings": C.resolve_trl_settings(TRL_FAST), "ref_batch_sequences": REF_BATCH_SEQS},
+                   "trl_settings": C.resolve_trl_settings(TRL_FAST), "ref_batch_sequences": REF_BATCH_SEQS,
+                   "posttrain_set": a.posttrain_set},
         "paired_quiet_steps": paired, "runs": runs, "targets": targets,
     }
 

@@ -63,17 +63,34 @@ def token_logprobs(
     hidden = final_hidden_states(model, decoder, input_ids, attention_mask, position_ids, causal_lm=True)  # (B, T, H)
     targets = labels[:, 1:]  # (B, T-1)
     select = targets != IGNORE
-    h = hidden[:, :-1][select]  # (N, H): states that predict a target
+    # (N, H): the states that predict a target
+    return _states_logprobs(model, head, hidden[:, :-1][select], targets[select], temperature, extras)
+
+
+def indexed_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     position_ids: torch.Tensor | None, sources: torch.Tensor, targets: torch.Tensor,
+                     temperature: float = 1.0) -> torch.Tensor:
+    """``(N,)`` log-probs of ``targets``, each predicted by the hidden state at flat position
+    ``sources[i]`` of the ``(B, T)`` batch; several targets may share a state (the last token of
+    a prefix shared by two continuations predicts the first token of each).
+    ``attention_mask`` may be a ``(B, 1, T, T)`` boolean mask (True: the key is seen)."""
+    decoder, head = decoder_and_head(model)
+    hidden = final_hidden_states(model, decoder, input_ids, attention_mask, position_ids, causal_lm=True)
+    return _states_logprobs(model, head, hidden.flatten(0, 1)[sources], targets, temperature, ())
+
+
+def _states_logprobs(model, head, h, targets, temperature, extras):
+    """The LM head and log-softmax on the selected states ``h`` ``(N, H)`` (see token_logprobs)."""
     want_entropy = "entropy" in extras
     for name in extras:
         if name not in ("entropy", "hidden"):
             raise ValueError(f"unknown extra {name!r} (entropy, hidden)")
     if isinstance(head, torch.nn.Linear):
         # mixed precision: the head's matmuls run in bf16 too (the softmax sums stay fp32)
-        lp, ent = head_logprobs(h, gathered(head.weight), gathered(head.bias), targets[select], temperature,
+        lp, ent = head_logprobs(h, gathered(head.weight), gathered(head.bias), targets, temperature,
                                 want_entropy, compute_dtype=getattr(model, "posttrain_autocast", None))
     else:  # a wrapped head (e.g. LoRA on lm_head): plain autograd over the full logits
-        lp, ent = _full_head_logprobs(head(h).float(), targets[select], temperature, want_entropy)
+        lp, ent = _full_head_logprobs(head(h).float(), targets, temperature, want_entropy)
     if not extras:
         return lp
     return (lp, *[ent if name == "entropy" else h for name in extras])

@@ -435,12 +435,33 @@ def store_frozen_base(model, dtype: torch.dtype) -> int:
     (:func:`posttrain.rollout.decode_copy`), never in place into these weights.
     """
     n = 0
+    lowered = set()
     for layer in lora_layers(model):
         w = layer.base_layer.weight
         if not w.requires_grad and w.dtype != dtype:
             w.data = w.data.to(dtype)
+            lowered.add(id(w))
             n += w.numel()
+    if n:
+        _own_memory(model, skip=lowered)
     return n
+
+
+def _own_memory(model, skip: set[int] = frozenset()) -> None:
+    """Copy ``model``'s parameters and buffers (but those in ``skip``) into memory of their own.
+
+    transformers loads safetensors weights as views of the file's memory map, and the map (all
+    of the file's pages read, counted in the resident set) lives while any view does. Once
+    :func:`store_frozen_base` replaced most weights, the embeddings and norms still hold the whole
+    map: the embedded model kept 505 MB of file pages resident for 113 MB of weights."""
+    with torch.no_grad():
+        for p in model.parameters():  # each tied parameter once
+            if id(p) not in skip:
+                p.data = p.data.clone()
+        for mod in model.modules():
+            for name, b in mod._buffers.items():
+                if b is not None:
+                    mod._buffers[name] = b.clone()
 
 
 def merged_for_export(model):

@@ -239,3 +239,33 @@ def test_inference_load_is_bf16_and_merged(tiny_model_dir, tmp_path):
     assert all(b.dtype == torch.float32 for b in m.buffers())
     torch.testing.assert_close(m(input_ids=x).logits.float(), want, rtol=0.05, atol=0.05)
     assert next(load_model(tmp_path / "adapter", "float32", inference=True).parameters()).dtype == torch.float32
+
+
+def test_frozen_base_in_bf16_releases_the_checkpoint_map(tiny_model_dir):
+    """transformers loads weights as views of the safetensors file's memory map; once the frozen
+    projections are stored in bf16, no parameter or buffer may still point into that map (it
+    would keep the whole file's pages resident: 505 MB for the embedded model's 113 MB of
+    embeddings)."""
+    import re
+    from pathlib import Path
+
+    import torch
+
+    from posttrain.models import ModelConfig, prepare_model
+
+    def mapped_ranges():
+        out = []
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            if line.endswith(".safetensors") and str(tiny_model_dir) in line:
+                lo, hi = (int(x, 16) for x in re.match(r"([0-9a-f]+)-([0-9a-f]+)", line).groups())
+                out.append((lo, hi))
+        return out
+
+    if not Path("/proc/self/maps").exists():
+        pytest.skip("needs /proc/self/maps (Linux)")
+    model, _, _ = prepare_model(ModelConfig(name_or_path=str(tiny_model_dir), dtype="bf16-mixed", lora=True,
+                                            lora_r=4))
+    tensors = [*model.parameters(), *model.buffers()]
+    assert any(t.dtype == torch.bfloat16 for t in tensors)  # the frozen base was lowered
+    inside = [t.shape for t in tensors for lo, hi in mapped_ranges() if lo <= t.data_ptr() < hi]
+    assert not inside

@@ -173,6 +173,57 @@ def test_sequence_logprobs_sum_token_logprobs(tiny_model_dir):
     assert counts.tolist() == [3, 4]
 
 
+def _pair(ids_c, ids_r, prompt_len):
+    from posttrain.data.preference import PreferencePair
+    from posttrain.data.tokenize import IGNORE, TokenizedExample
+
+    ex = lambda ids: TokenizedExample(ids, [IGNORE] * prompt_len + ids[prompt_len:], "x")
+    return PreferencePair(ex(ids_c), ex(ids_r), 0.0, 1.0, 1.0, "x")
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_shared_prefix_batch_equals_two_sequences(tiny_model_dir, lora):
+    """A pair packed as prefix + chosen suffix + rejected suffix gives the log-prob sums, counts
+    and gradients of the chosen and rejected sequences run on their own."""
+    from posttrain.data.preference import collate_shared_prefix, shared_prefix_length
+    from posttrain.models import ModelConfig, prepare_model
+    from posttrain.stages.dpo import pair_batch, pair_logprob_sums
+
+    pairs = [
+        _pair([5, 17, 200, 31, 2, 40, 41, 42, 2], [5, 17, 200, 31, 2, 40, 43, 44, 45, 46, 2], 4),  # shared start
+        _pair([5, 17, 9, 300, 301, 2], [5, 17, 9, 500, 2], 3),  # only the prompt shared
+        _pair([7, 8, 9, 10, 11], [7, 8, 9, 10, 11, 12, 13], 2),  # chosen is a prefix of rejected
+        _pair([7, 8, 9, 60, 61], [7, 8, 9, 60, 61], 3),  # identical sides
+    ]
+    assert [shared_prefix_length(p.chosen, p.rejected) for p in pairs] == [6, 3, 5, 5]
+    packed = collate_shared_prefix(pairs, 0)
+    assert packed["input_ids"].shape == (4, 14) and packed["n_tokens"] == 14 + 8 + 7 + 5
+    assert packed["input_ids"][0].tolist() == [5, 17, 200, 31, 2, 40, 41, 42, 2, 43, 44, 45, 46, 2]
+    assert packed["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 6, 7, 8, 9, 10]
+    seen = packed["attention_mask"][0, 0]
+    assert seen[9, :6].all() and not seen[9, 6:9].any() and seen[9, 9]  # rejected suffix: prefix + itself
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir), dtype="float32", lora=lora, lora_r=4, lora_dropout=0.0)
+    results = []
+    for share in (False, True):
+        torch.manual_seed(0)
+        model, _, _ = prepare_model(cfg)
+        if lora:  # non-zero adapters, so the adapted path is exercised
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if "lora_B" in n:
+                        p.normal_(0, 0.1)
+        sums, counts = pair_logprob_sums(model, pair_batch(pairs, 0, share), "cpu")
+        (sums * torch.arange(1.0, 9.0)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((sums.detach(), counts, grads))
+    (s0, c0, g0), (s1, c1, g1) = results
+    torch.testing.assert_close(s1, s0, atol=1e-5, rtol=1e-5)
+    assert c1.tolist() == c0.tolist() == [5, 3, 3, 2, 7, 2, 5, 2]
+    assert g0.keys() == g1.keys() and g0
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-5 * float(g0[n].abs().max()), rtol=1e-4, msg=n)
+
+
 # --------------------------------------------------------------------------- cross-checks against TRL
 
 

@@ -34,10 +34,9 @@ import torch
 from posttrain import distributed, engine
 from posttrain.config import ConfigError, doc
 from posttrain.data.dataset import PreferenceData, load_preference_data
-from posttrain.data.preference import PreferencePair
-from posttrain.data.tokenize import collate_pad
+from posttrain.data.preference import PreferencePair, collate_pairs, collate_shared_prefix
 from posttrain.log import is_main_process, log
-from posttrain.logprobs import sequence_logprobs
+from posttrain.logprobs import indexed_logprobs, sequence_logprobs
 from posttrain.losses import DPO_LOSSES, dpo_loss
 from posttrain.models import count_parameters, load_model, posttrain_home, prepare_model, resolve_model_path
 
@@ -57,6 +56,9 @@ class DPOConfig(engine.TrainConfig):
     ref_model: str = doc("Reference model (empty = the starting policy; under LoRA, adapters disabled).", "")
     ref_batch_size: int = doc("Sequences per forward pass when computing reference log-probs.", 16)
     ref_cache: bool = doc("Cache reference log-probs on disk (keyed by model and data fingerprints).", True)
+    share_prefix: bool = doc("Run each pair as one sequence, the prefix its chosen and rejected sides share (the "
+                             "prompt and any identical start of the responses) computed once, each response seeing "
+                             "only the prefix and itself; the same log-probs as two sequences.", True)
 
     def validate(self) -> None:
         super().validate()
@@ -77,17 +79,28 @@ class DPOResult:
     eval: dict[str, float]
 
 
-def pair_batch(pairs: list[PreferencePair], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch of ``2B`` rows, chosen sides first, then rejected; plus pair fields."""
-    batch = collate_pad([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
-    batch["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
-    batch["weight"] = torch.tensor([p.weight for p in pairs], dtype=torch.float32)
-    batch["label"] = torch.tensor([p.label for p in pairs], dtype=torch.float32)
-    return batch
+def pair_batch(pairs: list[PreferencePair], pad_id: int, share_prefix: bool = False) -> dict[str, torch.Tensor]:
+    """A micro-batch of pairs: one row per pair with the shared prefix once
+    (:func:`~posttrain.data.preference.collate_shared_prefix`), or ``2B`` padded rows."""
+    return collate_shared_prefix(pairs, pad_id) if share_prefix else collate_pairs(pairs, pad_id)
 
 
-def model_inputs(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
+def pair_logprob_sums(model, batch: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(2B,)`` summed completion log-probs (chosen sides first) and ``(2B,)`` target counts of
+    a :func:`pair_batch`, in either layout."""
+    if "sources" not in batch:
+        return sequence_logprobs(model, {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")})
+    lp = indexed_logprobs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                          batch["position_ids"].to(device), batch["sources"].to(device), batch["targets"].to(device))
+    row = batch["sources"].to(device) // batch["input_ids"].shape[1]
+    side = batch["side"].to(device)
+    n = batch["input_ids"].shape[0]
+    sums, counts = [], []
+    for own in (1, 2):  # a prefix target (side 0) counts for both
+        keep = side != 3 - own
+        sums.append(torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add(0, row[keep], lp[keep]))
+        counts.append(torch.bincount(row[keep], minlength=n))
+    return torch.cat(sums), torch.cat(counts)
 
 
 # --------------------------------------------------------------------------- reference log-probs
@@ -103,7 +116,7 @@ def data_fingerprint(pairs: list[PreferencePair]) -> str:
 
 @torch.no_grad()
 def pair_logprobs(model, pairs: list[PreferencePair], batch_size: int, pad_id: int, device,
-                  desc: str = "reference log-probs") -> torch.Tensor:
+                  desc: str = "reference log-probs", share_prefix: bool = False) -> torch.Tensor:
     """``(P, 2)`` summed completion log-probs (chosen, rejected) of every pair, dropout off.
 
     Under several processes each rank computes its share and the shares are gathered."""
@@ -117,7 +130,7 @@ def pair_logprobs(model, pairs: list[PreferencePair], batch_size: int, pad_id: i
         task = bar.add_task(desc, total=len(order), status="")
         for s in range(0, len(order), per):
             idx = order[s : s + per]
-            sums, _ = sequence_logprobs(model, model_inputs(pair_batch([pairs[i] for i in idx], pad_id), device))
+            sums, _ = pair_logprob_sums(model, pair_batch([pairs[i] for i in idx], pad_id, share_prefix), device)
             out[idx] = sums.float().cpu().view(2, -1).T
             bar.update(task, advance=len(idx))
     model.train(was_training)
@@ -142,13 +155,13 @@ def reference_logprobs(cfg: DPOConfig, policy, pairs: list[PreferencePair], pad_
     t0 = time.perf_counter()
     if cfg.ref_model:
         ref = load_model(cfg.ref_model, dtype, device)
-        out = pair_logprobs(ref, pairs, cfg.ref_batch_size, pad_id, device)
+        out = pair_logprobs(ref, pairs, cfg.ref_batch_size, pad_id, device, share_prefix=cfg.share_prefix)
         del ref
     elif hasattr(policy, "disable_adapter"):  # LoRA: the base weights are the reference
         with policy.disable_adapter():
-            out = pair_logprobs(policy, pairs, cfg.ref_batch_size, pad_id, device)
+            out = pair_logprobs(policy, pairs, cfg.ref_batch_size, pad_id, device, share_prefix=cfg.share_prefix)
     else:  # full fine-tuning: the starting weights, before any update
-        out = pair_logprobs(policy, pairs, cfg.ref_batch_size, pad_id, device)
+        out = pair_logprobs(policy, pairs, cfg.ref_batch_size, pad_id, device, share_prefix=cfg.share_prefix)
     log(f"reference log-probs of {len(pairs)} pairs in {time.perf_counter() - t0:.1f} s")
     if cfg.ref_cache and is_main_process():
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +177,7 @@ def reference_logprobs(cfg: DPOConfig, policy, pairs: list[PreferencePair], pad_
 def batch_loss(cfg: DPOConfig, model, batch: dict[str, torch.Tensor], ref: torch.Tensor, device
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO loss of one micro-batch and its per-pair statistics (detached)."""
-    sums, counts = sequence_logprobs(model, model_inputs(batch, device))
+    sums, counts = pair_logprob_sums(model, batch, device)
     n = sums.shape[0] // 2
     chosen, rejected = sums[:n], sums[n:]
     ref = ref.to(device=device, dtype=sums.dtype)
@@ -195,7 +208,7 @@ def evaluate(cfg: DPOConfig, model, pairs: list[PreferencePair], ref: torch.Tens
     mine = distributed.eval_shard(list(range(len(pairs))))
     for s in range(0, len(mine), per):
         idx = mine[s : s + per]
-        batch = pair_batch([pairs[i] for i in idx], pad_id)
+        batch = pair_batch([pairs[i] for i in idx], pad_id, cfg.share_prefix)
         loss, st = batch_loss(cfg, model, batch, ref[idx], device)
         w = float(batch["weight"].sum())
         total += float(loss) * w
@@ -244,14 +257,14 @@ def train(cfg: DPOConfig, data: PreferenceData | None = None) -> DPOResult:
             step_weight = sum(data.train[i].weight for idx in micro for i in idx)
             loss_value, tokens, stats = 0.0, 0, []
             for idx, w in distributed.local_micro_batches(micro):
-                batch = pair_batch([data.train[i] for i in idx], pad)
+                batch = pair_batch([data.train[i] for i in idx], pad, cfg.share_prefix)
                 loss, st = batch_loss(cfg, t.model, batch, ref_train[idx], t.device)
                 # each micro-batch's weighted mean, rescaled so the step is one weighted mean
                 loss = loss * (w * float(batch["weight"].sum()) / step_weight)
                 t.backward(loss)
                 loss_value += float(loss.detach())
                 if w:  # (w = 0: an FSDP rank's placeholder, see posttrain.distributed)
-                    tokens += int(batch["attention_mask"].sum())
+                    tokens += batch["n_tokens"]
                     stats.append(st)
             grad_norm = t.step(cfg.max_grad_norm)
             dt = time.perf_counter() - t0
