@@ -67,16 +67,16 @@ def token_logprobs(
     return _states_logprobs(model, head, hidden[:, :-1][select], targets[select], temperature, extras)
 
 
-def indexed_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                     position_ids: torch.Tensor | None, sources: torch.Tensor, targets: torch.Tensor,
-                     temperature: float = 1.0) -> torch.Tensor:
-    """``(N,)`` log-probs of ``targets``, each predicted by the hidden state at flat position
-    ``sources[i]`` of the ``(B, T)`` batch; several targets may share a state (the last token of
-    a prefix shared by two continuations predicts the first token of each).
-    ``attention_mask`` may be a ``(B, 1, T, T)`` boolean mask (True: the key is seen)."""
+def packed_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0, extras: tuple[str, ...] = ()):
+    """:func:`token_logprobs` of a prefix-shared batch
+    (:func:`~posttrain.data.tokenize.collate_shared_prefix`): each distinct target computed once,
+    returned per example in ``member_targets`` order (extras likewise)."""
     decoder, head = decoder_and_head(model)
-    hidden = final_hidden_states(model, decoder, input_ids, attention_mask, position_ids, causal_lm=True)
-    return _states_logprobs(model, head, hidden.flatten(0, 1)[sources], targets, temperature, ())
+    hidden = final_hidden_states(model, decoder, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+                                 causal_lm=True)
+    out = _states_logprobs(model, head, hidden.flatten(0, 1)[batch["sources"]], batch["targets"], temperature, extras)
+    index = batch["member_targets"]
+    return out[index] if not extras else tuple(x[index] for x in out)
 
 
 def _states_logprobs(model, head, h, targets, temperature, extras):
@@ -277,8 +277,10 @@ def head_logprobs(h, weight, bias, targets, temperature: float = 1.0, want_entro
     return lp, ent
 
 
-def batch_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
-    """:func:`token_logprobs` for a collated batch dict (``pad`` or ``flatten`` layout)."""
+def batch_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0, extras: tuple[str, ...] = ()):
+    """:func:`token_logprobs` for a collated batch dict (``pad``, ``flatten`` or prefix-shared layout)."""
+    if "sources" in batch:
+        return packed_logprobs(model, batch, temperature, extras)
     return token_logprobs(
         model,
         batch["input_ids"],
@@ -286,6 +288,7 @@ def batch_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1
         attention_mask=batch.get("attention_mask"),
         position_ids=batch.get("position_ids"),
         temperature=temperature,
+        extras=extras,
     )
 
 
@@ -295,13 +298,18 @@ def num_targets(labels: torch.Tensor) -> int:
 
 def sequence_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row sums of target log-probs and target counts, each ``(B,)``, for a padded batch.
+    """Per-sequence sums of target log-probs and target counts, each ``(B,)``, for a padded batch
+    (a sequence per row) or a prefix-shared one (a sequence per member, in member order).
 
-    ``sum_t log p(y_t | y_<t)`` over each row's target tokens: the sequence log-likelihood
-    of a completion (DPO, reference log-probs, judges).
+    ``sum_t log p(y_t | y_<t)`` over each sequence's target tokens: the log-likelihood of a
+    completion (DPO, reference log-probs, judges).
     """
     lp = batch_logprobs(model, batch, temperature)  # (N,)
-    select = batch["labels"][:, 1:] != IGNORE  # (B, T-1)
-    rows = select.nonzero()[:, 0]  # row of each target, in the same row-major order as lp
-    sums = torch.zeros(select.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)
-    return sums, select.sum(1)
+    if "member_of" in batch:
+        rows, n = batch["member_of"], int(batch["members"])
+    else:
+        select = batch["labels"][:, 1:] != IGNORE  # (B, T-1)
+        rows = select.nonzero()[:, 0]  # row of each target, in the same row-major order as lp
+        n = select.shape[0]
+    sums = torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)
+    return sums, torch.bincount(rows, minlength=n)

@@ -496,6 +496,40 @@ def test_micro_batches_sum_to_the_whole_batch_update(tiny_model_dir, prompt_file
             torch.testing.assert_close(runs[micro][1][k], weights[k], rtol=0, atol=5e-5)
 
 
+@pytest.mark.parametrize("estimator", ["grpo", "ppo"])
+def test_shared_prompt_rows_change_nothing(tiny_model_dir, prompt_file, tmp_path, estimator, monkeypatch):
+    """The completions of a prompt packed into one row, the prompt once (share_prefix, the
+    default), train to the weights of padded rows, one completion each (GRPO with a KL term and
+    two passes; PPO with its value head on the shared backbone)."""
+    from safetensors.torch import load_file
+
+    from posttrain.stages import online_rl
+
+    cls = online_rl.GRPOConfig if estimator == "grpo" else online_rl.PPOConfig
+    rows = []  # (members, rows) of each packed micro-batch
+    real = online_rl.collate_shared_prefix
+
+    def spy(examples, groups, pad_id):
+        rows.append((len(examples), len(set(groups))))
+        return real(examples, groups, pad_id)
+
+    monkeypatch.setattr(online_rl, "collate_shared_prefix", spy)
+    runs = {}
+    for share in (True, False):
+        args = ("max_steps=2", "sample_every=0", "micro_batch_size=3", "beta=0.1", "num_iterations=2",
+                f"share_prefix={str(share).lower()}", *(["group_size=2"] if estimator == "ppo" else []))
+        res = online_rl.train(rl_cfg(cls, tiny_model_dir, prompt_file, tmp_path / f"s{share}", *args), [e_fraction])
+        m = [r for r in engine.read_metrics(res.run_dir) if "reward/mean" in r]
+        runs[share] = ([r["train/grad_norm"] for r in m], [r["reward/mean"] for r in m],
+                       load_file(str(res.model_dir / "model.safetensors")))
+    (n1, r1, w1), (n0, r0, w0) = runs[True], runs[False]
+    assert rows and any(m > r for m, r in rows)  # some rows held several completions
+    assert r1 == r0  # the same rollouts
+    assert n1 == pytest.approx(n0, rel=1e-4)
+    for k in w0:
+        torch.testing.assert_close(w1[k], w0[k], rtol=0, atol=5e-5)
+
+
 def test_by_length_orders_shortest_first():
     from posttrain.data.tokenize import TokenizedExample
     from posttrain.stages.online_rl import by_length, chunks

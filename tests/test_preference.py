@@ -185,7 +185,7 @@ def _pair(ids_c, ids_r, prompt_len):
 def test_shared_prefix_batch_equals_two_sequences(tiny_model_dir, lora):
     """A pair packed as prefix + chosen suffix + rejected suffix gives the log-prob sums, counts
     and gradients of the chosen and rejected sequences run on their own."""
-    from posttrain.data.preference import collate_shared_prefix, shared_prefix_length
+    from posttrain.data.tokenize import collate_shared_prefix, shared_prefix_length
     from posttrain.models import ModelConfig, prepare_model
     from posttrain.stages.dpo import pair_batch, pair_logprob_sums
 
@@ -195,8 +195,8 @@ def test_shared_prefix_batch_equals_two_sequences(tiny_model_dir, lora):
         _pair([7, 8, 9, 10, 11], [7, 8, 9, 10, 11, 12, 13], 2),  # chosen is a prefix of rejected
         _pair([7, 8, 9, 60, 61], [7, 8, 9, 60, 61], 3),  # identical sides
     ]
-    assert [shared_prefix_length(p.chosen, p.rejected) for p in pairs] == [6, 3, 5, 5]
-    packed = collate_shared_prefix(pairs, 0)
+    assert [shared_prefix_length([p.chosen, p.rejected]) for p in pairs] == [6, 3, 5, 5]
+    packed = collate_shared_prefix([p.chosen for p in pairs] + [p.rejected for p in pairs], [0, 1, 2, 3] * 2, 0)
     assert packed["input_ids"].shape == (4, 14) and packed["n_tokens"] == 14 + 8 + 7 + 5
     assert packed["input_ids"][0].tolist() == [5, 17, 200, 31, 2, 40, 41, 42, 2, 43, 44, 45, 46, 2]
     assert packed["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 6, 7, 8, 9, 10]

@@ -242,76 +242,21 @@ def tokenize_pair(tok, rec: PreferenceRecord, max_length: int, too_long: str,
 # --------------------------------------------------------------------------- batches
 
 
-def collate_pairs(pairs: list[PreferencePair], pad_id: int) -> dict[str, Any]:
-    """Right-padded batch of ``2B`` rows, chosen sides first, then rejected (plus pair fields)."""
+def collate_pairs(pairs: list[PreferencePair], pad_id: int, share_prefix: bool = False) -> dict[str, Any]:
+    """A micro-batch of pairs: ``2B`` right-padded rows, chosen sides first, then rejected; or with
+    ``share_prefix`` one row per pair, the prefix both sides share once
+    (:func:`~posttrain.data.tokenize.collate_shared_prefix`, members in the same order). Plus the
+    pair fields ``margin``, ``weight``, ``label`` and ``n_tokens`` (positions computed)."""
     import torch
 
-    from posttrain.data.tokenize import collate_pad
+    from posttrain.data.tokenize import collate_pad, collate_shared_prefix
 
-    batch = collate_pad([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
-    batch["n_tokens"] = int(batch["attention_mask"].sum())
-    return _pair_fields(batch, pairs, torch)
-
-
-def shared_prefix_length(a: TokenizedExample, b: TokenizedExample) -> int:
-    """Number of leading tokens equal in id and label in ``a`` and ``b``: the prompt, and the
-    identical start of the two responses where they have one."""
-    n = min(len(a.input_ids), len(b.input_ids))
-    i = 0
-    while i < n and a.input_ids[i] == b.input_ids[i] and a.labels[i] == b.labels[i]:
-        i += 1
-    return i
-
-
-def collate_shared_prefix(pairs: list[PreferencePair], pad_id: int) -> dict[str, Any]:
-    """One row per pair, ``prefix + chosen suffix + rejected suffix``, the shared prefix
-    (:func:`shared_prefix_length`) once (prefix sharing for DPO, as in Wang et al. 2024).
-
-    Each suffix continues the prefix's positions and attends to the prefix and to itself,
-    never to the other suffix (``attention_mask`` is a ``(B, 1, T, T)`` boolean mask), so every
-    token sees exactly what it sees in its own sequence. ``sources`` (flat indices into the
-    ``(B, T)`` batch) and ``targets`` list every target token of both sides with the position
-    whose hidden state predicts it; a target inside the prefix is listed once for both sides
-    (``side`` 0), the others for the chosen (1) or rejected (2) side. The last prefix token
-    predicts the first token of both suffixes (two entries with the same source).
-    """
-    import torch
-
-    from posttrain.data.tokenize import IGNORE
-
-    rows, sources, targets, side = [], [], [], []
-    for c, r in ((p.chosen, p.rejected) for p in pairs):
-        L, nc = shared_prefix_length(c, r), len(c.input_ids)
-        rows.append((c.input_ids + r.input_ids[L:], list(range(nc)) + list(range(L, len(r.input_ids))),
-                     [0] * L + [1] * (nc - L) + [2] * (len(r.input_ids) - L)))
-        row_sources = [(t - 1, c.labels[t], 0 if t < L else 1) for t in range(1, nc) if c.labels[t] != IGNORE]
-        # the rejected suffix sits after the chosen one: position p >= L is at p + (nc - L)
-        row_sources += [(t - 1 if t - 1 < L else t - 1 + nc - L, r.labels[t], 2)
-                        for t in range(max(L, 1), len(r.input_ids)) if r.labels[t] != IGNORE]
-        sources.append(row_sources)
-    width = max(len(ids) for ids, _, _ in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    pos = torch.zeros((len(rows), width), dtype=torch.long)
-    seg = torch.full((len(rows), width), -1, dtype=torch.long)
-    flat_src = []
-    for b, ((row_ids, row_pos, row_seg), row_sources) in enumerate(zip(rows, sources)):
-        n = len(row_ids)
-        ids[b, :n], pos[b, :n], seg[b, :n] = torch.tensor(row_ids), torch.tensor(row_pos), torch.tensor(row_seg)
-        for s, tgt, sd in row_sources:
-            flat_src.append(b * width + s)
-            targets.append(tgt)
-            side.append(sd)
-    q = torch.arange(width)
-    seg_q, seg_k = seg[:, :, None], seg[:, None, :]
-    mask = (q[:, None] >= q[None, :]) & (seg_k >= 0) & (seg_q >= 0) & ((seg_k == 0) | (seg_k == seg_q))
-    mask |= torch.eye(width, dtype=torch.bool)  # a padding position sees itself: no empty softmax row
-    batch = {"input_ids": ids, "position_ids": pos, "attention_mask": mask[:, None],
-             "sources": torch.tensor(flat_src, dtype=torch.long), "targets": torch.tensor(targets, dtype=torch.long),
-             "side": torch.tensor(side, dtype=torch.long), "n_tokens": int((seg >= 0).sum())}
-    return _pair_fields(batch, pairs, torch)
-
-
-def _pair_fields(batch: dict[str, Any], pairs: list[PreferencePair], torch) -> dict[str, Any]:
+    sides = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    if share_prefix:
+        batch = collate_shared_prefix(sides, list(range(len(pairs))) * 2, pad_id)
+    else:
+        batch = collate_pad(sides, pad_id)
+        batch["n_tokens"] = int(batch["attention_mask"].sum())
     batch["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
     batch["weight"] = torch.tensor([p.weight for p in pairs], dtype=torch.float32)
     batch["label"] = torch.tensor([p.label for p in pairs], dtype=torch.float32)

@@ -223,6 +223,78 @@ def collate_pad(examples: list[TokenizedExample], pad_id: int, pad_to_multiple_o
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def shared_prefix_length(examples: list[TokenizedExample]) -> int:
+    """Number of leading tokens equal in id and label in all ``examples``: their prompt, and the
+    identical start of their responses where they have one."""
+    first, n = examples[0], min(len(e.input_ids) for e in examples)
+    i = 0
+    while i < n and all(e.input_ids[i] == first.input_ids[i] and e.labels[i] == first.labels[i] for e in examples):
+        i += 1
+    return i
+
+
+def collate_shared_prefix(examples: list[TokenizedExample], groups: list[int], pad_id: int) -> dict[str, Any]:
+    """Prefix sharing: one row per group (the examples with the same ``groups`` value, e.g. a
+    DPO pair's two sides or the completions of one prompt), the prefix they all share
+    (:func:`shared_prefix_length`) once, then each member's suffix.
+
+    Each suffix continues the prefix's positions and attends to the prefix and to itself, never
+    to another member (``attention_mask`` is a ``(B, 1, T, T)`` boolean mask, True where a key is
+    seen): every token sees what it sees in its own sequence, so the log-probs are those of
+    separate rows (Wang et al. 2024, "Accelerating Direct Preference Optimization with Prefix
+    Sharing"). Targets: ``sources`` (flat indices into the ``(B, T)`` batch: the position whose
+    state predicts the token) and ``targets``, each distinct one once (a target inside the shared
+    prefix serves every member; the last prefix token predicts the first token of each suffix);
+    ``member_targets`` lists every example's targets, example after example in the given order,
+    as indices into them, and ``member_of`` the example of each; ``members``: the number of
+    examples; ``n_tokens``: positions computed.
+    """
+    rows: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        rows.setdefault(g, []).append(i)
+    row_ids, row_pos, row_seg, slot_of = [], [], [], {}
+    for members in rows.values():
+        L = shared_prefix_length([examples[i] for i in members])
+        ids, pos, seg = list(examples[members[0]].input_ids[:L]), list(range(L)), [0] * L
+        for k, i in enumerate(members):
+            e, start = examples[i], len(ids)
+            # where each position of example i sits in the row: the prefix, then its own suffix
+            slot_of[i] = (len(row_ids), L, start - L)
+            ids += e.input_ids[L:]
+            pos += range(L, len(e.input_ids))
+            seg += [k + 1] * (len(e.input_ids) - L)
+        row_ids.append(ids)
+        row_pos.append(pos)
+        row_seg.append(seg)
+    width = max(len(r) for r in row_ids)
+    unique: dict[tuple[int, int], int] = {}
+    member_targets, member_of = [], []
+    for i, e in enumerate(examples):
+        row, L, shift = slot_of[i]
+        for t in range(1, len(e.input_ids)):
+            if e.labels[t] != IGNORE:
+                src = row * width + (t - 1 if t - 1 < L else t - 1 + shift)
+                member_targets.append(unique.setdefault((src, e.labels[t]), len(unique)))
+                member_of.append(i)
+    B = len(row_ids)
+    ids_t = torch.full((B, width), pad_id, dtype=torch.long)
+    pos_t = torch.zeros((B, width), dtype=torch.long)
+    seg_t = torch.full((B, width), -1, dtype=torch.long)
+    for b in range(B):
+        n = len(row_ids[b])
+        ids_t[b, :n], pos_t[b, :n], seg_t[b, :n] = (torch.tensor(x) for x in (row_ids[b], row_pos[b], row_seg[b]))
+    q = torch.arange(width)
+    seg_q, seg_k = seg_t[:, :, None], seg_t[:, None, :]
+    mask = (q[:, None] >= q[None, :]) & (seg_k >= 0) & (seg_q >= 0) & ((seg_k == 0) | (seg_k == seg_q))
+    mask |= torch.eye(width, dtype=torch.bool)  # a padding position sees itself: no empty softmax row
+    src_tgt = torch.tensor(list(unique), dtype=torch.long).reshape(-1, 2)
+    return {"input_ids": ids_t, "position_ids": pos_t, "attention_mask": mask[:, None],
+            "sources": src_tgt[:, 0].contiguous(), "targets": src_tgt[:, 1].contiguous(),
+            "member_targets": torch.tensor(member_targets, dtype=torch.long),
+            "member_of": torch.tensor(member_of, dtype=torch.long), "members": torch.tensor(len(examples)),
+            "n_tokens": int((seg_t >= 0).sum())}
+
+
 def collate_flatten(examples: list[TokenizedExample]) -> dict[str, Any]:
     """Padding-free batch: all sequences in one row (1, sum T_i) with restarting position_ids.
 

@@ -34,9 +34,9 @@ import torch
 from posttrain import distributed, engine
 from posttrain.config import ConfigError, doc
 from posttrain.data.dataset import PreferenceData, load_preference_data
-from posttrain.data.preference import PreferencePair, collate_pairs, collate_shared_prefix
+from posttrain.data.preference import PreferencePair, collate_pairs
 from posttrain.log import is_main_process, log
-from posttrain.logprobs import indexed_logprobs, sequence_logprobs
+from posttrain.logprobs import sequence_logprobs
 from posttrain.losses import DPO_LOSSES, dpo_loss
 from posttrain.models import count_parameters, load_model, posttrain_home, prepare_model, resolve_model_path
 
@@ -80,27 +80,16 @@ class DPOResult:
 
 
 def pair_batch(pairs: list[PreferencePair], pad_id: int, share_prefix: bool = False) -> dict[str, torch.Tensor]:
-    """A micro-batch of pairs: one row per pair with the shared prefix once
-    (:func:`~posttrain.data.preference.collate_shared_prefix`), or ``2B`` padded rows."""
-    return collate_shared_prefix(pairs, pad_id) if share_prefix else collate_pairs(pairs, pad_id)
+    """A micro-batch of pairs (:func:`~posttrain.data.preference.collate_pairs`)."""
+    return collate_pairs(pairs, pad_id, share_prefix)
 
 
 def pair_logprob_sums(model, batch: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(2B,)`` summed completion log-probs (chosen sides first) and ``(2B,)`` target counts of
     a :func:`pair_batch`, in either layout."""
-    if "sources" not in batch:
-        return sequence_logprobs(model, {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")})
-    lp = indexed_logprobs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                          batch["position_ids"].to(device), batch["sources"].to(device), batch["targets"].to(device))
-    row = batch["sources"].to(device) // batch["input_ids"].shape[1]
-    side = batch["side"].to(device)
-    n = batch["input_ids"].shape[0]
-    sums, counts = [], []
-    for own in (1, 2):  # a prefix target (side 0) counts for both
-        keep = side != 3 - own
-        sums.append(torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add(0, row[keep], lp[keep]))
-        counts.append(torch.bincount(row[keep], minlength=n))
-    return torch.cat(sums), torch.cat(counts)
+    keys = [k for k in ("input_ids", "attention_mask", "labels", "position_ids", "sources", "targets",
+                        "member_targets", "member_of", "members") if k in batch]
+    return sequence_logprobs(model, {k: batch[k].to(device) for k in keys})
 
 
 # --------------------------------------------------------------------------- reference log-probs

@@ -52,9 +52,9 @@ from posttrain.advantages import gae, group_advantages, process_advantages, rloo
 from posttrain.config import ConfigError, doc
 from posttrain.data.formats import PromptRecord, to_prompt_record
 from posttrain.data.loading import BadRowError, BadRows, iter_rows
-from posttrain.data.tokenize import IGNORE, TokenizedExample, collate_pad
+from posttrain.data.tokenize import IGNORE, TokenizedExample, collate_pad, collate_shared_prefix
 from posttrain.log import log
-from posttrain.logprobs import token_logprobs
+from posttrain.logprobs import batch_logprobs
 from posttrain.losses import aggregate, clipped_value_loss, grpo_loss, kl_estimate
 from posttrain.models import (
     autocast,
@@ -106,6 +106,9 @@ class RLConfig(engine.TrainConfig):
     minibatch_size: int = doc("Completions per optimizer step (0 = the whole rollout batch).", 0)
     micro_batch_size: int = doc("Completions per forward/backward pass, shortest first: peak memory grows "
                                 "with it (~2.4 MB a token for a 135M model in fp32).", 4)
+    share_prefix: bool = doc("Run the completions of one prompt in a micro-batch as one sequence, their prompt "
+                             "(and any identical start) computed once, each completion seeing only the prompt and "
+                             "itself; the same log-probs as separate rows (not with critic=separate).", True)
     clip_eps: float = doc("Clip range ε of the importance ratio.", 0.2)
     clip_eps_high: float = doc("Upper clip range (DAPO clip-higher; 0 = same as clip_eps).", 0.0)
     loss_agg: str = doc("Token aggregation: seq_mean (GRPO), token_mean (DAPO), constant (Dr. GRPO).", "seq_mean")
@@ -231,8 +234,7 @@ class Policy:
         self.cfg, self.model, self.value_head, self.ref_model = cfg, model, value_head, ref_model
 
     def forward(self, model, batch, extras=()):
-        return token_logprobs(model, batch["input_ids"], batch["labels"], batch["attention_mask"],
-                              temperature=self.cfg.sampling.temperature or 1.0, extras=extras)
+        return batch_logprobs(model, batch, temperature=self.cfg.sampling.temperature or 1.0, extras=extras)
 
     @torch.no_grad()
     def reference_logprobs(self, batch) -> torch.Tensor:
@@ -267,6 +269,18 @@ class Critic(torch.nn.Module):
 def completion_examples(roll: Rollout) -> list[TokenizedExample]:
     """Prompt + completion with labels on the completion tokens only."""
     return [TokenizedExample(p + c, [IGNORE] * len(p) + c, "") for p, c in zip(roll.prompt_ids, roll.completion_ids)]
+
+
+def micro_batch(examples: list[TokenizedExample], idx: list[int], group_size: int, pad_id: int, device) -> dict:
+    """Completions ``idx`` as one micro-batch on ``device``: with ``group_size`` G, one row per
+    prompt (completion i belongs to prompt i // G; prefix sharing), else padded rows."""
+    chosen = [examples[i] for i in idx]
+    if group_size:
+        b = collate_shared_prefix(chosen, [i // group_size for i in idx], pad_id)
+    else:
+        b = collate_pad(chosen, pad_id)
+        b["n_tokens"] = int(b["attention_mask"].sum())
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
 
 
 def chunks(idx: list[int], size: int) -> list[list[int]]:
@@ -397,6 +411,8 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
         value_head = Critic(model.config.hidden_size, dtype.weights, backbone)
     policy = Policy(cfg, model, value_head, ref_model)
     G = cfg.group_size
+    # a separate critic reads its own padded rows; one completion per prompt has nothing to share
+    share_prefix = cfg.share_prefix and G > 1 and not (value_head is not None and value_head.backbone is not None)
     batches = engine.EpochBatches([len(p.ids) for p in prompts], cfg.batch_size, cfg.seed)
     total_steps = cfg.total_steps(batches.per_epoch)
     n_completions = cfg.batch_size * G
@@ -449,6 +465,7 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
             msgs = [p.record.messages for p in batch_prompts]
             examples = completion_examples(roll)
             lengths = [len(c) for c in roll.completion_ids]
+
             # 3. no-grad pass: sampling-policy log-probs, reference log-probs, values
             need_old = cfg.num_iterations > 1 or cfg.advantage == "gae" or mb < n_completions
             old: dict[str, torch.Tensor] = {}
@@ -459,8 +476,7 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                 with torch.no_grad():
                     for idx, _ in distributed.even_chunks(by_length(list(range(len(examples))), examples),
                                                          cfg.micro_batch_size):
-                        b = {k: v.to(t.device) for k, v in collate_pad([examples[i] for i in idx],
-                                                                        tok.pad_token_id).items()}
+                        b = micro_batch(examples, idx, G if share_prefix else 0, tok.pad_token_id, t.device)
                         sizes = [lengths[i] for i in idx]
                         if need_old:
                             lp, h = policy.forward(t.model, b, extras=("hidden",))
@@ -498,8 +514,7 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                     mb_seqs, mb_tokens = len(mb_idx), sum(lengths[i] for i in mb_idx)
                     for idx, w in distributed.even_chunks(by_length([i for i in mb_idx if trained[i]], examples),
                                                          cfg.micro_batch_size):
-                        b = {k: v.to(t.device) for k, v in collate_pad([examples[i] for i in idx],
-                                                                        tok.pad_token_id).items()}
+                        b = micro_batch(examples, idx, G if share_prefix else 0, tok.pad_token_id, t.device)
                         extras = ("entropy", "hidden") if value_head is not None else ("entropy",)
                         lp, ent, *h = policy.forward(t.model, b, extras=extras)
                         seq = torch.repeat_interleave(torch.arange(len(idx)), torch.tensor([lengths[i] for i in idx]))
@@ -529,7 +544,7 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                             if x is not None and w:
                                 acc[key] += float(x.detach().float().sum())
                                 acc[key + "#n"] += x.numel()
-                        train_tokens += int(b["attention_mask"].sum()) if w else 0
+                        train_tokens += b["n_tokens"] if w else 0
                     grad_norm = t.step(cfg.max_grad_norm)
                     n_updates += 1
             t_train = time.perf_counter() - t_train
