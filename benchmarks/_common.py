@@ -273,10 +273,16 @@ def machine() -> dict[str, object]:
 def _child(fn, spec: dict, conn) -> None:
     """Body of a benchmark subprocess: send ``fn(spec)``, or the error and traceback, to the parent."""
     try:
-        if spec.get("keep_freed_memory"):  # posttrain's process-level malloc settings, for a peer's run too
-            from posttrain.allocator import keep_freed_memory
+        # posttrain's process-level malloc settings and kernel-cache caps (set by ``import posttrain``
+        # in the parent and inherited), for a peer's run too; without them the peer runs as shipped
+        from posttrain.allocator import KERNEL_CACHE_CAPACITY, keep_freed_memory
 
+        if spec.get("keep_freed_memory"):
             spec = {**spec, "keep_freed_memory": keep_freed_memory()}
+        elif "keep_freed_memory" in spec:  # a peer's run, asked to go without them
+            for var in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+                if os.environ.get(var) == KERNEL_CACHE_CAPACITY:
+                    del os.environ[var]
         conn.send(fn(spec))
     except BaseException as e:  # noqa: BLE001 - report any failure to the parent
         import traceback

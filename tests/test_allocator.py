@@ -42,3 +42,16 @@ def test_freed_blocks_are_reused_without_page_faults():
     off, faults_default = _probe(POSTTRAIN_KEEP_FREED_MEMORY="0")
     assert not off
     assert faults_default > 30_000  # glibc's default: every large block is a fresh mmap
+
+
+def test_import_caps_the_cpu_kernel_caches_unless_set():
+    """``import posttrain`` caps oneDNN's primitive cache and ideep's LRU cache (one entry per
+    matmul shape each), leaving a value the user set alone."""
+    from posttrain.allocator import KERNEL_CACHE_CAPACITY
+
+    code = "import os, posttrain; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'], os.environ['LRU_CACHE_CAPACITY'])"
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    run = lambda **extra: subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True,
+                                         text=True, check=True).stdout.split()
+    assert run() == [KERNEL_CACHE_CAPACITY, KERNEL_CACHE_CAPACITY]
+    assert run(LRU_CACHE_CAPACITY="7") == [KERNEL_CACHE_CAPACITY, "7"]

@@ -233,7 +233,8 @@ def shared_prefix_length(examples: list[TokenizedExample]) -> int:
     return i
 
 
-def collate_shared_prefix(examples: list[TokenizedExample], groups: list[int], pad_id: int) -> dict[str, Any]:
+def collate_shared_prefix(examples: list[TokenizedExample], groups: list[int], pad_id: int,
+                          pad_to_multiple_of: int = 1) -> dict[str, Any]:
     """Prefix sharing: one row per group (the examples with the same ``groups`` value, e.g. a
     DPO pair's two sides or the completions of one prompt), the prefix they all share
     (:func:`shared_prefix_length`) once, then each member's suffix.
@@ -266,7 +267,7 @@ def collate_shared_prefix(examples: list[TokenizedExample], groups: list[int], p
         row_ids.append(ids)
         row_pos.append(pos)
         row_seg.append(seg)
-    width = max(len(r) for r in row_ids)
+    width = -(-max(len(r) for r in row_ids) // pad_to_multiple_of) * pad_to_multiple_of
     unique: dict[tuple[int, int], int] = {}
     member_targets, member_of = [], []
     for i, e in enumerate(examples):

@@ -271,14 +271,20 @@ def completion_examples(roll: Rollout) -> list[TokenizedExample]:
     return [TokenizedExample(p + c, [IGNORE] * len(p) + c, "") for p, c in zip(roll.prompt_ids, roll.completion_ids)]
 
 
+#: Micro-batch rows are padded to a multiple of this many tokens, so that the shapes of the matmuls
+#: repeat from step to step and the CPU kernel caches stay small (posttrain.allocator.limit_kernel_caches).
+ROW_MULTIPLE = 32
+
+
 def micro_batch(examples: list[TokenizedExample], idx: list[int], group_size: int, pad_id: int, device) -> dict:
     """Completions ``idx`` as one micro-batch on ``device``: with ``group_size`` G, one row per
-    prompt (completion i belongs to prompt i // G; prefix sharing), else padded rows."""
+    prompt (completion i belongs to prompt i // G; prefix sharing), else padded rows; rows padded
+    to a multiple of :data:`ROW_MULTIPLE` tokens."""
     chosen = [examples[i] for i in idx]
     if group_size:
-        b = collate_shared_prefix(chosen, [i // group_size for i in idx], pad_id)
+        b = collate_shared_prefix(chosen, [i // group_size for i in idx], pad_id, ROW_MULTIPLE)
     else:
-        b = collate_pad(chosen, pad_id)
+        b = collate_pad(chosen, pad_id, ROW_MULTIPLE)
         b["n_tokens"] = int(b["attention_mask"].sum())
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
 
