@@ -509,9 +509,9 @@ def test_shared_prompt_rows_change_nothing(tiny_model_dir, prompt_file, tmp_path
     rows = []  # (members, rows) of each packed micro-batch
     real = online_rl.collate_shared_prefix
 
-    def spy(examples, groups, pad_id):
+    def spy(examples, groups, pad_id, *rest):
         rows.append((len(examples), len(set(groups))))
-        return real(examples, groups, pad_id)
+        return real(examples, groups, pad_id, *rest)
 
     monkeypatch.setattr(online_rl, "collate_shared_prefix", spy)
     runs = {}
