@@ -185,9 +185,10 @@ def _pair(ids_c, ids_r, prompt_len):
 def test_shared_prefix_batch_equals_two_sequences(tiny_model_dir, lora):
     """A pair packed as prefix + chosen suffix + rejected suffix gives the log-prob sums, counts
     and gradients of the chosen and rejected sequences run on their own."""
+    from posttrain.data.preference import collate_pairs
     from posttrain.data.tokenize import collate_shared_prefix, shared_prefix_length
     from posttrain.models import ModelConfig, prepare_model
-    from posttrain.stages.dpo import pair_batch, pair_logprob_sums
+    from posttrain.stages.dpo import pair_logprob_sums
 
     pairs = [
         _pair([5, 17, 200, 31, 2, 40, 41, 42, 2], [5, 17, 200, 31, 2, 40, 43, 44, 45, 46, 2], 4),  # shared start
@@ -212,7 +213,7 @@ def test_shared_prefix_batch_equals_two_sequences(tiny_model_dir, lora):
                 for n, p in model.named_parameters():
                     if "lora_B" in n:
                         p.normal_(0, 0.1)
-        sums, counts = pair_logprob_sums(model, pair_batch(pairs, 0, share), "cpu")
+        sums, counts = pair_logprob_sums(model, collate_pairs(pairs, 0, share), "cpu")
         (sums * torch.arange(1.0, 9.0)).sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((sums.detach(), counts, grads))

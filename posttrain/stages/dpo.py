@@ -79,17 +79,10 @@ class DPOResult:
     eval: dict[str, float]
 
 
-def pair_batch(pairs: list[PreferencePair], pad_id: int, share_prefix: bool = False) -> dict[str, torch.Tensor]:
-    """A micro-batch of pairs (:func:`~posttrain.data.preference.collate_pairs`)."""
-    return collate_pairs(pairs, pad_id, share_prefix)
-
-
 def pair_logprob_sums(model, batch: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(2B,)`` summed completion log-probs (chosen sides first) and ``(2B,)`` target counts of
-    a :func:`pair_batch`, in either layout."""
-    keys = [k for k in ("input_ids", "attention_mask", "labels", "position_ids", "sources", "targets",
-                        "member_targets", "member_of", "members") if k in batch]
-    return sequence_logprobs(model, {k: batch[k].to(device) for k in keys})
+    a :func:`~posttrain.data.preference.collate_pairs` batch, in either layout."""
+    return sequence_logprobs(model, {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)})
 
 
 # --------------------------------------------------------------------------- reference log-probs
@@ -119,7 +112,7 @@ def pair_logprobs(model, pairs: list[PreferencePair], batch_size: int, pad_id: i
         task = bar.add_task(desc, total=len(order), status="")
         for s in range(0, len(order), per):
             idx = order[s : s + per]
-            sums, _ = pair_logprob_sums(model, pair_batch([pairs[i] for i in idx], pad_id, share_prefix), device)
+            sums, _ = pair_logprob_sums(model, collate_pairs([pairs[i] for i in idx], pad_id, share_prefix), device)
             out[idx] = sums.float().cpu().view(2, -1).T
             bar.update(task, advance=len(idx))
     model.train(was_training)
@@ -197,7 +190,7 @@ def evaluate(cfg: DPOConfig, model, pairs: list[PreferencePair], ref: torch.Tens
     mine = distributed.eval_shard(list(range(len(pairs))))
     for s in range(0, len(mine), per):
         idx = mine[s : s + per]
-        batch = pair_batch([pairs[i] for i in idx], pad_id, cfg.share_prefix)
+        batch = collate_pairs([pairs[i] for i in idx], pad_id, cfg.share_prefix)
         loss, st = batch_loss(cfg, model, batch, ref[idx], device)
         w = float(batch["weight"].sum())
         total += float(loss) * w
@@ -246,7 +239,7 @@ def train(cfg: DPOConfig, data: PreferenceData | None = None) -> DPOResult:
             step_weight = sum(data.train[i].weight for idx in micro for i in idx)
             loss_value, tokens, stats = 0.0, 0, []
             for idx, w in distributed.local_micro_batches(micro):
-                batch = pair_batch([data.train[i] for i in idx], pad, cfg.share_prefix)
+                batch = collate_pairs([data.train[i] for i in idx], pad, cfg.share_prefix)
                 loss, st = batch_loss(cfg, t.model, batch, ref_train[idx], t.device)
                 # each micro-batch's weighted mean, rescaled so the step is one weighted mean
                 loss = loss * (w * float(batch["weight"].sum()) / step_weight)

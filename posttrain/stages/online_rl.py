@@ -419,6 +419,7 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
     G = cfg.group_size
     # a separate critic reads its own padded rows; one completion per prompt has nothing to share
     share_prefix = cfg.share_prefix and G > 1 and not (value_head is not None and value_head.backbone is not None)
+    row_group = G if share_prefix else 0  # completions per packed row (0: padded rows)
     batches = engine.EpochBatches([len(p.ids) for p in prompts], cfg.batch_size, cfg.seed)
     total_steps = cfg.total_steps(batches.per_epoch)
     n_completions = cfg.batch_size * G
@@ -471,7 +472,6 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
             msgs = [p.record.messages for p in batch_prompts]
             examples = completion_examples(roll)
             lengths = [len(c) for c in roll.completion_ids]
-
             # 3. no-grad pass: sampling-policy log-probs, reference log-probs, values
             need_old = cfg.num_iterations > 1 or cfg.advantage == "gae" or mb < n_completions
             old: dict[str, torch.Tensor] = {}
@@ -482,7 +482,7 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                 with torch.no_grad():
                     for idx, _ in distributed.even_chunks(by_length(list(range(len(examples))), examples),
                                                          cfg.micro_batch_size):
-                        b = micro_batch(examples, idx, G if share_prefix else 0, tok.pad_token_id, t.device)
+                        b = micro_batch(examples, idx, row_group, tok.pad_token_id, t.device)
                         sizes = [lengths[i] for i in idx]
                         if need_old:
                             lp, h = policy.forward(t.model, b, extras=("hidden",))
@@ -520,7 +520,7 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                     mb_seqs, mb_tokens = len(mb_idx), sum(lengths[i] for i in mb_idx)
                     for idx, w in distributed.even_chunks(by_length([i for i in mb_idx if trained[i]], examples),
                                                          cfg.micro_batch_size):
-                        b = micro_batch(examples, idx, G if share_prefix else 0, tok.pad_token_id, t.device)
+                        b = micro_batch(examples, idx, row_group, tok.pad_token_id, t.device)
                         extras = ("entropy", "hidden") if value_head is not None else ("entropy",)
                         lp, ent, *h = policy.forward(t.model, b, extras=extras)
                         seq = torch.repeat_interleave(torch.arange(len(idx)), torch.tensor([lengths[i] for i in idx]))

@@ -35,7 +35,7 @@ import torch
 from posttrain import distributed, engine
 from posttrain.config import ConfigError, doc
 from posttrain.data.dataset import PreferenceData, load_preference_data
-from posttrain.data.preference import PreferencePair
+from posttrain.data.preference import PreferencePair, collate_pairs
 from posttrain.log import is_main_process, log
 from posttrain.losses import bradley_terry_loss
 from posttrain.models import autocast, backbone_and_score_head, count_parameters, prepare_scoring_model
@@ -46,7 +46,7 @@ from posttrain.rewards.reward_model import (
     mlp_head,
     sequence_rewards,
 )
-from posttrain.stages.dpo import data_fingerprint, pair_batch
+from posttrain.stages.dpo import data_fingerprint
 
 
 @dataclass
@@ -132,7 +132,7 @@ def pair_features(model, pairs: list[PreferencePair], pad_id: int, batch_size: i
     with engine.progress() as bar:
         task = bar.add_task("features", total=len(pairs), status="")
         for s in range(0, len(pairs), batch_size):
-            batch = pair_batch(pairs[s : s + batch_size], pad_id)
+            batch = collate_pairs(pairs[s : s + batch_size], pad_id)
             with autocast(model, device):  # the precision the scorer will read them in
                 h = last_token_states(backbone, batch["input_ids"].to(device), batch["attention_mask"].to(device))
             h = h.float().cpu().view(2, -1, h.shape[-1]).transpose(0, 1)  # (b, 2, H)
@@ -198,13 +198,13 @@ def train(cfg: RewardConfig, data: PreferenceData | None = None) -> RewardResult
 
         def score_eval(idx):
             f = eval_feats[idx].to(device)
-            return head(f[:, 0]).squeeze(-1), head(f[:, 1]).squeeze(-1), pair_batch([data.eval[i] for i in idx], pad)
+            return head(f[:, 0]).squeeze(-1), head(f[:, 1]).squeeze(-1), collate_pairs([data.eval[i] for i in idx], pad)
     else:
         def score_train(idx):
-            return pair_rewards(t.model, pair_batch([data.train[i] for i in idx], pad), t.device)
+            return pair_rewards(t.model, collate_pairs([data.train[i] for i in idx], pad), t.device)
 
         def score_eval(idx):
-            batch = pair_batch([data.eval[i] for i in idx], pad)
+            batch = collate_pairs([data.eval[i] for i in idx], pad)
             was = t.model.training
             t.model.eval()
             r_c, r_r = pair_rewards(t.model, batch, t.device)
@@ -234,7 +234,7 @@ def train(cfg: RewardConfig, data: PreferenceData | None = None) -> RewardResult
             step_weight = sum(data.train[i].weight for idx in micro for i in idx)
             loss_value, stats = 0.0, []
             for idx, w in distributed.local_micro_batches(micro):
-                batch = pair_batch([data.train[i] for i in idx], pad)
+                batch = collate_pairs([data.train[i] for i in idx], pad)
                 r_c, r_r = score_train(idx)
                 loss = bt_loss(cfg, r_c, r_r, batch) * (w * float(batch["weight"].sum()) / step_weight)
                 t.backward(loss)
