@@ -78,12 +78,13 @@ def main(argv=None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from posttrain import engine
+    from posttrain import allocator, engine
     from posttrain.data.tokenize import collate, tokenize_conversation
     from posttrain.logprobs import batch_logprobs, num_targets
     from posttrain.losses import sft_loss
     from posttrain.models import ModelConfig, embedded_model_dir, prepare_model
 
+    allocator.keep_freed_memory()  # as every stage does (engine.setup_run)
     model_dir = str(embedded_model_dir())
     work = Path(tempfile.mkdtemp(prefix="posttrain-profile-"))
     rows = C.sft_rows(a.steps * a.batch_size)

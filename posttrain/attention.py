@@ -1,29 +1,50 @@
-"""posttrain's attention function for HF models (``posttrain_sdpa``): SDPA, except for one
-query position (a decoding step), where two small matmuls with the query heads grouped over
+"""posttrain's attention function for HF models (``posttrain_sdpa``, what ``model.attn_implementation:
+auto`` loads): torch's SDPA, except in two cases on a CPU.
+
+One query position (a decoding step): two small matmuls with the query heads grouped over
 their shared key/value head do the work (nothing is repeated). torch's CPU SDPA kernel took
 4.3 ms for one bf16 decoding step of 48 rows (9 query / 3 key-value heads, 166 cached
 positions), the two matmuls 0.4 ms; summed over 30 layers that was most of a decoding step.
 The matmuls run in the cache's dtype and the softmax in float32, as HF's eager attention does.
 
-Tried and dropped: whole bf16 sequences on CPU the same way (scores as a bf16 matmul, then
-the softmax), for training. The decoder's forward + backward was 11-12% faster than with
-torch's flash kernel (SmolLM2-135M, 2 x 194 and 8 x 256 tokens), but the demo's cold start
-trained with it scored 41.5% on 400 held-out questions against 47.0% and 47.8% for two runs
-with the flash kernel (same recipe and seed): scores rounded to bf16 before the softmax cost
-more accuracy than the time saved buys back.
+Whole sequences (training passes, reference passes, prefill) whose ``(B, heads, Lq, Lk)``
+scores fit :data:`SCORES_BUDGET_BYTES`: everything in float32 (queries, keys and values cast
+up, scores as one ``baddbmm`` with the mask as its additive input, softmax, one ``bmm`` with
+the values), the query heads grouped over their key/value head. Measured on the 2-core CPU
+(SmolLM2-135M's 9/3 heads, bf16 inputs, 8 x 134 tokens, forward + backward of one layer):
+12-14 ms against 22-26 ms for torch's CPU flash kernel, whose backward is slow; that is
+~0.3 s of a ~3.2 s SFT step. Autograd keeps each layer's float32 probabilities for backward
+(flash keeps only a log-sum-exp per row), hence the budget: above it, SDPA as before. The
+float32 scores are at least as precise as the flash kernel's (bf16 inputs, float32
+accumulation).
 
-:func:`enabled` switches a model to it for the length of a ``with`` block (the rollout's
-decoding loop).
+Tried and dropped: the same whole sequences in bf16 (scores as a bf16 matmul, then the
+softmax). The decoder's forward + backward was 11-12% faster than with torch's flash kernel,
+but the demo's cold start trained with it scored 41.5% on 400 held-out questions against
+47.0% and 47.8% for two runs with the flash kernel (same recipe and seed): scores rounded to
+bf16 before the softmax cost more accuracy than the time saved buys back. Also tried: a
+float32 function that keeps only the log-sum-exp and recomputes the scores in backward (as
+flash does): slower than the flash kernel here (30 ms).
+
+:func:`use` switches a model to it for good (``attn_implementation: auto``); :func:`enabled`
+for the length of a ``with`` block (the rollout's decoding loop, for models loaded with
+``sdpa``).
 """
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import torch
 
 NAME = "posttrain_sdpa"
 _SPECIAL = ("softcap", "position_bias", "s_aux", "sinks")
+
+#: Largest float32 ``(B, query heads, Lq, Lk)`` score tensor (per layer) computed by the
+#: float32 whole-sequence path; autograd keeps one per layer for backward. 32 MiB holds 8 x 256
+#: tokens with 9 heads. Env ``POSTTRAIN_ATTN_SCORES_MIB`` overrides it (0 = always SDPA).
+SCORES_BUDGET_BYTES = int(os.environ.get("POSTTRAIN_ATTN_SCORES_MIB", "32")) * 2**20
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -43,8 +64,38 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
             scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
         out = torch.matmul(scores.softmax(-1).to(value.dtype), value)
         return out.reshape(B, Hq, 1, D).transpose(1, 2).contiguous(), None
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
+    if (not special and Lq > 1 and query.device.type == "cpu" and B * Hq * Lq * Lk * 4 <= SCORES_BUDGET_BYTES
+            and (attention_mask is not None or (causal and Lq == Lk))):
+        return _whole_sequence(query, key, value, attention_mask, D**-0.5 if scaling is None else scaling), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)
+
+
+def _whole_sequence(query, key, value, attention_mask, scale: float) -> torch.Tensor:
+    """Float32 attention of ``query`` ``(B, Hq, Lq, D)`` over ``key``/``value`` ``(B, Hk, Lk, D)``
+    with a boolean (True = seen) or additive mask broadcastable to ``(B, Hq, Lq, Lk)``, or a
+    causal one when it is None; ``(B, Lq, Hq, D)`` in the query's dtype."""
+    B, Hq, Lq, D = query.shape
+    Hk, Lk = key.shape[1], key.shape[2]
+    G = Hq // Hk
+    f32 = torch.float32
+    # (B*Hk, G*Lq, D): the G query heads of one key/value head stacked, so no key is repeated
+    q = query.to(f32, memory_format=torch.contiguous_format).reshape(B * Hk, G * Lq, D)
+    k = key.to(f32, memory_format=torch.contiguous_format).reshape(B * Hk, Lk, D)
+    v = value.to(f32, memory_format=torch.contiguous_format).reshape(B * Hk, Lk, D)
+    if attention_mask is None:
+        attention_mask = torch.ones(Lq, Lk, dtype=torch.bool, device=query.device).tril()
+    if attention_mask.dtype == torch.bool:  # a large finite negative: a row with nothing seen stays finite
+        bias = torch.zeros(attention_mask.shape, dtype=f32, device=query.device)
+        bias.masked_fill_(~attention_mask, torch.finfo(f32).min)
+    else:
+        bias = attention_mask.to(f32)
+    bias = bias.expand(B, Hq, Lq, Lk).reshape(B, Hk, G, Lq, Lk).reshape(B * Hk, G * Lq, Lk)
+    scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)  # (B*Hk, G*Lq, Lk)
+    out = torch.bmm(torch.softmax(scores, -1), v).to(query.dtype)  # (B*Hk, G*Lq, D)
+    return out.reshape(B, Hq, Lq, D).transpose(1, 2).contiguous()
 
 
 def register() -> None:
@@ -55,6 +106,17 @@ def register() -> None:
     if NAME not in AttentionInterface._global_mapping:
         AttentionInterface.register(NAME, attention)
         AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def use(model) -> None:
+    """Switch ``model`` (a peft wrapper or not) to :func:`attention` for good when it uses SDPA
+    (not saved: a checkpoint's config still says what transformers loads by default)."""
+    from posttrain.models import unwrap_peft
+
+    config = unwrap_peft(model).config
+    if getattr(config, "_attn_implementation", None) == "sdpa":
+        register()
+        config._attn_implementation = NAME
 
 
 @contextmanager

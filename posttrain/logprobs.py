@@ -125,11 +125,9 @@ def _chunk_logits(h, weight, bias, inv_temp, out=None):
     """``(h W^T + b) / T`` in the accumulation dtype, written into ``out`` when given."""
     if out is not None and out.dtype == h.dtype:
         logits = torch.mm(h, weight.T, out=out) if bias is None else torch.addmm(bias, h, weight.T, out=out)
-    else:
+    else:  # bf16/fp16 logits are summed in fp32 (written straight into ``out``: one conversion)
         logits = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
-        logits = logits.to(_acc(logits.dtype))  # bf16/fp16 logits are summed in fp32
-        if out is not None:
-            logits = out.copy_(logits)
+        logits = out.copy_(logits) if out is not None else logits.to(_acc(logits.dtype))
     if inv_temp != 1.0:
         logits.mul_(inv_temp)
     return logits
@@ -220,16 +218,19 @@ class _HeadLogprobs(torch.autograd.Function):
                  if need_w and weight.dtype != acc and probs is not None else None)
         for s in range(0, h.shape[0], ctx.chunk):
             e = min(s + ctx.chunk, h.shape[0])
-            hc, g = h[s:e], grad_lp[s:e].to(lse.dtype)
-            # d lp / d logit = onehot(target) - softmax; times the upstream grad and 1/T
-            if probs is None:
-                d = _chunk_logits(hc, weight, bias, ctx.inv_temp).sub_(lse[s:e, None]).exp_().mul_(-g[:, None])
-            else:  # (not in place: a retained graph may run backward again)
-                d = probs[s:e] * -g[:, None]
-            d.scatter_add_(1, targets[s:e, None], g[:, None])
+            hc, g, t = h[s:e], grad_lp[s:e].to(lse.dtype), targets[s:e, None]
+            # d lp / d logit = (onehot(target) - softmax) * upstream grad / T
             if ctx.inv_temp != 1.0:
-                d.mul_(ctx.inv_temp)
-            d = d_all[s:e].copy_(d) if d_all is not None else d.to(weight.dtype)
+                g = g * ctx.inv_temp
+            if d_all is not None:  # written in low precision in one pass; the target column set apart
+                d = torch.mul(probs[s:e], -g[:, None], out=d_all[s:e])
+                d.scatter_(1, t, (g - probs[s:e].gather(1, t).squeeze(1) * g)[:, None].to(d.dtype))
+            else:
+                if probs is None:
+                    d = _chunk_logits(hc, weight, bias, ctx.inv_temp).sub_(lse[s:e, None]).exp_().mul_(-g[:, None])
+                else:  # (not in place: a retained graph may run backward again)
+                    d = probs[s:e] * -g[:, None]
+                d = d.scatter_add_(1, t, g[:, None]).to(weight.dtype)
             if need_h:
                 torch.mm(d, weight, out=grad_h[s:e])
             if need_w and d_all is None:  # the first block writes, the others add (no zeroed (V, H) buffer)

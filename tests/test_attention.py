@@ -32,19 +32,80 @@ def test_one_query_matches_sdpa():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_query_blocks_go_to_sdpa():
-    """More than one query position (training, scoring, prefill) is SDPA's own (identical)."""
+def _qkv(B, Hq, Hk, L, D, dtype=torch.float32):
+    # laid out as HF passes them: (B, L, H, D) transposed to (B, H, L, D)
+    def t(h):
+        return torch.randn(B, L, h, D).transpose(1, 2).to(dtype).requires_grad_()
+    return t(Hq), t(Hk), t(Hk)
+
+
+def test_whole_sequences_match_sdpa_values_and_gradients():
+    """Several query positions on a CPU (training, scoring, prefill): float32 grouped matmuls,
+    the same outputs and gradients as SDPA for a padding mask, a 4D prefix-sharing-style mask,
+    an additive mask and no mask (causal)."""
     torch.manual_seed(0)
-    q, k, v = torch.randn(2, 6, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
-    for qq in (q, q.bfloat16()):
-        kk, vv = k.to(qq.dtype), v.to(qq.dtype)
-        assert torch.equal(attention.attention(MODULE, qq, kk, vv, None)[0], _sdpa(MODULE, qq, kk, vv, None)[0])
+    B, Hq, Hk, L, D = 2, 6, 2, 7, 8
+    pad = torch.ones(B, 1, L, L, dtype=torch.bool).tril()
+    pad[1, ..., 5:] = False  # right padding of row 1: its last queries see only real keys
+    pad[1, :, torch.arange(5, L), torch.arange(5, L)] = True
+    block = pad.clone()
+    block[0, 0, 4:, 1:4] = False  # a second sequence in row 0 that does not see positions 1-3
+    additive = torch.zeros(B, 1, L, L).masked_fill(~pad, torch.finfo(torch.float32).min)
+    for m in (pad, block, additive, None):
+        q, k, v = _qkv(B, Hq, Hk, L, D)
+        got, _ = attention.attention(MODULE, q, k, v, m, scaling=0.3)
+        grads = torch.autograd.grad(got.square().sum(), (q, k, v))
+        want, _ = _sdpa(MODULE, q, k, v, m, scaling=0.3)
+        want_grads = torch.autograd.grad(want.square().sum(), (q, k, v))
+        assert got.shape == want.shape == (B, L, Hq, D)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for g, w in zip(grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_whole_sequences_bf16_inputs_float32_scores():
+    """bf16 inputs (mixed precision): bf16 output, computed from float32 scores, so it is
+    within bf16 rounding of a float32 reference on the same (rounded) inputs."""
+    torch.manual_seed(0)
+    q, k, v = _qkv(2, 6, 2, 9, 8, torch.bfloat16)
+    got, _ = attention.attention(MODULE, q, k, v, None)
+    assert got.dtype == torch.bfloat16
+    want, _ = _sdpa(MODULE, q.float(), k.float(), v.float(), None)
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+
+
+def test_whole_sequences_over_budget_go_to_sdpa(monkeypatch):
+    """Scores larger than the budget (autograd would keep them for every layer): SDPA's own."""
+    torch.manual_seed(0)
+    q, k, v = _qkv(2, 6, 2, 5, 8)
+    monkeypatch.setattr(attention, "SCORES_BUDGET_BYTES", 2 * 6 * 5 * 5 * 4 - 1)
+    assert torch.equal(attention.attention(MODULE, q, k, v, None)[0], _sdpa(MODULE, q, k, v, None)[0])
+
+
+def test_auto_attention_trains_like_sdpa(tiny_model_dir):
+    """``attn_implementation: auto`` (the default) gives SDPA's loss and gradients on a padded batch,
+    and the saved checkpoint's config does not name posttrain's function."""
+    from posttrain.models import load_model
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1000, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 9:] = 0
+    out = {}
+    for impl in ("auto", "sdpa"):
+        model = load_model(str(tiny_model_dir), dtype="float32", attn_implementation=impl)
+        assert model.config._attn_implementation == (attention.NAME if impl == "auto" else "sdpa")
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        out[impl] = (loss.detach(), model.model.layers[0].self_attn.q_proj.weight.grad)
+    torch.testing.assert_close(out["auto"][0], out["sdpa"][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out["auto"][1], out["sdpa"][1], rtol=1e-4, atol=1e-6)
 
 
 def test_enabled_switches_and_restores(tiny_model_dir):
     from posttrain.models import load_model
 
-    model = load_model(str(tiny_model_dir), dtype="float32")
+    model = load_model(str(tiny_model_dir), dtype="float32", attn_implementation="sdpa")
     assert model.config._attn_implementation == "sdpa"
     with attention.enabled(model):
         assert model.config._attn_implementation == attention.NAME

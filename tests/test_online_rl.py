@@ -526,8 +526,8 @@ def test_shared_prompt_rows_change_nothing(tiny_model_dir, prompt_file, tmp_path
     assert rows and any(m > r for m, r in rows)  # some rows held several completions
     assert r1 == r0  # the same rollouts
     assert n1 == pytest.approx(n0, rel=1e-4)
-    for k in w0:
-        torch.testing.assert_close(w1[k], w0[k], rtol=0, atol=5e-5)
+    for k in w0:  # rounding, amplified by Adam in tiny gradients: under a tenth of one lr=3e-3 step
+        torch.testing.assert_close(w1[k], w0[k], rtol=0, atol=2e-4)
 
 
 def test_by_length_orders_shortest_first():
