@@ -7,7 +7,7 @@ Usage::
 
 Same model, data and batches as benchmarks/sft_vs_trl.py; the step is posttrain's own
 (``collate`` -> ``batch_logprobs`` -> ``sft_loss`` -> ``Trainable.backward`` ->
-``Trainable.step``). Two warm-up steps, then, once the CPU is idle, one step timed by
+``Trainable.step``). Warm-up steps until one page-faults under 1,000 pages in (at most 8), then, once the CPU is idle, one step timed by
 phase (no profiler) and one profiled. Operators are grouped into: decoder GEMMs, LM-head
 GEMMs (an operand with the vocabulary dimension), LM-head softmax/cross-entropy,
 attention, optimizer + clipping, and everything else (element-wise: RMSNorm, RoPE, SiLU,
@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import sys
 import tempfile
 import time
@@ -114,8 +115,12 @@ def main(argv=None) -> int:
             phases.update({"forward (collate + log-probs + loss)": t1 - t0, "backward": t2 - t1,
                            "clip + AdamW + schedule": t3 - t2})
 
-    step()
-    step()
+    # warm-up: until the heap stops growing (a step that page-faults fresh memory in is slower)
+    for _ in range(8):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        step()
+        if resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0 < 1000:
+            break
     quiet = C.wait_quiet(a.wait_quiet)
     c0, os0 = C.cpu_times(), os.times()
     t0 = time.perf_counter()
@@ -129,12 +134,14 @@ def main(argv=None) -> int:
     cats: dict[str, float] = defaultdict(float)
     flops: dict[str, float] = defaultdict(float)
     ops: dict[tuple, float] = defaultdict(float)
+    calls: dict[tuple, int] = defaultdict(int)
     for ev in prof.key_averages(group_by_input_shape=True):
         shapes = ev.input_shapes or []
         c = category(ev.key, shapes, vocab)
         cats[c] += ev.self_cpu_time_total / 1e6
         flops[c] += gemm_flops(ev.key, shapes) * ev.count
         ops[(ev.key, str(shapes)[:70])] += ev.self_cpu_time_total / 1e6
+        calls[(ev.key, str(shapes)[:70])] += ev.count
     total = sum(cats.values())
     mm = C.matmul_gflops(reps=8, quiet_trials=3, max_s=60)
 
@@ -157,9 +164,9 @@ def main(argv=None) -> int:
         extra = f"  {rate:6.1f} GFLOP/s = {rate / mm['gflops']:.0%} of matmul" if rate else ""
         print(f"  {c:<32} {v:6.2f} s  {v / total:6.1%}{extra}")
     print("top operators (self time):")
-    top = sorted(ops.items(), key=lambda kv: -kv[1])[:15]
+    top = sorted(ops.items(), key=lambda kv: -kv[1])[:25]
     for (name, shp), v in top:
-        print(f"  {v:6.3f} s  {name:<40} {shp}")
+        print(f"  {v:6.3f} s  {calls[name, shp]:4d}x  {name:<32} {shp}")
     out = Path(a.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
@@ -167,7 +174,7 @@ def main(argv=None) -> int:
         "wall_s": round(wall, 3), "phases_s": {k: round(v, 3) for k, v in phases.items()},
         "cpu_user_s": round(os1.user - os0.user, 2), "cpu_sys_s": round(os1.system - os0.system, 2),
         "load": load, "matmul_gflops": mm, "categories": rows_out,
-        "top_ops": [{"op": n, "shapes": s, "s": round(v, 3)} for (n, s), v in top],
+        "top_ops": [{"op": n, "shapes": s, "calls": calls[n, s], "s": round(v, 3)} for (n, s), v in top],
     }, indent=2) + "\n")
     print(f"written to {out}")
     return 0
