@@ -7,8 +7,8 @@ Usage::
 
 Same model, data and batches as benchmarks/sft_vs_trl.py; the step is posttrain's own
 (``collate`` -> ``batch_logprobs`` -> ``sft_loss`` -> ``Trainable.backward`` ->
-``Trainable.step``). Warm-up steps until one page-faults under 1,000 pages in (at most 8), then, once the CPU is idle, one step timed by
-phase (no profiler) and one profiled. Operators are grouped into: decoder GEMMs, LM-head
+``Trainable.step``). Warm-up steps until one page-faults under 1,000 pages in (at most 8),
+then, once the CPU is idle, one step timed by phase (no profiler) and one profiled. Operators are grouped into: decoder GEMMs, LM-head
 GEMMs (an operand with the vocabulary dimension), LM-head softmax/cross-entropy,
 attention, optimizer + clipping, and everything else (element-wise: RMSNorm, RoPE, SiLU,
 residual adds, copies). GEMM FLOPs come from the recorded shapes, so each GEMM group's

@@ -127,9 +127,7 @@ def enabled(model):
 
     config = unwrap_peft(model).config
     before = getattr(config, "_attn_implementation", None)
-    if before == "sdpa":
-        register()
-        config._attn_implementation = NAME
+    use(model)
     try:
         yield model
     finally:
