@@ -38,14 +38,37 @@ def keep_freed_memory() -> bool:
     _state = False
     if os.environ.get("POSTTRAIN_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
         return _state
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt, _ = libc.mallopt, libc.gnu_get_libc_version  # glibc only (musl has no mallopt)
-    except (OSError, AttributeError):
+    libc = _libc()
+    if libc is None:
         return _state
+    mallopt = libc.mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     _state = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _state
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc ``malloc_trim(0)``); a no-op off glibc.
+
+    For loops whose phases allocate differently (online RL: decoding copy and KV cache, then
+    training activations), where freed blocks left between live ones by one phase fragment the
+    heap and pile up as resident memory the next phase does not reuse. Called at the phase
+    boundaries of :func:`posttrain.stages.online_rl.train`; costs a few milliseconds.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # glibc only (musl has no mallopt / malloc_trim)
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 #: Shapes kept by the CPU matmul caches (defaults 1,024 each), see :func:`limit_kernel_caches`.

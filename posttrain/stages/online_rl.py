@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain import distributed, engine
+from posttrain import allocator, distributed, engine
 from posttrain.advantages import gae, group_advantages, process_advantages, rloo_advantages, whiten
 from posttrain.config import ConfigError, doc
 from posttrain.data.formats import PromptRecord, to_prompt_record
@@ -452,6 +452,7 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
             with distributed.full_params(t.model):  # FSDP: gathered once, no collective per decoding step
                 roll = sampler(t.model, tok, [p.ids for p in local_prompts], cfg.sampling,
                                seed=cfg.seed * 1_000_003 + step + 7_919 * distributed.rank())
+            allocator.release_freed_memory()  # the decoding phase's free blocks, before training's
             # 2. rewards (each rank scores its own completions)
             msgs = [p.record.messages for p in local_prompts]
             rewards, per_fn = reward_set(msgs, roll.texts, row_fields(local_prompts)) if local_prompts else \
@@ -553,6 +554,7 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                         train_tokens += b["n_tokens"] if w else 0
                     grad_norm = t.step(cfg.max_grad_norm)
                     n_updates += 1
+            allocator.release_freed_memory()  # training's free blocks, before the next rollout
             t_train = time.perf_counter() - t_train
             acc = distributed.all_sum({**acc, "train_tokens": train_tokens})
             train_tokens = int(acc.pop("train_tokens"))
