@@ -30,7 +30,7 @@ def main() -> None:
     from posttrain.synth.tasks import problems
 
     model, tok = load_model("smollm2-135m-instruct", with_tokenizer=True, inference=True)
-    fused = getattr(model, decode_step._ATTR, None)
+    fused = getattr(model, decode_step.ATTR, None)
     if fused is None:
         raise SystemExit("the model was not fused (architecture not supported)")
     tasks = ("addition", "subtraction", "linear", "gcd")
@@ -46,11 +46,11 @@ def main() -> None:
         out = {}
         for _ in range(args.rounds):
             for name in ("hf", "fused"):
-                setattr(model, decode_step._ATTR, fused if name == "fused" else None)
+                setattr(model, decode_step.ATTR, fused if name == "fused" else None)
                 t0 = time.perf_counter()
                 out[name] = decode(model, ids, mask, args.tokens, -1, tok.pad_token_id)
                 best[name] = min(best[name], time.perf_counter() - t0)
-        setattr(model, decode_step._ATTR, fused)
+        setattr(model, decode_step.ATTR, fused)
         rate = {k: batch * args.tokens / v for k, v in best.items()}
         print(f"{batch:>6} {rate['hf']:>9.0f} tok/s {rate['fused']:>9.0f} tok/s {rate['fused'] / rate['hf']:>8.2f}x  "
               f"{'yes' if torch.equal(out['hf'], out['fused']) else 'no (bf16 rounding of fused matmuls)'}")
