@@ -580,3 +580,18 @@ def test_draw_follows_the_distribution():
     torch.testing.assert_close(freq, torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0]), rtol=0, atol=0.015)
     again = draw(p, torch.Generator().manual_seed(0))
     assert torch.equal(tokens, again)
+
+
+def test_grpo_with_arithmetic_step_verifier(tiny_model_dir, prompt_file, tmp_path):
+    """``step_verifier: arithmetic`` feeds rule-based step scores to the same process advantages."""
+    from posttrain.config import ConfigError
+    from posttrain.stages.online_rl import GRPOConfig, train
+    from posttrain.synth.claims import ArithmeticStepVerifier
+
+    assert ArithmeticStepVerifier().score_many([None], [["2 + 3 = 5.", "5 * 2 = 11.", "Done."]]) == [[1.0, 0.0, 1.0]]
+    res = train(rl_cfg(GRPOConfig, tiny_model_dir, prompt_file, tmp_path / "run", "max_steps=1",
+                       "step_verifier=arithmetic", "step_separator=e"), [e_fraction])
+    m = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(m) == 1 and m[-1]["advantage/std"] > 0
+    with pytest.raises(ConfigError, match="step_verifier"):
+        rl_cfg(GRPOConfig, tiny_model_dir, prompt_file, tmp_path / "bad", "step_verifier=prm")

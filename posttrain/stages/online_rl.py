@@ -96,7 +96,10 @@ class RLConfig(engine.TrainConfig):
                              "group")
     process_reward_model: str = doc("PRM directory: per-step rewards and process-supervised advantages "
                                     "(advantage: group only).", "")
-    step_separator: str = doc("Completions are cut into steps at this text for the PRM.", "\n")
+    step_verifier: str = doc("Rule-based step scores instead of a PRM, with the same process-supervised "
+                             "advantages: arithmetic (each step 1 when every arithmetic claim in it holds, "
+                             "else 0; posttrain.synth.claims).", "")
+    step_separator: str = doc("Completions are cut into steps at this text for the PRM or step verifier.", "\n")
     beta: float = doc("KL coefficient: in the loss (group, rloo) or in the per-token reward (gae); 0 = no "
                       "reference model at all.", 0.04)
     kl_estimator: str = doc("KL estimator in the loss: k1, k2 or k3.", "k3")
@@ -137,14 +140,21 @@ class RLConfig(engine.TrainConfig):
             raise ConfigError("kl_estimator must be k1, k2 or k3")
         if self.advantage in ("group", "rloo") and self.group_size < 2:
             raise ConfigError(f"advantage {self.advantage} needs group_size >= 2")
-        if self.process_reward_model and self.advantage != "group":
-            raise ConfigError("process_reward_model needs advantage: group")
+        if (self.process_reward_model or self.step_verifier) and self.advantage != "group":
+            raise ConfigError("process_reward_model and step_verifier need advantage: group")
         if self.num_iterations < 1 or self.micro_batch_size < 1:
             raise ConfigError("num_iterations and micro_batch_size must be at least 1")
-        if self.process_reward_model and not self.step_separator:
+        if self.step_verifier:
+            from posttrain.synth.claims import STEP_VERIFIERS
+
+            if self.step_verifier not in STEP_VERIFIERS:
+                raise ConfigError(f"step_verifier: {self.step_verifier!r} is not one of {sorted(STEP_VERIFIERS)}")
+            if self.process_reward_model:
+                raise ConfigError("set process_reward_model or step_verifier, not both")
+        if (self.process_reward_model or self.step_verifier) and not self.step_separator:
             raise ConfigError("step_separator must not be empty")
-        if not self.rewards and not self.process_reward_model:
-            raise ConfigError("no reward: set rewards and/or process_reward_model")
+        if not self.rewards and not (self.process_reward_model or self.step_verifier):
+            raise ConfigError("no reward: set rewards and/or process_reward_model or step_verifier")
 
 
 @dataclass
@@ -406,6 +416,10 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
         from posttrain.rewards.process import ProcessRewardModel
 
         prm = ProcessRewardModel(cfg.process_reward_model)
+    elif cfg.step_verifier:
+        from posttrain.synth.claims import STEP_VERIFIERS
+
+        prm = STEP_VERIFIERS[cfg.step_verifier]()
     ref_model = None
     if cfg.beta and not cfg.model.lora:  # full fine-tuning keeps a frozen copy as the reference
         ref_model = load_model(cfg.model.name_or_path, dtype).eval().requires_grad_(False)
@@ -429,7 +443,7 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
     trainable_params, total_params = count_parameters(model)
     log(f"{stage}: {len(prompts)} prompts ({len(eval_prompts)} eval), {total_steps} steps of {cfg.batch_size} "
         f"prompts x {G} completions, rewards {[reward_name(f) for f in reward_set.functions]}"
-        f"{' + PRM' if prm else ''}, β={cfg.beta}, {trainable_params:,}/{total_params:,} params trained"
+        f"{' + PRM' if cfg.process_reward_model else ''}{' + step verifier' if cfg.step_verifier else ''}, β={cfg.beta}, {trainable_params:,}/{total_params:,} params trained"
         f"{' (LoRA)' if cfg.model.lora else ''}, on {engine.describe_device(t.device, dtype)}")
     start, metrics = engine.resume(cfg, run_dir, t)
     samples_path = run_dir / "samples.jsonl"
@@ -554,7 +568,6 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                         train_tokens += b["n_tokens"] if w else 0
                     grad_norm = t.step(cfg.max_grad_norm)
                     n_updates += 1
-            allocator.release_freed_memory()  # training's free blocks, before the next rollout
             t_train = time.perf_counter() - t_train
             acc = distributed.all_sum({**acc, "train_tokens": train_tokens})
             train_tokens = int(acc.pop("train_tokens"))

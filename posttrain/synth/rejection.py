@@ -27,6 +27,7 @@ from pathlib import Path
 
 from posttrain.reasoning import parse_reasoning
 from posttrain.rollout import SamplingConfig, generate
+from posttrain.synth.claims import arithmetic_errors
 from posttrain.synth.tasks import VERIFIERS, Problem, problems
 
 INSTRUCTION = ("Solve the problem. First reason step by step inside <think> </think>, then give only the final "
@@ -55,6 +56,10 @@ class RejectionConfig:
     # own mistakes; only questions with both kinds give pairs
     pairs_per_question: int = 0
     ascii_ratio: float = 0.95
+    # reject a response whose answer verifies but whose reasoning states false arithmetic
+    # (posttrain.synth.claims: right by luck, e.g. a GCD of 9 reached through 3 * 288 = 764);
+    # it is neither kept nor used as a chosen response
+    check_steps: bool = True
     one_shot: bool = False
     batch_size: int = 16
     seed: int = 0
@@ -95,12 +100,15 @@ def rejection_sample(model, tok, questions: list[Problem], cfg: RejectionConfig)
         parsed = [parse_reasoning(r) for r in group]
         right = [p.ok and VERIFIERS[q.task](r, q.answer, **extra) for r, p in zip(group, parsed)]
         per_task[q.task]["correct"] += sum(right)
+        false_steps = [ok and cfg.check_steps and bool(arithmetic_errors(p.think)) for ok, p in zip(right, parsed)]
+        per_task[q.task]["right_by_luck"] += sum(false_steps)
+        right = [ok and not lucky for ok, lucky in zip(right, false_steps)]
         too_easy = sum(right) > cfg.max_pass_rate * len(group)
         per_task[q.task]["questions_too_easy"] += too_easy
-        for resp, p, ok in zip(group, parsed, right):
+        for resp, p, ok, lucky in zip(group, parsed, right, false_steps):
             per_task[q.task]["sampled"] += 1
             if not ok:
-                reasons[f"format: {p.error}" if not p.ok else "wrong answer"] += 1
+                reasons[f"format: {p.error}" if not p.ok else "false step" if lucky else "wrong answer"] += 1
                 bad.setdefault(_normalise(resp), resp.strip())
                 continue
             if len(tok(resp, add_special_tokens=False)["input_ids"]) > cfg.max_tokens:

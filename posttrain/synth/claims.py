@@ -1,0 +1,92 @@
+"""Check the arithmetic a worked solution states, step by step (a rule-based process verifier).
+
+An answer verifier accepts a response whose final answer is right, whatever its steps say. On
+a small model many such responses are right by luck: a GCD of 9 reached through
+``153 / 288 = 3, 3 * 288 = 764``, a sum whose carry was dropped twice. Kept for SFT they
+teach the wrong steps. :func:`arithmetic_errors` finds every claim of these kinds in a text
+and returns the false ones:
+
+* equations of integers and ``+ - * /`` (``/`` is integer division, as in the long-division
+  lines ``23 / 7 = 3, 3 * 7 = 21``), chained ones included (``9 + 0 + 1 (carry) = 10``;
+  the parenthesised notes ``(carry)`` / ``(borrowed)`` are read as absent);
+* comparisons ``a >= b``, ``a < b``, ``a > b``, ``a <= b``;
+* place values ``566 = 5 hundreds + 6 tens + 6 ones``;
+* column digits ``= 12, write 2, carry 1`` (the written digit and the carry of the sum).
+
+Text with no such claims has no errors: the check is safe on any response. Equations whose
+right side is not an integer (``-(198 + 2)``, ``3.5``) are not claims of this kind and are
+passed over.
+"""
+
+from __future__ import annotations
+
+import re
+
+_NOTE = re.compile(r"\s*\((?:carry|carried|borrowed|borrow)\)")
+_NUM = r"-?\d+"
+# a chain of at least two integers joined by + - * /, then "= integer" not followed by a decimal
+# point or an opening parenthesis; a leading minus only where it cannot be a binary operator
+_EQUATION = re.compile(r"(?<![\w.])(" + _NUM + r"(?:\s*[-+*/]\s*\d+)+)\s*=\s*(" + _NUM + r")(?!\d|\.\d|\s*\(|\s*[-+*/]\s*\d)")
+_COMPARE = re.compile(r"(?<![\w.])(" + _NUM + r")\s*(>=|<=|<|>)\s*(" + _NUM + r")(?!\w|\.\d)")
+_PLACES = {"thousands": 1000, "hundreds": 100, "tens": 10, "ones": 1}
+_PLACE_VALUE = re.compile(r"(?<![\w.])(\d+)\s*=\s*((?:\d+\s+(?:thousands|hundreds|tens|ones)\s*\+\s*)*"
+                          r"\d+\s+ones)\b")
+_COLUMN = re.compile(r"=\s*(\d+),\s*write\s+(\d+)(?:,\s*carry\s+(\d+))?")
+_TERM = re.compile(r"\d+|[-+*/]")
+
+
+def _evaluate(expr: str) -> int | None:
+    """Integer value of ``a op b op c ...`` with * and / (integer division) before + and -."""
+    expr = expr.strip()
+    negative = expr.startswith("-")
+    tokens = _TERM.findall(expr[1:] if negative else expr)
+    values, ops = [int(tokens[0]) * (-1 if negative else 1)], []
+    for op, num in zip(tokens[1::2], tokens[2::2]):
+        n = int(num)
+        if op in "*/":
+            if op == "/" and n == 0:
+                return None
+            values[-1] = values[-1] * n if op == "*" else int(values[-1] / n)  # towards zero, as written
+        else:
+            values.append(n)
+            ops.append(op)
+    total = values[0]
+    for op, v in zip(ops, values[1:]):
+        total = total + v if op == "+" else total - v
+    return total
+
+
+def arithmetic_errors(text: str) -> list[str]:
+    """The false arithmetic claims of ``text``, each as written (empty when all hold)."""
+    text = _NOTE.sub("", text)
+    errors = []
+    for m in _EQUATION.finditer(text):
+        if _evaluate(m.group(1)) != int(m.group(2)):
+            errors.append(f"{m.group(1).strip()} = {m.group(2)}")
+    for m in _COMPARE.finditer(text):
+        a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+        if not {">=": a >= b, "<=": a <= b, "<": a < b, ">": a > b}[op]:
+            errors.append(f"{a} {op} {b}")
+    for m in _PLACE_VALUE.finditer(text):
+        total = sum(int(d) * _PLACES[p] for d, p in re.findall(r"(\d+)\s+(thousands|hundreds|tens|ones)", m.group(2)))
+        if total != int(m.group(1)):
+            errors.append(f"{m.group(1)} = {' '.join(m.group(2).split())}")
+    for m in _COLUMN.finditer(text):
+        total, digit, carry = int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+        if digit != total % 10 or carry != total // 10:
+            errors.append(m.group(0))
+    return errors
+
+
+class ArithmeticStepVerifier:
+    """A rule-based step verifier for GRPO's process supervision (``step_verifier: arithmetic``):
+    the same ``score_many(prompts, step_lists)`` as :class:`posttrain.rewards.process.ProcessRewardModel`,
+    each step scoring 1.0 when every arithmetic claim in it holds (a step with none holds) and
+    0.0 otherwise. So within a group the tokens up to a false step get a negative advantage
+    even when every completion's final answer scored the same."""
+
+    def score_many(self, prompts: list, step_lists: list[list[str]]) -> list[list[float]]:
+        return [[0.0 if arithmetic_errors(s) else 1.0 for s in steps] for steps in step_lists]
+
+
+STEP_VERIFIERS = {"arithmetic": ArithmeticStepVerifier}

@@ -1,0 +1,39 @@
+"""posttrain.synth.claims: the arithmetic a worked solution states, checked claim by claim."""
+
+import pytest
+
+from posttrain.synth.claims import arithmetic_errors
+from posttrain.synth.tasks import problems
+
+
+@pytest.mark.parametrize("task", ["addition", "subtraction", "linear", "gcd", "countdown"])
+def test_programmatic_solutions_have_no_errors(task):
+    for split in ("train", "test"):
+        for p in problems(task, 150, split, seed=3):
+            assert arithmetic_errors(p.solution) == [], p.solution
+
+
+@pytest.mark.parametrize("text, errors", [
+    # a GCD right by luck: every step of it is false (floor 153 / 288 is 0)
+    ("153 / 288 = 3, 3 * 288 = 764, remainder 153 - 764 = 9.", ["153 / 288 = 3", "3 * 288 = 764", "153 - 764 = 9"]),
+    ("23 / 7 = 3, 3 * 7 = 21, remainder 23 - 21 = 2.", []),
+    ("Tens: 9 + 0 + 1 (carry) = 10, write 0, carry 1.", []),
+    ("Tens: 9 + 0 + 1 (carry) = 11, write 1, carry 1.", ["9 + 0 + 1 = 11"]),
+    ("Ones: 4 + 8 = 12, write 3, carry 1.", ["= 12, write 3, carry 1"]),
+    ("Ones: 4 + 8 = 12, write 2.", ["= 12, write 2"]),  # the carry dropped
+    ("Ones: 2 < 5, borrow 1: 12 - 5 = 7.", []),
+    ("Ones: 8 >= 9: 8 - 9 = 1.", ["8 - 9 = 1", "8 >= 9"]),
+    ("Tens: 5 - 1 (borrowed) = 4 >= 1: 4 - 1 = 3.", []),
+    ("566 = 5 hundreds + 6 tens + 6 ones.", []),
+    ("566 = 5 hundreds + 7 tens + 6 ones.", ["566 = 5 hundreds + 7 tens + 6 ones"]),
+    ("So -198 - 2 = -200.", []),
+    ("So -198 - 2 = -196.", ["-198 - 2 = -196"]),
+    # not claims of these kinds: an expression on the right, a decimal, an unknown
+    ("-12 + 12 = 12 - 12.", []),
+    ("-198 - 2 = -(198 + 2).", []),
+    ("7 / 2 = 3.5", []),
+    ("The equation is 5x - 7 = 8. Add 7 to both sides: 5x = 8 + 7.", []),
+    ("No numbers here.", []),
+])
+def test_claims(text, errors):
+    assert arithmetic_errors(text) == errors
