@@ -194,7 +194,10 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, mega:
 
     Indices are shuffled with ``seed``, cut into windows of ``mega`` batches, each window
     sorted by length and cut into batches, and the batch order shuffled again: random
-    across the epoch, with little padding inside a batch.
+    across the epoch, with little padding inside a batch. The batch with the most tokens then
+    moves to the front (as transformers' ``LengthGroupedSampler`` does): an out-of-memory shows
+    at the first step, and the heap and CPU kernel caches reach their size there, not inside a
+    timed or long-running stretch later.
     """
     rng = random.Random(seed)
     order = list(range(len(lengths)))
@@ -205,6 +208,9 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, mega:
         chunk = sorted(order[w : w + window], key=lambda i: -lengths[i])
         batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
     rng.shuffle(batches)
+    if batches:
+        biggest = max(range(len(batches)), key=lambda b: (max(lengths[i] for i in batches[b]) * len(batches[b]), -b))
+        batches.insert(0, batches.pop(biggest))
     return batches
 
 
