@@ -20,6 +20,7 @@ after a peak. Off with ``POSTTRAIN_KEEP_FREED_MEMORY=0``; a no-op off glibc.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 
@@ -63,7 +64,9 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
+@functools.cache
 def _libc():
+    """glibc through ctypes, loaded once (release_freed_memory runs every online-RL step); None elsewhere."""
     if not sys.platform.startswith("linux"):
         return None
     try:
