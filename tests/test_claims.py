@@ -2,7 +2,7 @@
 
 import pytest
 
-from posttrain.synth.claims import arithmetic_errors
+from posttrain.synth.claims import arithmetic_errors, first_false_claim
 from posttrain.synth.tasks import problems
 
 
@@ -37,3 +37,24 @@ def test_programmatic_solutions_have_no_errors(task):
 ])
 def test_claims(text, errors):
     assert arithmetic_errors(text) == errors
+
+
+@pytest.mark.parametrize("text, written, corrected", [
+    ("Ones: 8 >= 9: 8 - 9 = 1.", "8 >= 9", "8 < 9"),  # the first in the text, not the first kind
+    ("Tens: 9 + 0 + 1 (carry) = 11, write 1, carry 1.", "9 + 0 + 1 = 11", "9 + 0 + 1 (carry) = 10"),
+    ("Ones: 4 + 8 = 12, write 2.", "= 12, write 2", "= 12, write 2, carry 1"),
+    ("So 566 = 5 hundreds + 7 tens + 6 ones.", "566 = 5 hundreds + 7 tens + 6 ones", "566 = 5 hundreds + 6 tens + 6 ones"),
+    ("276 / 72 = 3, 3 * 72 = 206, remainder 276 - 206 = 70.", "3 * 72 = 206", "3 * 72 = 216"),
+])
+def test_first_false_claim_span_and_correction(text, written, corrected):
+    claim = first_false_claim(text)
+    assert (claim.written, claim.corrected) == (written, corrected)
+    # the span is the claim as it stands in the text given, notes included
+    assert arithmetic_errors(text[claim.start:claim.end]) == [written]
+    repaired = text[:claim.start] + claim.corrected
+    assert first_false_claim(repaired) is None
+
+
+def test_first_false_claim_none_when_all_hold():
+    assert first_false_claim("23 / 7 = 3, 3 * 7 = 21, remainder 23 - 21 = 2.") is None
+    assert first_false_claim("") is None

@@ -21,6 +21,7 @@ passed over.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 _NOTE = re.compile(r"\s*\((?:carry|carried|borrowed|borrow)\)")
 _NUM = r"-?\d+"
@@ -57,26 +58,78 @@ def _evaluate(expr: str) -> int | None:
     return total
 
 
-def arithmetic_errors(text: str) -> list[str]:
-    """The false arithmetic claims of ``text``, each as written (empty when all hold)."""
-    text = _NOTE.sub("", text)
-    errors = []
-    for m in _EQUATION.finditer(text):
-        if _evaluate(m.group(1)) != int(m.group(2)):
-            errors.append(f"{m.group(1).strip()} = {m.group(2)}")
-    for m in _COMPARE.finditer(text):
+@dataclass(frozen=True)
+class Claim:
+    """One false arithmetic claim of a text: ``text[start:end]`` (offsets in the text as given,
+    notes such as ``(carry)`` included) states ``written``; ``corrected`` is what holds in its
+    place (the same left side with the true value, the comparison the other way round)."""
+
+    start: int
+    end: int
+    written: str
+    corrected: str
+
+
+_FLIP = {">=": "<", "<=": ">", "<": ">=", ">": "<="}
+
+
+def _without_notes(text: str) -> tuple[str, list[int]]:
+    """``text`` with the ``(carry)``-style notes removed, and each kept character's offset in ``text``."""
+    kept, offsets, last = [], [], 0
+    for m in [*_NOTE.finditer(text), None]:
+        stop = m.start() if m else len(text)
+        kept.append(text[last:stop])
+        offsets.extend(range(last, stop))
+        last = m.end() if m else last
+    return "".join(kept), offsets + [len(text)]
+
+
+def _place_value(n: int) -> str:
+    names = ["ones", "tens", "hundreds", "thousands"]
+    digits = str(n)[::-1][: len(names)]
+    return " + ".join(f"{d} {names[i]}" for i, d in reversed(list(enumerate(digits))))
+
+
+def false_claims(text: str) -> list[Claim]:
+    """The false arithmetic claims of ``text``, by kind (equations, comparisons, place values,
+    column digits), each kind in the order of the text."""
+    plain, at = _without_notes(text)
+    claims = []
+
+    def add(m, written, corrected):
+        # a claim that spans a removed note keeps it: the span runs from the first to the last kept character
+        claims.append(Claim(at[m.start()], at[m.end() - 1] + 1, written, corrected))
+
+    for m in _EQUATION.finditer(plain):
+        value = _evaluate(m.group(1))
+        if value is not None and value != int(m.group(2)):
+            add(m, f"{m.group(1).strip()} = {m.group(2)}", text[at[m.start()]: at[m.start(2)]] + str(value))
+        elif value is None:  # a division by zero: false, and nothing to put in its place
+            add(m, f"{m.group(1).strip()} = {m.group(2)}", "")
+    for m in _COMPARE.finditer(plain):
         a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
         if not {">=": a >= b, "<=": a <= b, "<": a < b, ">": a > b}[op]:
-            errors.append(f"{a} {op} {b}")
-    for m in _PLACE_VALUE.finditer(text):
+            add(m, f"{a} {op} {b}", f"{a} {_FLIP[op]} {b}")
+    for m in _PLACE_VALUE.finditer(plain):
         total = sum(int(d) * _PLACES[p] for d, p in re.findall(r"(\d+)\s+(thousands|hundreds|tens|ones)", m.group(2)))
         if total != int(m.group(1)):
-            errors.append(f"{m.group(1)} = {' '.join(m.group(2).split())}")
-    for m in _COLUMN.finditer(text):
+            add(m, f"{m.group(1)} = {' '.join(m.group(2).split())}", f"{m.group(1)} = {_place_value(int(m.group(1)))}")
+    for m in _COLUMN.finditer(plain):
         total, digit, carry = int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
         if digit != total % 10 or carry != total // 10:
-            errors.append(m.group(0))
-    return errors
+            add(m, m.group(0), f"= {total}, write {total % 10}" + (f", carry {total // 10}" if total >= 10 else ""))
+    return claims
+
+
+def arithmetic_errors(text: str) -> list[str]:
+    """The false arithmetic claims of ``text``, each as written (empty when all hold)."""
+    return [c.written for c in false_claims(text)]
+
+
+def first_false_claim(text: str) -> Claim | None:
+    """The false claim that starts first in ``text`` (None when every claim holds): where a
+    verifier-guided repair would cut a response and write ``corrected`` instead."""
+    return min(false_claims(text), key=lambda c: c.start, default=None)
 
 
 class ArithmeticStepVerifier:
