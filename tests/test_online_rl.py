@@ -472,7 +472,11 @@ def test_grpo_skips_zero_advantage_completions_without_changing_the_update(tiny_
         assert x["train/grad_norm"] == pytest.approx(y["train/grad_norm"], rel=1e-5)
     a, b = load_file(str(fast.model_dir / "model.safetensors")), load_file(str(full.model_dir / "model.safetensors"))
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-5)  # micro-batches differ: summation order
+        # micro-batches differ, so the summation order does; Adam divides by sqrt(v), so an element whose
+        # gradient is only rounding noise (an embedding row the batch barely touches) can differ by a
+        # few hundredths of lr (3e-3): 3.1e-5 seen on an AVX2-only CPU. A skipped completion that
+        # mattered would move whole rows by ~lr
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4)
 
 
 def test_micro_batches_sum_to_the_whole_batch_update(tiny_model_dir, prompt_file, tmp_path):
