@@ -76,16 +76,16 @@ _FLIP = {">=": "<", "<=": ">", "<": ">=", ">": "<="}
 def _without_notes(text: str) -> tuple[str, list[int]]:
     """``text`` with the ``(carry)``-style notes removed, and each kept character's offset in ``text``."""
     kept, offsets, last = [], [], 0
-    for m in [*_NOTE.finditer(text), None]:
-        stop = m.start() if m else len(text)
-        kept.append(text[last:stop])
-        offsets.extend(range(last, stop))
-        last = m.end() if m else last
-    return "".join(kept), offsets + [len(text)]
+    for m in _NOTE.finditer(text):
+        kept.append(text[last:m.start()])
+        offsets.extend(range(last, m.start()))
+        last = m.end()
+    kept.append(text[last:])
+    return "".join(kept), [*offsets, *range(last, len(text) + 1)]
 
 
 def _place_value(n: int) -> str:
-    names = ["ones", "tens", "hundreds", "thousands"]
+    names = sorted(_PLACES, key=_PLACES.get)  # ones, tens, hundreds, thousands
     digits = str(n)[::-1][: len(names)]
     return " + ".join(f"{d} {names[i]}" for i, d in reversed(list(enumerate(digits))))
 
@@ -102,10 +102,9 @@ def false_claims(text: str) -> list[Claim]:
 
     for m in _EQUATION.finditer(plain):
         value = _evaluate(m.group(1))
-        if value is not None and value != int(m.group(2)):
-            add(m, f"{m.group(1).strip()} = {m.group(2)}", text[at[m.start()]: at[m.start(2)]] + str(value))
-        elif value is None:  # a division by zero: false, and nothing to put in its place
-            add(m, f"{m.group(1).strip()} = {m.group(2)}", "")
+        if value != int(m.group(2)):  # None (a division by zero) is false, with nothing to put in its place
+            add(m, f"{m.group(1).strip()} = {m.group(2)}",
+                "" if value is None else text[at[m.start()]: at[m.start(2)]] + str(value))
     for m in _COMPARE.finditer(plain):
         a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
         if not {">=": a >= b, "<=": a <= b, "<": a < b, ">": a > b}[op]:
