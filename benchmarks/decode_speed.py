@@ -1,9 +1,12 @@
 """Decoding speed of the rollout loop: the fused one-token step against HF's forward, one run.
 
 The embedded model is loaded for inference (bf16 weights where ``dtype: auto`` picks mixed
-precision) and decodes the same left-padded batch of reasoning-task prompts both ways, in
-alternating rounds (the best round of each counts, so a busy moment hits both alike); greedy
-tokens of the two are compared too.
+precision) and decodes the same left-padded batch of reasoning-task prompts each way, in
+alternating rounds (the best round of each counts, so a busy moment hits all alike); greedy
+tokens are compared with HF's. Ways: HF's forward, our fused step on the model's weights,
+and, for float32 weights on a CPU with fbgemm, the fused step on float16 weights packed for
+fbgemm (``posttrain.decode_step.pack_fp16``: what ``sampling.dtype: auto`` decodes with
+there; the time to pack is printed beside it).
 
     python benchmarks/decode_speed.py                     # batches of 48, 64 new tokens
     python benchmarks/decode_speed.py --batch 8,48,96 --tokens 96
@@ -34,27 +37,36 @@ def main() -> None:
     if fused is None:
         raise SystemExit("the model was not fused (architecture not supported)")
     tasks = ("addition", "subtraction", "linear", "gcd")
-    print(f"weights {next(model.parameters()).dtype}, {torch.get_num_threads()} threads, {args.tokens} new tokens")
-    print(f"{'batch':>6} {'HF forward':>14} {'fused step':>14} {'speed-up':>9}  same greedy tokens")
+    t0 = time.perf_counter()
+    can_pack = decode_step.pack_fp16(model)
+    pack_s = time.perf_counter() - t0
+    decode_step.unpack_fp16(model)
+    ways = ["hf", "fused"] + (["fp16 packed"] if can_pack else [])
+    print(f"weights {next(model.parameters()).dtype}, {torch.get_num_threads()} threads, {args.tokens} new tokens"
+          + (f", packing float16 weights takes {pack_s:.2f} s" if can_pack else ""))
+    print(f"{'batch':>6} " + " ".join(f"{w:>15}" for w in ways) + "   speed-up vs HF   same greedy tokens as HF")
     for batch in [int(b) for b in args.batch.split(",")]:
         per_task = {t: problems(t, -(-batch // len(tasks)), "test") for t in tasks}
         qs = [per_task[tasks[i % len(tasks)]][i // len(tasks)].question for i in range(batch)]
         ids, mask = left_pad([tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                                       tokenize=True, return_dict=True)["input_ids"] for q in qs],
                              tok.pad_token_id)
-        best = {"hf": float("inf"), "fused": float("inf")}
+        best = dict.fromkeys(ways, float("inf"))
         out = {}
         for _ in range(args.rounds):
-            for name in ("hf", "fused"):
-                setattr(model, decode_step.ATTR, fused if name == "fused" else None)
+            for name in ways:
+                setattr(model, decode_step.ATTR, None if name == "hf" else fused)
+                if name == "fp16 packed":
+                    decode_step.pack_fp16(model)
                 t0 = time.perf_counter()
                 out[name] = decode(model, ids, mask, args.tokens, -1, tok.pad_token_id)
                 best[name] = min(best[name], time.perf_counter() - t0)
+                decode_step.unpack_fp16(model)
         setattr(model, decode_step.ATTR, fused)
         rate = {k: batch * args.tokens / v for k, v in best.items()}
-        print(f"{batch:>6} {rate['hf']:>9.0f} tok/s {rate['fused']:>9.0f} tok/s {rate['fused'] / rate['hf']:>8.2f}x  "
-              f"{'yes' if torch.equal(out['hf'], out['fused']) else 'no (bf16 rounding of fused matmuls)'}")
-
+        same = [f"{(out[w] == out['hf']).float().mean().item():.1%}" for w in ways[1:]]
+        print(f"{batch:>6} " + " ".join(f"{rate[w]:>9.0f} tok/s" for w in ways) + "   "
+              + " ".join(f"{rate[w] / rate['hf']:.2f}x" for w in ways[1:]) + "   " + " ".join(same))
 
 if __name__ == "__main__":
     main()

@@ -49,7 +49,9 @@ class SamplingConfig:
     seed: int = doc("Sampling seed.", 0)
     dtype: str = doc("Weights dtype decoding runs in: auto (the model's compute dtype: bfloat16 under "
                      "mixed precision, decoded from a bf16 copy of the weights refreshed before each "
-                     "rollout; otherwise the weights as they are), float32, or bfloat16.", "auto")
+                     "rollout; float16 for float32 on an x86 CPU; otherwise the weights as they are), "
+                     "float32, bfloat16, or float16 (on a CPU: float16 weights packed for fbgemm, "
+                     "float32 activations; elsewhere a float16 copy).", "auto")
     backend: str = doc("Online-RL rollout backend: hf (our KV-cache loop on the transformers model, any "
                        "device) or vllm (CUDA, pip install 'posttrain[vllm]').", "hf")
     vllm_gpu_memory_utilization: float = doc("Share of the GPU the colocated vLLM engine may use.", 0.3)
@@ -59,8 +61,8 @@ class SamplingConfig:
 
         if self.backend not in ("hf", "vllm"):
             raise ConfigError(f"sampling.backend: {self.backend!r} is not hf or vllm")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ConfigError(f"sampling.dtype: {self.dtype!r} is not auto, float32 or bfloat16")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"sampling.dtype: {self.dtype!r} is not auto, float32, bfloat16 or float16")
 
 
 def render_prompts(tok, conversations: list[list[dict[str, str]]]) -> list[str]:
@@ -131,15 +133,20 @@ class Rollout:
 
 def decode_dtype(model, requested: str = "auto") -> torch.dtype:
     """The dtype to decode ``model`` in: ``requested``, or for ``auto`` its compute dtype (the
-    autocast dtype under mixed precision, else its weights'). Always the weights' dtype under
-    FSDP (the gathered parameters are decoded where they are)."""
+    autocast dtype under mixed precision, else its weights'), except float32 on an x86 CPU:
+    float16 there, which :func:`generation_model` decodes with float16 weights packed for
+    fbgemm and float32 activations (:func:`posttrain.decode_step.pack_fp16`). Always the
+    weights' dtype under FSDP (the gathered parameters are decoded where they are)."""
     from posttrain import distributed
 
-    weights = next(model.parameters()).dtype
+    first = next(model.parameters())
     if distributed.fsdp():
-        return weights
+        return first.dtype
     if requested == "auto":
-        return getattr(model, "posttrain_autocast", None) or weights
+        compute = getattr(model, "posttrain_autocast", None) or first.dtype
+        if compute == torch.float32 and first.device.type == "cpu" and decode_step.fp16_packing_available():
+            return torch.float16  # float16 weights packed for fbgemm, float32 activations (pack_fp16)
+        return compute
     return getattr(torch, requested)
 
 
@@ -286,25 +293,36 @@ def generation_model(model, dtype: torch.dtype | None = None):
     matmuls per adapted projection to every decoding step (10-15% slower decoding at batch 8
     on CPU), and merging in place costs no memory. Merge + unmerge round the base weights by
     about one float32 ulp (1.2e-7 after two cycles on the embedded model); TRL's vLLM path for
-    peft models does the same.
+    peft models does the same. ``float16`` for float32 weights on a CPU: the model itself, its
+    adapters unmerged, with float16 copies of its decoding weights packed for fbgemm attached
+    for the duration (:func:`posttrain.decode_step.pack_fp16`; prefill stays in float32).
     """
     layers = lora_layers(unwrap_peft(model))
     low = any(m.base_layer.weight.dtype != torch.float32 for m in layers)
+    first = next(model.parameters())
+    packed = dtype == torch.float16 and not low and first.dtype == torch.float32 and first.device.type == "cpu"
     if low and dtype is None:
         dtype = getattr(model, "posttrain_autocast", None) or layers[0].base_layer.weight.dtype
-    if dtype is not None and (dtype != next(model.parameters()).dtype or low) and merges_by_delta(model, layers):
+    if not packed and dtype is not None and (dtype != first.dtype or low) and merges_by_delta(model, layers):
         try:
             yield decode_copy(model, dtype)
         finally:
             release_decode_copy(model)
         return
+    base = unwrap_peft(model)
+    if packed and decode_step.pack_fp16(base):  # adapters unmerged: the packed base is kept between rollouts
+        try:
+            yield model
+        finally:
+            decode_step.unpack_fp16(base)
+        return
     merge = bool(getattr(model, "peft_config", None) and hasattr(model, "merge_adapter"))
     if merge:
         model.merge_adapter()
     try:
-        if dtype is not None and dtype != next(model.parameters()).dtype:
+        if dtype is not None and dtype != first.dtype and not packed:
             yield decode_copy(model, dtype)
-        else:
+        else:  # float32, or float16 where packing is not possible (no fbgemm, another architecture)
             yield model
     finally:
         if merge:
@@ -457,7 +475,7 @@ def _decode(model, ids, mask, max_new_tokens, eos, pad, temperature, top_k, top_
     key = _cache_argument(model)
     past, logits = prefill(model, past, input_ids=ids, attention_mask=mask, position_ids=position_ids)
     next_pos = position_ids[:, -1:] + 1
-    fused = decode_step.FusedDecoder.build(model, past)
+    fused = decode_step.FusedDecoder.build(unwrap_peft(model), past)
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
     n = 0
     for t in range(max_new_tokens):
