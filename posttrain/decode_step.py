@@ -132,12 +132,15 @@ class _PackedProjection:
     block-diagonal matrix with the scalings folded in)."""
 
     def __init__(self, packed, lora: tuple[torch.Tensor, torch.Tensor] | None = None):
-        self.packed, self.lora = packed, lora
+        self.packed = packed
+        self.lora = None if lora is None else (lora[0].t().contiguous(), lora[1].t().contiguous())  # A^T, B^T
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
         if self.lora is not None:
-            y = y + F.linear(F.linear(x, self.lora[0]), self.lora[1])
+            a_t, b_t = self.lora
+            flat = x.reshape(-1, x.shape[-1])
+            y.view(flat.shape[0], -1).addmm_(flat @ a_t, b_t)
         return y
 
 
@@ -167,11 +170,14 @@ def pack_fp16(model) -> bool:
     LoRA adapters stay unmerged: the packed weights are the frozen base layers', kept between
     calls while those weights are unchanged (a LoRA run packs once), and each call adds its
     adapters as two small matmuls per fused projection. A full fine-tune repacks on each call
-    (~0.8 s for 135M parameters on 2 cores: the packing is split over threads).
+    (1.1-1.4 s for SmolLM2-135M on 2 cores, split over threads). Memory: fbgemm pads each
+    pack's input dimension to blocks of 512, so a 576-wide projection's pack takes 1.78x its
+    float16 bytes: ~475 MB for SmolLM2-135M, held for the whole of a LoRA run.
 
-    Why: decoding at batch 8 reads every weight once per step, so on a CPU without fast bf16
-    (AVX2 only) a float32 step is bound by memory bandwidth; half the bytes a weight made
-    decoding 2.1x faster there at batch 8, 1.07x at 48 (``benchmarks/decode_speed.py``).
+    Why: at batch 8 on a CPU without fast bf16 (AVX2 only) fbgemm's float16-weight kernel ran
+    the projections 2-2.8x faster than float32 ``F.linear`` (the 49152 x 576 LM head: 6.8 vs
+    22 ms), which made decoding 2.1x faster there at batch 8, 1.07x at 48
+    (``benchmarks/decode_speed.py``).
     float16 keeps 11 significant bits (bf16: 8): the projections differ from float32 by ~2e-4
     relative. Prefill (many tokens a row, compute bound) runs on the float32 model as it is.
     """

@@ -460,7 +460,10 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eo
     bookkeeping) rather than to the model, and online RL calls it on every step. The cache is
     preallocated (:func:`preallocated_cache`), and rows that ended are dropped from the batch
     once they are an eighth of it, so a few long completions do not keep the whole batch
-    decoding (completions here vary from ~40 to the token limit).
+    decoding (completions here vary from ~40 to the token limit). Identical prompt rows (a
+    GRPO group's copies of its prompt) are prefilled once and their cache copied: prefill is
+    compute-bound (a batch of 8 copies of a 60-token prompt: ~0.9 s of float32 matmuls on 2
+    cores, against ~70 ms a decoding step), and HF ``generate`` prefills every copy.
     """
     with attention.enabled(model):
         return _decode(model, ids, mask, max_new_tokens, eos, pad, temperature, top_k, top_p, generator)
@@ -473,7 +476,14 @@ def _decode(model, ids, mask, max_new_tokens, eos, pad, temperature, top_k, top_
     position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
     past = preallocated_cache(model, ids.shape[1] + max_new_tokens)
     key = _cache_argument(model)
-    past, logits = prefill(model, past, input_ids=ids, attention_mask=mask, position_ids=position_ids)
+    rows, inverse = torch.unique(torch.cat([ids, mask.to(ids.dtype)], 1), dim=0, return_inverse=True)
+    if past is not None and len(rows) < B:  # a group's copies of one prompt: prefill it once, then copy its cache
+        past, logits = prefill(model, past, input_ids=rows[:, : ids.shape[1]], attention_mask=rows[:, ids.shape[1] :],
+                               position_ids=position_ids[_first_of_each(inverse, len(rows))])
+        past.batch_select_indices(inverse)
+        logits = logits[inverse]
+    else:
+        past, logits = prefill(model, past, input_ids=ids, attention_mask=mask, position_ids=position_ids)
     next_pos = position_ids[:, -1:] + 1
     fused = decode_step.FusedDecoder.build(unwrap_peft(model), past)
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
@@ -503,6 +513,13 @@ def _decode(model, ids, mask, max_new_tokens, eos, pad, temperature, top_k, top_
             past, logits = getattr(res, key), res.logits[:, -1]
         next_pos = next_pos + 1
     return out[:, :n]
+
+
+def _first_of_each(inverse: torch.Tensor, n: int) -> torch.Tensor:
+    """For ``inverse`` from ``torch.unique(..., return_inverse=True)`` over ``n`` unique rows: the
+    index of the first original row of each unique one."""
+    first = torch.full((n,), len(inverse), dtype=torch.long, device=inverse.device)
+    return first.scatter_reduce(0, inverse, torch.arange(len(inverse), device=inverse.device), reduce="amin")
 
 
 def continue_batch(model, tok, ids: torch.Tensor, mask: torch.Tensor, cfg: SamplingConfig,

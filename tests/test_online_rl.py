@@ -368,6 +368,40 @@ def test_decode_loop_matches_hf_generate(tiny_model_dir, smol_tokenizer):
     torch.testing.assert_close(hf.softmax(-1), ours.softmax(-1))
 
 
+def test_decode_prefills_each_distinct_prompt_once(tiny_model_dir, smol_tokenizer, monkeypatch):
+    """A batch holding copies of prompts (GRPO groups) prefills each distinct prompt once and
+    copies its cache: greedy tokens equal HF generate's on the whole batch, and a seeded sample
+    equals the one drawn with every copy prefilled."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain import rollout
+    from posttrain.rollout import decode, left_pad
+
+    tok = smol_tokenizer
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompts = [tok.apply_chat_template([{"role": "user", "content": "hi " * (i + 1)}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=True)["input_ids"] for i in range(2)]
+    ids, mask = left_pad([prompts[i] for i in (1, 0, 0, 1, 0)], tok.pad_token_id)
+    seen = []
+    real = rollout.prefill
+
+    def spy(model, cache, **inputs):
+        seen.append(inputs["input_ids"].shape[0])
+        return real(model, cache, **inputs)
+
+    monkeypatch.setattr(rollout, "prefill", spy)
+    want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[:, ids.shape[1]:]
+    got = decode(model, ids, mask, 8, tok.eos_token_id, tok.pad_token_id)
+    assert seen == [2] and torch.equal(got, want[:, : got.shape[1]])
+    sampled = decode(model, ids, mask, 8, tok.eos_token_id, tok.pad_token_id, temperature=1.0,
+                     generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(rollout.torch, "unique", lambda x, **kw: (x, torch.arange(len(x))))  # every row its own
+    every = decode(model, ids, mask, 8, tok.eos_token_id, tok.pad_token_id, temperature=1.0,
+                   generator=torch.Generator().manual_seed(3))
+    assert seen == [2, 2, 5] and torch.equal(sampled, every)
+
+
 def test_decode_drops_ended_rows_and_matches_hf_generate(tiny_model_dir, smol_tokenizer):
     """Rows that reach EOS leave the batch (the cache is compacted); every row's tokens still
     equal HF generate's, with pads after each row's EOS, greedy and sampled-with-seed alike."""
