@@ -511,7 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--dtype", default="auto",
                    help="weights dtype to decode in: auto (bfloat16 where mixed precision is picked, else "
-                        "float32), float32 or bfloat16")
+                        "float32, decoded from float16 weights packed for fbgemm on x86 CPUs), float32 "
+                        "(decoded in float32 throughout) or bfloat16")
     e.add_argument("--answer-format", default="tagged", choices=["tagged", "last_number"],
                    help="tagged: the task verifier (answer inside <answer> tags); last_number: the tagged "
                         "answer or else the last number in the response (for models not trained on the format)")

@@ -65,9 +65,11 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def evaluate_items(model, tok, items: list[EvalItem], max_new_tokens: int = 256, batch_size: int = 16,
-                   k: int = 1, temperature: float = 0.8, seed: int = 0, answer_format: str = "tagged"
-                   ) -> tuple[dict, list[dict]]:
-    """(metrics per task and ``all``, per-question samples).
+                   k: int = 1, temperature: float = 0.8, seed: int = 0, answer_format: str = "tagged",
+                   decode_dtype: str = "auto") -> tuple[dict, list[dict]]:
+    """(metrics per task and ``all``, per-question samples). ``decode_dtype``: ``sampling.dtype``
+    of the generation (auto: float16 weights packed for fbgemm for a float32 model on an x86
+    CPU, :func:`posttrain.rollout.decode_dtype`; float32 decodes exactly in float32).
 
     ``answer_format='last_number'`` accepts the tagged answer or else the last number of the
     response (the ``exact_answer`` reward's rule), for models not trained on the format.
@@ -79,13 +81,13 @@ def evaluate_items(model, tok, items: list[EvalItem], max_new_tokens: int = 256,
         return exact_answer(None, [resp], answer=[answer])[0] == 1.0
 
     convs = [it.messages for it in items]
-    greedy = generate(model, tok, convs, SamplingConfig(max_new_tokens=max_new_tokens, batch_size=batch_size),
-                      progress="eval")
+    greedy = generate(model, tok, convs, SamplingConfig(max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                                        dtype=decode_dtype), progress="eval")
     sampled = []
     if k > 1:
         reps = [c for c in convs for _ in range(k)]
         flat = generate(model, tok, reps, SamplingConfig(max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                                         temperature=temperature, seed=seed),
+                                                         temperature=temperature, seed=seed, dtype=decode_dtype),
                         progress=f"pass@{k}")
         sampled = [flat[i * k : (i + 1) * k] for i in range(len(items))]
     groups: dict[str, list[dict]] = defaultdict(list)
@@ -143,7 +145,8 @@ def run_eval(model_path: str, data: str, out: str | None = None, limit: int = 0,
         items = items[:limit]
     model, tok = load_model(model_path, dtype, with_tokenizer=True, inference=True)
     log(f"eval: {len(items)} questions from {data} with {model_path} ({Precision(next(model.parameters()).dtype)})")
-    metrics, samples = evaluate_items(model, tok, items, **kw)
+    # --dtype float32 asked for float32 itself: decode in it too, not from float16 packed weights
+    metrics, samples = evaluate_items(model, tok, items, decode_dtype="float32" if dtype == "float32" else "auto", **kw)
     print_table(metrics, f"{model_path} on {Path(data).name}")
     if out:
         o = Path(out)

@@ -249,7 +249,8 @@ def resolve_model_path(name_or_path: str) -> Path:
 
 @functools.cache
 def _cpu_bf16_is_faster() -> bool:
-    """Time a 1024 x 1024 matmul in fp32 and bf16 on this CPU; bf16 must win by 1.3x to be used.
+    """Time a 1024 x 1024 matmul in fp32 and bf16 on this CPU; bf16 must win by 1.3x to be used
+    (a CPU where bf16 is 3x slower already at 256 x 256 is answered from that).
 
     Rounds of the two alternate and the best round of each counts, and the answer is kept for
     the process: another process on the cores slows both alike instead of one. (A probe of five
@@ -257,20 +258,31 @@ def _cpu_bf16_is_faster() -> bool:
     float32 on a CPU where bf16 is 2.5x faster, and a benchmark run then decoded in float32.)"""
     try:
         gen = torch.Generator().manual_seed(0)  # leaves the global RNG (LoRA init, sampling) alone
-        mats = {dt: (torch.randn(1024, 1024, generator=gen).to(dt), torch.randn(1024, 1024, generator=gen).to(dt))
-                for dt in (torch.float32, torch.bfloat16)}
-        best = dict.fromkeys(mats, float("inf"))
-        for dt, (a, b) in mats.items():
-            torch.mm(a, b)  # first call builds the kernel
-        for _ in range(6):
-            for dt, (a, b) in mats.items():
-                t0 = time.perf_counter()
-                for _ in range(3):
-                    torch.mm(a, b)
-                best[dt] = min(best[dt], time.perf_counter() - t0)
-        return best[torch.bfloat16] * 1.3 < best[torch.float32]
+        # a CPU without bf16 instructions emulates them ~500x slower than float32 (0.3 GFLOP/s on
+        # an AVX2-only EPYC: the 1024 probe below took 49 s there, on every load): a 256 x 256
+        # round first, and no bf16 when it is already 3x slower than float32
+        if _bf16_over_fp32_time(256, 2, gen) > 3:
+            return False
+        return _bf16_over_fp32_time(1024, 6, gen) * 1.3 < 1
     except RuntimeError:
         return False
+
+
+def _bf16_over_fp32_time(n: int, rounds: int, gen: torch.Generator) -> float:
+    """Best time of 3 bf16 ``n x n`` matmuls over the best of 3 float32 ones, in alternating
+    rounds (after one call each that builds the kernels)."""
+    mats = {dt: (torch.randn(n, n, generator=gen).to(dt), torch.randn(n, n, generator=gen).to(dt))
+            for dt in (torch.float32, torch.bfloat16)}
+    best = dict.fromkeys(mats, float("inf"))
+    for a, b in mats.values():
+        torch.mm(a, b)
+    for _ in range(rounds):
+        for dt, (a, b) in mats.items():
+            t0 = time.perf_counter()
+            for _ in range(3):
+                torch.mm(a, b)
+            best[dt] = min(best[dt], time.perf_counter() - t0)
+    return best[torch.bfloat16] / best[torch.float32]
 
 
 @dataclass(frozen=True)

@@ -269,3 +269,25 @@ def test_frozen_base_in_bf16_releases_the_checkpoint_map(tiny_model_dir):
     assert any(t.dtype == torch.bfloat16 for t in tensors)  # the frozen base was lowered
     inside = [t.shape for t in tensors for lo, hi in mapped_ranges() if lo <= t.data_ptr() < hi]
     assert not inside
+
+
+def test_bf16_probe_stops_at_the_small_round_when_bf16_is_emulated(monkeypatch):
+    """The small round answers for a CPU that emulates bf16 (the large one took 49 s on every
+    load there); otherwise the large round decides, bf16 winning by 1.3x."""
+    from posttrain import models
+
+    calls = []
+
+    def timed(ratios):
+        def probe(n, rounds, gen):
+            calls.append(n)
+            return ratios[n]
+        return probe
+
+    for ratios, want, sizes in [({256: 43.0}, False, [256]), ({256: 0.6, 1024: 0.5}, True, [256, 1024]),
+                                ({256: 1.1, 1024: 0.9}, False, [256, 1024])]:
+        calls.clear()
+        models._cpu_bf16_is_faster.cache_clear()
+        monkeypatch.setattr(models, "_bf16_over_fp32_time", timed(ratios))
+        assert models._cpu_bf16_is_faster() is want and calls == sizes
+    models._cpu_bf16_is_faster.cache_clear()
