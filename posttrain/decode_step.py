@@ -29,13 +29,16 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
 
 ARCHS = {"llama", "qwen2"}
 ATTR = "_posttrain_fused"
-PACKED = "_posttrain_packed_fp16"
+# model -> its float16 packs (pack_fp16): kept beside the model, not on it, so that copying or
+# pickling a model never copies them
+PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _linear(mod, lora_as_base: bool = False):
@@ -206,11 +209,11 @@ def pack_fp16(model) -> bool:
         return False
     weights.append(head.weight)
     key = tuple((w.data_ptr(), w._version) for w in weights)
-    kept = getattr(model, PACKED, None)
+    kept = PACKED.get(model)
     if kept is not None and kept["key"] == key:
         packs = kept["packs"]
     else:
-        setattr(model, PACKED, None)  # free the old packs before making new ones
+        PACKED.pop(model, None)  # free the old packs before making new ones
         jobs = [[b.weight for b in bases] for entry in plan for bases, _ in entry] + [[head.weight]]
         biases = [[b.bias for b in bases] for entry in plan for bases, _ in entry] + [[head.bias]]
         packs = _prepack_all(jobs, biases)
@@ -218,8 +221,8 @@ def pack_fp16(model) -> bool:
     layers = [tuple(_PackedProjection(next(it), _stacked(adapters, bases)) for bases, adapters in entry)
               for entry in plan]
     frozen = not any(w.requires_grad for w in weights)
-    setattr(model, PACKED, {"key": key, "packs": packs, "layers": layers, "head": _PackedProjection(next(it)),
-                            "active": True, "frozen": frozen})
+    PACKED[model] = {"key": key, "packs": packs, "layers": layers, "head": _PackedProjection(next(it)),
+                     "active": True, "frozen": frozen}
     return True
 
 
@@ -255,13 +258,13 @@ def _prepack_all(weights: list[list[torch.Tensor]], biases: list[list]) -> list:
 def unpack_fp16(model) -> None:
     """Detach the weights :func:`pack_fp16` attached to ``model``: freed when they come from
     trainable weights (repacked on the next call anyway), kept for the next call when frozen."""
-    kept = getattr(model, PACKED, None)
+    kept = PACKED.get(model)
     if kept is None:
         return
     if kept["frozen"]:
         kept.update(active=False, layers=None, head=None)
     else:
-        setattr(model, PACKED, None)
+        del PACKED[model]
 
 
 class FusedDecoder:
@@ -283,7 +286,7 @@ class FusedDecoder:
             return None
         if not all(getattr(layer, "preallocated", False) for layer in getattr(cache, "layers", [None])):
             return None
-        packed = getattr(model, PACKED, None)
+        packed = PACKED.get(model)
         if packed is not None and packed["active"]:
             return cls(model, cache, packed["layers"], packed["head"])
         if getattr(model, ATTR, None) is None:

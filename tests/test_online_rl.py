@@ -554,10 +554,10 @@ def test_auto_decodes_float32_cpu_models_with_packed_fp16_weights_and_restores_l
             got = step.step(ids[:, 3], torch.tensor([[3]]), torch.ones(1, 4, dtype=torch.long))
             ref = model(input_ids=ids).logits[:, -1]
             assert ((got - ref).abs().max() / ref.abs().max()).item() < 3e-3
-            packs = getattr(base, decode_step.PACKED)["packs"]
-        assert getattr(base, decode_step.PACKED, None) is None or not getattr(base, decode_step.PACKED)["active"]
+            packs = decode_step.PACKED[base]["packs"]
+        assert base not in decode_step.PACKED or not decode_step.PACKED[base]["active"]
     if want == torch.float16:
-        assert getattr(base, decode_step.PACKED)["packs"] is packs  # the frozen base was packed once
+        assert decode_step.PACKED[base]["packs"] is packs  # the frozen base was packed once
     assert not any(m.merged for m in base.modules() if hasattr(m, "lora_A"))
     for n, p in model.named_parameters():
         torch.testing.assert_close(p, before[n], rtol=0, atol=1e-6)
