@@ -155,9 +155,9 @@ def _adapters(mod) -> list[tuple[torch.Tensor, torch.Tensor, float]] | None:
         return []
     if not isinstance(getattr(mod, "base_layer", None), torch.nn.Linear):
         return None
-    if getattr(mod, "merged", False) or getattr(mod, "disable_adapters", False):
-        return []
-    active = [a for a in mod.active_adapters if a in mod.lora_A]
+    from posttrain.models import active_adapters
+
+    active = active_adapters(mod)
     if any(getattr(mod, "use_dora", {}).get(a) or getattr(mod, "lora_bias", {}).get(a) for a in active):
         return None
     return [(mod.lora_A[a].weight, mod.lora_B[a].weight, float(mod.scaling[a])) for a in active]
@@ -214,15 +214,13 @@ def pack_fp16(model) -> bool:
         packs = kept["packs"]
     else:
         PACKED.pop(model, None)  # free the old packs before making new ones
-        jobs = [[b.weight for b in bases] for entry in plan for bases, _ in entry] + [[head.weight]]
-        biases = [[b.bias for b in bases] for entry in plan for bases, _ in entry] + [[head.bias]]
-        packs = _prepack_all(jobs, biases)
+        packs = _prepack_all([bases for entry in plan for bases, _ in entry] + [[head]])
     it = iter(packs)
     layers = [tuple(_PackedProjection(next(it), _stacked(adapters, bases)) for bases, adapters in entry)
               for entry in plan]
     frozen = not any(w.requires_grad for w in weights)
     PACKED[model] = {"key": key, "packs": packs, "layers": layers, "head": _PackedProjection(next(it)),
-                     "active": True, "frozen": frozen}
+                     "frozen": frozen}
     return True
 
 
@@ -240,19 +238,21 @@ def _stacked(adapters, bases):
     return A, B
 
 
-def _prepack_all(weights: list[list[torch.Tensor]], biases: list[list]) -> list:
-    """fbgemm float16 packs of each group of weights stacked along their outputs (with their
-    biases, when any), made on ``torch.get_num_threads()`` threads (each pack runs on one)."""
+def _prepack_all(groups: list[list[torch.nn.Linear]]) -> list:
+    """fbgemm float16 packs of each group of linear layers' weights stacked along their outputs
+    (with their biases, when any), made on ``torch.get_num_threads()`` threads (each pack runs
+    on one)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def one(job):
-        ws, bs = job
-        w = ws[0] if len(ws) == 1 else torch.cat(ws)
-        b = None if bs[0] is None else (bs[0] if len(bs) == 1 else torch.cat(bs))
-        return torch.ops.quantized.linear_prepack_fp16(w.detach(), None if b is None else b.detach())
+    def stacked(tensors):  # one layer's own tensor as it is (no copy of the 49152-row head)
+        return tensors[0].detach() if len(tensors) == 1 else torch.cat([t.detach() for t in tensors])
+
+    def one(group):
+        b = None if group[0].bias is None else stacked([m.bias for m in group])
+        return torch.ops.quantized.linear_prepack_fp16(stacked([m.weight for m in group]), b)
 
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        return list(pool.map(one, zip(weights, biases)))
+        return list(pool.map(one, groups))
 
 
 def unpack_fp16(model) -> None:
@@ -262,7 +262,7 @@ def unpack_fp16(model) -> None:
     if kept is None:
         return
     if kept["frozen"]:
-        kept.update(active=False, layers=None, head=None)
+        kept.update(layers=None, head=None)  # detached: kept for the next call, not decoded with
     else:
         del PACKED[model]
 
@@ -287,7 +287,7 @@ class FusedDecoder:
         if not all(getattr(layer, "preallocated", False) for layer in getattr(cache, "layers", [None])):
             return None
         packed = PACKED.get(model)
-        if packed is not None and packed["active"]:
+        if packed is not None and packed["layers"] is not None:
             return cls(model, cache, packed["layers"], packed["head"])
         if getattr(model, ATTR, None) is None:
             return None

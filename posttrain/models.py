@@ -450,6 +450,14 @@ def lora_layers(model) -> list[torch.nn.Module]:
             if hasattr(m, "lora_A") and isinstance(getattr(m, "base_layer", None), torch.nn.Linear)]
 
 
+def active_adapters(layer) -> list[str]:
+    """The adapters a peft LoRA layer adds to its base layer's output now (none when merged or
+    disabled)."""
+    if getattr(layer, "merged", False) or getattr(layer, "disable_adapters", False):
+        return []
+    return [a for a in layer.active_adapters if a in layer.lora_A]
+
+
 def store_frozen_base(model, dtype: torch.dtype) -> int:
     """Keep the frozen weights of ``model``'s LoRA-adapted projections in ``dtype`` (the
     adapters, embeddings, norms and biases stay as they are); returns the number of weights

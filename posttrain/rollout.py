@@ -33,7 +33,7 @@ import torch
 
 from posttrain import attention, decode_step
 from posttrain.config import doc
-from posttrain.models import lora_layers, unwrap_peft
+from posttrain.models import active_adapters, lora_layers, unwrap_peft
 
 
 @dataclass
@@ -153,14 +153,6 @@ def decode_dtype(model, requested: str = "auto") -> torch.dtype:
 _DECODE_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _active_adapters(layer) -> list[str]:
-    """The adapters a peft LoRA layer adds to its base layer's output now (none when merged or
-    disabled)."""
-    if getattr(layer, "merged", False) or getattr(layer, "disable_adapters", False):
-        return []
-    return [a for a in layer.active_adapters if a in layer.lora_A]
-
-
 def merges_by_delta(model, layers: list | None = None) -> bool:
     """Whether every LoRA layer of ``model`` merges as ``W + get_delta_weight`` (plain LoRA on a
     linear layer; DoRA and other variants do not); ``layers``: its :func:`lora_layers`, when
@@ -271,7 +263,7 @@ def _restore_storage(entry) -> None:
 def merged_weight(weight: torch.Tensor, layer=None) -> torch.Tensor:
     """``weight`` with the active adapters of the peft LoRA ``layer`` around it added (``W + B A
     s``, in float32), or ``weight`` itself (no layer, or nothing active)."""
-    adapters = _active_adapters(layer) if layer is not None else []
+    adapters = active_adapters(layer) if layer is not None else []
     if not adapters:
         return weight
     w = weight.to(torch.float32, copy=True)

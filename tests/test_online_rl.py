@@ -432,23 +432,27 @@ def test_decode_drops_ended_rows_and_matches_hf_generate(tiny_model_dir, smol_to
             assert set(row[row.index(eos) + 1:]) <= {tok.pad_token_id}
 
 
+def decoding_model(arch: str, tiny_model_dir, tok):
+    """The tiny llama of ``tiny_model_dir``, or a tiny Qwen2 (q/k/v biases), in eval mode."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    if arch == "llama":
+        return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=256, tie_word_embeddings=True)).eval()
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_fused_decoding_step_matches_hf_forward(arch, tiny_model_dir, smol_tokenizer):
     """The fused one-token step (q/k/v and gate/up as one matmul each, views of the decoding
     copy's weights) gives HF's logits on a left-padded batch, step after step, with the cache
     compacted in between; Qwen2 has q/k/v biases. In float32, so to rounding only."""
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
     from posttrain.decode_step import FusedDecoder
     from posttrain.rollout import _cache_argument, decode, decode_copy, left_pad, preallocated_cache, prefill
 
-    if arch == "llama":
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    else:
-        torch.manual_seed(0)
-        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                             max_position_embeddings=256, tie_word_embeddings=True)).eval()
+    model = decoding_model(arch, tiny_model_dir, smol_tokenizer)
     fast = decode_copy(model, torch.float32)
     assert fast is not model and FusedDecoder.build(fast, preallocated_cache(fast, 8)) is not None
     at = fast.model.layers[0].self_attn
@@ -487,18 +491,10 @@ def test_fp16_packed_decoding_step_is_float32_to_float16_weight_rounding(arch, t
     """The fused step on float16 weights packed for fbgemm: logits of HF's float32 forward to
     the rounding of float16 weights (relative < 3e-3 here; float32 to 1e-5 above), step after
     step, nonzero (it is not the float32 path). Qwen2 has q/k/v biases."""
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
     from posttrain import decode_step
     from posttrain.rollout import _cache_argument, left_pad, preallocated_cache, prefill
 
-    if arch == "llama":
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    else:
-        torch.manual_seed(0)
-        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                             max_position_embeddings=256, tie_word_embeddings=True)).eval()
+    model = decoding_model(arch, tiny_model_dir, smol_tokenizer)
     assert decode_step.pack_fp16(model)
     prompts = [smol_tokenizer.encode("x " * (i + 1)) for i in range(4)]
     ids, mask = left_pad(prompts, smol_tokenizer.pad_token_id)
@@ -555,7 +551,7 @@ def test_auto_decodes_float32_cpu_models_with_packed_fp16_weights_and_restores_l
             ref = model(input_ids=ids).logits[:, -1]
             assert ((got - ref).abs().max() / ref.abs().max()).item() < 3e-3
             packs = decode_step.PACKED[base]["packs"]
-        assert base not in decode_step.PACKED or not decode_step.PACKED[base]["active"]
+        assert base not in decode_step.PACKED or decode_step.PACKED[base]["layers"] is None
     if want == torch.float16:
         assert decode_step.PACKED[base]["packs"] is packs  # the frozen base was packed once
     assert not any(m.merged for m in base.modules() if hasattr(m, "lora_A"))
