@@ -8,7 +8,7 @@ positions), the two matmuls 0.4 ms; summed over 30 layers that was most of a dec
 The matmuls run in the cache's dtype and the softmax in float32, as HF's eager attention does.
 
 Whole sequences (training passes, reference passes, prefill) whose ``(B, heads, Lq, Lk)``
-scores fit :data:`SCORES_BUDGET_BYTES`: everything in float32 (queries, keys and values cast
+scores fit :data:`SCORES_BUDGET_BYTES` (in float32, only up to :data:`FLOAT32_MAX_KEYS` keys): everything in float32 (queries, keys and values cast
 up, scores as one ``baddbmm`` with the mask as its additive input, softmax, one ``bmm`` with
 the values), the query heads grouped over their key/value head. Measured on the 2-core CPU
 (SmolLM2-135M's 9/3 heads, bf16 inputs, 8 x 134 tokens, forward + backward of one layer):
@@ -46,6 +46,14 @@ _SPECIAL = ("softcap", "position_bias", "s_aux", "sinks")
 #: tokens with 9 heads. Env ``POSTTRAIN_ATTN_SCORES_MIB`` overrides it (0 = always SDPA).
 SCORES_BUDGET_BYTES = int(os.environ.get("POSTTRAIN_ATTN_SCORES_MIB", "32")) * 2**20
 
+#: Float32 inputs take the whole-sequence path only up to this many keys. Measured on the 2-core
+#: AVX2 CPU (machine D; SmolLM2's 9/3 heads, forward + backward of one layer, causal mask): at 160
+#: keys both took the same time (1 x 160: 2.5 ms, 8 x 160: 19.9 ms), above it torch's flash
+#: kernel was faster (1 x 320: 9.2 vs 7.5 ms; 8 x 256: 49 vs 40 ms) and keeps no probabilities
+#: (in online RL's prefix-shared rows of 256-450 tokens those were ~100 MB across 30 layers);
+#: below it the matmuls were (8 x 134: 12.6 vs 16.7 ms; 16 x 64: 5.9 vs 8.4 ms).
+FLOAT32_MAX_KEYS = 160
+
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """HF attention function: ``(output (B, Lq, Hq, D), None)``; see the module docstring."""
@@ -67,6 +75,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
     if (not special and Lq > 1 and query.device.type == "cpu" and B * Hq * Lq * Lk * 4 <= SCORES_BUDGET_BYTES
+            and (query.dtype != torch.float32 or Lk <= FLOAT32_MAX_KEYS)
             and (attention_mask is not None or (causal and Lq == Lk))):
         return _whole_sequence(query, key, value, attention_mask, D**-0.5 if scaling is None else scaling), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

@@ -82,6 +82,22 @@ def test_whole_sequences_over_budget_go_to_sdpa(monkeypatch):
     assert torch.equal(attention.attention(MODULE, q, k, v, None)[0], _sdpa(MODULE, q, k, v, None)[0])
 
 
+def test_long_float32_sequences_go_to_sdpa(monkeypatch):
+    """Float32 inputs with more keys than FLOAT32_MAX_KEYS: torch's flash kernel (faster there on a
+    CPU, and it keeps no probabilities); bf16 inputs of the same length stay on the matmul path."""
+    torch.manual_seed(0)
+    q, k, v = _qkv(2, 6, 2, 5, 8)
+    monkeypatch.setattr(attention, "FLOAT32_MAX_KEYS", 4)
+    assert torch.equal(attention.attention(MODULE, q, k, v, None)[0], _sdpa(MODULE, q, k, v, None)[0])
+    called = []
+    monkeypatch.setattr(attention, "_whole_sequence", lambda *a: called.append(1) or a[0].transpose(1, 2))
+    attention.attention(MODULE, q.bfloat16(), k.bfloat16(), v.bfloat16(), None)
+    assert called
+    monkeypatch.setattr(attention, "FLOAT32_MAX_KEYS", 5)
+    attention.attention(MODULE, q, k, v, None)
+    assert len(called) == 2
+
+
 def test_auto_attention_trains_like_sdpa(tiny_model_dir):
     """``attn_implementation: auto`` (the default) gives SDPA's loss and gradients on a padded batch,
     and the saved checkpoint's config does not name posttrain's function."""
