@@ -76,11 +76,17 @@ def _cut_at_stop(text: str, stops: list[str]) -> str:
 
 @torch.no_grad()
 def generate(model, tok, conversations: list[list[dict[str, str]]], cfg: SamplingConfig | None = None,
-             streamer=None, progress: str | None = None) -> list[str]:
+             streamer=None, progress: str | None = None, prefixes: list[str] | None = None) -> list[str]:
     """Completions (text, special tokens removed) for chat ``conversations``, in input order.
-    ``progress``: show a bar with this label, advanced per batch (not inside another bar)."""
+    ``progress``: show a bar with this label, advanced per batch (not inside another bar).
+    ``prefixes``: text the assistant's turn already starts with, one per conversation; the
+    completion continues it (what is returned is the continuation alone)."""
     cfg = cfg or SamplingConfig()
     texts = render_prompts(tok, conversations)
+    if prefixes is not None:
+        if len(prefixes) != len(texts):
+            raise ValueError(f"generate: {len(prefixes)} prefixes for {len(texts)} conversations")
+        texts = [t + p for t, p in zip(texts, prefixes)]
     bar = None
     if progress:
         from posttrain.engine import progress as progress_bar

@@ -98,6 +98,92 @@ def test_rejection_difficulty_filter(monkeypatch, smol_tokenizer):
     assert len(res.rows) == 2  # by default both questions keep theirs (the second easy one is a duplicate)
 
 
+def test_rejection_repairs_a_wrong_response_at_its_first_false_claim(monkeypatch, smol_tokenizer):
+    """repair_rounds: a response with a miswritten column digit is cut at that claim, the true
+    column written in its place, and the model's continuation kept when it then verifies; a
+    wrong response with no false claim (only its answer is wrong) is left alone."""
+    import random
+
+    import posttrain.synth.rejection as rej
+    from posttrain.synth.claims import first_false_claim
+    from posttrain.synth.tasks import corrupt_solution, problems
+
+    fixable, unfixable = problems("addition", 2, "train")
+    _, _, wrong = corrupt_solution(fixable, random.Random(0))
+    claim = first_false_claim(wrong)
+    assert claim is not None and fixable.solution.startswith(wrong[: claim.start] + claim.corrected)
+    no_claim = unfixable.solution.replace(f"<answer>{unfixable.answer}</answer>", "<answer>0</answer>")
+    seen_prefixes = []
+
+    def fake_generate(model, tok, convs, cfg, prefixes=None):
+        if prefixes is None:
+            return [wrong, no_claim]
+        seen_prefixes.extend(prefixes)  # the model continues the cut text the right way
+        return [fixable.solution[len(p):] for p in prefixes]
+
+    monkeypatch.setattr(rej, "generate", fake_generate)
+    res = rej.rejection_sample(None, smol_tokenizer, [fixable, unfixable],
+                               rej.RejectionConfig(k=1, repair_rounds=2))
+    assert seen_prefixes == [wrong[: claim.start] + claim.corrected]  # one cut, for the one repairable response
+    assert res.rows == [{"messages": [{"role": "user", "content": fixable.question},
+                                      {"role": "assistant", "content": fixable.solution.strip()}],
+                         "task": "addition", "answer": fixable.answer, "repaired": True}]
+    t = res.stats["per_task"]["addition"]
+    assert (t["repair_attempted"], t["repaired"], t["kept_repaired"], t["repair_cuts"], t["correct"]) == (1, 1, 1, 1, 0)
+    assert res.stats["rejected"] == {"wrong answer": 2}
+    # without repair_rounds (the default) nothing of the kind happens
+    res = rej.rejection_sample(None, smol_tokenizer, [fixable, unfixable], rej.RejectionConfig(k=1))
+    assert res.rows == [] and len(seen_prefixes) == 1
+
+
+def test_repair_gives_up_after_its_rounds(monkeypatch, smol_tokenizer):
+    """A continuation that makes a new mistake is cut again, up to repair_rounds times."""
+    import random
+
+    import posttrain.synth.rejection as rej
+    from posttrain.synth.tasks import corrupt_solution, problems
+
+    q = problems("addition", 1, "train", seed=3)[0]
+    _, _, wrong = corrupt_solution(q, random.Random(1))
+    calls = []
+
+    def fake_generate(model, tok, convs, cfg, prefixes=None):
+        calls.append(prefixes)
+        return [wrong] if prefixes is None else [" and 2 + 2 = 5, so <answer>1</answer>" for _ in prefixes]
+
+    monkeypatch.setattr(rej, "generate", fake_generate)
+    res = rej.rejection_sample(None, smol_tokenizer, [q], rej.RejectionConfig(k=1, repair_rounds=3))
+    assert len(calls) == 4 and res.rows == []  # the first sampling, then three cuts
+    assert calls[2][0].endswith("2 + 2 = 4") and calls[3][0].count("2 + 2 = 4") == 2
+    assert res.stats["per_task"]["addition"]["repaired"] == 0
+
+
+def test_generate_continues_an_assistant_prefix(monkeypatch, tiny_model_dir):
+    """generate(prefixes=...): the prompt the model continues is the chat-templated
+    conversation followed by the prefix; what comes back is the continuation alone."""
+    import posttrain.rollout as ro
+    from posttrain.models import load_model
+
+    model, tok = load_model(str(tiny_model_dir), with_tokenizer=True, inference=True)
+    convs = [[{"role": "user", "content": "What is 2 + 3?"}], [{"role": "user", "content": "Hi"}]]
+    prefixes = ["<think>\n2 + 3 = 5", ""]
+    seen = []
+    real = ro.continue_batch
+
+    def spy(gen, tok_, ids, mask, *a, **k):
+        seen.extend(tok.decode(row[m.bool()]) for row, m in zip(ids, mask))
+        return real(gen, tok_, ids, mask, *a, **k)
+
+    monkeypatch.setattr(ro, "continue_batch", spy)
+    cfg = ro.SamplingConfig(max_new_tokens=4, temperature=0.0, batch_size=4)
+    out = ro.generate(model, tok, convs, cfg, prefixes=prefixes)
+    rendered = ro.render_prompts(tok, convs)
+    assert sorted(seen) == sorted([rendered[0] + prefixes[0], rendered[1]])
+    assert len(out) == 2 and out[1] == ro.generate(model, tok, convs[1:], cfg)[0]
+    with pytest.raises(ValueError, match="1 prefixes for 2"):
+        ro.generate(model, tok, convs, cfg, prefixes=prefixes[:1])
+
+
 def test_rejection_pairs_feed_a_dpo_stage(tiny_model_dir, tmp_path, monkeypatch):
     """A recipe's DPO stage trains on the pairs its rejection-sampling stage wrote (``@rs.pairs``)."""
     import posttrain.synth.rejection as rej

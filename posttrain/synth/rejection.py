@@ -14,6 +14,11 @@
   sampled accuracy and questions solved are reported per task, with the reasons responses were
   rejected. With ``pairs_per_question`` it also writes preference pairs (a verified response
   against a wrong one to the same question) for DPO on the model's own mistakes.
+* **Verifier-guided repair** (``repair_rounds``, :func:`repair_responses`): a wrong response is
+  cut at its first false arithmetic claim (:mod:`posttrain.synth.claims`), the true statement
+  written in its place, and the model continues; kept when it then verifies. This yields right
+  solutions to exactly the questions the model fails, which plain rejection sampling cannot
+  (its kept set leans to short, easy questions). Repaired rows carry ``"repaired": true``.
 
 Both write SFT rows (``messages`` + ``task`` + ``answer``) that ``posttrain sft`` reads.
 """
@@ -27,7 +32,7 @@ from pathlib import Path
 
 from posttrain.reasoning import parse_reasoning
 from posttrain.rollout import SamplingConfig, generate
-from posttrain.synth.claims import arithmetic_errors
+from posttrain.synth.claims import arithmetic_errors, first_false_claim
 from posttrain.synth.tasks import VERIFIERS, Problem, problems
 
 INSTRUCTION = ("Solve the problem. First reason step by step inside <think> </think>, then give only the final "
@@ -60,6 +65,14 @@ class RejectionConfig:
     # (posttrain.synth.claims: right by luck, e.g. a GCD of 9 reached through 3 * 288 = 764);
     # it is neither kept nor used as a chosen response
     check_steps: bool = True
+    # verifier-guided repair (:func:`repair_responses`): a wrong response is cut at its first false
+    # arithmetic claim, the true statement written in its place, and the model continues from
+    # there, up to this many times; a repaired response that then verifies (with no false step)
+    # is kept as well: a right solution, in the model's own words, to a question it got wrong.
+    # 0 = off
+    repair_rounds: int = 0
+    # repaired responses kept per question, besides the ``keep_per_question`` sampled ones
+    repair_per_question: int = 1
     one_shot: bool = False
     batch_size: int = 16
     seed: int = 0
@@ -76,41 +89,115 @@ def _normalise(text: str) -> str:
     return " ".join(text.split())
 
 
+def repair_responses(model, tok, convs: list[list[dict[str, str]]], responses: list[str], accept,
+                     cfg: RejectionConfig) -> list[tuple[str | None, int]]:
+    """Verifier-guided repair of wrong ``responses`` (one per conversation in ``convs``).
+
+    Each round cuts a response at its first false arithmetic claim
+    (:func:`posttrain.synth.claims.first_false_claim`), writes the true statement in its place
+    (``12 - 8 = 5`` -> ``12 - 8 = 4``) and lets the model continue from there with the
+    rejection-sampling settings; ``accept(i, text)`` decides whether the result is right. Up to
+    ``cfg.repair_rounds`` rounds. A response wrong for a reason the checker cannot see (a digit
+    misread, no answer), or whose false claim has nothing true to write in its place (a division
+    by zero), is left alone. Returns (repaired text or None, cuts made) per response.
+
+    What comes out is the model's own solution up to its mistake, the one corrected step, and the
+    model's own continuation: a right solution to a question the model got wrong, in its own
+    words, which plain rejection sampling would never keep.
+    """
+    texts, cuts = list(responses), [0] * len(responses)
+    result: list[str | None] = [None] * len(responses)
+    active = list(range(len(responses)))
+    for r in range(cfg.repair_rounds):
+        idx, prefixes = [], []
+        for i in active:
+            claim = first_false_claim(texts[i])
+            if claim is not None and claim.corrected:
+                idx.append(i)
+                prefixes.append(texts[i][: claim.start] + claim.corrected)
+        if not idx:
+            break
+        sc = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            batch_size=cfg.batch_size, seed=cfg.seed + 7_919 * (r + 1))
+        continuations = generate(model, tok, [convs[i] for i in idx], sc, prefixes=prefixes)
+        active = []
+        for i, prefix, cont in zip(idx, prefixes, continuations):
+            texts[i], cuts[i] = prefix + cont, cuts[i] + 1
+            if accept(i, texts[i]):
+                result[i] = texts[i]
+            else:
+                active.append(i)
+    return list(zip(result, cuts))
+
+
 def rejection_sample(model, tok, questions: list[Problem], cfg: RejectionConfig) -> RejectionResult:
     """Kept (verified, well-formatted, deduplicated) responses as SFT rows, plus yield statistics."""
     exemplars = {}
     if cfg.one_shot:
         for task in {q.task for q in questions}:
             exemplars[task] = problems(task, 1, "train", seed=10_007)[0]
-    convs = []
-    for q in questions:
+    convs, owner = [], []
+    for qi, q in enumerate(questions):
         msgs = one_shot_messages(q.question, exemplars[q.task]) if cfg.one_shot else \
             [{"role": "user", "content": q.question}]
         convs += [msgs] * cfg.k
+        owner += [qi] * cfg.k
     responses = generate(model, tok, convs, SamplingConfig(max_new_tokens=cfg.max_new_tokens,
                                                            temperature=cfg.temperature, top_p=cfg.top_p,
                                                            batch_size=cfg.batch_size, seed=cfg.seed))
+    extras = [{k: v for k, v in q.as_prompt_row().items() if k not in ("prompt", "answer", "task")}
+              for q in questions]
+
+    def verdict(i: int, text: str):
+        """(parsed, answer verifies, verifies but states false arithmetic) of response ``i``'s ``text``."""
+        q = questions[owner[i]]
+        p = parse_reasoning(text)
+        ok = p.ok and VERIFIERS[q.task](text, q.answer, **extras[owner[i]])
+        return p, ok, ok and cfg.check_steps and bool(arithmetic_errors(p.think))
+
+    verdicts = [verdict(i, r) for i, r in enumerate(responses)]
+    repaired: dict[int, tuple[str | None, int]] = {}
+    if cfg.repair_rounds:
+        wrong = [i for i, (_, ok, lucky) in enumerate(verdicts) if not ok or lucky]
+
+        def repaired_right(j: int, text: str) -> bool:
+            _, ok, lucky = verdict(wrong[j], text)
+            return ok and not lucky
+
+        fixed = repair_responses(model, tok, [convs[i] for i in wrong], [responses[i] for i in wrong],
+                                 repaired_right, cfg)
+        repaired = dict(zip(wrong, fixed))
     reasons: Counter = Counter()
     per_task: dict[str, Counter] = defaultdict(Counter)
     rows, pairs = [], []
-    for i, q in enumerate(questions):
-        seen, kept, good, bad = set(), 0, [], {}
-        extra = {k: v for k, v in q.as_prompt_row().items() if k not in ("prompt", "answer", "task")}
-        group = responses[i * cfg.k : (i + 1) * cfg.k]
-        parsed = [parse_reasoning(r) for r in group]
-        right = [p.ok and VERIFIERS[q.task](r, q.answer, **extra) for r, p in zip(group, parsed)]
+    for qi, q in enumerate(questions):
+        seen, kept, kept_repaired, good, bad = set(), 0, 0, [], {}
+        span = range(qi * cfg.k, (qi + 1) * cfg.k)
+        right = [verdicts[i][1] for i in span]
         per_task[q.task]["correct"] += sum(right)
-        false_steps = [ok and cfg.check_steps and bool(arithmetic_errors(p.think)) for ok, p in zip(right, parsed)]
+        false_steps = [verdicts[i][2] for i in span]
         per_task[q.task]["right_by_luck"] += sum(false_steps)
         right = [ok and not lucky for ok, lucky in zip(right, false_steps)]
-        too_easy = sum(right) > cfg.max_pass_rate * len(group)
+        too_easy = sum(right) > cfg.max_pass_rate * len(right)
         per_task[q.task]["questions_too_easy"] += too_easy
-        for resp, p, ok, lucky in zip(group, parsed, right, false_steps):
+        candidates = []  # (response, is a repair) passing the verifier, in the order they are considered
+        for i, ok, lucky in zip(span, right, false_steps):
+            resp, p = responses[i], verdicts[i][0]
             per_task[q.task]["sampled"] += 1
-            if not ok:
-                reasons[f"format: {p.error}" if not p.ok else "false step" if lucky else "wrong answer"] += 1
-                bad.setdefault(_normalise(resp), resp.strip())
+            if ok:
+                candidates.append((resp, False))
                 continue
+            reasons[f"format: {p.error}" if not p.ok else "false step" if lucky else "wrong answer"] += 1
+            bad.setdefault(_normalise(resp), resp.strip())
+            if cfg.repair_rounds:
+                fixed, cuts = repaired[i]
+                per_task[q.task]["repair_attempted"] += cuts > 0
+                per_task[q.task]["repaired"] += fixed is not None
+                per_task[q.task]["repair_cuts"] += cuts if fixed is not None else 0
+                per_task[q.task]["kept_repaired"] += 0  # counted below; present even when none is kept
+                if fixed is not None:
+                    candidates.append((fixed, True))
+        for resp, is_repair in candidates:
             if len(tok(resp, add_special_tokens=False)["input_ids"]) > cfg.max_tokens:
                 reasons["too long"] += 1
             elif sum(c.isascii() for c in resp) < cfg.ascii_ratio * len(resp):
@@ -120,16 +207,18 @@ def rejection_sample(model, tok, questions: list[Problem], cfg: RejectionConfig)
             else:
                 seen.add(_normalise(resp))
                 good.append(resp.strip())  # a chosen response for the pairs, kept as an SFT row or not
-                if too_easy:
+                if too_easy and not is_repair:
                     reasons["question too easy"] += 1
-                elif kept >= cfg.keep_per_question:
+                elif (kept_repaired >= cfg.repair_per_question) if is_repair else (kept >= cfg.keep_per_question):
                     reasons["enough for this question"] += 1
                 else:
-                    kept += 1
+                    kept_repaired += is_repair
+                    kept += not is_repair
                     per_task[q.task]["kept"] += 1
+                    per_task[q.task]["kept_repaired"] += is_repair
                     rows.append({"messages": [{"role": "user", "content": q.question},
                                               {"role": "assistant", "content": resp.strip()}],
-                                 "task": q.task, "answer": q.answer})
+                                 "task": q.task, "answer": q.answer, **({"repaired": True} if is_repair else {})})
         for chosen, rejected in list(zip(good * len(bad), bad.values()))[: cfg.pairs_per_question]:
             pairs.append({"prompt": q.question, "chosen": chosen, "rejected": rejected, "task": q.task,
                           "answer": q.answer})
