@@ -131,9 +131,15 @@ def test_rejection_repairs_a_wrong_response_at_its_first_false_claim(monkeypatch
     t = res.stats["per_task"]["addition"]
     assert (t["repair_attempted"], t["repaired"], t["kept_repaired"], t["repair_cuts"], t["correct"]) == (1, 1, 1, 1, 0)
     assert res.stats["rejected"] == {"wrong answer": 2}
+    # as a preference pair the repair stands against the wrong response it came from (step-level)
+    res = rej.rejection_sample(None, smol_tokenizer, [fixable, unfixable],
+                               rej.RejectionConfig(k=1, repair_rounds=2, pairs_per_question=1))
+    assert res.pairs == [{"prompt": fixable.question, "chosen": fixable.solution.strip(), "rejected": wrong.strip(),
+                          "task": "addition", "answer": fixable.answer}]
+    seen_prefixes.clear()
     # without repair_rounds (the default) nothing of the kind happens
     res = rej.rejection_sample(None, smol_tokenizer, [fixable, unfixable], rej.RejectionConfig(k=1))
-    assert res.rows == [] and len(seen_prefixes) == 1
+    assert res.rows == [] and seen_prefixes == []
 
 
 def test_repair_gives_up_after_its_rounds(monkeypatch, smol_tokenizer):

@@ -58,7 +58,9 @@ class RejectionConfig:
     max_pass_rate: float = 1.0
     # also write up to this many preference pairs per question: a verified response (chosen)
     # against a wrong or unparsable one to the same question (rejected), for DPO on the model's
-    # own mistakes; only questions with both kinds give pairs
+    # own mistakes; only questions with both kinds give pairs. With ``repair_rounds``, a repaired
+    # response against the wrong one it was repaired from comes first (step-level pairs, as in
+    # Step-DPO: the same text up to the first false step, then the right and the wrong way on)
     pairs_per_question: int = 0
     ascii_ratio: float = 0.95
     # reject a response whose answer verifies but whose reasoning states false arithmetic
@@ -181,6 +183,7 @@ def rejection_sample(model, tok, questions: list[Problem], cfg: RejectionConfig)
         too_easy = sum(right) > cfg.max_pass_rate * len(right)
         per_task[q.task]["questions_too_easy"] += too_easy
         candidates = []  # (response, is a repair) passing the verifier, in the order they are considered
+        step_pairs = []  # (repaired, the wrong response it was repaired from): they part at the first false step
         for i, ok, lucky in zip(span, right, false_steps):
             resp, p = responses[i], verdicts[i][0]
             per_task[q.task]["sampled"] += 1
@@ -197,6 +200,7 @@ def rejection_sample(model, tok, questions: list[Problem], cfg: RejectionConfig)
                 per_task[q.task]["kept_repaired"] += 0  # counted below; present even when none is kept
                 if fixed is not None:
                     candidates.append((fixed, True))
+                    step_pairs.append((fixed.strip(), resp.strip()))
         for resp, is_repair in candidates:
             if len(tok(resp, add_special_tokens=False)["input_ids"]) > cfg.max_tokens:
                 reasons["too long"] += 1
@@ -219,7 +223,9 @@ def rejection_sample(model, tok, questions: list[Problem], cfg: RejectionConfig)
                     rows.append({"messages": [{"role": "user", "content": q.question},
                                               {"role": "assistant", "content": resp.strip()}],
                                  "task": q.task, "answer": q.answer, **({"repaired": True} if is_repair else {})})
-        for chosen, rejected in list(zip(good * len(bad), bad.values()))[: cfg.pairs_per_question]:
+        # a repair against its own wrong original first (a step-level pair: the two share the text
+        # up to the mistake, so DPO's signal sits on the wrong step), then right against wrong samples
+        for chosen, rejected in (step_pairs + list(zip(good * len(bad), bad.values())))[: cfg.pairs_per_question]:
             pairs.append({"prompt": q.question, "chosen": chosen, "rejected": rejected, "task": q.task,
                           "answer": q.answer})
             per_task[q.task]["pairs"] += 1
