@@ -136,6 +136,10 @@ def test_rejection_repairs_a_wrong_response_at_its_first_false_claim(monkeypatch
                                rej.RejectionConfig(k=1, repair_rounds=2, pairs_per_question=1))
     assert res.pairs == [{"prompt": fixable.question, "chosen": fixable.solution.strip(), "rejected": wrong.strip(),
                           "task": "addition", "answer": fixable.answer}]
+    # a repair the length filter turns away is no chosen response either
+    res = rej.rejection_sample(None, smol_tokenizer, [fixable, unfixable],
+                               rej.RejectionConfig(k=1, repair_rounds=2, pairs_per_question=1, max_tokens=20))
+    assert res.rows == [] and res.pairs == [] and res.stats["rejected"]["too long"] == 1
     seen_prefixes.clear()
     # without repair_rounds (the default) nothing of the kind happens
     res = rej.rejection_sample(None, smol_tokenizer, [fixable, unfixable], rej.RejectionConfig(k=1))

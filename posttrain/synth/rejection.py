@@ -201,11 +201,14 @@ def rejection_sample(model, tok, questions: list[Problem], cfg: RejectionConfig)
                 if fixed is not None:
                     candidates.append((fixed, True))
                     step_pairs.append((fixed.strip(), resp.strip()))
+        filtered = set()  # responses the length or language filter turned away: no chosen side of a pair either
         for resp, is_repair in candidates:
             if len(tok(resp, add_special_tokens=False)["input_ids"]) > cfg.max_tokens:
                 reasons["too long"] += 1
+                filtered.add(resp.strip())
             elif sum(c.isascii() for c in resp) < cfg.ascii_ratio * len(resp):
                 reasons["language filter"] += 1
+                filtered.add(resp.strip())
             elif _normalise(resp) in seen:
                 reasons["duplicate"] += 1
             else:
@@ -225,6 +228,7 @@ def rejection_sample(model, tok, questions: list[Problem], cfg: RejectionConfig)
                                  "task": q.task, "answer": q.answer, **({"repaired": True} if is_repair else {})})
         # a repair against its own wrong original first (a step-level pair: the two share the text
         # up to the mistake, so DPO's signal sits on the wrong step), then right against wrong samples
+        step_pairs = [(c, r) for c, r in step_pairs if c not in filtered]
         for chosen, rejected in (step_pairs + list(zip(good * len(bad), bad.values())))[: cfg.pairs_per_question]:
             pairs.append({"prompt": q.question, "chosen": chosen, "rejected": rejected, "task": q.task,
                           "answer": q.answer})
