@@ -91,6 +91,12 @@ def _normalise(text: str) -> str:
     return " ".join(text.split())
 
 
+def _sampling(cfg: RejectionConfig, seed: int) -> SamplingConfig:
+    """The sampling settings of rejection sampling (the first draw and every repair continuation)."""
+    return SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                          batch_size=cfg.batch_size, seed=seed)
+
+
 def repair_responses(model, tok, convs: list[list[dict[str, str]]], responses: list[str], accept,
                      cfg: RejectionConfig) -> list[tuple[str | None, int]]:
     """Verifier-guided repair of wrong ``responses`` (one per conversation in ``convs``).
@@ -119,9 +125,8 @@ def repair_responses(model, tok, convs: list[list[dict[str, str]]], responses: l
                 prefixes.append(texts[i][: claim.start] + claim.corrected)
         if not idx:
             break
-        sc = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                            batch_size=cfg.batch_size, seed=cfg.seed + 7_919 * (r + 1))
-        continuations = generate(model, tok, [convs[i] for i in idx], sc, prefixes=prefixes)
+        continuations = generate(model, tok, [convs[i] for i in idx], _sampling(cfg, cfg.seed + 7_919 * (r + 1)),
+                                 prefixes=prefixes)
         active = []
         for i, prefix, cont in zip(idx, prefixes, continuations):
             texts[i], cuts[i] = prefix + cont, cuts[i] + 1
@@ -144,9 +149,7 @@ def rejection_sample(model, tok, questions: list[Problem], cfg: RejectionConfig)
             [{"role": "user", "content": q.question}]
         convs += [msgs] * cfg.k
         owner += [qi] * cfg.k
-    responses = generate(model, tok, convs, SamplingConfig(max_new_tokens=cfg.max_new_tokens,
-                                                           temperature=cfg.temperature, top_p=cfg.top_p,
-                                                           batch_size=cfg.batch_size, seed=cfg.seed))
+    responses = generate(model, tok, convs, _sampling(cfg, cfg.seed))
     extras = [{k: v for k, v in q.as_prompt_row().items() if k not in ("prompt", "answer", "task")}
               for q in questions]
 
