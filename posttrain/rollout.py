@@ -227,7 +227,10 @@ def release_decode_copy(model) -> None:
     them again, in the same layout (tied weights tied, fused q/k/v and gate/up views of one
     tensor each), before refreshing them."""
     entry = _DECODE_COPIES.get(unwrap_peft(model))
-    if entry is None or entry[3].get("layout") is not None:
+    if entry is None:
+        return
+    decode_step.unpack_onednn(entry[1])  # its packs go with its weights
+    if entry[3].get("layout") is not None:
         return
     params, fused = _copy_tensors(entry[1])
     tensors = params + [t for group in fused or [] for t in group if t is not None]

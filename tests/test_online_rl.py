@@ -517,6 +517,54 @@ def test_fp16_packed_decoding_step_is_float32_to_float16_weight_rounding(arch, t
     assert decode_step.FusedDecoder.build(model, preallocated_cache(model, 8)) is None  # unpacked: HF's forward
 
 
+@pytest.mark.skipif(not __import__("posttrain.decode_step").decode_step.onednn_packing_available(torch.bfloat16),
+                    reason="no native bf16 oneDNN matmuls on this CPU")
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_onednn_packed_bf16_decoding_step_matches_plain_linear(arch, tiny_model_dir, smol_tokenizer, monkeypatch):
+    """On bf16 weights the fused step's projections run on weights packed for oneDNN: the same
+    logits as the plain ``F.linear`` step (bit for bit here), step after step; the packs are
+    reused while the weights are unchanged, made again once they change, and a decoding copy's
+    packs are freed with its weights after the rollout."""
+    from posttrain import decode_step
+    from posttrain.rollout import decode_copy, generation_model, left_pad, preallocated_cache, prefill
+
+    model = decoding_model(arch, tiny_model_dir, smol_tokenizer)
+    copy_ = decode_copy(model, torch.bfloat16)
+    prompts = [smol_tokenizer.encode("x " * (i + 1)) for i in range(4)]
+    ids, mask = left_pad(prompts, smol_tokenizer.pad_token_id)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def steps(packed: bool) -> list[torch.Tensor]:
+        monkeypatch.setenv("POSTTRAIN_ONEDNN_PACK", "1" if packed else "0")
+        with torch.no_grad():
+            cache, _ = prefill(copy_, preallocated_cache(copy_, 20), input_ids=ids, attention_mask=mask, position_ids=pos)
+            step = decode_step.FusedDecoder.build(copy_, cache)
+            assert isinstance(step.head, decode_step._OnednnProjection) == packed
+            tok, nxt, m, out = torch.tensor([5, 6, 7, 8]), pos[:, -1:] + 1, mask, []
+            for _ in range(4):
+                m = torch.cat([m, torch.ones(len(tok), 1, dtype=m.dtype)], 1)
+                out.append(step.step(tok, nxt, m))
+                tok, nxt = out[-1].argmax(-1), nxt + 1
+        return out
+
+    plain, packed = steps(False), steps(True)
+    for a, b in zip(plain, packed):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    first = decode_step.ONEDNN[copy_][1]
+    steps(True)
+    assert decode_step.ONEDNN[copy_][1] is first  # unchanged weights: packed once
+    with torch.no_grad():
+        copy_.lm_head.weight.mul_(2)
+    steps(True)
+    assert decode_step.ONEDNN[copy_][1] is not first  # changed: packed again
+    with generation_model(model, torch.bfloat16) as gen:
+        assert gen is copy_
+        decode_step.FusedDecoder.build(gen, prefill(gen, preallocated_cache(gen, 20), input_ids=ids, attention_mask=mask,
+                                                    position_ids=pos)[0])
+        assert gen in decode_step.ONEDNN
+    assert copy_ not in decode_step.ONEDNN  # freed with the copy's weights
+
+
 def test_auto_decodes_float32_cpu_models_with_packed_fp16_weights_and_restores_lora(tiny_model_dir):
     """``sampling.dtype: auto`` on a float32 CPU model is float16 (packed) where fbgemm has it;
     inside :func:`generation_model` a LoRA model keeps its adapters unmerged and has packed
