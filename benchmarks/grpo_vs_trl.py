@@ -19,11 +19,12 @@ What is held equal (the settings of ``recipes/grpo.yaml`` at one prompt per step
     (the script checks that the prompt token ids agree). One optimisation step = 1 prompt
     x G = 8 completions: posttrain ``batch_size=1``, ``group_size=8``, all 8 sampled in one
     ``generate`` call (``sampling.batch_size`` 32) and trained in forward/backward passes of
-    ``--micro-batch`` completions (``micro_batch_size``, default 4, posttrain's default);
-    TRL ``num_generations=8`` and ``per_device_train_batch_size`` = ``--trl-micro-batch``
-    (default: the same), with ``steps_per_generation`` = ``gradient_accumulation_steps`` =
-    8 / that, so one generation batch of 8 and one optimizer step per generation in both.
-    ``--trl-micro-batch 8`` is TRL's own default (all 8 completions in one pass).
+    ``--micro-batch`` completions (``micro_batch_size``, default 8: posttrain's default and
+    TRL's, all 8 completions in one pass); TRL ``num_generations=8`` and
+    ``per_device_train_batch_size`` = ``--trl-micro-batch`` (default: the same), with
+    ``steps_per_generation`` = ``gradient_accumulation_steps`` = 8 / that, so one generation
+    batch of 8 and one optimizer step per generation in both. (Until 2026-12-04 the default
+    was 4, posttrain's default then; ``--micro-batch 4`` runs that setting.)
     Sampling: temperature 0.7, top-p 1, no top-k, at most 64 new tokens, HF ``generate``
     with its KV cache (no vLLM). Reward: posttrain's ``exact_answer`` (TRL calls the same
     function through a TRL-style wrapper).
@@ -311,7 +312,7 @@ def parse_args(argv=None):
     p.add_argument("--trl-default-malloc", action="store_true",
                    help="run TRL with glibc's default malloc settings instead of the ones posttrain applies "
                         "to itself (posttrain.allocator)")
-    p.add_argument("--micro-batch", type=int, default=4, metavar="N",
+    p.add_argument("--micro-batch", type=int, default=8, metavar="N",
                    help="completions per forward/backward pass (posttrain micro_batch_size; TRL's too unless "
                         "--trl-micro-batch): a divisor of the group size 8")
     p.add_argument("--trl-micro-batch", type=int, metavar="N",

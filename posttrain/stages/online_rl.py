@@ -120,7 +120,9 @@ class RLConfig(engine.TrainConfig):
     num_iterations: int = doc("Passes over each rollout batch (μ in GRPO, PPO epochs).", 1)
     minibatch_size: int = doc("Completions per optimizer step (0 = the whole rollout batch).", 0)
     micro_batch_size: int = doc("Completions per forward/backward pass, shortest first: peak memory grows "
-                                "with it (~2.4 MB a token for a 135M model in fp32).", 4)
+                                "with it (~2.4 MB a token for a 135M model in fp32, less with gradient "
+                                "checkpointing). 8, TRL's default: with share_prefix a group of 8 is one row, its "
+                                "prompt computed once (GRPO step on 2 CPU cores 5.98 -> 4.91 s against 4).", 8)
     share_prefix: bool = doc("Run the completions of one prompt in a micro-batch as one sequence, their prompt "
                              "(and any identical start) computed once, each completion seeing only the prompt and "
                              "itself; the same log-probs as separate rows (not with critic=separate).", True)
