@@ -6,7 +6,10 @@ alternating rounds (the best round of each counts, so a busy moment hits all ali
 tokens are compared with HF's. Ways: HF's forward, our fused step on the model's weights,
 and, for float32 weights on a CPU with fbgemm, the fused step on float16 weights packed for
 fbgemm (``posttrain.decode_step.pack_fp16``: what ``sampling.dtype: auto`` decodes with
-there; the time to pack is printed beside it).
+there; the time to pack is printed beside it), and for bf16 weights on a CPU with native bf16
+the fused step on weights packed for oneDNN (``posttrain.decode_step.pack_onednn``, what the
+rollout uses there; "fused" is then the same step on plain ``F.linear``; the packing is done
+again in each timed round, so its time is counted).
 
     python benchmarks/decode_speed.py                     # batches of 48, 64 new tokens
     python benchmarks/decode_speed.py --batch 8,48,96 --tokens 96
@@ -15,6 +18,7 @@ there; the time to pack is printed beside it).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -41,7 +45,8 @@ def main() -> None:
     can_pack = decode_step.pack_fp16(model)
     pack_s = time.perf_counter() - t0
     decode_step.unpack_fp16(model)
-    ways = ["hf", "fused"] + (["fp16 packed"] if can_pack else [])
+    onednn = decode_step.onednn_packing_available(next(model.parameters()).dtype)
+    ways = ["hf", "fused"] + (["fp16 packed"] if can_pack else []) + (["oneDNN packed"] if onednn else [])
     print(f"weights {next(model.parameters()).dtype}, {torch.get_num_threads()} threads, {args.tokens} new tokens"
           + (f", packing float16 weights takes {pack_s:.2f} s" if can_pack else ""))
     print(f"{'batch':>6} " + " ".join(f"{w:>15}" for w in ways) + "   speed-up vs HF   same greedy tokens as HF")
@@ -58,10 +63,13 @@ def main() -> None:
                 setattr(model, decode_step.ATTR, None if name == "hf" else fused)
                 if name == "fp16 packed":
                     decode_step.pack_fp16(model)
+                os.environ["POSTTRAIN_ONEDNN_PACK"] = "1" if name == "oneDNN packed" else "0"
+                decode_step.unpack_onednn(model)  # each round packs again (its time counted)
                 t0 = time.perf_counter()
                 out[name] = decode(model, ids, mask, args.tokens, -1, tok.pad_token_id)
                 best[name] = min(best[name], time.perf_counter() - t0)
                 decode_step.unpack_fp16(model)
+        os.environ.pop("POSTTRAIN_ONEDNN_PACK", None)
         setattr(model, decode_step.ATTR, fused)
         rate = {k: batch * args.tokens / v for k, v in best.items()}
         same = [f"{(out[w] == out['hf']).float().mean().item():.1%}" for w in ways[1:]]
