@@ -18,6 +18,16 @@ the values), the query heads grouped over their key/value head. Measured on the 
 float32 scores are at least as precise as the flash kernel's (bf16 inputs, float32
 accumulation).
 
+Under bf16 autocast (mixed precision) the path runs with autocast off: until 2026-12-04 it did
+not, so autocast ran its ``baddbmm``/``bmm`` in bf16 and the softmax on bf16 scores (the variant
+dropped below) for rows up to 160 keys, while longer rows went to SDPA, which autocast also runs
+in bf16. Measured on the 2-core AVX-512 BF16 CPU (machine C), forward + backward of one layer
+under autocast, this path in float32 against SDPA: 8 x 134 keys 16.5 vs 26.6 ms, 8 x 182 22.3
+vs 38.3, 2 x 384 19.0 vs 23.0, 1 x 600 25.7 vs 30.1 (the bf16 variant: 8.0, 13.4, 11.1, 14.3).
+A whole SFT step of the SFT benchmark (``benchmarks/profile_step.py``, steady state): at 8 x
+182 tokens 4.2-4.4 s against 4.6-4.8 s, at 8 x 134 2.85-2.88 s against 2.73-2.77 s (there the
+bf16 variant had run before).
+
 Tried and dropped: the same whole sequences in bf16 (scores as a bf16 matmul, then the
 softmax). The decoder's forward + backward was 11-12% faster than with torch's flash kernel,
 but the demo's cold start trained with it scored 41.5% on 400 held-out questions against
@@ -46,8 +56,9 @@ _SPECIAL = ("softcap", "position_bias", "s_aux", "sinks")
 #: tokens with 9 heads. Env ``POSTTRAIN_ATTN_SCORES_MIB`` overrides it (0 = always SDPA).
 SCORES_BUDGET_BYTES = int(os.environ.get("POSTTRAIN_ATTN_SCORES_MIB", "32")) * 2**20
 
-#: Float32 inputs take the whole-sequence path only up to this many keys. Measured on the 2-core
-#: AVX2 CPU (machine D; SmolLM2's 9/3 heads, forward + backward of one layer, causal mask): at 160
+#: Float32 inputs outside autocast (pure float32 training) take the whole-sequence path only up
+#: to this many keys. Measured on the 2-core AVX2 CPU (machine D; SmolLM2's 9/3 heads, forward +
+#: backward of one layer, causal mask): at 160
 #: keys both took the same time (1 x 160: 2.5 ms, 8 x 160: 19.9 ms), above it torch's flash
 #: kernel was faster (1 x 320: 9.2 vs 7.5 ms; 8 x 256: 49 vs 40 ms) and keeps no probabilities
 #: (in online RL's prefix-shared rows of 256-450 tokens those were ~100 MB across 30 layers);
@@ -74,10 +85,16 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
         return out.reshape(B, Hq, 1, D).transpose(1, 2).contiguous(), None
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
+    # float32 attention with no autocast: torch's flash kernel runs in float32 too and is faster
+    # over many keys; under autocast SDPA runs in bf16, slower than this path at every length
+    # measured (module docstring)
+    pure_f32 = query.dtype == torch.float32 and not torch.is_autocast_enabled(query.device.type)
     if (not special and Lq > 1 and query.device.type == "cpu" and B * Hq * Lq * Lk * 4 <= SCORES_BUDGET_BYTES
-            and (query.dtype != torch.float32 or Lk <= FLOAT32_MAX_KEYS)
+            and (not pure_f32 or Lk <= FLOAT32_MAX_KEYS)
             and (attention_mask is not None or (causal and Lq == Lk))):
-        return _whole_sequence(query, key, value, attention_mask, D**-0.5 if scaling is None else scaling), None
+        with torch.autocast(query.device.type, enabled=False):  # float32 as written, also under autocast
+            out = _whole_sequence(query, key, value, attention_mask, D**-0.5 if scaling is None else scaling)
+        return out, None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)
 

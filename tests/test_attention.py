@@ -93,9 +93,30 @@ def test_long_float32_sequences_go_to_sdpa(monkeypatch):
     monkeypatch.setattr(attention, "_whole_sequence", lambda *a: called.append(1) or a[0].transpose(1, 2))
     attention.attention(MODULE, q.bfloat16(), k.bfloat16(), v.bfloat16(), None)
     assert called
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 under autocast: the matmul path
+        attention.attention(MODULE, q, k, v, None)
+    assert len(called) == 2
     monkeypatch.setattr(attention, "FLOAT32_MAX_KEYS", 5)
     attention.attention(MODULE, q, k, v, None)
-    assert len(called) == 2
+    assert len(called) == 3
+
+
+def test_whole_sequences_under_autocast_compute_in_float32():
+    """Under bf16 autocast (mixed precision: the rotary embedding hands float32 queries and keys,
+    the value projection bf16 values) the whole-sequence path still computes in float32: the
+    same output and gradients as with autocast off, not autocast's bf16 matmuls."""
+    torch.manual_seed(0)
+    q, k, v = _qkv(2, 6, 2, 9, 8)
+    v = v.bfloat16().detach().requires_grad_()
+    outs = []
+    for enabled in (False, True):
+        q.grad = k.grad = v.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            out, _ = attention.attention(MODULE, q, k, v, None)
+        out.float().sum().backward()
+        outs.append((out, q.grad.clone(), k.grad.clone(), v.grad.clone()))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
 
 
 def test_auto_attention_trains_like_sdpa(tiny_model_dir):
