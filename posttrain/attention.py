@@ -22,11 +22,12 @@ Under bf16 autocast (mixed precision) the path runs with autocast off: until 202
 not, so autocast ran its ``baddbmm``/``bmm`` in bf16 and the softmax on bf16 scores (the variant
 dropped below) for rows up to 160 keys, while longer rows went to SDPA, which autocast also runs
 in bf16. Measured on the 2-core AVX-512 BF16 CPU (machine C), forward + backward of one layer
-under autocast, this path in float32 against SDPA: 8 x 134 keys 16.5 vs 26.6 ms, 8 x 182 22.3
-vs 38.3, 2 x 384 19.0 vs 23.0, 1 x 600 25.7 vs 30.1 (the bf16 variant: 8.0, 13.4, 11.1, 14.3).
-A whole SFT step of the SFT benchmark (``benchmarks/profile_step.py``, steady state): at 8 x
-182 tokens 4.2-4.4 s against 4.6-4.8 s, at 8 x 134 2.85-2.88 s against 2.73-2.77 s (there the
-bf16 variant had run before).
+under autocast (``python benchmarks/attention_paths.py``), this path in float32 against SDPA:
+8 x 134 keys 15.5 vs 27.5 ms, 8 x 182 22.2 vs 39.0, 2 x 384 17.9 vs 23.5, 1 x 600 24.1 vs 27.8.
+A whole step of the SFT benchmark (``python benchmarks/profile_step.py --batch 4``, against the
+same with ``POSTTRAIN_ATTN_SCORES_MIB=0``, SDPA always): at 8 x 182 tokens 4.23 vs 4.78 s, at
+8 x 134 (``--batch 10``) 2.96 vs 3.58 s. (The bf16 variant, no longer reachable, was faster
+still on short rows, at the precision cost below.)
 
 Tried and dropped: the same whole sequences in bf16 (scores as a bf16 matmul, then the
 softmax). The decoder's forward + backward was 11-12% faster than with torch's flash kernel,
