@@ -312,10 +312,11 @@ def pack_onednn(model, groups: list[tuple], rows: int) -> list[tuple] | None:
     with the copy's weights.
 
     Why: at a decoding step's few rows torch's plain bf16 ``F.linear`` reorders the weight for
-    oneDNN on every call. Measured on a 2-core CPU with AVX-512 bf16 (SmolLM2-135M's shapes, 8
-    rows): the 30 layers' projections 18.8 -> 11.1 ms a step, the 49152 x 576 LM head 4.1 -> 2.0
-    ms, outputs bit-identical; packing the whole model took 60-100 ms. At 256 rows and more
-    the two ran alike, so prefill and training passes keep ``F.linear``.
+    oneDNN on every call, and a step reads every weight. Measured on a 2-core CPU with AVX-512
+    bf16 (``python benchmarks/decode_speed.py --batch 8,48 --rounds 2``, SmolLM2-135M, packing
+    counted): the fused step 156 -> 190 tok/s at batch 8, 430 -> 466 at 48, the same greedy
+    tokens. Prefill and training passes (hundreds of rows a matmul, compute-bound) keep
+    ``F.linear``.
     """
     tensors = [t for group in groups for pair in group for t in pair if t is not None]
     if not tensors or any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in tensors):
