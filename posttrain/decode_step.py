@@ -297,9 +297,9 @@ class _OnednnProjection:
 
 
 def cache_rows(cache) -> int:
-    """Rows of a (filled) preallocated cache: the decoding batch."""
+    """Rows of a (filled) cache: the decoding batch (8 before anything was written)."""
     first = cache.layers[0]
-    return int(first._k.shape[0]) if getattr(first, "is_initialized", False) else 8
+    return int(first.keys.shape[0]) if getattr(first, "is_initialized", False) else 8
 
 
 @torch.no_grad()
