@@ -22,13 +22,13 @@ def test_column_procedures_by_hand():
     assert result == 834
     assert text.splitlines() == ["478 = 4 hundreds + 7 tens + 8 ones.", "356 = 3 hundreds + 5 tens + 6 ones.",
                                  "Ones: 8 + 6 = 14, write 4, carry 1.",
-                                 "Tens: 7 + 5 + 1 (carry) = 13, write 3, carry 1.",
-                                 "Hundreds: 4 + 3 + 1 (carry) = 8, write 8."]
+                                 "Tens: 7 + 5 = 12, 12 + 1 (carry) = 13, write 3, carry 1.",
+                                 "Hundreds: 4 + 3 = 7, 7 + 1 (carry) = 8, write 8."]
     text, result = solve_subtraction(503, 278)
     assert result == 225
-    assert text.splitlines()[2:] == ["Ones: 3 < 8, borrow 1: 13 - 8 = 5.",
-                                     "Tens: 0 - 1 (borrowed) = -1 < 7, borrow 1: 9 - 7 = 2.",
-                                     "Hundreds: 5 - 1 (borrowed) = 4 >= 2: 4 - 2 = 2."]
+    assert text.splitlines()[2:] == ["Ones: 3 - 8: 3 < 8, borrow 1: 13 - 8 = 5.",
+                                     "Tens: 0 - 1 (borrowed) = -1, -1 - 7: -1 < 7, borrow 1: 9 - 7 = 2.",
+                                     "Hundreds: 5 - 1 (borrowed) = 4, 4 - 2: 4 >= 2: 4 - 2 = 2."]
 
 
 def test_signed_arithmetic_by_hand():

@@ -79,10 +79,11 @@ def solve_addition(a: int, b: int) -> tuple[str, int]:
     da, db = _digits(a, width), _digits(b, width)
     lines, carry, out = [place_values(a, width), place_values(b, width)], 0, []
     for i in range(width):
-        s = da[i] + db[i] + carry
-        expr = f"{da[i]} + {db[i]}" + (f" + {carry} (carry)" if carry else "")
+        pair = da[i] + db[i]
+        s = pair + carry
+        work = f"{da[i]} + {db[i]} = {pair}" + (f", {pair} + {carry} (carry) = {s}" if carry else "")
         digit, carry = s % 10, s // 10
-        lines.append(f"{PLACES[i].capitalize()}: {expr} = {s}, write {digit}" + (", carry 1." if carry else "."))
+        lines.append(f"{PLACES[i].capitalize()}: {work}, write {digit}" + (", carry 1." if carry else "."))
         out.append(digit)
     if carry:
         lines.append(f"The final carry {carry} becomes the leading digit.")
@@ -105,13 +106,14 @@ def solve_subtraction(a: int, b: int) -> tuple[str, int]:
     lines, borrow, out = [place_values(a, width), place_values(b, width)], 0, []
     for i in range(width):
         top = da[i] - borrow
-        head = f"{PLACES[i].capitalize()}: " + (f"{da[i]} - 1 (borrowed) = {top}" if borrow else f"{da[i]}")
+        head = f"{PLACES[i].capitalize()}: " + (f"{da[i]} - 1 (borrowed) = {top}, " if borrow else "")
+        head += f"{top} - {db[i]}: "
         if top < db[i]:
-            lines.append(f"{head} < {db[i]}, borrow 1: {top + 10} - {db[i]} = {top + 10 - db[i]}.")
+            lines.append(f"{head}{top} < {db[i]}, borrow 1: {top + 10} - {db[i]} = {top + 10 - db[i]}.")
             out.append(top + 10 - db[i])
             borrow = 1
         else:
-            lines.append(f"{head} >= {db[i]}: {top} - {db[i]} = {top - db[i]}.")
+            lines.append(f"{head}{top} >= {db[i]}: {top} - {db[i]} = {top - db[i]}.")
             out.append(top - db[i])
             borrow = 0
     result = int("".join(str(d) for d in reversed(out)))
