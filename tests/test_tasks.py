@@ -26,7 +26,7 @@ def test_column_procedures_by_hand():
                                  "Hundreds: 4 + 3 = 7, 7 + 1 (carry) = 8, write 8."]
     text, result = solve_subtraction(503, 278)
     assert result == 225
-    assert text.splitlines()[2:] == ["Ones: 3 - 8: 3 < 8, borrow 1: 13 - 8 = 5.",
+    assert text.splitlines()[2:] == ["Ones: 3 - 8: 3 < 8, borrow 1: 10 - 8 = 2, 2 + 3 = 5.",
                                      "Tens: 0 - 1 (borrowed) = -1, -1 - 7: -1 < 7, borrow 1: 9 - 7 = 2.",
                                      "Hundreds: 5 - 1 (borrowed) = 4, 4 - 2: 4 >= 2: 4 - 2 = 2."]
 
@@ -36,7 +36,7 @@ def test_signed_arithmetic_by_hand():
     from posttrain.synth.tasks import solve_signed
 
     text, v = solve_signed(-16, "-", 22)
-    assert v == -38 and text.splitlines()[0] == "-16 - 22 = -(16 + 22)." and text.endswith("So -16 - 22 = -38.")
+    assert v == -38 and text.splitlines()[0] == "-16 - 22 = -(16 + 22)." and text.endswith("So 16 + 22 = 38 and -16 - 22 = -38.")
     text, v = solve_signed(-30, "+", 5)
     assert v == -25 and text.splitlines()[0] == "-30 + 5 = -(30 - 5)."
     text, v = solve_signed(8, "-", 28)
@@ -68,7 +68,10 @@ def test_linear_and_gcd_solutions_by_hand():
     assert p.question == "Solve for x: 5x - 28 = 17." and p.answer == "9"
     lines = p.solution.splitlines()
     assert lines[2] == "Add 28 to both sides: 5x = 17 + 28." and "So 17 + 28 = 45." in lines
-    assert lines[-5:-2] == ["Divide both sides by 5: x = 45 / 5.", "45 / 5 = 9, 9 * 5 = 45, remainder 45 - 45 = 0.",
+    assert lines[-6:-2] == ["Divide both sides by 5: x = 45 / 5.",
+                            "Times table of 5: 2 * 5 = 10, 3 * 5 = 15, 4 * 5 = 20, 5 * 5 = 25, 6 * 5 = 30, "
+                            "7 * 5 = 35, 8 * 5 = 40, 9 * 5 = 45.",
+                            "45 / 5 = 9, 9 * 5 = 45, remainder 45 - 45 = 0.",
                             "So 45 / 5 = 9 and x = 9."]
     p = gcd_problem(Draws([23, 24], [12]), _split_of("gcd276,288"))
     assert p.question == "What is the greatest common divisor of 276 and 288?" and p.answer == "12"
@@ -81,13 +84,16 @@ def test_long_division_by_hand():
     from posttrain.synth.tasks import solve_division
 
     # 238 / 7: 23 / 7 = 3 rem 2; bring down 8: 28 / 7 = 4 rem 0 -> 34
-    assert solve_division(238, 7) == (("23 / 7 = 3, 3 * 7 = 21, remainder 23 - 21 = 2.\n"
+    assert solve_division(238, 7) == (("Times table of 7: 2 * 7 = 14, 3 * 7 = 21, 4 * 7 = 28, 5 * 7 = 35, "
+                                       "6 * 7 = 42, 7 * 7 = 49, 8 * 7 = 56, 9 * 7 = 63.\n"
+                                       "23 / 7 = 3, 3 * 7 = 21, remainder 23 - 21 = 2.\n"
                                        "Bring down 8: 28 / 7 = 4, 4 * 7 = 28, remainder 28 - 28 = 0.\n"
                                        "So 238 / 7 = 34."), 34)
     # a zero quotient digit: 120 / 6 -> 12 / 6 = 2, then 0 / 6 = 0 -> 20
-    assert solve_division(120, 6)[0].splitlines()[1:] == ["Bring down 0: 0 / 6 = 0, 0 * 6 = 0, remainder 0 - 0 = 0.",
+    assert solve_division(120, 6)[0].splitlines()[2:] == ["Bring down 0: 0 / 6 = 0, 0 * 6 = 0, remainder 0 - 0 = 0.",
                                                           "So 120 / 6 = 20."]
-    assert solve_division(108, 12) == ("108 / 12 = 9, 9 * 12 = 108, remainder 108 - 108 = 0.\nSo 108 / 12 = 9.", 9)
+    assert solve_division(108, 12)[0].splitlines()[1:] == ["108 / 12 = 9, 9 * 12 = 108, remainder 108 - 108 = 0.",
+                                                           "So 108 / 12 = 9."]
     for d in range(2, 13):  # every linear-equation right-hand side divides out
         for q in range(1, 21):
             assert solve_division(d * q, d)[1] == q
