@@ -280,12 +280,28 @@ def division_line(n: int, d: int) -> str:
     return f"{n} / {d} = {q}, {q} * {d} = {q * d}, remainder {n} - {q * d} = {n - q * d}."
 
 
-def times_table(d: int) -> str:
-    """``"Times table of 6: 2 * 6 = 12, 3 * 6 = 18, ..., 9 * 6 = 54."``: written before a long
-    division, so each quotient digit is looked up in the line above instead of recalled. Recalled,
-    a wrong times-table fact (``48 / 6 = 9``, ``42 / 6 = 8``) was the first error in 23 of the 34
-    linear equations the cold-start model got wrong on 400 held-out questions (at 1a5c61f)."""
-    return f"Times table of {d}: " + ", ".join(f"{k} * {d} = {k * d}" for k in range(2, 10)) + "."
+def count_up(n: int, d: int) -> tuple[str, int]:
+    """``n / d`` for a multiple ``n`` of ``d`` by counting in ``d``s, each count one addition,
+    from 1 or, when ``10 * d`` (a digit appended) does not pass ``n``, from 10::
+
+        10 * 6 = 60 > 42, so count from 1: 1: 6, 2: 6 + 6 = 12, ..., 7: 36 + 6 = 42.
+        So 42 / 6 = 7.
+
+    returns (lines, quotient). The linear equations' solutions used long division
+    (:func:`solve_division`), whose quotient digits are recalled times-table facts; a wrong one
+    (``48 / 6 = 9``, ``42 / 6 = 8``) was the first error in 23 of the 34 equations the cold-start
+    model got wrong on 400 held-out questions (at 1a5c61f), and writing the divisor's times
+    table above the division did not help (35 of 40: the model recalled rather than looked up).
+    Counting makes each quotient step an addition of the previous count and ``d``.
+    """
+    assert n % d == 0 and n >= d > 0
+    q, ten = n // d, 10 * d
+    if ten <= n:
+        head, first = f"10 * {d} = {ten} <= {n}, so count from 10: 10: {ten}", 11
+    else:
+        head, first = f"10 * {d} = {ten} > {n}, so count from 1: 1: {d}", 2
+    steps = [head] + [f"{k}: {(k - 1) * d} + {d} = {k * d}" for k in range(first, q + 1)]
+    return ", ".join(steps) + f".\nSo {n} / {d} = {q}.", q
 
 
 def solve_division(n: int, d: int) -> tuple[str, int]:
@@ -306,7 +322,7 @@ def solve_division(n: int, d: int) -> tuple[str, int]:
     k = 1
     while int(digits[:k]) < d:
         k += 1
-    cur, lines, q = int(digits[:k]), [times_table(d)], ""
+    cur, lines, q = int(digits[:k]), [], ""
     for i in range(k - 1, len(digits)):
         if i >= k:
             cur = cur * 10 + int(digits[i])
@@ -334,7 +350,7 @@ def linear_problem(rng: random.Random, split: str) -> Problem:
                  f"{'Subtract' if b > 0 else 'Add'} {abs(b)} {'from' if b > 0 else 'to'} both sides: {a}x = {c} {op} {abs(b)}.",
                  work, f"Divide both sides by {a}: x = {rhs} / {a}."]
         if x:
-            division, _ = solve_division(abs(rhs), a)
+            division, _ = count_up(abs(rhs), a)
             lines.append(f"{division[:-1]} and x = {x}.")
         else:
             lines.append(f"0 / {a} = 0, so x = 0.")
