@@ -4,7 +4,11 @@ A recipe names a starting model, the verifiable task suites it works on, and a l
 stages. Each stage runs in ``<output_dir>/<stage name>/`` and, when it finishes, writes
 ``stage_done.json`` with its outputs; a rerun of the same command skips finished stages
 and lets an unfinished training stage continue from its last checkpoint (``resume``), so a
-stopped run loses at most the work since that checkpoint.
+stopped run loses at most the work since that checkpoint. Each stage directory records a
+fingerprint of what made it (the starting model, the stage's kind, data and config, the
+run's task data, and the stages before it); a rerun whose recipe or task data differ there
+stops with an error naming the stage instead of reusing (or overwriting) work made
+another way.
 
 Stage kinds (``kind:``) and what flows between them:
 
@@ -37,6 +41,7 @@ overrides, for a smoke run in minutes.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import time
@@ -52,6 +57,7 @@ from posttrain.log import console, log, warn
 
 KINDS = ("eval", "sft", "rejection_sampling", "grpo", "rloo", "ppo", "dpo", "rm", "cai", "judge", "win_rate")
 DONE = "stage_done.json"
+FINGERPRINT = "fingerprint.json"
 
 
 @dataclass
@@ -157,11 +163,16 @@ class Run:
         per_task = [[q for q in problems(t, 2 * recipe.n_train, "train", recipe.seed + 1) if q.question not in seen]
                     for t in recipe.tasks]
         self.fresh_questions = [q for group in itertools.zip_longest(*per_task) for q in group if q is not None]
-        self.files = {
-            "cold_start": write_rows(data / "cold_start.jsonl", [q.as_sft_row() for q in self.train_questions]),
-            "prompts": write_rows(data / "prompts.jsonl", [q.as_prompt_row() for q in self.fresh_questions]),
-            "test": write_rows(data / "test.jsonl", [q.as_prompt_row() for q in self.test_questions]),
-        }
+        rows = {"cold_start": [q.as_sft_row() for q in self.train_questions],
+                "prompts": [q.as_prompt_row() for q in self.fresh_questions],
+                "test": [q.as_prompt_row() for q in self.test_questions]}
+        # what made each stage's directory, checked before anything in the run directory is written
+        chain = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+        self.fingerprints: dict[str, str] = {}
+        for stage in recipe.stages:
+            chain = self.fingerprints[stage.name] = stage_fingerprint(chain, recipe.model, stage)
+            _check_fingerprint(self.dir / stage.name, chain, stage.name)
+        self.files = {name: write_rows(data / f"{name}.jsonl", r) for name, r in rows.items()}
 
     def data_files(self, spec: str, allow_empty: bool = False) -> list[str]:
         """``''`` = cold start; ``@stage`` = rows a synthesis stage wrote; ``a+b`` joins them.
@@ -446,6 +457,7 @@ def run_recipe(recipe: Recipe) -> dict:
         else:
             console.rule(f"stage {stage.name} ({stage.kind})")
             out.mkdir(parents=True, exist_ok=True)
+            (out / FINGERPRINT).write_text(json.dumps({"fingerprint": run.fingerprints[stage.name]}) + "\n")
             ts = time.time()
             outputs = RUNNERS[stage.kind](run, stage, out)
             timings[stage.name] = round(time.time() - ts, 1)
@@ -471,6 +483,29 @@ def run_recipe(recipe: Recipe) -> dict:
     log(f"recipe '{recipe.name}' done in {summary['seconds']:.0f} s; final model {run.model}"
         + (f"; plot {summary['plot']}" if run.evals else "") + f"; report {report}")
     return summary
+
+
+def stage_fingerprint(previous: str, model: str, stage: Stage) -> str:
+    """What made a stage's directory: the fingerprint before it (for the first stage, the digest
+    of the run's task data), the recipe's starting model, and the stage's kind, data and config."""
+    spec = {"previous": previous, "model": model, "kind": stage.kind, "data": stage.data,
+            "config": stage.config, "options": stage.options}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _check_fingerprint(out: Path, fingerprint: str, name: str) -> None:
+    """Refuse to reuse a stage directory made by another recipe or other task data. A finished
+    stage from before fingerprints were recorded is reused with a warning."""
+    path = out / FINGERPRINT
+    if path.is_file():
+        if json.loads(path.read_text()).get("fingerprint") != fingerprint:
+            raise ConfigError(
+                f"{out}: stage '{name}' in this run directory was made by a different recipe or task data "
+                f"(its config, data or model, or an earlier stage's, changed since); nothing was reused or "
+                f"deleted. Run into a new directory (output_dir=...) or move {out.parent} aside")
+    elif (out / DONE).is_file():
+        warn(f"stage '{name}': finished before posttrain recorded what made a stage; reused as it is "
+             f"(it may come from another version of the recipe)")
 
 
 def _recipe_dict(r: Recipe) -> dict:

@@ -247,3 +247,29 @@ def test_fresh_questions_interleave_tasks(tmp_path):
     assert [q.task for q in run.fresh_questions[:6]] == ["addition", "subtraction", "gcd"] * 2
     assert not {q.question for q in run.fresh_questions} & {q.question for q in run.train_questions}
     assert {q.task for q in run.test_questions} == {"addition", "subtraction", "gcd"}
+
+
+def test_rerun_with_a_changed_recipe_stops_before_writing(tmp_path):
+    """A run directory made by one recipe is not reused (nor its data overwritten) by another."""
+    from posttrain.pipeline import DONE, FINGERPRINT, Run
+
+    run_dir = tmp_path / "run"
+    recipe = tmp_path / "r.yaml"
+    body = ("tasks: [addition]\nn_train: {}\nn_test: 2\noutput_dir: {}\nstages:\n"
+            "  - {{name: e, kind: eval, config: {{max_new_tokens: 64}}}}\n"
+            "  - {{name: s, kind: sft, config: {{lr: {}}}}}\n")
+    recipe.write_text(body.format(4, run_dir, 1e-4))
+    run = Run(load_recipe(recipe))
+    for name in ("e", "s"):  # as run_recipe leaves a finished stage
+        (run_dir / name).mkdir()
+        (run_dir / name / FINGERPRINT).write_text(json.dumps({"fingerprint": run.fingerprints[name]}))
+        (run_dir / name / DONE).write_text("{}")
+    assert Run(load_recipe(recipe)).fingerprints == run.fingerprints  # the same recipe again: reused
+    data = (run_dir / "data" / "cold_start.jsonl").read_text()
+    recipe.write_text(body.format(4, run_dir, 2e-4))  # the last stage's config
+    with pytest.raises(ConfigError, match="stage 's' in this run directory was made by a different recipe"):
+        Run(load_recipe(recipe))
+    recipe.write_text(body.format(5, run_dir, 1e-4))  # the task data: every stage
+    with pytest.raises(ConfigError, match="stage 'e'"):
+        Run(load_recipe(recipe))
+    assert (run_dir / "data" / "cold_start.jsonl").read_text() == data  # nothing written

@@ -69,8 +69,8 @@ def test_linear_and_gcd_solutions_by_hand():
     lines = p.solution.splitlines()
     assert lines[2] == "Add 28 to both sides: 5x = 17 + 28." and "So 17 + 28 = 45." in lines
     assert lines[-5:-2] == ["Divide both sides by 5: x = 45 / 5.",
-                            "10 * 5 = 50 > 45, so count from 1: 1: 5, 2: 5 + 5 = 10, 3: 10 + 5 = 15, 4: 15 + 5 = 20, "
-                            "5: 20 + 5 = 25, 6: 25 + 5 = 30, 7: 30 + 5 = 35, 8: 35 + 5 = 40, 9: 40 + 5 = 45.",
+                            ("10 * 5 = 50 > 45, so count from 1: 1: 5, 2: 5 + 5 = 10, 3: 10 + 5 = 15, 4: 15 + 5 = 20, "
+                            "5: 20 + 5 = 25, 6: 25 + 5 = 30, 7: 30 + 5 = 35, 8: 35 + 5 = 40, 9: 40 + 5 = 45."),
                             "So 45 / 5 = 9 and x = 9."]
     p = gcd_problem(Draws([23, 24], [12]), _split_of("gcd276,288"))
     assert p.question == "What is the greatest common divisor of 276 and 288?" and p.answer == "12"
@@ -84,10 +84,10 @@ def test_count_up_by_hand():
     from posttrain.synth.claims import arithmetic_errors
     from posttrain.synth.tasks import count_up
 
-    assert count_up(42, 6) == ("10 * 6 = 60 > 42, so count from 1: 1: 6, 2: 6 + 6 = 12, 3: 12 + 6 = 18, "
-                               "4: 18 + 6 = 24, 5: 24 + 6 = 30, 6: 30 + 6 = 36, 7: 36 + 6 = 42.\nSo 42 / 6 = 7.", 7)
-    assert count_up(65, 5) == ("10 * 5 = 50 <= 65, so count from 10: 10: 50, 11: 50 + 5 = 55, 12: 55 + 5 = 60, "
-                               "13: 60 + 5 = 65.\nSo 65 / 5 = 13.", 13)
+    assert count_up(42, 6) == (("10 * 6 = 60 > 42, so count from 1: 1: 6, 2: 6 + 6 = 12, 3: 12 + 6 = 18, "
+                               "4: 18 + 6 = 24, 5: 24 + 6 = 30, 6: 30 + 6 = 36, 7: 36 + 6 = 42.\nSo 42 / 6 = 7."), 7)
+    assert count_up(65, 5) == (("10 * 5 = 50 <= 65, so count from 10: 10: 50, 11: 50 + 5 = 55, 12: 55 + 5 = 60, "
+                               "13: 60 + 5 = 65.\nSo 65 / 5 = 13."), 13)
     assert count_up(120, 12)[0] == "10 * 12 = 120 <= 120, so count from 10: 10: 120.\nSo 120 / 12 = 10."
     assert count_up(7, 7)[0] == "10 * 7 = 70 > 7, so count from 1: 1: 7.\nSo 7 / 7 = 1."
     for d in range(2, 13):
