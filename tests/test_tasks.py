@@ -69,7 +69,7 @@ def test_linear_and_gcd_solutions_by_hand():
     lines = p.solution.splitlines()
     assert lines[2] == "Add 28 to both sides: 5x = 17 + 28." and "So 17 + 28 = 45." in lines
     assert lines[-5:-2] == ["Divide both sides by 5: x = 45 / 5.",
-                            ("10 * 5 = 50 > 45, so count from 1: 1: 5, 2: 5 + 5 = 10, 3: 10 + 5 = 15, 4: 15 + 5 = 20, "
+                            ("10 * 5 = 50, 45 < 50, so count from 1: 1: 5, 2: 5 + 5 = 10, 3: 10 + 5 = 15, 4: 15 + 5 = 20, "
                             "5: 20 + 5 = 25, 6: 25 + 5 = 30, 7: 30 + 5 = 35, 8: 35 + 5 = 40, 9: 40 + 5 = 45."),
                             "So 45 / 5 = 9 and x = 9."]
     p = gcd_problem(Draws([23, 24], [12]), _split_of("gcd276,288"))
@@ -84,32 +84,24 @@ def test_count_up_by_hand():
     from posttrain.synth.claims import arithmetic_errors
     from posttrain.synth.tasks import count_up
 
-    assert count_up(42, 6) == (("10 * 6 = 60 > 42, so count from 1: 1: 6, 2: 6 + 6 = 12, 3: 12 + 6 = 18, "
+    assert count_up(42, 6) == (("10 * 6 = 60, 42 < 60, so count from 1: 1: 6, 2: 6 + 6 = 12, 3: 12 + 6 = 18, "
                                "4: 18 + 6 = 24, 5: 24 + 6 = 30, 6: 30 + 6 = 36, 7: 36 + 6 = 42.\nSo 42 / 6 = 7."), 7)
-    assert count_up(65, 5) == (("10 * 5 = 50 <= 65, so count from 10: 10: 50, 11: 50 + 5 = 55, 12: 55 + 5 = 60, "
+    assert count_up(65, 5) == (("10 * 5 = 50, 65 >= 50, so count from 10: 10: 50, 11: 50 + 5 = 55, 12: 55 + 5 = 60, "
                                "13: 60 + 5 = 65.\nSo 65 / 5 = 13."), 13)
-    assert count_up(120, 12)[0] == "10 * 12 = 120 <= 120, so count from 10: 10: 120.\nSo 120 / 12 = 10."
-    assert count_up(7, 7)[0] == "10 * 7 = 70 > 7, so count from 1: 1: 7.\nSo 7 / 7 = 1."
+    assert count_up(120, 12)[0] == "10 * 12 = 120, 120 >= 120, so count from 10: 10: 120.\nSo 120 / 12 = 10."
+    assert count_up(7, 7)[0] == "10 * 7 = 70, 7 < 70, so count from 1: 1: 7.\nSo 7 / 7 = 1."
     for d in range(2, 13):
         for q in range(1, 21):
             text, got = count_up(d * q, d)
             assert got == q and not arithmetic_errors(text)
 
 
-def test_long_division_by_hand():
-    from posttrain.synth.tasks import solve_division
+def test_division_line_by_hand():
+    """One Euclid step: quotient, product, remainder as a difference."""
+    from posttrain.synth.tasks import division_line
 
-    # 238 / 7: 23 / 7 = 3 rem 2; bring down 8: 28 / 7 = 4 rem 0 -> 34
-    assert solve_division(238, 7) == (("23 / 7 = 3, 3 * 7 = 21, remainder 23 - 21 = 2.\n"
-                                       "Bring down 8: 28 / 7 = 4, 4 * 7 = 28, remainder 28 - 28 = 0.\n"
-                                       "So 238 / 7 = 34."), 34)
-    # a zero quotient digit: 120 / 6 -> 12 / 6 = 2, then 0 / 6 = 0 -> 20
-    assert solve_division(120, 6)[0].splitlines()[1:] == ["Bring down 0: 0 / 6 = 0, 0 * 6 = 0, remainder 0 - 0 = 0.",
-                                                          "So 120 / 6 = 20."]
-    assert solve_division(108, 12) == ("108 / 12 = 9, 9 * 12 = 108, remainder 108 - 108 = 0.\nSo 108 / 12 = 9.", 9)
-    for d in range(2, 13):  # every linear-equation right-hand side divides out
-        for q in range(1, 21):
-            assert solve_division(d * q, d)[1] == q
+    assert division_line(23, 7) == "23 / 7 = 3, 3 * 7 = 21, remainder 23 - 21 = 2."
+    assert division_line(108, 12) == "108 / 12 = 9, 9 * 12 = 108, remainder 108 - 108 = 0."
 
 
 def test_splits_are_disjoint():

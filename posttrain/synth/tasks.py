@@ -74,7 +74,10 @@ def place_values(n: int, width: int) -> str:
 
 
 def solve_addition(a: int, b: int) -> tuple[str, int]:
-    """Column addition with carries; returns (reasoning lines, result)."""
+    """Column addition with carries; returns (reasoning lines, result). A carry is added as its
+    own step (``Tens: 7 + 5 = 12, 12 + 1 (carry) = 13, write 3, carry 1.``): written as one sum
+    of three digits, it was the first error in all 14 wrong additions of 100 held-out questions
+    (``1 + 9 + 1 (carry) = 19``); in two steps, addition went 86 -> 100% (cold start of 1a5c61f)."""
     width = max(len(str(a)), len(str(b)))
     da, db = _digits(a, width), _digits(b, width)
     lines, carry, out = [place_values(a, width), place_values(b, width)], 0, []
@@ -105,10 +108,13 @@ def borrowed_difference(top: int, bottom: int) -> str:
 def solve_subtraction(a: int, b: int) -> tuple[str, int]:
     """Column subtraction with borrows for a >= b >= 0; returns (reasoning lines, result).
 
-    Every column first compares its top digit (less what was borrowed) with the bottom one
-    (``7 >= 5: 7 - 5 = 2``, ``2 < 8, borrow 1: 12 - 8 = 4``), so the borrow decision is written
-    down before the difference. Without the comparison, the cold-start model skipped the
-    borrow and wrote ``2 - 8 = 0``, its most frequent subtraction error.
+    Every column writes its top digit (less what was borrowed) and its bottom one, then
+    compares them (``Tens: 7 - 5: 7 >= 5: 7 - 5 = 2.``, ``Ones: 2 - 8: 2 < 8, borrow 1: 10 - 8
+    = 2, 2 + 2 = 4.``), so the borrow decision is written down before the difference. Without
+    the comparison, the cold-start model skipped the borrow and wrote ``2 - 8 = 0``; with the
+    comparison written before the bottom digit (``Tens: 7 >= 9: ...``, until 2026-12-05) that
+    comparison was the first error in all 21 wrong subtractions of 100 held-out questions;
+    with both digits first, subtraction went 79 -> 95% (the cold start of 1a5c61f).
     """
     assert a >= b >= 0
     width = len(str(a))
@@ -275,7 +281,7 @@ def _int_answer(response: str, answer: str, prefix: str = "") -> bool:
 
 def division_line(n: int, d: int) -> str:
     """``"23 / 7 = 3, 3 * 7 = 21, remainder 23 - 21 = 2."``: one division with its product and
-    its remainder as a difference (the form of both long division and Euclid's steps)."""
+    its remainder as a difference (the form of Euclid's steps)."""
     q = n // d
     return f"{n} / {d} = {q}, {q} * {d} = {q * d}, remainder {n} - {q * d} = {n - q * d}."
 
@@ -284,55 +290,30 @@ def count_up(n: int, d: int) -> tuple[str, int]:
     """``n / d`` for a multiple ``n`` of ``d`` by counting in ``d``s, each count one addition,
     from 1 or, when ``10 * d`` (a digit appended) does not pass ``n``, from 10::
 
-        10 * 6 = 60 > 42, so count from 1: 1: 6, 2: 6 + 6 = 12, ..., 7: 36 + 6 = 42.
+        10 * 6 = 60, 42 < 60, so count from 1: 1: 6, 2: 6 + 6 = 12, ..., 7: 36 + 6 = 42.
         So 42 / 6 = 7.
 
-    returns (lines, quotient). The linear equations' solutions used long division
-    (:func:`solve_division`), whose quotient digits are recalled times-table facts; a wrong one
+    returns (lines, quotient). Until 2026-12-05 the linear equations' solutions used long
+    division (one :func:`division_line` per quotient digit, ``Bring down 8: 28 / 7 = 4, ...``;
+    linear 17 -> 60% over the quotient stated at once), whose quotient digits are recalled
+    times-table facts; a wrong one
     (``48 / 6 = 9``, ``42 / 6 = 8``) was the first error in 23 of the 34 equations the cold-start
     model got wrong on 400 held-out questions (at 1a5c61f), and writing the divisor's times
     table above the division did not help (35 of 40: the model recalled rather than looked up).
-    Counting makes each quotient step an addition of the previous count and ``d``.
+    Counting makes each quotient step an addition of the previous count and ``d``: linear
+    60-66 -> 81% (400 held-out, 377d33f). The dividend is written again before the comparison
+    with ``10 * d`` (``42 < 60``), as the subtraction columns write both digits before
+    deciding: at 377d33f the comparison came first (``10 * 9 = 90 <= 81``) and was wrong in 8
+    of the 19 wrong linear answers, 5 of which then counted past the dividend to the token limit.
     """
     assert n % d == 0 and n >= d > 0
     q, ten = n // d, 10 * d
     if ten <= n:
-        head, first = f"10 * {d} = {ten} <= {n}, so count from 10: 10: {ten}", 11
+        head, first = f"10 * {d} = {ten}, {n} >= {ten}, so count from 10: 10: {ten}", 11
     else:
-        head, first = f"10 * {d} = {ten} > {n}, so count from 1: 1: {d}", 2
+        head, first = f"10 * {d} = {ten}, {n} < {ten}, so count from 1: 1: {d}", 2
     steps = [head] + [f"{k}: {(k - 1) * d} + {d} = {k * d}" for k in range(first, q + 1)]
     return ", ".join(steps) + f".\nSo {n} / {d} = {q}.", q
-
-
-def solve_division(n: int, d: int) -> tuple[str, int]:
-    """Long division of ``n >= d > 0`` by ``d`` (exact), one line per quotient digit, as taught
-    in school: the leading digits that reach ``d`` first, then ``Bring down 8: ...`` for each
-    further digit, ending ``So n / d = q.``; returns (lines, quotient).
-
-    Each line asks for a quotient below ten of a number below ``10 d`` (a times-table fact),
-    then writes its product and the remainder as a difference (``23 / 7 = 3, 3 * 7 = 21,
-    remainder 23 - 21 = 2.``). The linear-equation solutions used to state the quotient at once
-    (``2 * 19 = 38``), and the cold-start model guessed it (``2 * 18 = 38, so x = -18``) in most
-    of the equations it got wrong; with bare long-division lines (``3 / 2 = 1, remainder 1.``)
-    its linear accuracy on 100 held-out equations went 17 -> 38%, the remainder, then the
-    quotient, its most frequent errors; with the product and difference written out, 60%.
-    """
-    assert n >= d > 0 and n % d == 0
-    digits = str(n)
-    k = 1
-    while int(digits[:k]) < d:
-        k += 1
-    cur, lines, q = int(digits[:k]), [], ""
-    for i in range(k - 1, len(digits)):
-        if i >= k:
-            cur = cur * 10 + int(digits[i])
-        head = f"Bring down {digits[i]}: " if i >= k else ""
-        lines.append(head + division_line(cur, d))
-        q += str(cur // d)
-        cur %= d
-    assert int(q) * d == n
-    lines.append(f"So {n} / {d} = {int(q)}.")
-    return "\n".join(lines), int(q)
 
 
 def linear_problem(rng: random.Random, split: str) -> Problem:
@@ -369,8 +350,8 @@ def verify_linear(response: str, answer: str, **_) -> bool:
 def gcd_problem(rng: random.Random, split: str) -> Problem:
     """GCD of two numbers, solved with Euclid's algorithm written out step by step.
 
-    Each division step is one line in the form of the linear equations' long division
-    (``276 / 72 = 3, 3 * 72 = 216, remainder 276 - 216 = 60.``). Stated bare (``276 = 3 * 72 +
+    Each division step is one line in the long-division form (:func:`division_line`,
+    ``276 / 72 = 3, 3 * 72 = 216, remainder 276 - 216 = 60.``). Stated bare (``276 = 3 * 72 +
     60.``) the cold-start model wrote wrong remainders, often collapsing to one (``96 = 1 * 76 +
     12``); on 400 held-out questions (480 steps of 2) the written form scored GCD 22% against 17%
     (within the noise of 100 questions; the whole cold start 61.5% against 55.2%). An earlier
