@@ -45,6 +45,8 @@ VARIANTS: dict[str, tuple[tuple[str, ...] | None, dict, dict]] = {
     "2pass": (SFT_ONLY, {}, {"cold_start": {"max_steps": 240}}),
     "data2x": (SFT_ONLY, {"n_train": 480}, {"cold_start": {"max_steps": 240}}),
     "data4x": (SFT_ONLY, {"n_train": 960}, {"cold_start": {"max_steps": 480}}),
+    # room for the longest worked solutions (GCD with its borrowing remainders in columns: up to ~700 tokens)
+    "long": (SFT_ONLY, {}, {"cold_start": {"data.max_length": 768}, "after_sft": {"max_new_tokens": 640}}),
     # the whole recipe, then 20 more GRPO steps in two stages of 10 with an eval after each
     "full-grpo30": (None, {}, {"__extra__": [
         {"name": "grpo_b", "kind": "grpo", "base": "grpo"}, {"name": "eval_b", "kind": "eval", "base": "final"},

@@ -96,6 +96,25 @@ def test_count_up_by_hand():
             assert got == q and not arithmetic_errors(text)
 
 
+def test_euclid_step_by_hand():
+    """A Euclid step works a borrowing remainder in columns, and only such a remainder."""
+    from posttrain.synth.claims import arithmetic_errors
+    from posttrain.synth.tasks import borrows, euclid_step
+
+    assert euclid_step(348, 276) == ("348 / 276 = 1, 1 * 276 = 276, remainder 348 - 276.\n"
+                                     "Ones: 8 - 6: 8 >= 6: 8 - 6 = 2.\n"
+                                     "Tens: 4 - 7: 4 < 7, borrow 1: 10 - 7 = 3, 3 + 4 = 7.\n"
+                                     "Hundreds: 3 - 1 (borrowed) = 2, 2 - 2: 2 >= 2: 2 - 2 = 0.\n"
+                                     "So 348 - 276 = 72.")
+    assert euclid_step(276, 72) == "276 / 72 = 3, 3 * 72 = 216, remainder 276 - 216 = 60."
+    assert euclid_step(216, 72) == "216 / 72 = 3, 3 * 72 = 216, remainder 216 - 216 = 0."
+    assert euclid_step(9, 4) == "9 / 4 = 2, 2 * 4 = 8, remainder 9 - 8 = 1."
+    assert borrows(100, 98) and borrows(13, 7) and not borrows(276, 216) and not borrows(99, 99)
+    for n in range(10, 400, 7):
+        for d in range(2, n, 11):
+            assert not arithmetic_errors(euclid_step(n, d)), (n, d)
+
+
 def test_division_line_by_hand():
     """One Euclid step: quotient, product, remainder as a difference."""
     from posttrain.synth.tasks import division_line
