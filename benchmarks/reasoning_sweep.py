@@ -45,8 +45,9 @@ VARIANTS: dict[str, tuple[tuple[str, ...] | None, dict, dict]] = {
     "2pass": (SFT_ONLY, {}, {"cold_start": {"max_steps": 240}}),
     "data2x": (SFT_ONLY, {"n_train": 480}, {"cold_start": {"max_steps": 240}}),
     "data4x": (SFT_ONLY, {"n_train": 960}, {"cold_start": {"max_steps": 480}}),
-    # room for the longest worked solutions (GCD with its borrowing remainders in columns: up to ~700 tokens)
-    "long": (SFT_ONLY, {}, {"cold_start": {"data.max_length": 768}, "after_sft": {"max_new_tokens": 640}}),
+    # every stage of the recipe but the baseline eval (on --n-test questions a task, where the demo evaluates 24);
+    # a cold start already made by "ref" is reused when its directory is copied to this variant's
+    "full": (("cold_start", "after_sft", "rejection_sampling", "sft_round2", "after_round2", "grpo", "final"), {}, {}),
     # the whole recipe, then 20 more GRPO steps in two stages of 10 with an eval after each
     "full-grpo30": (None, {}, {"__extra__": [
         {"name": "grpo_b", "kind": "grpo", "base": "grpo"}, {"name": "eval_b", "kind": "eval", "base": "final"},
