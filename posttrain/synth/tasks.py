@@ -309,7 +309,11 @@ def euclid_step(n: int, d: int) -> str:
     wrong on 400 held-out questions (377d33f), where the subtraction task's own differences,
     worked in columns, were right in 94-97%. Columns for every step (place values included)
     would make the GCD solutions 2.5x as long (144 -> 361 tokens on average, a fifth of them
-    over 480); for the borrowing steps alone, without place values, 1.75x (253, 6% over 480).
+    over 480); for the borrowing steps alone, without place values, 1.75x (253, up to ~700).
+    Measured at 6643d46 (a CPU without fast bf16, so not the same machine as the figures
+    above): GCD 24 -> 45% on 400 held-out questions, differences then the first error in only
+    10 of the 55 wrong GCD answers (quotients 28, products 17). Tried on 2026-11 with the
+    older subtraction columns (place values included, every step): GCD 22 -> 26% only.
     """
     q = n // d
     r, p = n - q * d, q * d
@@ -339,7 +343,8 @@ def count_up(n: int, d: int) -> tuple[str, int]:
     60-66 -> 81% (400 held-out, 377d33f). The dividend is written again before the comparison
     with ``10 * d`` (``42 < 60``), as the subtraction columns write both digits before
     deciding: at 377d33f the comparison came first (``10 * 9 = 90 <= 81``) and was wrong in 8
-    of the 19 wrong linear answers, 5 of which then counted past the dividend to the token limit.
+    of the 19 wrong linear answers, 5 of which then counted past the dividend to the token limit;
+    written this way (6643d46), linear 91% with a comparison the first error in 1 of the 9 wrong.
     """
     assert n % d == 0 and n >= d > 0
     q, ten = n // d, 10 * d
@@ -386,7 +391,8 @@ def gcd_problem(rng: random.Random, split: str) -> Problem:
     """GCD of two numbers, solved with Euclid's algorithm written out step by step.
 
     Each division step is one line in the long-division form (:func:`division_line`,
-    ``276 / 72 = 3, 3 * 72 = 216, remainder 276 - 216 = 60.``). Stated bare (``276 = 3 * 72 +
+    ``276 / 72 = 3, 3 * 72 = 216, remainder 276 - 216 = 60.``), followed by the remainder's
+    column subtraction when it borrows (:func:`euclid_step`). Stated bare (``276 = 3 * 72 +
     60.``) the cold-start model wrote wrong remainders, often collapsing to one (``96 = 1 * 76 +
     12``); on 400 held-out questions (480 steps of 2) the written form scored GCD 22% against 17%
     (within the noise of 100 questions; the whole cold start 61.5% against 55.2%). An earlier
