@@ -105,8 +105,9 @@ def borrowed_difference(top: int, bottom: int) -> str:
     return f"10 - {bottom} = {10 - bottom}, {10 - bottom} + {top} = {top + 10 - bottom}"
 
 
-def solve_subtraction(a: int, b: int) -> tuple[str, int]:
+def solve_subtraction(a: int, b: int, places: bool = True) -> tuple[str, int]:
     """Column subtraction with borrows for a >= b >= 0; returns (reasoning lines, result).
+    ``places=False`` leaves out the two place-value lines (:func:`place_values`) that start it.
 
     Every column writes its top digit (less what was borrowed) and its bottom one, then
     compares them (``Tens: 7 - 5: 7 >= 5: 7 - 5 = 2.``, ``Ones: 2 - 8: 2 < 8, borrow 1: 10 - 8
@@ -119,7 +120,7 @@ def solve_subtraction(a: int, b: int) -> tuple[str, int]:
     assert a >= b >= 0
     width = len(str(a))
     da, db = _digits(a, width), _digits(b, width)
-    lines, borrow, out = [place_values(a, width), place_values(b, width)], 0, []
+    lines, borrow, out = [place_values(a, width), place_values(b, width)] if places else [], 0, []
     for i in range(width):
         top = da[i] - borrow
         head = f"{PLACES[i].capitalize()}: " + (f"{da[i]} - 1 (borrowed) = {top}, " if borrow else "")
@@ -282,8 +283,13 @@ def _int_answer(response: str, answer: str, prefix: str = "") -> bool:
 def division_line(n: int, d: int) -> str:
     """``"23 / 7 = 3, 3 * 7 = 21, remainder 23 - 21 = 2."``: one division with its product and
     its remainder as a difference (the form of Euclid's steps)."""
+    return f"{_division_head(n, d)} = {n % d}."
+
+
+def _division_head(n: int, d: int) -> str:
+    """``"23 / 7 = 3, 3 * 7 = 21, remainder 23 - 21"``: a division line up to its difference."""
     q = n // d
-    return f"{n} / {d} = {q}, {q} * {d} = {q * d}, remainder {n} - {q * d} = {n - q * d}."
+    return f"{n} / {d} = {q}, {q} * {d} = {q * d}, remainder {n} - {q * d}"
 
 
 def borrows(a: int, b: int) -> bool:
@@ -315,14 +321,12 @@ def euclid_step(n: int, d: int) -> str:
     10 of the 55 wrong GCD answers (quotients 28, products 17). Tried on 2026-11 with the
     older subtraction columns (place values included, every step): GCD 22 -> 26% only.
     """
-    q = n // d
-    r, p = n - q * d, q * d
+    p, r = n - n % d, n % d
     if r == 0 or n < 10 or not borrows(n, p):
         return division_line(n, d)
-    columns, got = solve_subtraction(n, p)
+    columns, got = solve_subtraction(n, p, places=False)
     assert got == r
-    columns = "\n".join(line for line in columns.splitlines() if line.split(":")[0].lower() in PLACES)
-    return f"{n} / {d} = {q}, {q} * {d} = {p}, remainder {n} - {p}.\n{columns}\nSo {n} - {p} = {r}."
+    return f"{_division_head(n, d)}.\n{columns}\nSo {n} - {p} = {r}."
 
 
 def count_up(n: int, d: int) -> tuple[str, int]:
