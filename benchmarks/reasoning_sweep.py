@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "reasoning.yaml"
 SFT_ONLY = ("cold_start", "after_sft")
 
-# name -> (stages to keep, None = all; top-level changes; {stage: config changes})
+# name -> (stages to keep: None = all, names = those, "!name"s = all but those; top-level changes;
+#          {stage: config changes})
 VARIANTS: dict[str, tuple[tuple[str, ...] | None, dict, dict]] = {
     "ref": (SFT_ONLY, {}, {}),
     "lr1e-4": (SFT_ONLY, {}, {"cold_start": {"lr": 1.0e-4}}),
@@ -47,12 +48,21 @@ VARIANTS: dict[str, tuple[tuple[str, ...] | None, dict, dict]] = {
     "data4x": (SFT_ONLY, {"n_train": 960}, {"cold_start": {"max_steps": 480}}),
     # every stage of the recipe but the baseline eval (on --n-test questions a task, where the demo evaluates 24);
     # a cold start already made by "ref" is reused when its directory is copied to this variant's
-    "full": (("cold_start", "after_sft", "rejection_sampling", "sft_round2", "after_round2", "grpo", "final"), {}, {}),
+    "full": (("!baseline",), {}, {}),
     # the whole recipe, then 20 more GRPO steps in two stages of 10 with an eval after each
     "full-grpo30": (None, {}, {"__extra__": [
         {"name": "grpo_b", "kind": "grpo", "base": "grpo"}, {"name": "eval_b", "kind": "eval", "base": "final"},
         {"name": "grpo_c", "kind": "grpo", "base": "grpo"}, {"name": "eval_c", "kind": "eval", "base": "final"}]}),
 }
+
+
+def _kept(stage: str, keep: tuple[str, ...] | None) -> bool:
+    """Whether a variant keeps ``stage``: every stage (None), the names listed, or every stage
+    but those listed as ``!name``."""
+    if keep is None:
+        return True
+    dropped = {k[1:] for k in keep if k.startswith("!")}
+    return stage not in dropped if dropped else stage in keep
 
 
 def variant_recipe(name: str, base: dict, n_test: int | None, eval_batch: int | None, smoke: bool) -> dict:
@@ -64,7 +74,7 @@ def variant_recipe(name: str, base: dict, n_test: int | None, eval_batch: int | 
         st = copy.deepcopy(stages[extra["base"]])
         st["name"] = extra["name"]
         raw["stages"].append(st)
-    raw["stages"] = [s for s in raw["stages"] if keep is None or s["name"] in keep]
+    raw["stages"] = [s for s in raw["stages"] if _kept(s["name"], keep)]
     raw.update(top)
     for st in raw["stages"]:
         st.setdefault("config", {}).update(per_stage.get(st["name"], {}))
