@@ -101,6 +101,38 @@ def test_long_float32_sequences_go_to_sdpa(monkeypatch):
     assert len(called) == 3
 
 
+def test_boolean_masks_to_sdpa_convert_once_per_pass(monkeypatch):
+    """A boolean mask going to torch's SDPA under autograd is converted to the additive float
+    mask once for every call that gets the same mask (each call would otherwise save its own
+    float copy for backward): the same outputs and gradients as SDPA given the boolean mask,
+    one float tensor shared by the "layers", a fresh one for another mask or a changed one."""
+    torch.manual_seed(0)
+    B, Hq, Hk, L, D = 2, 6, 2, 9, 8
+    mask = torch.ones(B, 1, L, L, dtype=torch.bool).tril()
+    mask[0, 0, 5:, 1:4] = False  # a prefix-sharing-style block
+    monkeypatch.setattr(attention, "FLOAT32_MAX_KEYS", 4)  # float32 over 4 keys: SDPA
+    seen = []
+    real = attention.additive_mask
+    monkeypatch.setattr(attention, "additive_mask", lambda m, d: seen.append(real(m, d)) or seen[-1])
+    q, k, v = _qkv(B, Hq, Hk, L, D)
+    outs = [attention.attention(MODULE, q, k, v, mask)[0] for _ in range(3)]  # three "layers"
+    grads = torch.autograd.grad(sum(o.square().sum() for o in outs), (q, k, v))
+    assert len(seen) == 3 and seen[0] is seen[1] is seen[2] and seen[0].dtype == torch.float32
+    assert torch.equal(seen[0], torch.zeros(mask.shape).masked_fill(~mask, float("-inf")))
+    want = [_sdpa(MODULE, q, k, v, mask)[0] for _ in range(3)]
+    want_grads = torch.autograd.grad(sum(o.square().sum() for o in want), (q, k, v))
+    for g, w in zip(outs + list(grads), want + list(want_grads)):
+        assert torch.equal(g, w)
+    other = mask.clone()
+    assert real(other, torch.float32) is not seen[0]
+    kept = seen[0]
+    mask[1, 0, 8, 0] = False  # changed in place: converted again
+    assert real(mask, torch.float32) is not kept
+    with torch.no_grad():  # no autograd, nothing saved: SDPA converts the boolean mask itself
+        attention.attention(MODULE, q, k, v, mask)
+    assert len(seen) == 3
+
+
 def test_whole_sequences_under_autocast_compute_in_float32():
     """Under bf16 autocast (mixed precision: the rotary embedding hands float32 queries and keys,
     the value projection bf16 values) the whole-sequence path still computes in float32: the
