@@ -537,14 +537,25 @@ def prepare_model(cfg: ModelConfig, device: torch.device | str = "cpu", lower_fr
     precision = pick_precision(cfg.dtype, device)
     model, tok = load_model(cfg.name_or_path, precision, device, cfg.attn_implementation, with_tokenizer=True)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, cfg.lora)
         model.config.use_cache = False
-        if cfg.lora:
-            model.enable_input_require_grads()
     if cfg.lora and not hasattr(model, "peft_config"):
         model = apply_lora(model, cfg)
     _lower_frozen_base(model, cfg, precision, lower_frozen)
     return model, tok, precision
+
+
+def enable_checkpointing(model, lora: bool) -> None:
+    """Activation checkpointing (non-reentrant) on a transformers model, before LoRA wraps it:
+    ``activation_checkpointing_enable``, or on transformers releases before its rename the
+    ``gradient_checkpointing_enable`` that later ones deprecate with a warning."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora:  # the frozen embeddings' output must require grad for the checkpointed layers' backward
+        model.enable_input_require_grads()
 
 
 def _lower_frozen_base(model, cfg: ModelConfig, precision: Precision, allowed: bool) -> None:
@@ -604,9 +615,7 @@ def prepare_scoring_model(cfg: ModelConfig, kind: str, device: torch.device | st
     _use_attention(model, cfg.attn_implementation)
     set_precision(model, precision)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.lora:
-            model.enable_input_require_grads()
+        enable_checkpointing(model, cfg.lora)
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 

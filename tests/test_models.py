@@ -108,3 +108,35 @@ def test_lora_defaults_target_attention_and_mlp(tiny_model_dir):
     assert targeted == set(models.LORA_TARGETS["llama"])
     trainable, total = models.count_parameters(peft_model)
     assert 0 < trainable < total
+
+
+def test_checkpointing_gives_the_same_gradients_without_a_deprecation_warning(tiny_model_dir):
+    """Activation checkpointing (LoRA and full): the same loss and gradients as without it,
+    and transformers' deprecated alias (a FutureWarning per load) is not used."""
+    import warnings
+
+    from posttrain.logprobs import token_logprobs
+
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    for lora in (True, False):
+        grads = []
+        for ckpt in (False, True):
+            cfg = models.ModelConfig(name_or_path=str(tiny_model_dir), dtype="float32", lora=lora, lora_r=4,
+                                     lora_dropout=0.0, gradient_checkpointing=ckpt)
+            torch.manual_seed(0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", FutureWarning)
+                model, _, _ = models.prepare_model(cfg)
+            model.train()
+            assert unwrap_checkpointing(model) is ckpt
+            token_logprobs(model, ids, ids).sum().backward()
+            grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        assert grads[0].keys() == grads[1].keys()
+        for n in grads[0]:
+            torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-6)
+
+
+def unwrap_checkpointing(model) -> bool:
+    inner = models.unwrap_peft(model)
+    name = "is_activation_checkpointing" if hasattr(type(inner), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(inner, name))
