@@ -688,6 +688,7 @@ def test_shared_prompt_rows_change_nothing(tiny_model_dir, prompt_file, tmp_path
         return real(examples, groups, pad_id, *rest)
 
     monkeypatch.setattr(online_rl, "collate_shared_prefix", spy)
+    monkeypatch.setattr(online_rl, "attention_pair_cost", lambda config: 0.0)  # share every group's prompt
     runs = {}
     for share in (True, False):
         args = ("max_steps=2", "sample_every=0", "micro_batch_size=3", "beta=0.1", "num_iterations=2",
@@ -702,6 +703,35 @@ def test_shared_prompt_rows_change_nothing(tiny_model_dir, prompt_file, tmp_path
     assert n1 == pytest.approx(n0, rel=1e-4)
     for k in w0:  # rounding, amplified by Adam in tiny gradients: under a tenth of one lr=3e-3 step
         torch.testing.assert_close(w1[k], w0[k], rtol=0, atol=2e-4)
+
+
+def test_prefix_sharing_only_where_it_saves_flops():
+    """A prompt's completions share one row while the prompt computed once outweighs the
+    attention over the longer row, by hand: (P + sum c) + k (P + sum c)^2 against
+    sum (P + c) + k (P + c)^2; micro_batch falls back to padded rows otherwise."""
+    from types import SimpleNamespace
+
+    from posttrain.data.tokenize import TokenizedExample
+    from posttrain.stages.online_rl import attention_pair_cost, micro_batch, sharing_pays
+
+    smollm = SimpleNamespace(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                             intermediate_size=1536)
+    k = attention_pair_cost(smollm)
+    assert k == pytest.approx(4 * 9 * 64 / (2 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536)))  # 1 / 3072
+
+    def group(P, c, first=0):
+        return [TokenizedExample(list(range(first, first + P)) + [900 + i] * c, [0] * (P + c), "") for i in range(8)]
+
+    # P=60, c=64: shared 572 + 572^2 k = 678.5 < separate 8 (124 + 124^2 k) = 1032.0
+    assert sharing_pays([group(60, 64)], k)
+    # P=60, c=200: shared 1660 + 1660^2 k = 2557.0 > separate 8 (260 + 260^2 k) = 2256.0
+    assert not sharing_pays([group(60, 200)], k)
+    assert sharing_pays([group(60, 200)], 0.0)  # attention free: sharing always saves
+    short, long = group(60, 64), group(60, 600, first=100)
+    assert "sources" in micro_batch(short, list(range(8)), 8, 0, "cpu", k)  # one shared row
+    b = micro_batch(long, list(range(8)), 8, 0, "cpu", k)
+    assert "sources" not in b and b["input_ids"].shape[0] == 8  # a padded row each
+    assert "sources" in micro_batch(long, list(range(8)), 8, 0, "cpu")  # pair_cost 0: always shared
 
 
 def test_by_length_orders_shortest_first():

@@ -52,7 +52,13 @@ from posttrain.advantages import gae, group_advantages, process_advantages, rloo
 from posttrain.config import ConfigError, doc
 from posttrain.data.formats import PromptRecord, to_prompt_record
 from posttrain.data.loading import BadRowError, BadRows, iter_rows
-from posttrain.data.tokenize import IGNORE, TokenizedExample, collate_pad, collate_shared_prefix
+from posttrain.data.tokenize import (
+    IGNORE,
+    TokenizedExample,
+    collate_pad,
+    collate_shared_prefix,
+    shared_prefix_length,
+)
 from posttrain.log import log
 from posttrain.logprobs import batch_logprobs
 from posttrain.losses import aggregate, clipped_value_loss, grpo_loss, kl_estimate
@@ -300,17 +306,53 @@ def completion_examples(roll: Rollout) -> list[TokenizedExample]:
 ROW_MULTIPLE = 32
 
 
-def micro_batch(examples: list[TokenizedExample], idx: list[int], group_size: int, pad_id: int, device) -> dict:
+def micro_batch(examples: list[TokenizedExample], idx: list[int], group_size: int, pad_id: int, device,
+                pair_cost: float = 0.0) -> dict:
     """Completions ``idx`` as one micro-batch on ``device``: with ``group_size`` G, one row per
-    prompt (completion i belongs to prompt i // G; prefix sharing), else padded rows; rows padded
-    to a multiple of :data:`ROW_MULTIPLE` tokens."""
+    prompt (completion i belongs to prompt i // G; prefix sharing) where that costs less than
+    separate rows (:func:`sharing_pays`; always when ``pair_cost`` is 0), else padded rows; rows
+    padded to a multiple of :data:`ROW_MULTIPLE` tokens. Both layouts give the same log-probs."""
     chosen = [examples[i] for i in idx]
+    if group_size and pair_cost:
+        groups: dict[int, list[TokenizedExample]] = {}
+        for i in idx:
+            groups.setdefault(i // group_size, []).append(examples[i])
+        group_size = group_size if sharing_pays(list(groups.values()), pair_cost) else 0
     if group_size:
         b = collate_shared_prefix(chosen, [i // group_size for i in idx], pad_id, ROW_MULTIPLE)
     else:
         b = collate_pad(chosen, pad_id, ROW_MULTIPLE)
         b["n_tokens"] = int(b["attention_mask"].sum())
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+
+
+def attention_pair_cost(config) -> float:
+    """FLOPs of one query-key pair in attention over the FLOPs of one token through the
+    decoder's linear layers (both per layer, forward): what :func:`sharing_pays` weighs."""
+    h = config.hidden_size
+    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    d = getattr(config, "head_dim", None) or h // heads
+    inter = getattr(config, "intermediate_size", 4 * h)
+    linear = 2 * (2 * h * heads * d + 2 * h * kv * d + 3 * h * inter)  # q, o; k, v; gate, up, down
+    return 4 * heads * d / linear  # scores and values: two multiply-adds per pair and head dimension
+
+
+def sharing_pays(groups: list[list[TokenizedExample]], pair_cost: float) -> bool:
+    """Whether one prefix-shared row per group costs fewer FLOPs than a row per completion.
+
+    A shared row computes the prompt once, but its attention runs over the whole row (the
+    block mask is not skipped): ``(P + sum c)^2`` pairs against ``sum (P + c)^2`` for separate
+    rows. With short completions the saved prompt tokens win; with long ones the attention
+    loses: 8 completions of ~600 tokens behind a 60-token prompt made a 4,864-token row whose
+    forward and backward took 267 s (peak RSS 10.5 GB) on a 2-core CPU (2026-12-05, the
+    reasoning demo's GRPO on GCD prompts)."""
+    shared = separate = 0.0
+    for members in groups:
+        P = shared_prefix_length(members)
+        total = P + sum(len(e.input_ids) - P for e in members)
+        shared += total + pair_cost * total * total
+        separate += sum(len(e.input_ids) + pair_cost * len(e.input_ids) ** 2 for e in members)
+    return shared < separate
 
 
 def chunks(idx: list[int], size: int) -> list[list[int]]:
@@ -448,6 +490,7 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
     # a separate critic reads its own padded rows; one completion per prompt has nothing to share
     share_prefix = cfg.share_prefix and G > 1 and not (value_head is not None and value_head.backbone is not None)
     row_group = G if share_prefix else 0  # completions per packed row (0: padded rows)
+    pair_cost = attention_pair_cost(model.config)  # shared rows only where they pay
     batches = engine.EpochBatches([len(p.ids) for p in prompts], cfg.batch_size, cfg.seed)
     total_steps = cfg.total_steps(batches.per_epoch)
     n_completions = cfg.batch_size * G
@@ -511,7 +554,7 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                 with torch.no_grad():
                     for idx, _ in distributed.even_chunks(by_length(list(range(len(examples))), examples),
                                                          cfg.micro_batch_size):
-                        b = micro_batch(examples, idx, row_group, tok.pad_token_id, t.device)
+                        b = micro_batch(examples, idx, row_group, tok.pad_token_id, t.device, pair_cost)
                         sizes = [lengths[i] for i in idx]
                         if need_old:
                             lp, h = policy.forward(t.model, b, extras=("hidden",))
@@ -549,7 +592,7 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                     mb_seqs, mb_tokens = len(mb_idx), sum(lengths[i] for i in mb_idx)
                     for idx, w in distributed.even_chunks(by_length([i for i in mb_idx if trained[i]], examples),
                                                          cfg.micro_batch_size):
-                        b = micro_batch(examples, idx, row_group, tok.pad_token_id, t.device)
+                        b = micro_batch(examples, idx, row_group, tok.pad_token_id, t.device, pair_cost)
                         extras = ("entropy", "hidden") if value_head is not None else ("entropy",)
                         lp, ent, *h = policy.forward(t.model, b, extras=extras)
                         seq = torch.repeat_interleave(torch.arange(len(idx)), torch.tensor([lengths[i] for i in idx]))
