@@ -726,6 +726,10 @@ def test_prefix_sharing_only_where_it_saves_flops():
     assert sharing_pays([group(60, 64)], k)
     # P=60, c=200: shared 1660 + 1660^2 k = 2557.0 > separate 8 (260 + 260^2 k) = 2256.0
     assert not sharing_pays([group(60, 200)], k)
+    # mixed lengths, padded rows pad to the longest: 7 x 50 + 1 x 600 tokens behind P=60:
+    # shared 1010 + 1010^2 k = 1342.1 < separate 8 (660 + 660^2 k) = 6414.4
+    mixed = group(60, 50)[:7] + [TokenizedExample(list(range(60)) + [990] * 600, [0] * 660, "")]
+    assert sharing_pays([mixed], k)
     assert sharing_pays([group(60, 200)], 0.0)  # attention free: sharing always saves
     short, long = group(60, 64), group(60, 600, first=100)
     assert "sources" in micro_batch(short, list(range(8)), 8, 0, "cpu", k)  # one shared row

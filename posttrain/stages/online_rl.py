@@ -345,13 +345,20 @@ def sharing_pays(groups: list[list[TokenizedExample]], pair_cost: float) -> bool
     rows. With short completions the saved prompt tokens win; with long ones the attention
     loses: 8 completions of ~600 tokens behind a 60-token prompt made a 4,864-token row whose
     forward and backward took 267 s (peak RSS 10.5 GB) on a 2-core CPU (2026-12-05, the
-    reasoning demo's GRPO on GCD prompts)."""
-    shared = separate = 0.0
+    reasoning demo's GRPO on GCD prompts), 141 s as padded rows.
+
+    Both layouts pad their rows to the micro-batch's longest, so the costs count padding:
+    separate rows of completions of mixed length pad each to the longest completion. (Priced
+    without padding, 2026-12-05, the demo's GRPO on mixed lengths was no faster in padded rows,
+    241 against 219 s in one step, and peaked higher, 13.5 against 11.6 GB.)"""
+    shared_rows = []
     for members in groups:
         P = shared_prefix_length(members)
-        total = P + sum(len(e.input_ids) - P for e in members)
-        shared += total + pair_cost * total * total
-        separate += sum(len(e.input_ids) + pair_cost * len(e.input_ids) ** 2 for e in members)
+        shared_rows.append(P + sum(len(e.input_ids) - P for e in members))
+    n = sum(len(members) for members in groups)
+    width = max(len(e.input_ids) for members in groups for e in members)
+    shared = len(shared_rows) * (max(shared_rows) + pair_cost * max(shared_rows) ** 2)
+    separate = n * (width + pair_cost * width ** 2)
     return shared < separate
 
 
