@@ -128,7 +128,7 @@ def test_checkpointing_gives_the_same_gradients_without_a_deprecation_warning(ti
                 warnings.simplefilter("error", FutureWarning)
                 model, _, _ = models.prepare_model(cfg)
             model.train()
-            assert unwrap_checkpointing(model) is ckpt
+            assert _checkpointing_on(model) is ckpt
             token_logprobs(model, ids, ids).sum().backward()
             grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
         assert grads[0].keys() == grads[1].keys()
@@ -136,7 +136,7 @@ def test_checkpointing_gives_the_same_gradients_without_a_deprecation_warning(ti
             torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-6)
 
 
-def unwrap_checkpointing(model) -> bool:
+def _checkpointing_on(model) -> bool:
     inner = models.unwrap_peft(model)
     name = "is_activation_checkpointing" if hasattr(type(inner), "is_activation_checkpointing") else "is_gradient_checkpointing"
     return bool(getattr(inner, name))

@@ -707,8 +707,9 @@ def test_shared_prompt_rows_change_nothing(tiny_model_dir, prompt_file, tmp_path
 
 def test_prefix_sharing_only_where_it_saves_flops():
     """A prompt's completions share one row while the prompt computed once outweighs the
-    attention over the longer row, by hand: (P + sum c) + k (P + sum c)^2 against
-    sum (P + c) + k (P + c)^2; micro_batch falls back to padded rows otherwise."""
+    attention over the longer row, by hand, each layout priced as padded to its longest row:
+    (P + sum c) + k (P + sum c)^2 against n (W + k W^2), W the longest P + c; micro_batch
+    falls back to padded rows otherwise."""
     from types import SimpleNamespace
 
     from posttrain.data.tokenize import TokenizedExample
