@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from posttrain import allocator
 from posttrain.config import ConfigError, doc
 from posttrain.log import log
 
@@ -542,6 +543,8 @@ def prepare_model(cfg: ModelConfig, device: torch.device | str = "cpu", lower_fr
     if cfg.lora and not hasattr(model, "peft_config"):
         model = apply_lora(model, cfg)
     _lower_frozen_base(model, cfg, precision, lower_frozen)
+    if cfg.gradient_checkpointing and torch.device(device).type == "cpu":
+        allocator.release_between_layers(model)  # the heap's freed pages back, layer by layer
     return model, tok, precision
 
 
