@@ -121,11 +121,12 @@ def _release_hook(_grad):
 
 
 #: :func:`release_between_layers` trims once resident memory has grown by this much since the
-#: last trim (env ``POSTTRAIN_RELEASE_ABOVE_MIB``; 0 = before every layer).
+#: last trim, or from the lowest it fell to since (env ``POSTTRAIN_RELEASE_ABOVE_MIB``; 0 = before every
+#: layer).
 RELEASE_ABOVE_BYTES = int(os.environ.get("POSTTRAIN_RELEASE_ABOVE_MIB", "1024")) * 2**20
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-_after_trim = 0  # resident bytes just after the last trim
+_baseline = 0  # resident bytes after the last trim, or the fewest seen since
 
 
 def resident_bytes() -> int:
@@ -138,10 +139,13 @@ def resident_bytes() -> int:
 
 
 def _release_if_over() -> None:
-    global _after_trim
-    if resident_bytes() - _after_trim > RELEASE_ABOVE_BYTES:
+    global _baseline
+    now = resident_bytes()
+    if now - _baseline > RELEASE_ABOVE_BYTES:
         release_freed_memory()
-        _after_trim = resident_bytes()
+        _baseline = resident_bytes()
+    elif now < _baseline:  # memory went back (a phase ended): growth counts from here
+        _baseline = now
 
 
 class _MallInfo2(ctypes.Structure):

@@ -84,14 +84,14 @@ def test_release_freed_memory_returns_free_heap_pages():
 
 
 def test_release_between_layers_trims_in_training_passes_only(tiny_model_dir, monkeypatch):
-    """prepare_model hooks the decoder's layers: with a zero budget the heap is trimmed before
-    each layer's forward and before its backward when grad is on, never in a no-grad pass."""
+    """prepare_model hooks a checkpointed model's decoder layers: the heap's growth is checked
+    (and trimmed past the budget) before each layer's forward and backward when grad is on,
+    never in a no-grad pass."""
     from posttrain import allocator
     from posttrain.models import ModelConfig, prepare_model
 
     calls = []
-    monkeypatch.setattr(allocator, "release_freed_memory", lambda: calls.append(1))
-    monkeypatch.setattr(allocator, "RELEASE_ABOVE_BYTES", -1)
+    monkeypatch.setattr(allocator, "_release_if_over", lambda: calls.append(1))  # trims past the budget
     model, _, _ = prepare_model(ModelConfig(name_or_path=str(tiny_model_dir), gradient_checkpointing=True))
     assert allocator.release_between_layers(model) == 0  # hooked once only
     ids = torch.randint(0, 1000, (2, 12))
@@ -143,3 +143,20 @@ def test_release_between_layers_lowers_the_peak_of_a_checkpointed_pass():
         env={**os.environ, "POSTTRAIN_RELEASE_PER_LAYER": flag, "POSTTRAIN_RELEASE_ABOVE_MIB": "128"}).stdout.split()[-1])
     off, on = run("0"), run("1")
     assert on < 0.6 * off, (on, off)  # MB over the start: 693 against 311 when written
+
+
+def test_release_counts_growth_from_the_last_trim_or_the_lowest_since(monkeypatch):
+    from posttrain import allocator
+
+    readings = iter([50, 150, 60, 120, 40, 130, 150, 45])
+    trims = []
+    monkeypatch.setattr(allocator, "resident_bytes", lambda: next(readings))
+    monkeypatch.setattr(allocator, "release_freed_memory", lambda: trims.append(len(trims)))
+    monkeypatch.setattr(allocator, "RELEASE_ABOVE_BYTES", 100)
+    monkeypatch.setattr(allocator, "_baseline", 0)
+    seen = []
+    for _ in range(6):
+        allocator._release_if_over()
+        seen.append((len(trims), allocator._baseline))
+    # 50: +50; 150: +150, trimmed to 60; 120: +60; 40: the new low; 130: +90; 150: +110, trimmed to 45
+    assert seen == [(0, 0), (1, 60), (1, 60), (1, 40), (1, 40), (2, 45)]
