@@ -82,11 +82,12 @@ def release_between_layers(model, every: int = 1) -> int:
     since the last: pages handed back are faulted in again when reused.
 
     Measured on machine D (2 cores, float32), the embedded SmolLM2 with LoRA and checkpointing,
-    forward + backward over 8 x 672 tokens (the GRPO stage's shape), three passes: without it
-    0.55 GB in use at most but **6.8 GB** peak RSS, 52.4 s a pass; with a trim at every layer
-    2.1 GB, 57 s; with the 1 GiB budget (default) **2.4 GB**, 57 s (throwaway probe). Without
-    checkpointing (full SFT, 8 x 256 tokens, ``benchmarks/sft_vs_trl.py --only posttrain``) the
-    trims cost 11% (140.9 -> 125.3 tokens/s) for 15% less RSS (6.0 -> 5.1 GB): not hooked there.
+    forward + backward over 8 x 672 tokens (the GRPO stage's shape), three passes
+    (``benchmarks/heap_release.py``): without it 0.55 GB in use at most but **7.0 GB** peak RSS,
+    50.7 s a pass; with it (1 GiB budget) **2.6 GB**, 53.9 s. In the reasoning demo's GRPO stage
+    the whole process peaked at 4.2 GB instead of 11.6. Without checkpointing (full SFT,
+    8 x 256 tokens, ``benchmarks/sft_vs_trl.py --only posttrain``) the trims cost 11% (140.9 ->
+    125.3 tokens/s) for 15% less RSS (6.0 -> 5.1 GB): not hooked there.
     Decoding and other passes without grad are not hooked either (a trim per layer per
     generated token would cost more than the step).
     """
