@@ -111,13 +111,11 @@ def release_between_layers(model) -> int:
         if torch.is_grad_enabled() and isinstance(o, torch.Tensor) and o.requires_grad:
             o.register_hook(_release_hook)
 
-    hooked = 0
     for layer in layers:
         layer.register_forward_pre_hook(before)
         layer.register_forward_hook(after)
-        hooked += 1
     model._posttrain_releases = True
-    return hooked
+    return len(layers)
 
 
 def _release_hook(_grad):

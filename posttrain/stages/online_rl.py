@@ -344,9 +344,10 @@ def sharing_pays(groups: list[list[TokenizedExample]], pair_cost: float) -> bool
     block mask is not skipped). Each layout is priced as its rows are padded, to the
     micro-batch's longest: ``rows x (W + k W^2)``, ``W`` the longest shared row ``P + sum c``
     or the longest completion's ``P + c``, ``k`` = ``pair_cost``. With short completions the
-    saved prompt tokens win; with long ones the attention loses: 8 completions of ~600 tokens behind a 60-token prompt made a 4,864-token row whose
-    forward and backward took 267 s (peak RSS 10.5 GB) on a 2-core CPU (2026-12-05, the
-    reasoning demo's GRPO on GCD prompts), 141 s as padded rows.
+    saved prompt tokens win; with long ones the attention loses: 8 completions of ~600 tokens
+    behind a 60-token prompt made a 4,864-token row whose forward and backward took 267 s (peak
+    RSS 10.5 GB) on a 2-core CPU (2026-12-05, the reasoning demo's GRPO on GCD prompts), 141 s
+    as padded rows.
 
     Counting the padding matters: separate rows of completions of mixed length all pad to the
     longest completion. (Priced without padding, 2026-12-05, the demo's GRPO on mixed lengths
