@@ -49,6 +49,13 @@ VARIANTS: dict[str, tuple[tuple[str, ...] | None, dict, dict]] = {
     # every stage of the recipe but the baseline eval (on --n-test questions a task, where the demo evaluates 24);
     # a cold start already made by "ref" is reused when its directory is copied to this variant's
     "full": (("!baseline",), {}, {}),
+    # the R1 shape with a small cold start: a third of the cold-start pass, then a rejection-sampling
+    # round over 240 fresh questions (one sample each, plus a repair of each wrong one) fully
+    # fine-tuned on, then GRPO: how many points the later stages add to a weaker SFT-only model
+    "small-cold": (("!baseline",), {}, {
+        "cold_start": {"max_steps": 200},
+        "rejection_sampling": {"n": 240, "k": 1},
+        "sft_round2": {"model.lora": False, "batch_size": 2, "lr": 1.0e-4, "warmup_ratio": 0.1}}),
     # the whole recipe, then 20 more GRPO steps in two stages of 10 with an eval after each
     "full-grpo30": (None, {}, {"__extra__": [
         {"name": "grpo_b", "kind": "grpo", "base": "grpo"}, {"name": "eval_b", "kind": "eval", "base": "final"},
