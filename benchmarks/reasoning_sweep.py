@@ -56,6 +56,11 @@ VARIANTS: dict[str, tuple[tuple[str, ...] | None, dict, dict]] = {
         "cold_start": {"max_steps": 200},
         "rejection_sampling": {"n": 240, "k": 1},
         "sft_round2": {"model.lora": False, "batch_size": 2, "lr": 1.0e-4, "warmup_ratio": 0.1}}),
+    # small-cold's rounds with the recipe's LoRA round 2 (copy small-cold's run directory, less
+    # sft_round2 and the stages after it, to reuse its cold start and samples)
+    "small-cold-lora": (("cold_start", "after_sft", "rejection_sampling", "sft_round2", "after_round2"), {}, {
+        "cold_start": {"max_steps": 200},
+        "rejection_sampling": {"n": 240, "k": 1}}),
     # the whole recipe, then 20 more GRPO steps in two stages of 10 with an eval after each
     "full-grpo30": (None, {}, {"__extra__": [
         {"name": "grpo_b", "kind": "grpo", "base": "grpo"}, {"name": "eval_b", "kind": "eval", "base": "final"},
