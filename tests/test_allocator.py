@@ -141,8 +141,8 @@ def test_release_between_layers_lowers_the_peak_of_a_checkpointed_pass():
     run = lambda flag: int(subprocess.run(
         [sys.executable, "-c", FRAGMENT_PROBE], capture_output=True, text=True, check=True,
         env={**os.environ, "POSTTRAIN_RELEASE_PER_LAYER": flag, "POSTTRAIN_RELEASE_ABOVE_MIB": "128"}).stdout.split()[-1])
-    off, on = run("0"), run("1")
-    # MB over the start: 311 against 693 on machine D when written (0.37-0.46x over runs), but
+    off, on = run("0") + run("0"), run("1") + run("1")  # two of each: the fragmented peak varies by ~20%
+    # MB over the start (one run): 311 against 693 on machine D when written (0.37-0.46x over runs), but
     # 375 against 571 (0.66x) on the CI machine, whose heap fragments less without the release.
     assert on < 0.8 * off, (on, off)
 
