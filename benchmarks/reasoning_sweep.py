@@ -31,6 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "reasoning.yaml"
 SFT_ONLY = ("cold_start", "after_sft")
 
+# the small-cold variants' cold start and samples (one set: a run of either reuses the other's stages)
+SMALL_COLD = {"cold_start": {"max_steps": 200}, "rejection_sampling": {"n": 240, "k": 1}}
+
 # name -> (stages to keep: None = all, names = those, "!name"s = all but those; top-level changes;
 #          {stage: config changes})
 VARIANTS: dict[str, tuple[tuple[str, ...] | None, dict, dict]] = {
@@ -53,14 +56,10 @@ VARIANTS: dict[str, tuple[tuple[str, ...] | None, dict, dict]] = {
     # round over 240 fresh questions (one sample each, plus a repair of each wrong one) fully
     # fine-tuned on, then GRPO: how many points the later stages add to a weaker SFT-only model
     "small-cold": (("!baseline",), {}, {
-        "cold_start": {"max_steps": 200},
-        "rejection_sampling": {"n": 240, "k": 1},
-        "sft_round2": {"model.lora": False, "batch_size": 2, "lr": 1.0e-4, "warmup_ratio": 0.1}}),
+        **SMALL_COLD, "sft_round2": {"model.lora": False, "batch_size": 2, "lr": 1.0e-4, "warmup_ratio": 0.1}}),
     # small-cold's rounds with the recipe's LoRA round 2 (copy small-cold's run directory, less
     # sft_round2 and the stages after it, to reuse its cold start and samples)
-    "small-cold-lora": (("cold_start", "after_sft", "rejection_sampling", "sft_round2", "after_round2"), {}, {
-        "cold_start": {"max_steps": 200},
-        "rejection_sampling": {"n": 240, "k": 1}}),
+    "small-cold-lora": (("cold_start", "after_sft", "rejection_sampling", "sft_round2", "after_round2"), {}, SMALL_COLD),
     # the whole recipe, then 20 more GRPO steps in two stages of 10 with an eval after each
     "full-grpo30": (None, {}, {"__extra__": [
         {"name": "grpo_b", "kind": "grpo", "base": "grpo"}, {"name": "eval_b", "kind": "eval", "base": "final"},
