@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import sys
 import time
@@ -144,6 +145,13 @@ def loadavg() -> str:
             return " ".join(fh.read().split()[:3])
     except OSError:
         return "n/a"
+
+
+def status_rss_mb() -> tuple[float, float]:
+    """(resident, peak resident) MB of this process now: ``VmRSS`` and ``VmHWM`` of
+    ``/proc/self/status`` (Linux), the counters the heap-release figures were read from."""
+    status = Path("/proc/self/status").read_text()
+    return tuple(int(re.search(rf"{k}:\s+(\d+)", status).group(1)) / 1024 for k in ("VmRSS", "VmHWM"))
 
 
 def peak_rss_mb() -> float:

@@ -10,7 +10,6 @@ glibc's main-arena heap in use / free / mmapped (``mallinfo2``). Linux with glib
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import sys
 import tempfile
@@ -18,12 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _common as C
+
 from posttrain.allocator import heap_info
 
 
 def memory() -> str:
-    status = Path("/proc/self/status").read_text()
-    cur, peak = (int(re.search(rf"{k}:\s+(\d+)", status).group(1)) / 1024 for k in ("VmRSS", "VmHWM"))
+    cur, peak = C.status_rss_mb()
     m = heap_info()
     mb = 2**20
     return (f"rss {cur:7.0f} MB  peak {peak:7.0f} MB  heap in use {m.uordblks / mb:6.0f}  free {m.fordblks / mb:6.0f}"

@@ -19,17 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
 
 import _common as C
-
-
-def _status_mb() -> tuple[float, float]:
-    status = Path("/proc/self/status").read_text()
-    return tuple(int(re.search(rf"{k}:\s+(\d+)", status).group(1)) / 1024 for k in ("VmRSS", "VmHWM"))
 
 
 def child(spec: dict) -> dict:
@@ -50,7 +44,7 @@ def child(spec: dict) -> dict:
     labels = ids.clone()
     labels[:, :60] = -100
     mask = torch.ones_like(ids)
-    out = {"loaded_rss_mb": _status_mb()[0], "passes": []}
+    out = {"loaded_rss_mb": C.status_rss_mb()[0], "passes": []}
     for _ in range(passes):
         t0 = time.perf_counter()
         lp = token_logprobs(model, ids, labels, mask)
@@ -59,7 +53,7 @@ def child(spec: dict) -> dict:
         lp.mean().backward()
         t2 = time.perf_counter()
         model.zero_grad(set_to_none=True)
-        rss, peak = _status_mb()
+        rss, peak = C.status_rss_mb()
         heap = allocator.heap_info()
         mb = 2**20
         out["passes"].append({
