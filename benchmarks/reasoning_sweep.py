@@ -60,6 +60,13 @@ VARIANTS: dict[str, tuple[tuple[str, ...] | None, dict, dict]] = {
     # small-cold's rounds with the recipe's LoRA round 2 (copy small-cold's run directory, less
     # sft_round2 and the stages after it, to reuse its cold start and samples)
     "small-cold-lora": (("cold_start", "after_sft", "rejection_sampling", "sft_round2", "after_round2"), {}, SMALL_COLD),
+    # small-cold with up to 8 repairs a wrong sample instead of 2 (copy small-cold's cold_start,
+    # after_sft and data directories): a GCD chain that errs in several steps can then be
+    # repaired to the end, where 2 rounds left mostly the short chains
+    "small-cold-repair8": (("cold_start", "after_sft", "rejection_sampling", "sft_round2", "after_round2"), {}, {
+        "cold_start": SMALL_COLD["cold_start"],
+        "rejection_sampling": {**SMALL_COLD["rejection_sampling"], "repair_rounds": 8},
+        "sft_round2": {"model.lora": False, "batch_size": 2, "lr": 1.0e-4, "warmup_ratio": 0.1}}),
     # the whole recipe, then 20 more GRPO steps in two stages of 10 with an eval after each
     "full-grpo30": (None, {}, {"__extra__": [
         {"name": "grpo_b", "kind": "grpo", "base": "grpo"}, {"name": "eval_b", "kind": "eval", "base": "final"},

@@ -58,3 +58,32 @@ def test_first_false_claim_span_and_correction(text, written, corrected):
 def test_first_false_claim_none_when_all_hold():
     assert first_false_claim("23 / 7 = 3, 3 * 7 = 21, remainder 23 - 21 = 2.") is None
     assert first_false_claim("") is None
+
+
+# a cold-start model's GCD step: each claim true of the digits it wrote, but the tens column
+# reads 2 (the tens digit of 222) as the bottom digit where 216 has a 1
+MISREAD = ("222 / 216 = 1, 1 * 216 = 216, remainder 222 - 216.\n"
+           "Ones: 2 - 6: 2 < 6, borrow 1: 10 - 6 = 4, 4 + 2 = 6.\n"
+           "Tens: 2 - 1 (borrowed) = 1, 1 - 2: 1 < 2, borrow 1: 10 - 2 = 8, 8 + 1 = 9.\n"
+           "Hundreds: 2 - 1 (borrowed) = 1, 1 - 2: 1 < 2, borrow 1: 10 - 2 = 8, 8 + 1 = 9.\n"
+           "So 222 - 216 = 996.")
+
+
+@pytest.mark.parametrize("text, cut_before, corrected", [
+    (MISREAD, "Tens: 2 - 1 (borrowed) = 1, 1 - ", "1"),  # the bottom digit of a borrowing column
+    (("27 = 2 tens + 7 ones.\n26 = 2 tens + 6 ones.\nOnes: 7 + 6 = 13, write 3, carry 1.\n"
+     "Tens: 3 + 2 = 5, 5 + 1 (carry) = 6, write 6.\nSo 27 + 26 = 63."), "Tens: ", "2"),  # the top digit
+    (("Ones: 4 - 7: 4 < 7, borrow 1: 10 - 7 = 3, 3 + 4 = 7.\nTens: 9 - 1 (borrowed) = 8, 7 - 2: 7 >= 2: 7 - 2 = 5.\n"
+     "So 94 - 27 = 57."), "Tens: 9 - 1 (borrowed) = 8, ", "8"),  # the lent-from digit not repeated
+    (("Ones: 2 - 0: 2 >= 0: 2 - 0 = 2.\nTens: 6 - 6: 6 >= 6: 6 - 6 = 0.\nHundreds: 6 - 5: 6 >= 5: 6 - 5 = 1.\n"
+     "So 662 - 60 = 102."), "Hundreds: 6 - ", "0"),  # a digit the shorter number lacks is 0
+])
+def test_column_operands_against_the_closing_line(text, cut_before, corrected):
+    claim = first_false_claim(text)
+    assert text[:claim.start] == text[:text.index(cut_before) + len(cut_before)]
+    assert claim.corrected == corrected
+
+
+def test_column_operands_need_a_closing_line_of_the_same_operation():
+    assert arithmetic_errors(MISREAD.rsplit("\n", 1)[0]) == []  # cut before its closing line: nothing to check
+    assert arithmetic_errors("Ones: 7 + 6 = 13, write 3, carry 1.\nSo 42 - 21 = 21.") == []
