@@ -16,7 +16,7 @@ and returns the false ones:
   against the digits of the numbers in the ``So 222 - 216 = ...`` line that closes the columns.
   A digit read off the wrong number or place makes every later claim true of the wrong digits,
   so without this check a repair cuts at the closing line and leaves the columns contradicting
-  it, and a right-by-luck answer passed (in 9 of the 64 wrong answers of a cold-start model on
+  it, and a right-by-luck answer passed (in 9 of the 67 wrong answers of a cold-start model on
   400 held-out questions, the first error in 1; in 5 of its 333 right answers).
 
 Text with no such claims has no errors: the check is safe on any response. Equations whose
