@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import time
 import weakref
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -76,11 +77,15 @@ def _cut_at_stop(text: str, stops: list[str]) -> str:
 
 @torch.no_grad()
 def generate(model, tok, conversations: list[list[dict[str, str]]], cfg: SamplingConfig | None = None,
-             streamer=None, progress: str | None = None, prefixes: list[str] | None = None) -> list[str]:
+             streamer=None, progress: str | None = None, prefixes: list[str] | None = None,
+             stop_when: Callable[[int, str], bool] | None = None) -> list[str]:
     """Completions (text, special tokens removed) for chat ``conversations``, in input order.
     ``progress``: show a bar with this label, advanced per batch (not inside another bar).
     ``prefixes``: text the assistant's turn already starts with, one per conversation; the
-    completion continues it (what is returned is the continuation alone)."""
+    completion continues it (what is returned is the continuation alone).
+    ``stop_when(i, text)``: asked each time conversation ``i``'s completion ends a line (its
+    ``text`` so far); True ends that completion there (our decoding loop only: with ``stop``
+    strings or a streamer it is never asked)."""
     cfg = cfg or SamplingConfig()
     texts = render_prompts(tok, conversations)
     if prefixes is not None:
@@ -107,8 +112,10 @@ def generate(model, tok, conversations: list[list[dict[str, str]]], cfg: Samplin
             for b, s in enumerate(range(0, len(order), cfg.batch_size)):
                 idx = order[s : s + cfg.batch_size]
                 enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+                check = None if stop_when is None else \
+                    (lambda row, new_ids, idx=idx: stop_when(idx[row], tok.decode(new_ids, skip_special_tokens=True)))
                 new = continue_batch(gen, tok, enc["input_ids"], enc["attention_mask"], cfg,
-                                     cfg.seed * 100_003 + b, streamer)
+                                     cfg.seed * 100_003 + b, streamer, check)
                 for row, i in enumerate(idx):
                     results[i] = _cut_at_stop(tok.decode(new[row], skip_special_tokens=True), cfg.stop)
                 if bar is not None:
@@ -452,7 +459,8 @@ def prefill(model, cache, **inputs):
 @torch.no_grad()
 def decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: int, pad: int,
            temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None,
+           line_check: tuple[torch.Tensor, Callable[[int, list[int]], bool]] | None = None) -> torch.Tensor:
     """``(B, n <= max_new_tokens)`` new tokens after the left-padded prompts ``ids``, with a
     KV cache; rows that ended (EOS) are filled with ``pad``; stops when every row has ended.
 
@@ -465,12 +473,34 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eo
     GRPO group's copies of its prompt) are prefilled once and their cache copied: prefill is
     compute-bound (a batch of 8 copies of a 60-token prompt: ~0.9 s of float32 matmuls on 2
     cores, against ~70 ms a decoding step), and HF ``generate`` prefills every copy.
+
+    ``line_check = (line_ends, check)``: ``line_ends`` a boolean per vocabulary id (the tokens
+    holding a newline, :func:`line_end_tokens`); when row ``r`` draws one, ``check(r, its new
+    ids so far)`` is asked and True ends the row there (as EOS would, the token kept): a
+    verifier-guided repair stops a continuation at its first false step instead of decoding
+    the rest of a solution it will cut.
     """
     with attention.enabled(model):
-        return _decode(model, ids, mask, max_new_tokens, eos, pad, temperature, top_k, top_p, generator)
+        return _decode(model, ids, mask, max_new_tokens, eos, pad, temperature, top_k, top_p, generator, line_check)
 
 
-def _decode(model, ids, mask, max_new_tokens, eos, pad, temperature, top_k, top_p, generator):
+def line_end_tokens(tok) -> torch.Tensor:
+    """A boolean per vocabulary id of ``tok``: whether the token's text holds a newline."""
+    ids = list(range(len(tok)))
+    return torch.tensor(["\n" in t for t in tok.batch_decode([[i] for i in ids])], dtype=torch.bool)
+
+
+_LINE_ENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _line_ends(tok) -> torch.Tensor:
+    """:func:`line_end_tokens` of ``tok``, worked out once per tokenizer."""
+    if tok not in _LINE_ENDS:
+        _LINE_ENDS[tok] = line_end_tokens(tok)
+    return _LINE_ENDS[tok]
+
+
+def _decode(model, ids, mask, max_new_tokens, eos, pad, temperature, top_k, top_p, generator, line_check=None):
     B = ids.shape[0]
     out = ids.new_full((B, max_new_tokens), pad)
     live = torch.arange(B, device=ids.device)  # original row of each row still in the batch
@@ -498,6 +528,12 @@ def _decode(model, ids, mask, max_new_tokens, eos, pad, temperature, top_k, top_
         token = token.masked_fill(done, pad)
         out[live, t] = token
         done |= token == eos
+        if line_check is not None:
+            line_ends, check = line_check
+            for r in (line_ends[token.cpu()] & ~done.cpu()).nonzero().flatten().tolist():
+                row = int(live[r])
+                if check(row, out[row, : t + 1].tolist()):
+                    done[r] = True
         n = t + 1
         if bool(done.all()) or t == max_new_tokens - 1:
             break
@@ -524,18 +560,22 @@ def _first_of_each(inverse: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def continue_batch(model, tok, ids: torch.Tensor, mask: torch.Tensor, cfg: SamplingConfig,
-                   seed: int, streamer=None) -> list[list[int]]:
+                   seed: int, streamer=None, line_check: Callable[[int, list[int]], bool] | None = None
+                   ) -> list[list[int]]:
     """New token ids after each left-padded prompt row (pad after EOS), sampled as ``cfg``
     says and seeded by ``seed``: our :func:`decode` loop, or HF ``generate`` when stop
-    strings must be checked as the text grows or a ``streamer`` prints it."""
+    strings must be checked as the text grows or a ``streamer`` prints it. ``line_check(row,
+    new ids)``: asked at each line end of a row, True ends it (:func:`decode`; not asked on
+    the HF path)."""
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     device = next(model.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
     if not cfg.stop and streamer is None:
         g = torch.Generator().manual_seed(seed)
+        lines = None if line_check is None else (_line_ends(tok), line_check)
         return decode(model, ids, mask, cfg.max_new_tokens, eos, pad, cfg.temperature, cfg.top_k, cfg.top_p,
-                      g).tolist()
+                      g, lines).tolist()
     kwargs = {"max_new_tokens": cfg.max_new_tokens, "pad_token_id": pad, "eos_token_id": eos,
               "streamer": streamer}
     if cfg.stop:

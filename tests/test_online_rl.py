@@ -432,6 +432,42 @@ def test_decode_drops_ended_rows_and_matches_hf_generate(tiny_model_dir, smol_to
             assert set(row[row.index(eos) + 1:]) <= {tok.pad_token_id}
 
 
+def test_decode_line_check_ends_a_row_where_it_says(tiny_model_dir, smol_tokenizer, monkeypatch):
+    """line_check: asked at each line-end token of a row with its new ids so far; True ends
+    the row there (token kept, pads after), the other rows decode on unchanged; in generate
+    as stop_when(i, text) per conversation."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain import rollout
+    from posttrain.rollout import SamplingConfig, decode, generate, left_pad, line_end_tokens
+
+    tok = smol_tokenizer
+    ends = line_end_tokens(tok)
+    assert ends[tok.encode("\n")[0]] and not ends[tok.encode("x")[0]]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids, mask = left_pad([tok.encode(f"row {i}: " + "x " * i) for i in range(4)], tok.pad_token_id)
+    free = decode(model, ids, mask, 10, eos=-1, pad=tok.pad_token_id)
+    asked = []
+
+    def check(row, new_ids):  # every token counts as a line end here; rows 1 and 3 end after 4 tokens
+        asked.append((row, len(new_ids)))
+        return row % 2 == 1 and len(new_ids) == 4
+
+    got = decode(model, ids, mask, 10, eos=-1, pad=tok.pad_token_id, line_check=(torch.ones_like(ends), check))
+    assert torch.equal(got[[0, 2]], free[[0, 2]]) and torch.equal(got[[1, 3], :4], free[[1, 3], :4])
+    assert (got[[1, 3], 4:] == tok.pad_token_id).all()
+    assert max(n for r, n in asked if r % 2) == 4 and max(n for r, n in asked if not r % 2) == 10
+    convs = [[{"role": "user", "content": "count " * (i + 1)}] for i in range(3)]
+    cfg = SamplingConfig(max_new_tokens=8, temperature=0.0, batch_size=2, dtype="float32")
+    texts = generate(model, tok, convs, cfg)
+    monkeypatch.setattr(rollout, "_line_ends", lambda tok: torch.ones_like(ends))  # every token ends a line
+    seen = []
+    assert generate(model, tok, convs, cfg, stop_when=lambda i, text: seen.append((i, text)) or False) == texts
+    assert {i for i, _ in seen} == {0, 1, 2} and all(texts[i].startswith(text) for i, text in seen)
+    cut = generate(model, tok, convs, cfg, stop_when=lambda i, text: i == 1)  # conversation 1 ends at its first token
+    assert cut[0] == texts[0] and cut[2] == texts[2] and texts[1].startswith(cut[1]) and len(cut[1]) < len(texts[1])
+
+
 def decoding_model(arch: str, tiny_model_dir, tok):
     """The tiny llama of ``tiny_model_dir``, or a tiny Qwen2 (q/k/v biases), in eval mode."""
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM

@@ -113,18 +113,25 @@ def test_rejection_repairs_a_wrong_response_at_its_first_false_claim(monkeypatch
     claim = first_false_claim(wrong)
     assert claim is not None and fixable.solution.startswith(wrong[: claim.start] + claim.corrected)
     no_claim = unfixable.solution.replace(f"<answer>{unfixable.answer}</answer>", "<answer>0</answer>")
-    seen_prefixes = []
+    seen_prefixes, stops = [], []
 
-    def fake_generate(model, tok, convs, cfg, prefixes=None):
+    def fake_generate(model, tok, convs, cfg, prefixes=None, stop_when=None):
         if prefixes is None:
             return [wrong, no_claim]
         seen_prefixes.extend(prefixes)  # the model continues the cut text the right way
+        stops.append(stop_when)
         return [fixable.solution[len(p):] for p in prefixes]
 
     monkeypatch.setattr(rej, "generate", fake_generate)
     res = rej.rejection_sample(None, smol_tokenizer, [fixable, unfixable],
                                rej.RejectionConfig(k=1, repair_rounds=2))
     assert seen_prefixes == [wrong[: claim.start] + claim.corrected]  # one cut, for the one repairable response
+    # a continuation ends at the line of its first false claim (counted with the prefix's text)
+    rest = fixable.solution[len(seen_prefixes[0]):]
+    assert not stops[0](0, rest) and stops[0](0, rest[: rest.index("\n") + 1] + "Tens: 1 + 1 = 3\n")
+    rej.rejection_sample(None, smol_tokenizer, [fixable, unfixable],
+                         rej.RejectionConfig(k=1, repair_rounds=2, check_steps=False))
+    assert stops[1] is None  # without the step check a right answer through a false claim is kept: decode it out
     assert res.rows == [{"messages": [{"role": "user", "content": fixable.question},
                                       {"role": "assistant", "content": fixable.solution.strip()}],
                          "task": "addition", "answer": fixable.answer, "repaired": True}]
@@ -157,7 +164,7 @@ def test_repair_gives_up_after_its_rounds(monkeypatch, smol_tokenizer):
     _, _, wrong = corrupt_solution(q, random.Random(1))
     calls = []
 
-    def fake_generate(model, tok, convs, cfg, prefixes=None):
+    def fake_generate(model, tok, convs, cfg, prefixes=None, stop_when=None):
         calls.append(prefixes)
         return [wrong] if prefixes is None else [" and 2 + 2 = 5, so <answer>1</answer>" for _ in prefixes]
 

@@ -111,7 +111,9 @@ def repair_responses(model, tok, convs: list[list[dict[str, str]]], responses: l
 
     What comes out is the model's own solution up to its mistake, the one corrected step, and the
     model's own continuation: a right solution to a question the model got wrong, in its own
-    words, which plain rejection sampling would never keep.
+    words, which plain rejection sampling would never keep. With ``cfg.check_steps`` a
+    continuation ends at the line of its first false claim (:func:`generate`'s ``stop_when``):
+    the tokens after it would be cut in the next round anyway.
     """
     texts, cuts = list(responses), [0] * len(responses)
     result: list[str | None] = [None] * len(responses)
@@ -125,8 +127,13 @@ def repair_responses(model, tok, convs: list[list[dict[str, str]]], responses: l
                 prefixes.append(texts[i][: claim.start] + claim.corrected)
         if not idx:
             break
+        # with check_steps a continuation that states a false claim is never kept as it is (the next
+        # round cuts it there; after the last, a right answer through it is right by luck), so it
+        # ends at the line holding its first one instead of decoding on to the answer
+        stop = None if not cfg.check_steps else \
+            (lambda j, text, prefixes=prefixes: first_false_claim(prefixes[j] + text) is not None)
         continuations = generate(model, tok, [convs[i] for i in idx], _sampling(cfg, cfg.seed + 7_919 * (r + 1)),
-                                 prefixes=prefixes)
+                                 prefixes=prefixes, stop_when=stop)
         active = []
         for i, prefix, cont in zip(idx, prefixes, continuations):
             texts[i], cuts[i] = prefix + cont, cuts[i] + 1
