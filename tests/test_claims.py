@@ -87,3 +87,19 @@ def test_column_operands_against_the_closing_line(text, cut_before, corrected):
 def test_column_operands_need_a_closing_line_of_the_same_operation():
     assert arithmetic_errors(MISREAD.rsplit("\n", 1)[0]) == []  # cut before its closing line: nothing to check
     assert arithmetic_errors("Ones: 7 + 6 = 13, write 3, carry 1.\nSo 42 - 21 = 21.") == []
+
+
+@pytest.mark.parametrize("text, cut_before, corrected", [
+    # a count from 10 below ten times the divisor (every later claim true, counting on past 45)
+    ("10 * 5 = 50, 45 < 50, so count from 10: 10: 50, 11: 50 + 5 = 55, 12: 55 + 5 = 60",
+     "so count from ", "1"),
+    ("10 * 3 = 30, 39 >= 30, so count from 1: 1: 3", "so count from ", "10"),
+    # a count that goes on past the dividend: cut after the count that reached it
+    (("10 * 3 = 30, 39 >= 30, so count from 10: 10: 30, 11: 30 + 3 = 33, 12: 33 + 3 = 36, 13: 36 + 3 = 39, "
+     "14: 39 + 3 = 42.\nSo 39 / 3 = 14."), "13: 36 + 3 = 39", "."),
+])
+def test_counts_start_and_stop_where_the_dividend_says(text, cut_before, corrected):
+    claim = first_false_claim(text)
+    assert text[:claim.start] == text[:text.index(cut_before) + len(cut_before)]
+    assert claim.corrected == corrected
+    assert first_false_claim(text[:claim.start] + claim.corrected) is None
