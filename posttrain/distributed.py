@@ -69,7 +69,7 @@ def init() -> None:
 def _destroy_at_exit() -> None:
     """Destroy the process group before the interpreter tears down. Left alive, gloo's worker
     threads can abort a finished process at exit (``terminate called without an active
-    exception``, exit code -6: a 2-process GRPO test failed so once in CI-like runs after its
+    exception``, exit code -6: a 2-process GRPO test failed so once in a fresh-clone run, after its
     model was saved). After an unhandled error (``sys.last_value`` set) it is left alone:
     destroying a group while the other ranks wait in a collective can hang."""
     if torch.distributed.is_initialized() and getattr(sys, "last_value", None) is None:
