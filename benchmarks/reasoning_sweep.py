@@ -33,6 +33,9 @@ SFT_ONLY = ("cold_start", "after_sft")
 
 # the small-cold variants' cold start and samples (one set: a run of either reuses the other's stages)
 SMALL_COLD = {"cold_start": {"max_steps": 200}, "rejection_sampling": {"n": 240, "k": 1}}
+# their round 2 as a full fine-tune, and the stages up to its eval
+FULL_ROUND2 = {"sft_round2": {"model.lora": False, "batch_size": 2, "lr": 1.0e-4, "warmup_ratio": 0.1}}
+THROUGH_ROUND2 = ("cold_start", "after_sft", "rejection_sampling", "sft_round2", "after_round2")
 
 # name -> (stages to keep: None = all, names = those, "!name"s = all but those; top-level changes;
 #          {stage: config changes})
@@ -55,18 +58,15 @@ VARIANTS: dict[str, tuple[tuple[str, ...] | None, dict, dict]] = {
     # the R1 shape with a small cold start: a third of the cold-start pass, then a rejection-sampling
     # round over 240 fresh questions (one sample each, plus a repair of each wrong one) fully
     # fine-tuned on, then GRPO: how many points the later stages add to a weaker SFT-only model
-    "small-cold": (("!baseline",), {}, {
-        **SMALL_COLD, "sft_round2": {"model.lora": False, "batch_size": 2, "lr": 1.0e-4, "warmup_ratio": 0.1}}),
+    "small-cold": (("!baseline",), {}, {**SMALL_COLD, **FULL_ROUND2}),
     # small-cold's rounds with the recipe's LoRA round 2 (copy small-cold's run directory, less
     # sft_round2 and the stages after it, to reuse its cold start and samples)
-    "small-cold-lora": (("cold_start", "after_sft", "rejection_sampling", "sft_round2", "after_round2"), {}, SMALL_COLD),
+    "small-cold-lora": (THROUGH_ROUND2, {}, SMALL_COLD),
     # small-cold with up to 8 repairs a wrong sample instead of 2 (copy small-cold's cold_start,
     # after_sft and data directories): a GCD chain that errs in several steps can then be
     # repaired to the end, where 2 rounds left mostly the short chains
-    "small-cold-repair8": (("cold_start", "after_sft", "rejection_sampling", "sft_round2", "after_round2"), {}, {
-        "cold_start": SMALL_COLD["cold_start"],
-        "rejection_sampling": {**SMALL_COLD["rejection_sampling"], "repair_rounds": 8},
-        "sft_round2": {"model.lora": False, "batch_size": 2, "lr": 1.0e-4, "warmup_ratio": 0.1}}),
+    "small-cold-repair8": (THROUGH_ROUND2, {}, {
+        **SMALL_COLD, "rejection_sampling": {**SMALL_COLD["rejection_sampling"], "repair_rounds": 8}, **FULL_ROUND2}),
     # the whole recipe, then 20 more GRPO steps in two stages of 10 with an eval after each
     "full-grpo30": (None, {}, {"__extra__": [
         {"name": "grpo_b", "kind": "grpo", "base": "grpo"}, {"name": "eval_b", "kind": "eval", "base": "final"},

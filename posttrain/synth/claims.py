@@ -35,6 +35,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from posttrain.synth.tasks import PLACES
+
 _NOTE = re.compile(r"\s*\((?:carry|carried|borrowed|borrow)\)")
 _NUM = r"-?\d+"
 # a chain of at least two integers joined by + - * /, then "= integer" not followed by more
@@ -49,13 +51,12 @@ _COLUMN = re.compile(r"=\s*(\d+),\s*write\s+(\d+)(?:,\s*carry\s+(\d+))?")
 _TERM = re.compile(r"\d+|[-+*/]")
 # a column line as the worked solutions write it (posttrain.synth.tasks): "Tens: 7 + 5 = 12, ...",
 # "Ones: 4 - 7: 4 < 7, ...", "Hundreds: 3 - 1 (borrowed) = 2, 2 - 2: ..."; and the line closing the columns
-_COLUMN_LINE = re.compile(r"(Ones|Tens|Hundreds|Thousands|Ten-thousands|Hundred-thousands): (\d+) ([-+]) (\d+)"
+_COLUMN_LINE = re.compile("(" + "|".join(p.capitalize() for p in PLACES) + r"): (\d+) ([-+]) (\d+)"
                           r"(?: \(borrowed\) = (-?\d+), (-?\d+) - (\d+))?")
 _CLOSING = re.compile(r"So (\d+) ([-+]) (\d+) =")
 _COUNT = re.compile(r"(\d+)\s*(?:<|>=)\s*(\d+), so count from (\d+):((?:\s*\d+: (?:\d+ \+ \d+ = )?\d+,?)*)")
 _COUNT_ITEM = re.compile(r",?\s*\d+: (?:\d+ \+ \d+ = )?(\d+)")
-_PLACE_INDEX = {p: i for i, p in enumerate(["ones", "tens", "hundreds", "thousands", "ten-thousands",
-                                            "hundred-thousands"])}
+_PLACE_INDEX = {p: i for i, p in enumerate(PLACES)}
 
 
 def _evaluate(expr: str) -> int | None:
@@ -118,13 +119,13 @@ def _column_operand_claims(text: str) -> list[Claim]:
     claim spans the first wrong digit; ``corrected`` is the right one."""
     claims, block, offset = [], [], 0
     for line in text.split("\n"):
-        col = _COLUMN_LINE.match(line.strip())
-        start = offset + len(line) - len(line.lstrip())
+        stripped, start = line.strip(), offset + len(line) - len(line.lstrip())
         offset += len(line) + 1
+        col = _COLUMN_LINE.match(stripped)
         if col:
             block.append((start, col))
             continue
-        close = _CLOSING.match(line.strip())
+        close = _CLOSING.match(stripped)
         if close:
             a, op, b = close.group(1), close.group(2), close.group(3)
             for at, m in block:
