@@ -44,6 +44,18 @@ def _nan_mean_std(x: torch.Tensor, dim: int | None = None) -> tuple[torch.Tensor
     return mean, var.sqrt()
 
 
+def groups_with_spread(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``(N / group_size,)`` bools: which groups hold two scored completions whose rewards
+    differ. The others (all equal, or fewer than two scores) get advantage 0 for every
+    completion from :func:`group_advantages` and :func:`rloo_advantages`: no gradient (DAPO's
+    dynamic sampling drops them)."""
+    g = _group_view(rewards, group_size)
+    valid = ~torch.isnan(g)
+    hi = torch.where(valid, g, torch.full_like(g, -torch.inf)).amax(1)
+    lo = torch.where(valid, g, torch.full_like(g, torch.inf)).amin(1)
+    return hi > lo
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group",
                      eps: float = 1e-4) -> torch.Tensor:
     """Group-normalised advantages, one per completion.

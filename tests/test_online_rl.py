@@ -11,8 +11,15 @@ import pytest
 import torch
 
 from posttrain import engine
-from posttrain.advantages import gae, group_advantages, process_advantages, rloo_advantages, whiten
-from posttrain.config import load_config
+from posttrain.advantages import (
+    gae,
+    group_advantages,
+    groups_with_spread,
+    process_advantages,
+    rloo_advantages,
+    whiten,
+)
+from posttrain.config import ConfigError, load_config
 from posttrain.losses import aggregate, clipped_policy_loss, clipped_value_loss, grpo_loss, kl_estimate
 from posttrain.rewards import RewardError, RewardSet, exact_answer, math_equal, tagged_answer, think_format
 from tests.conftest import write_jsonl
@@ -42,6 +49,17 @@ def test_rloo_by_hand():
     torch.testing.assert_close(rloo_advantages(torch.tensor([1.0, 2.0, 3.0]), 3), torch.tensor([-1.5, 0.0, 1.5]))
     # with one unscored member the baseline is the other scored one: [4, nan, 2] -> [2, 0, -2]
     torch.testing.assert_close(rloo_advantages(torch.tensor([4.0, NAN, 2.0]), 3), torch.tensor([2.0, 0.0, -2.0]))
+
+
+def test_groups_with_spread_by_hand():
+    """Groups of 3: [1, 0, 1] differ; [2, 2, 2] tie; [5, nan, 5] tie among the scored; [nan, 3, nan]
+    has one score; [nan, 1, 0] differ among the scored. Exactly the groups whose advantages are
+    not all 0."""
+    r = torch.tensor([1.0, 0.0, 1.0, 2.0, 2.0, 2.0, 5.0, NAN, 5.0, NAN, 3.0, NAN, NAN, 1.0, 0.0])
+    assert groups_with_spread(r, 3).tolist() == [True, False, False, False, True]
+    nonzero = (group_advantages(r, 3).view(-1, 3) != 0).any(1)
+    assert nonzero.tolist() == groups_with_spread(r, 3).tolist()
+    assert ((rloo_advantages(r, 3).view(-1, 3) != 0).any(1)).tolist() == groups_with_spread(r, 3).tolist()
 
 
 def test_process_advantages_by_hand():
@@ -284,19 +302,21 @@ def test_ppo_separate_critic_trains_its_own_backbone(tiny_model_dir, prompt_file
     assert (res.run_dir / "model" / "adapter_model.safetensors").is_file()
 
 
-def test_grpo_resume_reaches_same_weights(tiny_model_dir, prompt_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dynamic", [False, True], ids=["plain", "dynamic-sampling"])
+def test_grpo_resume_reaches_same_weights(tiny_model_dir, prompt_file, tmp_path, monkeypatch, dynamic):
     from safetensors.torch import load_file
 
     from posttrain.stages.online_rl import GRPOConfig, train
     from tests.test_sft import _interrupt_after
 
-    args = ("max_steps=5", "save_every=2", "sample_every=0")
-    ref = train(rl_cfg(GRPOConfig, tiny_model_dir, prompt_file, tmp_path / "ref", *args), [e_fraction])
+    args = ("max_steps=5", "save_every=2", "sample_every=0", *(["dynamic_sampling=true"] if dynamic else []))
+    fn = half_constant if dynamic else e_fraction  # (further prompts drawn at the resumed step too)
+    ref = train(rl_cfg(GRPOConfig, tiny_model_dir, prompt_file, tmp_path / "ref", *args), [fn])
     with monkeypatch.context() as m:
         _interrupt_after(m, 3)  # dies in step 4, after the step-2 checkpoint
         with pytest.raises(KeyboardInterrupt):
-            train(rl_cfg(GRPOConfig, tiny_model_dir, prompt_file, tmp_path / "cut", *args), [e_fraction])
-    res = train(rl_cfg(GRPOConfig, tiny_model_dir, prompt_file, tmp_path / "cut", *args, "resume=true"), [e_fraction])
+            train(rl_cfg(GRPOConfig, tiny_model_dir, prompt_file, tmp_path / "cut", *args), [fn])
+    res = train(rl_cfg(GRPOConfig, tiny_model_dir, prompt_file, tmp_path / "cut", *args, "resume=true"), [fn])
     a, b = load_file(str(ref.model_dir / "model.safetensors")), load_file(str(res.model_dir / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
@@ -670,6 +690,48 @@ def test_grpo_skips_zero_advantage_completions_without_changing_the_update(tiny_
     a, b = load_file(str(fast.model_dir / "model.safetensors")), load_file(str(full.model_dir / "model.safetensors"))
     # a skipped completion that mattered would move whole rows by ~lr
     assert_same_adam_update(a, b, load_file(str(tiny_model_dir / "model.safetensors")), lr=3e-3, steps=3)
+
+
+def test_step_samples_pick_and_join_whole_groups():
+    from posttrain.rollout import Rollout
+    from posttrain.stages.online_rl import StepSamples
+
+    def samples(tag, n_groups, G=2):
+        n = n_groups * G
+        roll = Rollout([[1]] * n, [[i] for i in range(n)], [f"{tag}{i}" for i in range(n)], [False] * n, 2.0,
+                       {"rollout/tokens_per_s": 1.0})
+        return StepSamples([f"p{tag}{i // G}" for i in range(n)], roll, torch.arange(n, dtype=torch.float32),
+                           {"fn": [f"{tag}{i}" for i in range(n)]})
+
+    a, b = samples("a", 3), samples("b", 2)
+    picked = a.groups([2, 0], 2)
+    assert picked.roll.texts == ["a4", "a5", "a0", "a1"] and picked.prompts == ["pa2", "pa2", "pa0", "pa0"]
+    assert picked.rewards.tolist() == [4.0, 5.0, 0.0, 1.0] and picked.per_fn["fn"] == picked.roll.texts
+    joined = StepSamples.concat([picked, b.groups([1], 2)])
+    assert joined.roll.texts == ["a4", "a5", "a0", "a1", "b2", "b3"] and joined.n_groups(2) == 3
+    assert joined.rewards.tolist() == [4.0, 5.0, 0.0, 1.0, 2.0, 3.0] and joined.roll.seconds == 4.0
+    assert joined.per_fn["fn"] == joined.roll.texts and joined.step_rewards is None
+
+
+def test_dynamic_sampling_trains_only_groups_with_spread(tiny_model_dir, prompt_file, tmp_path):
+    """With half the prompts' groups flat (half_constant), each step samples groups of further
+    prompts until its batch holds only groups with spread: no completion is skipped, every
+    sampled prompt is an even one, and the metrics say how much was sampled."""
+    from posttrain.stages import online_rl
+
+    res = online_rl.train(rl_cfg(online_rl.GRPOConfig, tiny_model_dir, prompt_file, tmp_path / "ds", "max_steps=3",
+                                 "batch_size=4", "dynamic_sampling=true", "sample_every=1"), [half_constant])
+    m = [r for r in engine.read_metrics(res.run_dir) if "reward/mean" in r]
+    assert len(m) == 3
+    for r in m:
+        assert r["rollout/zero_std_groups"] == 0 and r["train/skipped_frac"] == 0
+        assert r["rollout/groups_sampled"] == 4 * r["rollout/sampling_rounds"]
+        assert r["rollout/groups_with_spread"] >= 4  # the batch was filled
+    assert any(r["rollout/sampling_rounds"] > 1 for r in m)  # the first rollout alone never sufficed
+    samples = [json.loads(x) for x in (res.run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 * 4 and all(int(s["prompt"].split()[-1].rstrip(".")) % 2 == 0 for s in samples)
+    with pytest.raises(ConfigError, match="dynamic_sampling"):
+        rl_cfg(online_rl.PPOConfig, tiny_model_dir, prompt_file, tmp_path / "x", "dynamic_sampling=true")
 
 
 def test_micro_batches_sum_to_the_whole_batch_update(tiny_model_dir, prompt_file, tmp_path):

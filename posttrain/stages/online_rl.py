@@ -3,7 +3,9 @@
 Each step, top to bottom:
 
 1. **rollout**: ``batch_size`` prompts, ``group_size`` completions each, sampled from the
-   current policy (:func:`posttrain.rollout.sample`, seeded by the step);
+   current policy (:func:`posttrain.rollout.sample`, seeded by the step); with
+   ``dynamic_sampling`` (DAPO) the groups without reward spread are dropped and groups of
+   further prompts sampled, up to ``max_sampling_rounds`` rollouts, until ``batch_size`` remain;
 2. **rewards**: the weighted sum of the reward functions (:class:`posttrain.rewards.RewardSet`);
    ``None`` = no score, zero advantage;
 3. **no-grad pass** where needed: the sampling policy's log-probs (``num_iterations > 1``,
@@ -48,7 +50,14 @@ from pathlib import Path
 import torch
 
 from posttrain import allocator, distributed, engine
-from posttrain.advantages import gae, group_advantages, process_advantages, rloo_advantages, whiten
+from posttrain.advantages import (
+    gae,
+    group_advantages,
+    groups_with_spread,
+    process_advantages,
+    rloo_advantages,
+    whiten,
+)
 from posttrain.config import ConfigError, doc
 from posttrain.data.formats import PromptRecord, to_prompt_record
 from posttrain.data.loading import BadRowError, BadRows, iter_rows
@@ -143,6 +152,12 @@ class RLConfig(engine.TrainConfig):
     lam: float = doc("PPO: GAE λ.", 0.95)
     whiten_advantages: bool = doc("PPO: standardise advantages over the batch.", True)
     missing_eos_penalty: float = doc("Subtracted from the score of completions cut at max_new_tokens.", 0.0)
+    dynamic_sampling: bool = doc("DAPO's dynamic sampling: groups whose completions all score the same "
+                                 "(all right or all wrong) have zero advantage and teach nothing, so they are "
+                                 "dropped and groups of further prompts, drawn at random, are sampled until the "
+                                 "step has batch_size groups with spread (group and rloo only).", False)
+    max_sampling_rounds: int = doc("Dynamic sampling: rollouts per step at most (the first one included); "
+                                   "a step trains the groups with spread it has found by then.", 4)
     eval_limit: int = doc("Evaluate (greedy) on at most this many eval prompts (0 = all).", 64)
     sample_every: int = doc("Write rollout samples to samples.jsonl every N steps (0 = never).", 5)
 
@@ -173,6 +188,11 @@ class RLConfig(engine.TrainConfig):
                 raise ConfigError("set process_reward_model or step_verifier, not both")
         if (self.process_reward_model or self.step_verifier) and not self.step_separator:
             raise ConfigError("step_separator must not be empty")
+        if self.dynamic_sampling and (self.advantage == "gae" or self.process_reward_model or self.step_verifier):
+            raise ConfigError("dynamic_sampling drops groups by their outcome rewards: it needs advantage group "
+                              "or rloo, without process_reward_model or step_verifier")
+        if self.max_sampling_rounds < 1:
+            raise ConfigError("max_sampling_rounds must be at least 1")
         if not self.rewards and not (self.process_reward_model or self.step_verifier):
             raise ConfigError("no reward: set rewards and/or process_reward_model or step_verifier")
 
@@ -520,37 +540,57 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
         sampler = VLLMSampler(str(resolve_model_path(cfg.model.name_or_path)), dtype.compute,
                               cfg.sampling.vllm_gpu_memory_utilization, seed=cfg.seed).sample
 
+    def roll_out(idx: list[int], seed: int) -> StepSamples:
+        """Groups of G completions of the prompts ``idx``, scored, whole on every rank."""
+        local_prompts = [prompts[i] for i in distributed.shard(idx) for _ in range(G)]
+        with distributed.full_params(t.model):  # FSDP: gathered once, no collective per decoding step
+            roll = sampler(t.model, tok, [p.ids for p in local_prompts], cfg.sampling,
+                           seed=seed + 7_919 * distributed.rank())
+        allocator.release_freed_memory()  # the decoding phase's free blocks, before training's
+        msgs = [p.record.messages for p in local_prompts]
+        rewards, per_fn = reward_set(msgs, roll.texts, row_fields(local_prompts)) if local_prompts else \
+            (torch.empty(0), {})
+        step_rewards = step_ends = None
+        if prm is not None and local_prompts:
+            steps = [split_steps(txt, cfg.step_separator) or [txt] for txt in roll.texts]
+            step_rewards = prm.score_many(msgs, steps)
+            step_ends = [step_end_tokens(tok, c, s, cfg.step_separator) for c, s in zip(roll.completion_ids, steps)]
+            if cfg.rewards:  # outcome rewards count as a final step
+                step_rewards = [sr + [float(torch.nan_to_num(r, nan=0.0))] for sr, r in zip(step_rewards, rewards)]
+                step_ends = [se + [len(c) - 1] for se, c in zip(step_ends, roll.completion_ids)]
+        roll, rewards, per_fn, step_rewards, step_ends = gather_rollout(
+            G, roll, rewards, per_fn, step_rewards, step_ends, with_steps=prm is not None)
+        return StepSamples([prompts[i] for i in idx for _ in range(G)], roll, rewards, per_fn, step_rewards,
+                           step_ends)
+
     # ---------------------------------------------------------------- train
     ev: dict[str, float] = {}
     with engine.progress() as bar:
         task = bar.add_task(stage, total=total_steps, completed=start, status="")
         for step in range(start + 1, total_steps + 1):
             t_step = time.perf_counter()
-            # 1. rollout: G completions of each prompt, seeded by the step; under several
-            # processes each rank samples whole groups for its share of the prompts
-            local_prompts = [prompts[i] for i in distributed.shard(batches[step - 1]) for _ in range(G)]
-            with distributed.full_params(t.model):  # FSDP: gathered once, no collective per decoding step
-                roll = sampler(t.model, tok, [p.ids for p in local_prompts], cfg.sampling,
-                               seed=cfg.seed * 1_000_003 + step + 7_919 * distributed.rank())
-            allocator.release_freed_memory()  # the decoding phase's free blocks, before training's
-            # 2. rewards (each rank scores its own completions)
-            msgs = [p.record.messages for p in local_prompts]
-            rewards, per_fn = reward_set(msgs, roll.texts, row_fields(local_prompts)) if local_prompts else \
-                (torch.empty(0), {})
-            step_rewards = step_ends = None
-            if prm is not None and local_prompts:
-                steps = [split_steps(txt, cfg.step_separator) or [txt] for txt in roll.texts]
-                step_rewards = prm.score_many(msgs, steps)
-                step_ends = [step_end_tokens(tok, c, s, cfg.step_separator)
-                             for c, s in zip(roll.completion_ids, steps)]
-                if cfg.rewards:  # outcome rewards count as a final step
-                    step_rewards = [sr + [float(torch.nan_to_num(r, nan=0.0))] for sr, r in zip(step_rewards, rewards)]
-                    step_ends = [se + [len(c) - 1] for se, c in zip(step_ends, roll.completion_ids)]
-            # every rank gets the whole step's rollout and rewards: group statistics over whole groups
-            roll, rewards, per_fn, step_rewards, step_ends = gather_rollout(
-                G, roll, rewards, per_fn, step_rewards, step_ends, with_steps=prm is not None)
-            batch_prompts = [prompts[i] for i in batches[step - 1] for _ in range(G)]
-            msgs = [p.record.messages for p in batch_prompts]
+            # 1-2. rollout and rewards: G completions of each prompt, seeded by the step; under
+            # several processes each rank samples and scores whole groups for its share of the
+            # prompts, and every rank gets them all (group statistics over whole groups)
+            got = roll_out(batches[step - 1], cfg.seed * 1_000_003 + step)
+            sampled = [got]
+            if cfg.dynamic_sampling:  # DAPO: only groups with spread, from more prompts if needed
+                got = got.groups(got.with_spread(cfg), G)
+                draw = random.Random(cfg.seed * 1_000_003 + step)
+                while got.n_groups(G) < cfg.batch_size and len(sampled) < cfg.max_sampling_rounds:
+                    more = roll_out(draw.sample(range(len(prompts)), min(cfg.batch_size, len(prompts))),
+                                    cfg.seed * 1_000_003 + step + 104_729 * len(sampled))
+                    sampled.append(more)
+                    got = StepSamples.concat([got, more.groups(more.with_spread(cfg), G)])
+                if not got.n_groups(G):  # nothing to learn from: the first batch as it was
+                    got = sampled[0]
+                got = got.groups(list(range(min(got.n_groups(G), cfg.batch_size))), G)
+                got.roll.seconds = sum(x.roll.seconds for x in sampled)  # the step's sampling, all of it
+                got.roll.stats["rollout/tokens_per_s"] = sum(x.roll.num_tokens for x in sampled) / \
+                    max(got.roll.seconds, 1e-9)
+            roll, rewards, per_fn, step_rewards, step_ends = got.roll, got.rewards, got.per_fn, got.step_rewards, \
+                got.step_ends
+            msgs = [p.record.messages for p in got.prompts]
             examples = completion_examples(roll)
             lengths = [len(c) for c in roll.completion_ids]
             # 3. no-grad pass: sampling-policy log-probs, reference log-probs, values
@@ -641,6 +681,11 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
 
             # 6. log
             rec = step_metrics(cfg, roll, rewards, per_fn, adv["adv"], acc, n_updates, old)
+            if cfg.dynamic_sampling:  # what was sampled to find the step's groups
+                every = torch.cat([x.rewards for x in sampled])
+                rec.update({"rollout/sampling_rounds": len(sampled), "rollout/groups_sampled": len(every) // G,
+                            "rollout/groups_with_spread": sum(len(x.with_spread(cfg)) for x in sampled),
+                            "reward/sampled_mean": float(every.nanmean()) if every.numel() else 0.0})
             rec.update({"train/grad_norm": grad_norm, "train/lr": t.lr, "perf/step_s": dt,
                         "train/skipped_frac": 1.0 - sum(trained) / max(len(trained), 1),
                         "perf/rollout_s": roll.seconds, "perf/train_tokens_per_s": train_tokens / max(t_train, 1e-9),
@@ -676,6 +721,56 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
     if bad.total:
         log(f"data: {bad.summary()}")
     return RLResult(run_dir, model_dir, total_steps, ev)
+
+
+@dataclass
+class StepSamples:
+    """A step's sampled groups as every rank holds them, in prompt order: the prompt of each
+    completion, the rollout, the total and per-function rewards, and a PRM's step scores."""
+
+    prompts: list[Prompt]
+    roll: Rollout
+    rewards: torch.Tensor
+    per_fn: dict[str, list]
+    step_rewards: list | None = None
+    step_ends: list | None = None
+
+    def n_groups(self, G: int) -> int:
+        return len(self.prompts) // G
+
+    def with_spread(self, cfg: RLConfig) -> list[int]:
+        """The numbers of the groups whose outcome scores (the rewards less the missing-EOS
+        penalty, as the advantages take them) differ: the only ones with a gradient."""
+        score = self.rewards - cfg.missing_eos_penalty * torch.tensor(self.roll.truncated, dtype=torch.float32)
+        return groups_with_spread(score, cfg.group_size).nonzero().flatten().tolist()
+
+    def groups(self, keep: list[int], G: int) -> StepSamples:
+        """The groups numbered ``keep``, in that order (the rollout's time and rate kept whole)."""
+        rows = [g * G + j for g in keep for j in range(G)]
+
+        def pick(xs):
+            return None if xs is None else [xs[i] for i in rows]
+
+        r = self.roll
+        roll = Rollout(pick(r.prompt_ids), pick(r.completion_ids), pick(r.texts), pick(r.truncated), r.seconds,
+                       dict(r.stats))
+        return StepSamples(pick(self.prompts), roll, self.rewards[rows], {k: pick(v) for k, v in self.per_fn.items()},
+                           pick(self.step_rewards), pick(self.step_ends))
+
+    @staticmethod
+    def concat(parts: list[StepSamples]) -> StepSamples:
+        """One batch of several rollouts' groups (the time is theirs summed, the stats the first's)."""
+        def cat(xs):
+            return None if any(x is None for x in xs) else [v for x in xs for v in x]
+
+        rolls = [p.roll for p in parts]
+        roll = Rollout(cat([r.prompt_ids for r in rolls]), cat([r.completion_ids for r in rolls]),
+                       cat([r.texts for r in rolls]), cat([r.truncated for r in rolls]),
+                       sum(r.seconds for r in rolls), dict(rolls[0].stats))
+        names = sorted({k for p in parts for k in p.per_fn})
+        per_fn = {k: [v for p in parts for v in p.per_fn.get(k, [None] * len(p.prompts))] for k in names}
+        return StepSamples(cat([p.prompts for p in parts]), roll, torch.cat([p.rewards for p in parts]), per_fn,
+                           cat([p.step_rewards for p in parts]), cat([p.step_ends for p in parts]))
 
 
 def zero_gradient_free(cfg: RLConfig, value_head, adv: torch.Tensor, offsets: list[int]) -> list[bool]:
