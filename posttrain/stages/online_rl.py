@@ -572,14 +572,15 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
             # 1-2. rollout and rewards: G completions of each prompt, seeded by the step; under
             # several processes each rank samples and scores whole groups for its share of the
             # prompts, and every rank gets them all (group statistics over whole groups)
-            got = roll_out(batches[step - 1], cfg.seed * 1_000_003 + step)
+            step_seed = cfg.seed * 1_000_003 + step
+            got = roll_out(batches[step - 1], step_seed)
             sampled = [got]
             if cfg.dynamic_sampling:  # DAPO: only groups with spread, from more prompts if needed
                 got = got.groups(got.with_spread(cfg), G)
-                draw = random.Random(cfg.seed * 1_000_003 + step)
+                draw = random.Random(step_seed)
                 while got.n_groups(G) < cfg.batch_size and len(sampled) < cfg.max_sampling_rounds:
                     more = roll_out(draw.sample(range(len(prompts)), min(cfg.batch_size, len(prompts))),
-                                    cfg.seed * 1_000_003 + step + 104_729 * len(sampled))
+                                    step_seed + 104_729 * len(sampled))
                     sampled.append(more)
                     got = StepSamples.concat([got, more.groups(more.with_spread(cfg), G)])
                 if not got.n_groups(G):  # nothing to learn from: the first batch as it was
