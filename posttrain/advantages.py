@@ -23,6 +23,8 @@ completion advantage 0 and is left out of its group's statistics.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -113,7 +115,8 @@ def process_advantages(step_rewards: list[list[float]], step_ends: list[list[int
     Returns:
         One ``(lengths[i],)`` tensor per completion:
         ``A_t = Σ_{k: end_k >= t} (r_k - mean(R)) / (std(R) + eps)`` with ``R`` all step
-        rewards of the completion's group. Tokens after the last step end get 0.
+        rewards of the completion's group. Tokens after the last step end get 0; a ``NaN``
+        step reward (no score) adds nothing and is left out of ``R``.
     """
     out = []
     for g0 in range(0, len(step_rewards), group_size):
@@ -123,6 +126,8 @@ def process_advantages(step_rewards: list[list[float]], step_ends: list[list[int
         for i in group:
             adv = torch.zeros(lengths[i])
             for r, end in zip(step_rewards[i], step_ends[i]):
+                if math.isnan(r):  # NaN: an unscored step adds nothing (and is left out of the statistics)
+                    continue
                 # a step reward counts for every token up to and including the step's last token
                 adv[: min(end, lengths[i] - 1) + 1] += (r - mean) / (std + eps)
             out.append(adv)

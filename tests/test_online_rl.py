@@ -73,6 +73,32 @@ def test_process_advantages_by_hand():
     torch.testing.assert_close(b, torch.tensor([0.577350, 0.577350, 0.577350]))
 
 
+def test_process_advantages_leave_unscored_steps_out():
+    """The group of test_process_advantages_by_hand with a third, unscored (NaN) step on B: it
+    adds nothing to B's tokens and is left out of the statistics, so every advantage is as
+    there; before, a NaN step made the whole group's advantages NaN."""
+    a, b = process_advantages([[1.0, 0.0], [1.0, float("nan")]], [[1, 3], [2, 2]], [4, 3], group_size=2, eps=0.0)
+    torch.testing.assert_close(a, torch.tensor([-0.577350, -0.577350, -1.154701, -1.154701]))
+    torch.testing.assert_close(b, torch.tensor([0.577350, 0.577350, 0.577350]))
+
+
+def test_step_scores_take_the_missing_eos_penalty_and_leave_unscored_outcomes_out():
+    """Process supervision with outcome rewards as the last step. A (2 tokens, cut at the
+    limit): steps [1, outcome 1]; B (2 tokens): steps [1, outcome NaN]. With penalty 1, A's
+    last step scores 0 and B's outcome is left out: R = [1, 0, 1], mean 2/3, std √(1/3).
+    A: token 0 sees both steps (0.577350 - 1.154701), token 1 the last (-1.154701); B: its one
+    scored step (0.577350) on both tokens. Without the penalty all of R is 1: zero advantages."""
+    from posttrain.rollout import Rollout
+    from posttrain.stages.online_rl import GRPOConfig, token_advantages
+
+    roll = Rollout([[1], [1]], [[5, 6], [7, 8]], ["a", "b"], [True, False], 0.0, {})
+    steps, ends = [[1.0, 1.0], [1.0, float("nan")]], [[0, 1], [1, 1]]
+    for penalty, want in ((1.0, [-0.577350, -1.154701, 0.577350, 0.577350]), (0.0, [0.0] * 4)):
+        cfg = GRPOConfig(group_size=2, missing_eos_penalty=penalty)
+        adv = token_advantages(cfg, roll, torch.tensor([1.0, float("nan")]), [2, 2], {}, steps, ends)["adv"]
+        torch.testing.assert_close(adv, torch.tensor(want), atol=1e-3, rtol=0)
+
+
 def test_gae_matches_plain_loop():
     torch.manual_seed(0)
     B, T, gamma, lam = 3, 6, 0.9, 0.8
@@ -692,6 +718,36 @@ def test_grpo_skips_zero_advantage_completions_without_changing_the_update(tiny_
     assert_same_adam_update(a, b, load_file(str(tiny_model_dir / "model.safetensors")), lr=3e-3, steps=3)
 
 
+def test_a_step_with_no_gradient_moves_adam_as_a_zero_gradient_would(tiny_model_dir, prompt_file, tmp_path,
+                                                                       monkeypatch):
+    """A step whose groups are all flat runs no pass when zero-advantage completions are
+    skipped; AdamW must still take the step that zero gradients give (its momentum moves the
+    weights), as it does when every completion is run."""
+    from safetensors.torch import load_file
+
+    from posttrain.stages import online_rl
+
+    def flat_after_first():
+        calls = []
+
+        def reward(prompts, completions, **kw):  # spread in the first step, none after it
+            calls.append(1)
+            return e_fraction(prompts, completions) if len(calls) == 1 else [0.5] * len(completions)
+        return reward
+
+    args = ("max_steps=3", "sample_every=0", "beta=0")
+    fast = online_rl.train(rl_cfg(online_rl.GRPOConfig, tiny_model_dir, prompt_file, tmp_path / "skip", *args),
+                           [flat_after_first()])
+    m = [r for r in engine.read_metrics(fast.run_dir) if "reward/mean" in r]
+    assert [r["train/skipped_frac"] for r in m][1:] == [1.0, 1.0]
+    monkeypatch.setattr(online_rl, "zero_gradient_free", lambda cfg, vh, adv, offsets: [True] * (len(offsets) - 1))
+    full = online_rl.train(rl_cfg(online_rl.GRPOConfig, tiny_model_dir, prompt_file, tmp_path / "all", *args),
+                           [flat_after_first()])
+    init = load_file(str(tiny_model_dir / "model.safetensors"))
+    a, b = load_file(str(fast.model_dir / "model.safetensors")), load_file(str(full.model_dir / "model.safetensors"))
+    assert_same_adam_update(a, b, init, lr=3e-3, steps=3)
+
+
 def test_step_samples_pick_and_join_whole_groups():
     from posttrain.rollout import Rollout
     from posttrain.stages.online_rl import StepSamples
@@ -734,18 +790,23 @@ def test_dynamic_sampling_trains_only_groups_with_spread(tiny_model_dir, prompt_
         rl_cfg(online_rl.PPOConfig, tiny_model_dir, prompt_file, tmp_path / "x", "dynamic_sampling=true")
 
 
-def test_micro_batches_sum_to_the_whole_batch_update(tiny_model_dir, prompt_file, tmp_path):
+@pytest.mark.parametrize("estimator", ["grpo", "ppo"])
+def test_micro_batches_sum_to_the_whole_batch_update(tiny_model_dir, prompt_file, tmp_path, estimator):
     """Passes of 1 completion (or 3, grouped shortest first) accumulate to the update of one pass
-    over all of them: the same gradient norms and weights to float summation order."""
+    over all of them: the same gradient norms and weights to float summation order (PPO: the
+    value loss, a token mean, included, under the default seq_mean policy loss)."""
     from safetensors.torch import load_file
 
     from posttrain.stages import online_rl
 
     runs = {}
     for micro in (1, 3, 16):
-        args = ("max_steps=2", "sample_every=0", f"micro_batch_size={micro}", "beta=0.1", "num_iterations=2")
-        res = online_rl.train(rl_cfg(online_rl.GRPOConfig, tiny_model_dir, prompt_file, tmp_path / f"m{micro}", *args),
-                              [e_fraction])
+        if estimator == "grpo":
+            cls, args = online_rl.GRPOConfig, ("beta=0.1", "num_iterations=2")
+        else:
+            cls, args = online_rl.PPOConfig, ("group_size=1", "batch_size=8", "minibatch_size=8", "beta=0.1")
+        args = ("max_steps=2", "sample_every=0", f"micro_batch_size={micro}", *args)
+        res = online_rl.train(rl_cfg(cls, tiny_model_dir, prompt_file, tmp_path / f"m{micro}", *args), [e_fraction])
         m = [r for r in engine.read_metrics(res.run_dir) if "reward/mean" in r]
         runs[micro] = ([r["train/grad_norm"] for r in m], load_file(str(res.model_dir / "model.safetensors")))
     norms, weights = runs[16]

@@ -419,6 +419,12 @@ def step_end_tokens(tok, completion_ids: list[int], steps: list[str], sep: str) 
 # --------------------------------------------------------------------------- advantages
 
 
+def outcome_scores(cfg: RLConfig, rewards: torch.Tensor, truncated: list[bool]) -> torch.Tensor:
+    """The scores the advantages take: the rewards less ``missing_eos_penalty`` for completions
+    cut at ``max_new_tokens`` (``NaN``, no score, stays ``NaN``)."""
+    return rewards - cfg.missing_eos_penalty * torch.tensor(truncated, dtype=torch.float32)
+
+
 def token_advantages(cfg: RLConfig, roll: Rollout, rewards: torch.Tensor, lengths: list[int],
                      old: dict[str, torch.Tensor], step_rewards=None, step_ends=None) -> dict[str, torch.Tensor]:
     """Flat ``(N,)`` per-token advantages (and PPO returns) as ``cfg.advantage`` says."""
@@ -434,7 +440,7 @@ def token_advantages(cfg: RLConfig, roll: Rollout, rewards: torch.Tensor, length
         per_tok = torch.zeros(B, T)
         if cfg.beta:
             per_tok[sel] = -cfg.beta * kl_estimate(old["logp"], old["ref_logp"], "k1")
-        score = torch.nan_to_num(rewards, nan=0.0) - cfg.missing_eos_penalty * torch.tensor(roll.truncated).float()
+        score = outcome_scores(cfg, torch.nan_to_num(rewards, nan=0.0), roll.truncated)
         for i, n in enumerate(lengths):
             per_tok[i, n - 1] += score[i]
         adv, ret = gae(per_tok, values, mask, cfg.gamma, cfg.lam)
@@ -442,9 +448,12 @@ def token_advantages(cfg: RLConfig, roll: Rollout, rewards: torch.Tensor, length
             adv = whiten(adv, mask)
         return {"adv": adv[sel], "returns": ret[sel]}
     if step_rewards is not None:
+        if cfg.missing_eos_penalty:  # a cut completion's last step (its outcome, if scored) pays the penalty
+            step_rewards = [sr[:-1] + [sr[-1] - cfg.missing_eos_penalty] if cut and sr else sr
+                            for sr, cut in zip(step_rewards, roll.truncated)]
         per_seq = process_advantages(step_rewards, step_ends, lengths, G)
         return {"adv": torch.cat(per_seq)}
-    r = rewards - cfg.missing_eos_penalty * torch.tensor(roll.truncated).float()
+    r = outcome_scores(cfg, rewards, roll.truncated)
     seq_adv = group_advantages(r, G, cfg.scale_rewards) if cfg.advantage == "group" else rloo_advantages(r, G)
     return {"adv": torch.repeat_interleave(seq_adv, torch.tensor(lengths))}
 
@@ -555,8 +564,8 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
             steps = [split_steps(txt, cfg.step_separator) or [txt] for txt in roll.texts]
             step_rewards = prm.score_many(msgs, steps)
             step_ends = [step_end_tokens(tok, c, s, cfg.step_separator) for c, s in zip(roll.completion_ids, steps)]
-            if cfg.rewards:  # outcome rewards count as a final step
-                step_rewards = [sr + [float(torch.nan_to_num(r, nan=0.0))] for sr, r in zip(step_rewards, rewards)]
+            if cfg.rewards:  # outcome rewards count as a final step (NaN, unscored: left out)
+                step_rewards = [sr + [float(r)] for sr, r in zip(step_rewards, rewards)]
                 step_ends = [se + [len(c) - 1] for se, c in zip(step_ends, roll.completion_ids)]
         roll, rewards, per_fn, step_rewards, step_ends = gather_rollout(
             G, roll, rewards, per_fn, step_rewards, step_ends, with_steps=prm is not None)
@@ -663,7 +672,9 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                             v = value_head(h[0], b)
                             vl = clipped_value_loss(v, rows_tokens(per_token, offsets, "values", idx).to(t.device),
                                                     rows_tokens(per_token, offsets, "returns", idx).to(t.device), cfg.value_clip)
-                            vl = aggregate(vl, seq, len(idx), "token_mean") * (share * w)
+                            # a token mean over the minibatch whatever loss_agg is: weighted by tokens
+                            tok_share = sum(lengths[i] for i in idx) / mb_tokens
+                            vl = aggregate(vl, seq, len(idx), "token_mean") * (tok_share * w)
                             loss = loss + cfg.vf_coef * vl
                             acc["loss/value"] += float(vl.detach())
                         t.backward(loss)
@@ -673,6 +684,12 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                                 acc[key] += float(x.detach().float().sum())
                                 acc[key + "#n"] += x.numel()
                         train_tokens += b["n_tokens"] if w else 0
+                    if not any(trained[i] for i in mb_idx):
+                        # no pass ran: the zero gradients one would have left, so that AdamW's
+                        # moments move as they would (it passes over a parameter with no gradient)
+                        for p in t.params:
+                            if p.grad is None:
+                                p.grad = torch.zeros_like(p)
                     grad_norm = t.step(cfg.max_grad_norm)
                     n_updates += 1
             t_train = time.perf_counter() - t_train
@@ -742,8 +759,8 @@ class StepSamples:
     def with_spread(self, cfg: RLConfig) -> list[int]:
         """The numbers of the groups whose outcome scores (the rewards less the missing-EOS
         penalty, as the advantages take them) differ: the only ones with a gradient."""
-        score = self.rewards - cfg.missing_eos_penalty * torch.tensor(self.roll.truncated, dtype=torch.float32)
-        return groups_with_spread(score, cfg.group_size).nonzero().flatten().tolist()
+        return groups_with_spread(outcome_scores(cfg, self.rewards, self.roll.truncated),
+                                  cfg.group_size).nonzero().flatten().tolist()
 
     def groups(self, keep: list[int], G: int) -> StepSamples:
         """The groups numbered ``keep``, in that order (the rollout's time and rate kept whole)."""
@@ -792,13 +809,15 @@ def step_metrics(cfg: RLConfig, roll: Rollout, rewards: torch.Tensor, per_fn: di
                  acc: dict, n_updates: int, old: dict) -> dict[str, float]:
     """The namespaced metrics of one step (reward/*, rollout/*, loss/*, policy/*)."""
     scored = rewards[~torch.isnan(rewards)]
-    g = torch.nan_to_num(rewards, nan=0.0).view(-1, cfg.group_size)
     out = {"reward/mean": float(scored.mean()) if scored.numel() else 0.0,
            "reward/std": float(scored.std()) if scored.numel() > 1 else 0.0,
            "reward/unscored": int(torch.isnan(rewards).sum()),
            "rollout/length_mean": sum(len(c) for c in roll.completion_ids) / len(roll.completion_ids),
            "rollout/truncated_frac": sum(roll.truncated) / len(roll.truncated),
-           "rollout/zero_std_groups": float((g.std(1) == 0).float().mean()) if cfg.group_size > 1 else 0.0,
+           # groups whose scores (as the advantages take them) are all equal: no gradient from them
+           "rollout/zero_std_groups": 1.0 - float(groups_with_spread(outcome_scores(cfg, rewards, roll.truncated),
+                                                                      cfg.group_size).float().mean())
+           if cfg.group_size > 1 else 0.0,
            "rollout/tokens_per_s": roll.stats["rollout/tokens_per_s"],
            "advantage/mean": float(adv.mean()), "advantage/std": float(adv.std()) if adv.numel() > 1 else 0.0,
            "loss/policy": acc["loss/policy"] / max(n_updates, 1)}
