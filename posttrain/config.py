@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -99,14 +100,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return int(value)
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # YAML reads "1e-4" as a string
+                number = float(value)  # YAML reads "1e-4" as a string
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -139,6 +145,26 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     return obj
 
 
+#: The bounds :func:`check_bounds` knows, by how its messages write them.
+BOUNDS = {
+    ">= 0": lambda v: v >= 0,
+    "> 0": lambda v: v > 0,
+    ">= 1": lambda v: v >= 1,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    "in [0, 1]": lambda v: 0 <= v <= 1,
+    "in (0, 1]": lambda v: 0 < v <= 1,
+}
+
+
+def check_bounds(cfg: Any, prefix: str = "", **rules: str) -> None:
+    """A :class:`ConfigError` naming the first key of ``rules`` (``key=bound``, a key of
+    :data:`BOUNDS`) whose value in ``cfg`` is out of its bound; ``prefix`` is the section."""
+    for key, bound in rules.items():
+        value = getattr(cfg, key)
+        if not BOUNDS[bound](value):
+            raise ConfigError(f"{prefix}{key} must be {bound}, got {value!r}")
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
@@ -158,6 +184,9 @@ def _set_dotted(data: dict[str, Any], cls: type, dotted: str, raw: str) -> None:
         if not _is_section(sub):
             raise ConfigError(f"'{where}' is not a section; cannot set '{dotted}'")
         node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"'{where}' is set to {node!r}, not a section of keys; cannot set '{dotted}' "
+                              f"(write it as '{where}:' with its keys indented below)")
         tp = sub
 
 

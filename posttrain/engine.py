@@ -36,7 +36,7 @@ import torch
 import yaml
 
 from posttrain import allocator, distributed, faults
-from posttrain.config import ConfigError, doc
+from posttrain.config import ConfigError, check_bounds, doc
 from posttrain.data.dataset import DataConfig
 from posttrain.log import is_main_process, log, warn
 from posttrain.models import ModelConfig, unwrap_peft
@@ -94,12 +94,40 @@ def file_fingerprint(path: str | Path) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
+def check_run_dir(out: Path, stage: str, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a run where it would take another run's results: a directory holding a
+    run of another stage, or (unless ``resume`` or ``overwrite``) a run of this one. A fresh
+    start would replace the finished model, and its old checkpoints would be what a later
+    ``resume`` continues from."""
+    held = [f"{d}/" for d in ("model", "model-merged") if (out / d).is_dir()]
+    held += [f"{CHECKPOINT_DIR}/{c.name}" for c in checkpoints(out)]
+    if not held:
+        return
+    try:
+        previous = json.loads((out / "manifest.json").read_text()).get("stage")
+    except (OSError, ValueError):
+        previous = None
+    what = f"{out} holds {'a ' + previous + ' run' if previous else 'results of another run'} ({', '.join(held)})"
+    if previous != stage:
+        raise ConfigError(f"output_dir: {what}; a {stage} run needs a directory of its own")
+    if not resume and not overwrite:
+        raise ConfigError(f"output_dir: {what}: pass resume=true to continue it, overwrite=true to start over "
+                          "(its checkpoints are deleted), or choose another output_dir")
+
+
 def setup_run(output_dir: str | Path, stage: str, cfg: Any, inputs: list[str] | None = None) -> Path:
-    """Create ``output_dir`` with ``config.yaml`` and ``manifest.json``; returns it."""
+    """Create ``output_dir`` with ``config.yaml`` and ``manifest.json``; returns it (see
+    :func:`check_run_dir` for the directories it refuses)."""
     distributed.init()
     allocator.keep_freed_memory()
     out = Path(output_dir)
+    resume, overwrite = getattr(cfg, "resume", False), getattr(cfg, "overwrite", False)
+    check_run_dir(out, stage, resume, overwrite)
+    distributed.barrier()  # every rank has looked before rank 0 deletes anything
     if is_main_process():
+        if overwrite and not resume:
+            shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+            (out / "metrics.jsonl").unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
         manifest = {
@@ -119,6 +147,10 @@ def setup_run(output_dir: str | Path, stage: str, cfg: Any, inputs: list[str] | 
 
 
 STATUS_FILE = "status.json"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the message says where and why."""
 
 
 def write_status(run_dir: Path, state: str) -> None:
@@ -168,6 +200,8 @@ class TrainConfig:
     save_every: int = doc("Write a resumable checkpoint every N steps (0 = only at the end).", 0)
     keep_last: int = doc("Checkpoints to keep (older ones are deleted).", 2)
     resume: bool = doc("Continue from the last complete checkpoint in output_dir.", False)
+    overwrite: bool = doc("Start over in an output_dir that holds a run of this stage (without it that is an "
+                          "error): its checkpoints are deleted, its model replaced at the end.", False)
     merge_lora: bool = doc("Under LoRA, also save the adapter merged into the base as model-merged/.", False)
     log_every: int = doc("Log metrics every N steps.", 1)
     tensorboard: bool = doc("Also write TensorBoard event files.", True)
@@ -180,6 +214,9 @@ class TrainConfig:
             raise ConfigError(f"schedule: {self.schedule!r} is not cosine, linear, constant_with_warmup, constant")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("batch_size and grad_accum must be at least 1")
+        check_bounds(self, max_steps=">= 0", epochs=">= 0", lr=">= 0", weight_decay=">= 0", adam_beta1="in [0, 1)",
+                     adam_beta2="in [0, 1)", warmup_ratio="in [0, 1]", max_grad_norm=">= 0", eval_every=">= 0",
+                     eval_batch_size=">= 1", save_every=">= 0", keep_last=">= 0", log_every=">= 1")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ConfigError("set epochs > 0 or max_steps > 0")
         if self.parallel not in ("ddp", "fsdp"):
@@ -289,6 +326,12 @@ class Trainable:
         faults.point("step")
         distributed.all_reduce_grads_(self.extra_params if self.fsdp else self.params)
         norm = _clip_grad_norm([self.model_params, self.extra_params], max_grad_norm)
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingError(
+                f"optimizer step {self.scheduler.last_epoch + 1}: the gradient norm is {norm} (the loss is not a "
+                "finite number); the weights were not updated, and the last checkpoint, if any, is the last good "
+                "state. Usual causes: a learning rate too high, or a non-finite value in the data")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

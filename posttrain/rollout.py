@@ -58,7 +58,10 @@ class SamplingConfig:
     vllm_gpu_memory_utilization: float = doc("Share of the GPU the colocated vLLM engine may use.", 0.3)
 
     def validate(self) -> None:
-        from posttrain.config import ConfigError
+        from posttrain.config import ConfigError, check_bounds
+
+        check_bounds(self, "sampling.", max_new_tokens=">= 1", temperature=">= 0", top_p="in (0, 1]", top_k=">= 0",
+                     batch_size=">= 1", vllm_gpu_memory_utilization="in (0, 1]")
 
         if self.backend not in ("hf", "vllm"):
             raise ConfigError(f"sampling.backend: {self.backend!r} is not hf or vllm")

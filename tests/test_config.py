@@ -41,6 +41,38 @@ def test_type_and_value_errors():
         load_config(SFTConfig, None, ["batching=packed"])
 
 
+@pytest.mark.parametrize("override,message", [
+    ("lr=nan", "lr: expected a finite number"),
+    ("lr=inf", "lr: expected a finite number"),
+    ("lr=-1", "lr must be >= 0"),
+    ("max_steps=-5", "max_steps must be >= 0"),
+    ("adam_beta1=2", r"adam_beta1 must be in \[0, 1\)"),
+    ("warmup_ratio=2", r"warmup_ratio must be in \[0, 1\]"),
+    ("log_every=0", "log_every must be >= 1"),
+    ("data.max_examples=-3", "data.max_examples must be >= 0"),
+])
+def test_out_of_range_values_are_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(SFTConfig, None, [override])
+
+
+def test_out_of_range_sampling_values_are_config_errors():
+    from posttrain.stages.online_rl import GRPOConfig
+
+    for override, message in (("sampling.max_new_tokens=0", "sampling.max_new_tokens must be >= 1"),
+                              ("sampling.top_k=-3", "sampling.top_k must be >= 0"),
+                              ("sampling.top_p=0", r"sampling.top_p must be in \(0, 1\]")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(GRPOConfig, None, [override])
+
+
+def test_a_dotted_override_under_a_plain_value(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model: some/path\n")
+    with pytest.raises(ConfigError, match="'model' is set to 'some/path', not a section"):
+        load_config(SFTConfig, f, ["model.name_or_path=other"])
+
+
 def test_every_key_documented():
     rows = describe(SFTConfig)
     keys = [r[0] for r in rows]

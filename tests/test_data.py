@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from posttrain.config import load_config
+from posttrain.config import ConfigError, load_config
 from posttrain.data.dataset import DataConfig, DataSource, load_sft_data, mix, read_sft_records
 from posttrain.data.formats import detect_sft_format, to_prompt_record, to_sft_record
 from posttrain.data.loading import BadRowError, BadRows, Row, iter_rows
@@ -162,6 +162,39 @@ def test_bad_rows_error_names_file_line_field(tmp_path):
     assert "skipped 5 bad rows" in bad.summary()
 
 
+def test_undecodable_files_and_rows_name_their_line(tmp_path):
+    """Bytes that are not UTF-8, a byte-order mark, lone surrogates, CSV rows that do not fit the
+    header (at the line they start on, after a quoted cell that spans lines), and files that
+    are not what their suffix says: errors that name the file and line, or counted skips."""
+    good = json.dumps(ROWS["prompt_completion"]).encode()
+    (tmp_path / "b.jsonl").write_bytes(b"\xef\xbb\xbf" + good + b"\n" + good[:-2] + b'\xe9"}\n'
+                                       + b'{"prompt": "q \\ud800", "completion": "a"}\n' + good + b"\n")
+    bad = BadRows(skip=True)
+    rows = list(iter_rows(tmp_path / "b.jsonl", bad))
+    assert [r.origin.rsplit(":", 1)[1] for r in rows] == ["1", "4"]  # the BOM is not part of row 1
+    assert bad.errors == [f"{tmp_path / 'b.jsonl'}:2: not UTF-8 text: byte 0xe9 at column {len(good) - 1}",
+                          (f"{tmp_path / 'b.jsonl'}:3: field 'prompt': text that is not valid Unicode (a lone "
+                          "surrogate code point)")]
+    assert bad.counts == {"not UTF-8 text": 1, "text that is not valid Unicode": 1}
+    (tmp_path / "c.csv").write_text('prompt,completion\n"two\nlines",a\nq,a,extra\n\nq\nq,"a"\n')
+    bad = BadRows(skip=True)
+    rows = list(iter_rows(tmp_path / "c.csv", bad))
+    assert [(r.origin.rsplit(":", 1)[1], r.data) for r in rows] == [
+        ("2", {"prompt": "two\nlines", "completion": "a"}), ("7", {"prompt": "q", "completion": "a"})]
+    assert [e.split(": ", 1)[0].rsplit(":", 1)[1] for e in bad.errors] == ["4", "6"]
+    assert "3 cells where the header has 2 (prompt, completion)" in bad.errors[0]
+    (tmp_path / "latin1.csv").write_bytes("prompt,completion\ncaf\u00e9,a\n".encode("latin-1"))
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "fake.parquet").write_text("not parquet")
+    (tmp_path / "l.json").write_bytes(b'[{"prompt": "caf\xe9"}]')
+    for name, msg in (("latin1.csv", r"latin1.csv:2: not UTF-8 text: byte 0xe9"),
+                      ("empty.csv", r"empty.csv: empty CSV file"),
+                      ("fake.parquet", r"fake.parquet: not a readable Parquet file"),
+                      ("l.json", r"l.json:1: not UTF-8 text")):
+        with pytest.raises(BadRowError, match=msg):
+            list(iter_rows(tmp_path / name, BadRows(skip=True)))
+
+
 def test_missing_and_empty_fields(tmp_path):
     with pytest.raises(BadRowError, match="field 'completion': missing field"):
         to_sft_record(Row({"prompt": "q", "completion": None}, "x:1"), "prompt_completion")
@@ -169,6 +202,19 @@ def test_missing_and_empty_fields(tmp_path):
         to_sft_record(Row({"instruction": "q", "output": ""}, "x:1"), "alpaca")
     with pytest.raises(BadRowError, match="unrecognised row format"):
         detect_sft_format({"question": "q"}, "x:1")
+    for fmt in ("alpaca", None):  # SFT and prompt rows: the same check of the optional input
+        row = Row({"instruction": "q", "input": 5, "output": "a"}, "x:1")
+        with pytest.raises(BadRowError, match="field 'input': wrong type: expected a string, got int"):
+            to_sft_record(row, fmt) if fmt else to_prompt_record(row)
+
+
+def test_a_file_with_no_usable_row_says_why(tmp_path, smol_tokenizer):
+    write_jsonl(tmp_path / "a.jsonl", [{"prompt": "q", "completion": ""}] * 3)
+    cfg = load_config(DataConfig, None, ["skip_bad_rows=true"])
+    cfg.train = [DataSource(str(tmp_path / "a.jsonl"))]
+    with pytest.raises(ConfigError, match=r"no usable rows \(skipped 3 bad rows \(3 empty\); the first: .*a.jsonl:1: "
+                                          r"field 'completion': empty\)"):
+        load_sft_data(smol_tokenizer, cfg)
 
 
 def test_prompt_records():

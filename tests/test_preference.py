@@ -79,6 +79,9 @@ def test_ranked_rows_expand_to_weighted_pairs():
     ({"prompt": "q", "chosen": 3, "rejected": "b"}, "chosen", "wrong type"),
     ({"prompt": "q", "chosen": "a", "rejected": "b", "label": 2}, "label", "out of range"),
     ({"prompt": "q", "responses": ["a", "b"], "ranking": [0, 0]}, "ranking", "permutation"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": float("nan")}, "margin", "not a finite number"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "label": float("nan")}, "label", "not a finite number"),
+    ({"prompt": "q", "responses": ["a", "b"], "scores": [float("inf"), 0]}, "scores", "finite numbers"),
 ])
 def test_bad_preference_rows_name_file_line_field(tmp_path, row, field, reason):
     fmt = "ranked" if "responses" in row else "auto"

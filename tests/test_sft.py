@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from posttrain import engine
-from posttrain.config import load_config
+from posttrain.config import ConfigError, load_config
 from posttrain.stages.sft import SFTConfig, train
 
 
@@ -101,6 +101,31 @@ def test_partial_checkpoint_is_never_loaded(tmp_path):
     (ck / ".tmp-step-4-123").mkdir()  # a write that was killed
     (ck / "step-6").mkdir()  # no trainer_state.json: incomplete
     assert engine.latest_checkpoint(tmp_path).name == "step-2"
+
+
+def test_a_finished_run_is_not_started_over_by_accident(tiny_model_dir, chat_file, tmp_path):
+    """A fresh run in a directory holding a finished one is refused (its model would be
+    replaced, and its checkpoints continued by a later resume), as is a run of another stage;
+    overwrite=true starts over with the old checkpoints gone."""
+    out = tmp_path / "run"
+    train(cfg_for(tiny_model_dir, chat_file, out, "max_steps=2"))
+    before = (out / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match=r"holds a sft run \(model/, checkpoints/step-2\): pass resume=true"):
+        train(cfg_for(tiny_model_dir, chat_file, out, "max_steps=1", "lr=2e-3"))
+    assert (out / "model" / "model.safetensors").read_bytes() == before
+    with pytest.raises(ConfigError, match="holds a sft run .*; a dpo run needs a directory of its own"):
+        engine.check_run_dir(out, "dpo", resume=True, overwrite=False)
+    train(cfg_for(tiny_model_dir, chat_file, out, "max_steps=1", "overwrite=true"))
+    assert [c.name for c in engine.checkpoints(out)] == ["step-1"]
+    assert (out / "model" / "model.safetensors").read_bytes() != before
+
+
+def test_a_non_finite_loss_stops_the_run_before_the_weights_change(tiny_model_dir, chat_file, tmp_path):
+    """lr=1e30 sends the weights to ~1e30 in the first step and the loss to inf/NaN after it:
+    the run stops there with an error naming the step, and no model is saved."""
+    with pytest.raises(engine.TrainingError, match=r"optimizer step [23]: the gradient norm is (nan|inf)"):
+        train(cfg_for(tiny_model_dir, chat_file, tmp_path / "run", "lr=1e30", "warmup_ratio=0", "max_steps=4"))
+    assert not (tmp_path / "run" / "model").exists()
 
 
 def test_keep_last_prunes(tiny_model_dir, chat_file, tmp_path):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from posttrain.config import ConfigError, doc
+from posttrain.config import ConfigError, check_bounds, doc
 from posttrain.data.formats import SFT_FORMATS, SFTRecord, detect_sft_format, to_sft_record
 from posttrain.data.loading import BadRowError, BadRows, iter_rows
 from posttrain.data.preference import (
@@ -68,6 +68,7 @@ class DataConfig:
             raise ConfigError("data.eval_fraction must be in [0, 1)")
         if self.max_length < 2:
             raise ConfigError("data.max_length must be at least 2")
+        check_bounds(self, "data.", mixture_size=">= 0", max_examples=">= 0")
 
 
 def read_sft_records(source: DataSource, bad: BadRows) -> list[SFTRecord]:
@@ -140,11 +141,13 @@ def tokenize_split(records: list, eval_records: list, tokenize_one, bad: BadRows
     return train, evals
 
 
-def split_records(per_source: list[list], cfg: DataConfig, seed: int, read_eval) -> tuple[list, list]:
+def split_records(per_source: list[list], cfg: DataConfig, seed: int, read_eval,
+                  bad: BadRows | None = None) -> tuple[list, list]:
     """(train, eval) records: the weighted mixture, then the eval set (given, or split off)."""
     for s, recs in zip(cfg.train, per_source):
         if not recs:
-            raise ConfigError(f"{s.path}: no usable rows")
+            skipped = f" ({bad.summary()}; the first: {bad.errors[0]})" if bad is not None and bad.errors else ""
+            raise ConfigError(f"{s.path}: no usable rows{skipped}")
     records = mix(per_source, [s.weight for s in cfg.train], seed, cfg.mixture_size)
     if cfg.eval:
         eval_records = [r for s in cfg.eval for r in read_eval(s)]
@@ -175,7 +178,7 @@ def load_sft_data(tok, cfg: DataConfig, seed: int = 0) -> SFTData:
     bad = BadRows(skip=cfg.skip_bad_rows)
     stats = TokenizeStats()
     read = lambda s: read_sft_records(s, bad)
-    records, eval_records = split_records([read(s) for s in cfg.train], cfg, seed, read)
+    records, eval_records = split_records([read(s) for s in cfg.train], cfg, seed, read, bad)
     train, evals = tokenize_split(records, eval_records,
                                   lambda r: tokenize_record(tok, r, cfg.max_length, cfg.too_long, stats), bad, stats)
     return SFTData(train, evals, bad, stats)
@@ -198,7 +201,7 @@ def load_preference_data(tok, cfg: DataConfig, seed: int = 0) -> PreferenceData:
     bad = BadRows(skip=cfg.skip_bad_rows)
     stats = TokenizeStats()
     read = lambda s: read_preference_records(s.path, s.format, bad)
-    records, eval_records = split_records([read(s) for s in cfg.train], cfg, seed, read)
+    records, eval_records = split_records([read(s) for s in cfg.train], cfg, seed, read, bad)
 
     train, evals = tokenize_split(records, eval_records,
                                   lambda r: tokenize_pair(tok, r, cfg.max_length, cfg.too_long, stats), bad, stats,

@@ -77,6 +77,14 @@ def _string(row: Row, key: str, *, allow_empty: bool = False) -> str:
     return value
 
 
+def _alpaca_prompt(row: Row) -> str:
+    """The user turn of an Alpaca row: ``instruction``, then ``input`` (optional) after a blank line."""
+    instruction, extra = _string(row, "instruction"), row.data.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise BadRowError(row.origin, "input", f"wrong type: expected a string, got {type(extra).__name__}")
+    return instruction if not (extra or "").strip() else f"{instruction}\n\n{extra}"
+
+
 def _messages(row: Row, key: str, value: Any, *, role_key="role", content_key="content",
               role_map: dict[str, str] | None = None) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
@@ -137,12 +145,8 @@ def to_sft_record(row: Row, fmt: str) -> SFTRecord:
             c_msgs = [{"role": "assistant", "content": _string(row, "completion")}]
         return SFTRecord(row.origin, messages=p_msgs + c_msgs)
     if fmt == "alpaca":
-        instruction = _string(row, "instruction")
-        extra = d.get("input")
-        if extra is not None and not isinstance(extra, str):
-            raise BadRowError(row.origin, "input", f"wrong type: expected a string, got {type(extra).__name__}")
-        user = instruction if not (extra or "").strip() else f"{instruction}\n\n{extra}"
-        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": _string(row, "output")}]
+        msgs = [{"role": "user", "content": _alpaca_prompt(row)},
+                {"role": "assistant", "content": _string(row, "output")}]
         if isinstance(d.get("system"), str) and d["system"].strip():
             msgs.insert(0, {"role": "system", "content": d["system"]})
         return SFTRecord(row.origin, messages=msgs)
@@ -171,9 +175,7 @@ def to_prompt_record(row: Row) -> PromptRecord:
         if not msgs:
             raise BadRowError(row.origin, "messages", "no prompt before the assistant turn")
     elif "instruction" in d:
-        instruction = _string(row, "instruction")
-        extra = d.get("input") or ""
-        msgs = [{"role": "user", "content": instruction if not extra.strip() else f"{instruction}\n\n{extra}"}]
+        msgs = [{"role": "user", "content": _alpaca_prompt(row)}]
         rest = {k: v for k, v in d.items() if k not in ("instruction", "input")}
     else:
         raise BadRowError(row.origin, "prompt", f"missing field (a prompt row needs 'prompt' or 'messages'; "

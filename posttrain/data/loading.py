@@ -12,7 +12,10 @@ is counted by reason and reported at the end of loading.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -48,7 +51,7 @@ class BadRows:
     def handle(self, err: BadRowError) -> None:
         if not self.skip:
             raise err
-        self.counts[err.reason.split(":")[0]] += 1
+        self.counts[re.split(r":| \(", err.reason, maxsplit=1)[0]] += 1  # the kind of problem, before its details
         if len(self.errors) < 100_000:
             self.errors.append(str(err))
 
@@ -88,12 +91,27 @@ def iter_rows(path: str | Path, bad: BadRows) -> Iterator[Row]:
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
     kind = file_kind(path)
+    for row in _raw_rows(path, kind, bad):
+        text = _unencodable_text(row.data)
+        if text is not None:  # a lone surrogate ("\\ud800" in JSON): no tokenizer takes it
+            bad.handle(BadRowError(row.origin, text, "text that is not valid Unicode (a lone surrogate code point)"))
+            continue
+        yield row
+
+
+def _raw_rows(path: Path, kind: str, bad: BadRows) -> Iterator[Row]:
     if kind == "jsonl":
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
+        with open(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                origin = f"{path}:{lineno}"
+                try:  # (a byte-order mark at the start of the file is not part of the row)
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    bad.handle(BadRowError(origin, None, f"not UTF-8 text: byte 0x{raw[e.start]:02x} at column "
+                                           f"{e.start + 1}"))
+                    continue
                 if not line.strip():
                     continue
-                origin = f"{path}:{lineno}"
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -106,7 +124,7 @@ def iter_rows(path: str | Path, bad: BadRows) -> Iterator[Row]:
         return
     if kind == "json":
         try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
+            obj = json.loads(_utf8_text(path))
         except json.JSONDecodeError as e:
             raise BadRowError(f"{path}:{e.lineno}", None, f"invalid JSON: {e.msg}") from None
         if isinstance(obj, dict) and isinstance(obj.get("data"), list):
@@ -121,22 +139,25 @@ def iter_rows(path: str | Path, bad: BadRows) -> Iterator[Row]:
             yield Row(item, origin)
         return
     if kind == "csv":
-        import pandas as pd
-
-        frame = pd.read_csv(path, keep_default_na=False, dtype=str)
-        for i, rec in enumerate(frame.to_dict(orient="records")):
-            yield Row(_decode_json_cells(rec), f"{path}:{i + 2}")  # line 1 is the header
+        yield from _csv_rows(path, bad)
         return
     if kind == "parquet":
         import pyarrow.parquet as pq
 
-        for i, rec in enumerate(pq.read_table(path).to_pylist(), start=1):
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # noqa: BLE001 (pyarrow raises ArrowInvalid, OSError, ...)
+            raise BadRowError(str(path), None, f"not a readable Parquet file: {e}") from None
+        for i, rec in enumerate(table.to_pylist(), start=1):
             yield Row(rec, f"{path}:row {i}")
         return
     if kind == "arrow":
         import datasets
 
-        ds = datasets.load_from_disk(str(path))
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as e:  # noqa: BLE001 (missing or corrupt arrow files)
+            raise BadRowError(str(path), None, f"not a readable datasets.save_to_disk directory: {e}") from None
         if isinstance(ds, datasets.DatasetDict):
             if "train" not in ds:
                 raise BadRowError(str(path), None, f"DatasetDict without a 'train' split (has {list(ds)})")
@@ -144,6 +165,64 @@ def iter_rows(path: str | Path, bad: BadRows) -> Iterator[Row]:
         for i, rec in enumerate(ds, start=1):
             yield Row(dict(rec), f"{path}:row {i}")
         return
+
+
+def _utf8_text(path: Path) -> str:
+    """The file as text (a byte-order mark dropped); a clear error where it is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise BadRowError(f"{path}:{line}", None, f"not UTF-8 text: byte 0x{data[e.start]:02x}") from None
+
+
+def _csv_rows(path: Path, bad: BadRows) -> Iterator[Row]:
+    """CSV rows as strings by header name, each at the line it starts on (a quoted cell may
+    span lines); a row with more or fewer cells than the header is a bad row."""
+    reader = csv.reader(io.StringIO(_utf8_text(path), newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise BadRowError(str(path), None, "empty CSV file (no header line)") from None
+    except csv.Error as e:
+        raise BadRowError(f"{path}:1", None, f"unreadable CSV header: {e}") from None
+    end = reader.line_num
+    while True:
+        start = end + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            bad.handle(BadRowError(f"{path}:{start}", None, f"unreadable CSV row: {e}"))
+            end = reader.line_num
+            continue
+        end = reader.line_num
+        if not cells:  # a blank line
+            continue
+        if len(cells) != len(header):
+            bad.handle(BadRowError(f"{path}:{start}", None, f"{len(cells)} cells where the header has "
+                                   f"{len(header)} ({', '.join(header)})"))
+            continue
+        yield Row(_decode_json_cells(dict(zip(header, cells))), f"{path}:{start}")
+
+
+def _unencodable_text(obj: Any, where: str = "") -> str | None:
+    """The field (``messages[1].content``) of the first string in ``obj`` that cannot be
+    encoded as UTF-8, or None."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "(row)"
+        return None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        found = _unencodable_text(v, f"{where}[{k}]" if isinstance(k, int) else f"{where}.{k}" if where else str(k))
+        if found is not None:
+            return found
+    return None
 
 
 def _decode_json_cells(rec: dict[str, Any]) -> dict[str, Any]:

@@ -31,6 +31,7 @@ left-truncation so their prompts stay identical (``too_long`` as for SFT).
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -145,6 +146,8 @@ def _number(row: Row, key: str, default: float, lo: float | None = None, hi: flo
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise BadRowError(row.origin, key, f"wrong type: expected a number, got {type(v).__name__}")
+    if not math.isfinite(v):
+        raise BadRowError(row.origin, key, f"not a finite number: {v}")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         raise BadRowError(row.origin, key, f"out of range: {v} (expected {lo}..{hi})")
     return float(v)
@@ -194,8 +197,9 @@ def ranked_pairs(row: Row) -> list[PreferenceRecord]:
     elif "scores" in row.data:
         scores = row.data["scores"]
         if (not isinstance(scores, list) or len(scores) != k
-                or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores)):
-            raise BadRowError(row.origin, "scores", f"expected {k} numbers, got {scores!r}")
+                or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
+                           for s in scores)):
+            raise BadRowError(row.origin, "scores", f"expected {k} finite numbers, got {scores!r}")
         better = [(i, j) if scores[i] > scores[j] else (j, i)
                   for i, j in itertools.combinations(range(k), 2) if scores[i] != scores[j]]
     else:

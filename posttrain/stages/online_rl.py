@@ -59,11 +59,13 @@ from posttrain.advantages import (
     whiten,
 )
 from posttrain.config import ConfigError, doc
+from posttrain.data.dataset import report_loading
 from posttrain.data.formats import PromptRecord, to_prompt_record
 from posttrain.data.loading import BadRowError, BadRows, iter_rows
 from posttrain.data.tokenize import (
     IGNORE,
     TokenizedExample,
+    TokenizeStats,
     collate_pad,
     collate_shared_prefix,
     shared_prefix_length,
@@ -240,8 +242,12 @@ class RLResult:
 # --------------------------------------------------------------------------- data
 
 
-def load_prompts(tok, sources, max_length: int, too_long: str, bad: BadRows) -> list[Prompt]:
-    """Chat-templated prompt token ids of every prompt row (``prompt`` or ``messages`` rows)."""
+def load_prompts(tok, sources, max_length: int, too_long: str, bad: BadRows,
+                 stats: TokenizeStats | None = None) -> list[Prompt]:
+    """Chat-templated prompt token ids of every prompt row (``prompt`` or ``messages`` rows);
+    prompts over ``max_length`` dropped or cut from the left as ``too_long`` says, counted in
+    ``stats``."""
+    stats = stats if stats is not None else TokenizeStats()
     out = []
     for src in sources:
         for row in iter_rows(src.path, bad):
@@ -254,8 +260,10 @@ def load_prompts(tok, sources, max_length: int, too_long: str, bad: BadRows) -> 
                         raise BadRowError(row.origin, "prompt", f"too long: {len(ids)} tokens > max_length "
                                           f"{max_length}")
                     if too_long == "drop":
+                        stats.dropped_too_long += 1
                         continue
                     ids = ids[-max_length:]
+                    stats.truncated += 1
                 out.append(Prompt(rec, ids))
             except BadRowError as e:
                 bad.handle(e)
@@ -497,13 +505,14 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
     run_dir = engine.setup_run(cfg.output_dir, stage, cfg, [s.path for s in cfg.data.train + cfg.data.eval])
     engine.seed_everything(cfg.seed)
     model, tok, dtype = prepare_model(cfg.model, lower_frozen=cfg.parallel != "fsdp")
-    bad = BadRows(skip=cfg.data.skip_bad_rows)
-    prompts = load_prompts(tok, cfg.data.train, cfg.data.max_length, cfg.data.too_long, bad)
-    eval_prompts = load_prompts(tok, cfg.data.eval, cfg.data.max_length, cfg.data.too_long, bad)
+    bad, stats = BadRows(skip=cfg.data.skip_bad_rows), TokenizeStats()
+    prompts = load_prompts(tok, cfg.data.train, cfg.data.max_length, cfg.data.too_long, bad, stats)
+    eval_prompts = load_prompts(tok, cfg.data.eval, cfg.data.max_length, cfg.data.too_long, bad, stats)
     if cfg.eval_limit:
         eval_prompts = eval_prompts[: cfg.eval_limit]
     if not prompts:
-        raise ConfigError(f"no usable prompts ({bad.summary()})")
+        raise ConfigError(f"no usable prompts ({'; '.join(x for x in (bad.summary(), stats.summary()) if x)})")
+    report_loading(bad, stats)
     reward_set = RewardSet.build(reward_functions or cfg.rewards, cfg.reward_weights)
     prm = None
     if cfg.process_reward_model:
@@ -736,8 +745,7 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
     engine.finish_run(run_dir, metrics)
     log(f"{stage} done: {total_steps} steps" + (f", eval reward {ev['eval/reward']:.3f}" if ev else "")
         + f"; model saved to {model_dir}")
-    if bad.total:
-        log(f"data: {bad.summary()}")
+    report_loading(bad, stats)
     return RLResult(run_dir, model_dir, total_steps, ev)
 
 

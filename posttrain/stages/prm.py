@@ -63,7 +63,7 @@ def load_step_data(tok, cfg: PRMConfig) -> tuple[list[StepExample], list[StepExa
     bad = BadRows(skip=cfg.data.skip_bad_rows)
     stats = TokenizeStats()
     read = lambda s: read_step_records(s.path, bad)
-    records, eval_records = split_records([read(s) for s in cfg.data.train], cfg.data, cfg.seed, read)
+    records, eval_records = split_records([read(s) for s in cfg.data.train], cfg.data, cfg.seed, read, bad)
 
     train, evals = tokenize_split(
         records, eval_records,
