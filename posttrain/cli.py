@@ -537,14 +537,14 @@ def main(argv: list[str] | None = None) -> int:
     from posttrain.data.loading import BadRowError
     from posttrain.data.tokenize import ChatTemplateError
     from posttrain.engine import TrainingError
-    from posttrain.models import ModelNotFoundError
+    from posttrain.models import ModelLoadError, ModelNotFoundError
     from posttrain.rewards.combine import RewardError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ConfigError, BadRowError, ModelNotFoundError, ChatTemplateError, FileNotFoundError, RewardError,
-            TrainingError) as e:
+    except (ConfigError, BadRowError, ModelNotFoundError, ModelLoadError, ChatTemplateError, FileNotFoundError,
+            RewardError, TrainingError) as e:
         die(str(e))
     except OSError as e:
         die(f"{e}")

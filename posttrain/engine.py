@@ -515,6 +515,11 @@ def save_checkpoint(run_dir: Path, trainable: Trainable, tokenizer, state: dict[
 def load_checkpoint(ckpt: Path, trainable: Trainable) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and RNG from ``ckpt``; returns its trainer state."""
     model = trainable.unwrapped()
+    if (ckpt / "adapter_config.json").is_file() != bool(getattr(model, "peft_config", None)):
+        written, now = ("LoRA", "full fine-tuning") if (ckpt / "adapter_config.json").is_file() else \
+            ("full fine-tuning", "LoRA")
+        raise ConfigError(f"{ckpt} was written by {written}, and this run is set up for {now}: resume with the "
+                          "run's own settings (its config.yaml), or start over (overwrite=true)")
     if trainable.fsdp:  # every rank reads the full state and keeps its shards
         from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import (
@@ -547,7 +552,7 @@ def load_checkpoint(ckpt: Path, trainable: Trainable) -> dict[str, Any]:
         tied = getattr(model.config, "tie_word_embeddings", False)
         missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
         if missing or unexpected:
-            raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing={missing[:5]} "
+            raise ConfigError(f"checkpoint {ckpt} does not match the model: missing={missing[:5]} "
                                f"unexpected={unexpected[:5]}")
     if not trainable.fsdp:
         trainable.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))

@@ -72,6 +72,23 @@ class ModelNotFoundError(FileNotFoundError):
     """No model could be found under the given name; the message lists what was tried."""
 
 
+class ModelLoadError(RuntimeError):
+    """A model directory that was found but cannot be loaded (missing or corrupt files)."""
+
+
+@contextlib.contextmanager
+def loading(path, what: str = "model"):
+    """Turn a failure inside transformers/peft/safetensors while reading ``path`` into a
+    :class:`ModelLoadError` naming the directory and what was being read."""
+    try:
+        yield
+    except (ModelNotFoundError, ModelLoadError):
+        raise
+    except Exception as e:  # OSError, ValueError, SafetensorError, ...: all mean "unreadable"
+        raise ModelLoadError(f"{path}: could not load the {what} ({type(e).__name__}: {e}); is the directory "
+                             "complete (config.json, *.safetensors, tokenizer files)?") from e
+
+
 @dataclass
 class ModelConfig:
     """Which model to train and how (shared by every stage)."""
@@ -357,7 +374,8 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     if (path / "adapter_config.json").is_file() and not (path / "tokenizer_config.json").is_file():
         path = resolve_model_path(json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"])
-    tok = AutoTokenizer.from_pretrained(str(path))
+    with loading(path, "tokenizer"):
+        tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -390,12 +408,15 @@ def load_model(
         from peft import PeftModel
 
         base = resolve_model_path(json.loads(adapter_cfg.read_text())["base_model_name_or_path"])
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, attn_implementation=attn)
-        model = PeftModel.from_pretrained(model, str(path), is_trainable=not inference)
+        with loading(base):
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, attn_implementation=attn)
+        with loading(path, "LoRA adapter"):
+            model = PeftModel.from_pretrained(model, str(path), is_trainable=not inference)
         if inference:
             model = model.merge_and_unload()
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn)
+        with loading(path):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn)
     model.to(device)
     _use_attention(model, attn_implementation)
     if inference:

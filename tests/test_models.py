@@ -50,6 +50,19 @@ def test_missing_model_lists_what_was_tried(tmp_path):
         models.resolve_model_path("someone/absent")
 
 
+def test_an_unreadable_model_directory_names_itself(tiny_model_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
+    with pytest.raises(models.ModelLoadError, match=f"{broken}: could not load the model"):
+        models.load_model(str(broken))
+    for f in broken.glob("tokenizer*"):
+        f.unlink()
+    with pytest.raises(models.ModelLoadError, match=f"{broken}: could not load the tokenizer"):
+        models.load_tokenizer(broken)
+
+
 def test_hub_id_from_local_cache_offline(tiny_model_dir, tmp_path, monkeypatch):
     hub = tmp_path / "hub"
     snap = hub / "models--someone--tiny" / "snapshots" / "abc123"

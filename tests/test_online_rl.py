@@ -249,6 +249,10 @@ def test_reward_set_weights_and_errors():
         RewardSet.build([wrong_type])(["q"], ["a"], {})
     none = RewardSet.build([lambda p, c, **k: [None, 1.0]])(["q", "q"], ["a", "b"], {})[0]
     assert math.isnan(none[0]) and none[1] == 1.0
+    with pytest.raises(ConfigError, match="reward_weights: 2 weights for 1 reward functions"):
+        RewardSet.build([broken], [1.0, 2.0])
+    with pytest.raises(FileNotFoundError, match="model '/no/such/rm' not found"):
+        RewardSet.build(["rm:/no/such/rm"])
 
 
 # --------------------------------------------------------------------------- the loop on a tiny model

@@ -120,6 +120,13 @@ def test_a_finished_run_is_not_started_over_by_accident(tiny_model_dir, chat_fil
     assert (out / "model" / "model.safetensors").read_bytes() != before
 
 
+def test_resuming_with_other_model_settings_is_a_config_error(tiny_model_dir, chat_file, tmp_path):
+    out = tmp_path / "run"
+    train(cfg_for(tiny_model_dir, chat_file, out, "max_steps=2"))
+    with pytest.raises(ConfigError, match="written by full fine-tuning, and this run is set up for LoRA"):
+        train(cfg_for(tiny_model_dir, chat_file, out, "max_steps=3", "resume=true", "model.lora=true"))
+
+
 def test_a_non_finite_loss_stops_the_run_before_the_weights_change(tiny_model_dir, chat_file, tmp_path):
     """lr=1e30 sends the weights to ~1e30 in the first step and the loss to inf/NaN after it:
     the run stops there with an error naming the step, and no model is saved."""

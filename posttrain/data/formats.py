@@ -87,6 +87,8 @@ def _alpaca_prompt(row: Row) -> str:
 
 def _messages(row: Row, key: str, value: Any, *, role_key="role", content_key="content",
               role_map: dict[str, str] | None = None) -> list[dict[str, str]]:
+    if value is None:
+        raise BadRowError(row.origin, key, "missing field" + ("" if key in row.data else f" (keys: {sorted(row.data)})"))
     if not isinstance(value, list) or not value:
         raise BadRowError(row.origin, key, "expected a non-empty list of messages"
                           + ("" if isinstance(value, list) else f", got {type(value).__name__}"))

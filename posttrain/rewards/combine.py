@@ -55,7 +55,9 @@ class RewardSet:
         fns = [resolve_reward(s) for s in specs]
         weights = list(weights) if weights else [1.0] * len(fns)
         if len(weights) != len(fns):
-            raise ValueError(f"{len(weights)} reward weights for {len(fns)} reward functions")
+            from posttrain.config import ConfigError
+
+            raise ConfigError(f"reward_weights: {len(weights)} weights for {len(fns)} reward functions")
         return cls(fns, weights)
 
     def __call__(self, prompts: list, completions: list[str], fields: dict[str, list]

@@ -24,6 +24,7 @@ from posttrain.models import (
     final_hidden_states,
     load_tokenizer,
     pick_precision,
+    resolve_model_path,
     set_precision,
 )
 
@@ -67,7 +68,7 @@ class RewardModel:
                  batch_size: int = 16):
         from transformers import AutoModelForSequenceClassification
 
-        self.path = Path(path)
+        self.path = resolve_model_path(str(path))
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.tok = load_tokenizer(self.path)

@@ -86,7 +86,9 @@ from posttrain.rewards.combine import RewardSet, reward_name
 from posttrain.rollout import Rollout, SamplingConfig, generate, sample
 
 ESTIMATORS = ("group", "rloo", "gae")
-TOKEN_STATS = ("policy/kl", "policy/entropy", "policy/clip_fraction")  # per-token means in the metrics
+# per-token means in the metrics, over the completions the update pass ran (those skipped for a
+# zero advantage, train/skipped_frac of them, are not in them)
+TOKEN_STATS = ("policy/kl", "policy/entropy", "policy/clip_fraction")
 
 
 def _rl_sampling() -> SamplingConfig:
