@@ -88,6 +88,20 @@ def test_loss_mask_multi_turn(smol_tokenizer):
     assert trained_text(smol_tokenizer, ex) == ["first answer<|im_end|>", "second answer<|im_end|>"]
 
 
+def test_assistant_turns_with_weight_0_are_not_trained(smol_tokenizer):
+    """OpenAI's fine-tuning format: an assistant message with "weight": 0 is context only."""
+    row = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "first", "weight": 0},
+                        {"role": "user", "content": "b"}, {"role": "assistant", "content": "second", "weight": 1}]}
+    rec = to_sft_record(Row(row, "x:1"), "messages")
+    ex = tokenize_conversation(smol_tokenizer, rec.messages)
+    assert trained_text(smol_tokenizer, ex) == ["second<|im_end|>"]
+    assert "first" in smol_tokenizer.decode(ex.input_ids)  # still in the context
+    for weight, msg in ((0, "every one has weight 0"), (0.5, "expected 0 or 1")):
+        bad = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x", "weight": weight}]}
+        with pytest.raises(BadRowError, match=msg):
+            to_sft_record(Row(bad, "x:1"), "messages")
+
+
 def test_text_rows_train_every_token(smol_tokenizer):
     stats = TokenizeStats()
     (ex,) = tokenize_record(smol_tokenizer, to_sft_record(Row(ROWS["text"], "x"), "text"), 64, "error", stats)

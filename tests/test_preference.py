@@ -70,6 +70,10 @@ def test_ranked_rows_expand_to_weighted_pairs():
     got = {(p.chosen[0]["content"], p.rejected[0]["content"]) for p in pairs}
     assert got == {("b", "a"), ("c", "a"), ("d", "a"), ("b", "c"), ("b", "d")}  # the c/d tie gives no pair
     assert all(math.isclose(p.weight, 1 / 5) for p in pairs)
+    pairs = to_preference_records(Row({"prompt": "q", "responses": ["a", "b", "a"], "ranking": [0, 1, 2]}, "r:3"),
+                                  "ranked")  # the a/a pair is no preference: the prompt still counts once
+    assert [(p.chosen[0]["content"], p.rejected[0]["content"]) for p in pairs] == [("a", "b"), ("b", "a")]
+    assert all(math.isclose(p.weight, 1 / 2) for p in pairs)
 
 
 @pytest.mark.parametrize("row,field,reason", [
@@ -82,6 +86,7 @@ def test_ranked_rows_expand_to_weighted_pairs():
     ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": float("nan")}, "margin", "not a finite number"),
     ({"prompt": "q", "chosen": "a", "rejected": "b", "label": float("nan")}, "label", "not a finite number"),
     ({"prompt": "q", "responses": ["a", "b"], "scores": [float("inf"), 0]}, "scores", "finite numbers"),
+    ({"prompt": "q", "responses": ["a", "a"], "ranking": [1, 0]}, "responses", "same response twice"),
 ])
 def test_bad_preference_rows_name_file_line_field(tmp_path, row, field, reason):
     fmt = "ranked" if "responses" in row else "auto"

@@ -165,10 +165,11 @@ def split_records(per_source: list[list], cfg: DataConfig, seed: int, read_eval,
     return records, eval_records
 
 
-def report_loading(bad: BadRows, stats: TokenizeStats) -> None:
-    for line in (bad.summary() if bad.total else "", stats.summary()):
-        if line:
-            log(line)
+def report_loading(bad: BadRows, stats: TokenizeStats | None = None) -> None:
+    """One ``data:`` line saying what loading skipped or changed (nothing when it did neither)."""
+    parts = [x for x in (bad.summary() if bad.total else "", stats.summary() if stats else "") if x]
+    if parts:
+        log("data: " + "; ".join(parts))
 
 
 def load_sft_data(tok, cfg: DataConfig, seed: int = 0) -> SFTData:

@@ -109,7 +109,14 @@ def _messages(row: Row, key: str, value: Any, *, role_key="role", content_key="c
             raise BadRowError(row.origin, f"{where}.{content_key}",
                               "missing field" if content is None else
                               f"wrong type: expected a string, got {type(content).__name__}")
-        out.append({"role": role, "content": content})
+        msg = {"role": role, "content": content}
+        if "weight" in m and m["weight"] is not None:  # OpenAI's fine-tuning format: 0 = not trained on
+            if role != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
+                raise BadRowError(row.origin, f"{where}.weight", f"expected 0 or 1 on an assistant message, got "
+                                  f"{m['weight']!r}" + ("" if role == "assistant" else f" on a {role} message"))
+            if m["weight"] == 0:
+                msg["weight"] = 0
+        out.append(msg)
     return out
 
 
@@ -117,6 +124,8 @@ def _check_assistant_turns(row: Row, key: str, messages: list[dict[str, str]]) -
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not turns:
         raise BadRowError(row.origin, key, "no assistant turn to train on")
+    if all(messages[i].get("weight", 1) == 0 for i in turns):
+        raise BadRowError(row.origin, key, "no assistant turn to train on (every one has weight 0)")
     for i in turns:
         if not messages[i]["content"].strip():
             raise BadRowError(row.origin, f"{key}[{i}].content", "empty assistant message")

@@ -206,10 +206,13 @@ def ranked_pairs(row: Row) -> list[PreferenceRecord]:
         raise BadRowError(row.origin, "ranking", "missing field: a ranked row needs 'ranking' or 'scores'")
     if not better:
         raise BadRowError(row.origin, "scores", "all scores tie: no pair to learn from")
+    better = [(i, j) for i, j in better if comps[i] != comps[j]]  # the same text twice: no preference
+    if not better:
+        raise BadRowError(row.origin, "responses", "every ordered pair holds the same response twice: no pair "
+                          "to learn from")
     w = 1.0 / len(better)
     margin = _number(row, "margin", 0.0)
-    return [PreferenceRecord(row.origin, prompt, comps[i], comps[j], margin=margin, weight=w)
-            for i, j in better if comps[i] != comps[j]]
+    return [PreferenceRecord(row.origin, prompt, comps[i], comps[j], margin=margin, weight=w) for i, j in better]
 
 
 def read_preference_records(path: str, fmt: str, bad: BadRows) -> list[PreferenceRecord]:

@@ -83,7 +83,8 @@ def assistant_char_spans(tok, messages: list[dict[str, str]], train_from: int = 
     """The rendered conversation and the character spans to train on (see module docstring).
 
     Only assistant turns at index ``>= train_from`` are trained on (preference data trains
-    on the completion only, never on assistant turns inside its prompt).
+    on the completion only, never on assistant turns inside its prompt), and none marked
+    ``"weight": 0`` (OpenAI's fine-tuning format).
     """
     if not getattr(tok, "chat_template", None):
         raise ChatTemplateError(
@@ -94,7 +95,7 @@ def assistant_char_spans(tok, messages: list[dict[str, str]], train_from: int = 
     spans = []
     eos = tok.eos_token or ""
     for i, m in enumerate(messages):
-        if m["role"] != "assistant" or i < train_from:
+        if m["role"] != "assistant" or i < train_from or m.get("weight", 1) == 0:
             continue
         before = _render(tok, messages[:i], add_generation_prompt=True) if i else ""
         upto = _render(tok, messages[: i + 1], add_generation_prompt=False)

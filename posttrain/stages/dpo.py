@@ -33,7 +33,7 @@ import torch
 
 from posttrain import distributed, engine
 from posttrain.config import ConfigError, doc
-from posttrain.data.dataset import PreferenceData, load_preference_data
+from posttrain.data.dataset import PreferenceData, load_preference_data, report_loading
 from posttrain.data.preference import PreferencePair, collate_pairs
 from posttrain.log import is_main_process, log
 from posttrain.logprobs import sequence_logprobs
@@ -275,6 +275,5 @@ def train(cfg: DPOConfig, data: PreferenceData | None = None) -> DPOResult:
     if ev:
         summary += f", eval loss {ev['loss/eval']:.4f}, eval accuracy {ev['eval/reward_accuracy']:.2f}"
     log(f"{summary}; model saved to {model_dir}")
-    if data.bad.total:
-        log(f"data: {data.bad.summary()}")
+    report_loading(data.bad, data.stats)
     return DPOResult(run_dir, model_dir, total_steps, loss_value, ev)

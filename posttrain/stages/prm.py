@@ -24,7 +24,7 @@ import torch
 
 from posttrain import distributed, engine
 from posttrain.config import ConfigError, doc
-from posttrain.data.dataset import split_records, tokenize_split
+from posttrain.data.dataset import report_loading, split_records, tokenize_split
 from posttrain.data.loading import BadRows
 from posttrain.data.steps import StepExample, read_step_records, tokenize_step_record
 from posttrain.data.tokenize import TokenizeStats
@@ -176,6 +176,5 @@ def train(cfg: PRMConfig) -> PRMResult:
         summary += (f", eval step accuracy {ev['eval/step_accuracy']:.3f}, solution accuracy "
                     f"{ev['eval/solution_accuracy']:.3f}")
     log(f"{summary}; PRM saved to {model_dir}")
-    if bad.total:
-        log(f"data: {bad.summary()}")
+    report_loading(bad)
     return PRMResult(run_dir, model_dir, total_steps, loss_value, ev)

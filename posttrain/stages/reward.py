@@ -34,7 +34,7 @@ import torch
 
 from posttrain import distributed, engine
 from posttrain.config import ConfigError, doc
-from posttrain.data.dataset import PreferenceData, load_preference_data
+from posttrain.data.dataset import PreferenceData, load_preference_data, report_loading
 from posttrain.data.preference import PreferencePair, collate_pairs
 from posttrain.log import is_main_process, log
 from posttrain.losses import bradley_terry_loss
@@ -273,8 +273,7 @@ def train(cfg: RewardConfig, data: PreferenceData | None = None) -> RewardResult
     if ev:
         summary += f", eval accuracy {ev['eval/accuracy']:.3f}, margin {ev['eval/margin']:.3f}"
     log(f"{summary}; reward model saved to {model_dir}")
-    if data.bad.total:
-        log(f"data: {data.bad.summary()}")
+    report_loading(data.bad, data.stats)
     return RewardResult(run_dir, model_dir, total_steps, loss_value, ev)
 
 

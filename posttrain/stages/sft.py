@@ -26,7 +26,7 @@ import torch
 
 from posttrain import distributed, engine
 from posttrain.config import ConfigError, doc
-from posttrain.data.dataset import SFTData, load_sft_data
+from posttrain.data.dataset import SFTData, load_sft_data, report_loading
 from posttrain.data.tokenize import TokenizedExample, collate
 from posttrain.log import log
 from posttrain.logprobs import batch_logprobs, num_targets
@@ -151,6 +151,5 @@ def train(cfg: SFTConfig, data: SFTData | None = None) -> SFTResult:
     if ev:
         summary += f", eval loss {ev['loss/eval']:.4f} (ppl {ev['eval/perplexity']:.2f})"
     log(f"{summary}, {tps:,.0f} tok/s; model saved to {model_dir}")
-    if data.bad.total or data.stats.summary():
-        log(f"data: {data.bad.summary()}{'; ' + data.stats.summary() if data.stats.summary() else ''}")
+    report_loading(data.bad, data.stats)
     return SFTResult(run_dir, model_dir, total_steps, loss_value, ev.get("loss/eval") if ev else None, tps)
