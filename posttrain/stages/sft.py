@@ -101,6 +101,9 @@ def train(cfg: SFTConfig, data: SFTData | None = None) -> SFTResult:
     # ---------------------------------------------------------------- train
     t.model.train()
     loss_value, tokens_seen, t_start = float("nan"), 0, time.perf_counter()
+    if start:  # resumed: the last logged loss until a step logs its own (a finished run logs none)
+        losses = [r["loss/train"] for r in engine.read_metrics(run_dir) if "loss/train" in r]
+        loss_value = losses[-1] if losses else loss_value
     with engine.progress("sft") as bar:
         task = bar.add_task("sft", total=total_steps, completed=start, status="")
         for step in range(start + 1, total_steps + 1):
@@ -147,7 +150,8 @@ def train(cfg: SFTConfig, data: SFTData | None = None) -> SFTResult:
     model_dir = engine.save_final(run_dir, t, tok, cfg, "sft", total_steps)
     engine.finish_run(run_dir, metrics)
     tps = tokens_seen / elapsed if tokens_seen else 0.0
-    summary = f"sft done: {total_steps} steps, train loss {loss_value:.4f}"
+    summary = f"sft done: {total_steps} steps{' (finished before: nothing trained now)' if start == total_steps else ''}" \
+        f", train loss {loss_value:.4f}"
     if ev:
         summary += f", eval loss {ev['loss/eval']:.4f} (ppl {ev['eval/perplexity']:.2f})"
     log(f"{summary}, {tps:,.0f} tok/s; model saved to {model_dir}")
