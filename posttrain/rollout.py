@@ -78,6 +78,22 @@ def _cut_at_stop(text: str, stops: list[str]) -> str:
     return text[: min(cuts)] if cuts else text
 
 
+def _stop_token_end(tok, seq: list[int], stops: list[str]) -> int | None:
+    """The length of the shortest prefix of ``seq`` whose text holds a stop string, or None.
+    (A prefix's text only grows with it, so a binary search finds the first.)"""
+    def holds(n: int) -> bool:
+        text = tok.decode(seq[:n], skip_special_tokens=True)
+        return any(st and st in text for st in stops)
+
+    if not stops or not holds(len(seq)):
+        return None
+    lo, hi = 1, len(seq)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if holds(mid) else (mid + 1, hi)
+    return lo
+
+
 @torch.no_grad()
 def generate(model, tok, conversations: list[list[dict[str, str]]], cfg: SamplingConfig | None = None,
              streamer=None, progress: str | None = None, prefixes: list[str] | None = None,
@@ -350,7 +366,9 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
+        # keep the smallest prefix reaching top_p: a token goes when the mass before it does
+        # (HF's TopPLogitsWarper: ascending cumulative mass <= 1 - top_p)
+        drop = cum - sorted_logits.softmax(-1) >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return logits
 
@@ -579,16 +597,27 @@ def continue_batch(model, tok, ids: torch.Tensor, mask: torch.Tensor, cfg: Sampl
         lines = None if line_check is None else (_line_ends(tok), line_check)
         return decode(model, ids, mask, cfg.max_new_tokens, eos, pad, cfg.temperature, cfg.top_k, cfg.top_p,
                       g, lines).tolist()
-    kwargs = {"max_new_tokens": cfg.max_new_tokens, "pad_token_id": pad, "eos_token_id": eos,
-              "streamer": streamer}
+    from transformers import GenerationConfig
+
+    # a generation config of cfg alone, as our loop samples: nothing from the model's
+    # generation_config.json (a repetition_penalty there would apply on this path only)
+    params = {"max_new_tokens": cfg.max_new_tokens, "pad_token_id": pad, "eos_token_id": eos}
     if cfg.stop:
-        kwargs.update(stop_strings=cfg.stop, tokenizer=tok)
+        params["stop_strings"] = cfg.stop
     if cfg.temperature > 0:
         torch.manual_seed(seed)
-        kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
+        params.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
     else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    return model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1] :].tolist()
+        params.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    inner = unwrap_peft(model)
+    own = inner.generation_config
+    inner.generation_config = GenerationConfig()  # transformers fills what params leave unset from it
+    try:
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=GenerationConfig(**params),
+                             streamer=streamer, tokenizer=tok if cfg.stop else None)
+    finally:
+        inner.generation_config = own
+    return out[:, ids.shape[1] :].tolist()
 
 
 def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -626,7 +655,12 @@ def sample(model, tok, prompt_ids: list[list[int]], cfg: SamplingConfig, seed: i
                 new = continue_batch(gen, tok, ids, mask, cfg, seed * 100_003 + b)
                 for r, i in enumerate(rows):
                     seq = new[r]
-                    if eos in seq:
+                    # a row the HF path stopped at a stop string is filled with pad after it,
+                    # which is the EOS token for many models: the ids end where the text stopped
+                    cut = _stop_token_end(tok, seq, cfg.stop)
+                    if cut is not None and eos not in seq[:cut]:
+                        seq = seq[:cut]
+                    elif eos in seq:
                         seq = seq[: seq.index(eos) + 1]
                     else:
                         while seq and seq[-1] == pad and pad != eos:

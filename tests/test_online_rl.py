@@ -416,6 +416,40 @@ def test_decode_loop_matches_hf_generate(tiny_model_dir, smol_tokenizer):
     ours = filter_logits(x, 0.7, 10, 0.8)
     assert torch.equal(torch.isinf(hf), torch.isinf(ours))
     torch.testing.assert_close(hf.softmax(-1), ours.softmax(-1))
+    # a prefix that reaches top_p exactly is the whole kept set, as in HF
+    exact = torch.tensor([[0.5, 0.25, 0.25]]).log()
+    assert torch.isinf(filter_logits(exact, 1.0, 0, 0.5)).tolist() == [[False, True, True]]
+    assert torch.equal(torch.isinf(TopPLogitsWarper(0.5)(None, exact.clone())), torch.isinf(filter_logits(exact, 1.0, 0, 0.5)))
+
+
+def test_sampling_with_stop_strings_ends_the_ids_where_the_text_stops(tiny_model_dir, smol_tokenizer, monkeypatch):
+    """With stop strings the HF path fills a stopped row with pad, which is SmolLM2's EOS: the
+    completion's ids must end at the stop string's last token, not at an EOS the model never
+    sampled (a real EOS before the stop string still ends the row). And HF's path takes
+    nothing from the model's generation_config (a repetition penalty there would apply on that
+    path only)."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain import rollout
+    from posttrain.rollout import SamplingConfig, sample
+
+    tok = smol_tokenizer
+    eos = tok.eos_token_id
+    assert tok.pad_token_id == eos
+    words = tok(" one two three four", add_special_tokens=False)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True,
+                                     return_dict=True)["input_ids"]
+    hf_rows = [words[:3] + [eos] * 3,  # stopped at " three": HF padded the rest
+               words[:1] + [eos] * 5]  # a real EOS before any stop string
+    monkeypatch.setattr(rollout, "continue_batch", lambda *a, **k: [list(r) for r in hf_rows])
+    got = sample(model, tok, [prompt, prompt], SamplingConfig(max_new_tokens=6, stop=["thr"]))
+    assert got.completion_ids == [words[:3], words[:1] + [eos]] and got.truncated == [False, False]
+    assert got.texts == [" one two ", " one"]
+    monkeypatch.undo()
+    plain = sample(model, tok, [prompt], SamplingConfig(max_new_tokens=12)).completion_ids
+    model.generation_config.repetition_penalty = 3.0  # ignored by our loop, and now by HF's path too
+    assert sample(model, tok, [prompt], SamplingConfig(max_new_tokens=12, stop=["@@@@"])).completion_ids == plain
 
 
 def test_decode_prefills_each_distinct_prompt_once(tiny_model_dir, smol_tokenizer, monkeypatch):
