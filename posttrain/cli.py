@@ -533,6 +533,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with ``key=value`` overrides allowed after options too (``posttrain
+    run R --quick model=M``: argparse alone leaves those over)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list) and \
+            all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     from posttrain.data.loading import BadRowError
     from posttrain.data.tokenize import ChatTemplateError
@@ -540,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     from posttrain.models import ModelLoadError, ModelNotFoundError
     from posttrain.rewards.combine import RewardError
 
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args) or 0
     except (ConfigError, BadRowError, ModelNotFoundError, ModelLoadError, ChatTemplateError, FileNotFoundError,

@@ -125,8 +125,9 @@ def load_recipe(path: str | Path, quick: bool = False, overrides: list[str] | No
             raise ConfigError(f"{p}: stage '{st['name']}': unknown kind {st['kind']!r} (one of {', '.join(KINDS)})")
         if st["name"] in names:
             raise ConfigError(f"{p}: two stages named '{st['name']}'")
-        names.add(st["name"])
         extra = {k: v for k, v in st.items() if k not in ("name", "kind", "config", "data")}
+        _check_stage(p, Stage(st["name"], st["kind"], st.get("config") or {}, st.get("data", ""), extra), names)
+        names.add(st["name"])
         stages.append(Stage(st["name"], st["kind"], st.get("config") or {}, st.get("data", ""), extra))
     from posttrain.synth.tasks import TASKS
 
@@ -137,6 +138,39 @@ def load_recipe(path: str | Path, quick: bool = False, overrides: list[str] | No
     return Recipe(raw.get("name", p.stem), str(raw.get("model", "smollm2-135m-instruct")),
                   str(raw.get("output_dir", f"runs/{p.stem}")), tasks, int(raw.get("n_train", 200)),
                   int(raw.get("n_test", 40)), stages, int(raw.get("seed", 0)))
+
+
+#: The keys a stage may carry besides name, kind, config and data, by kind.
+STAGE_OPTIONS = {"cai": {"prompts", "held_out", "constitution"}, "judge": {"prompts", "held_out", "judge"},
+                 "win_rate": {"prompts", "held_out", "judge"}}
+EVAL_KEYS = {"max_new_tokens", "batch_size"}
+
+
+def _check_stage(recipe: Path, stage: Stage, earlier: set[str]) -> None:
+    """Errors a stage would otherwise meet only when the stages before it have run: keys of no
+    use to its kind, eval settings that are not read, and ``@stage`` data from no earlier stage."""
+    where = f"{recipe}: stage '{stage.name}'"
+    allowed = STAGE_OPTIONS.get(stage.kind, set())
+    if set(stage.options) - allowed:
+        raise ConfigError(f"{where}: unknown keys {sorted(set(stage.options) - allowed)} (a stage has name, kind, "
+                          f"config, data{''.join(', ' + k for k in sorted(allowed))})")
+    if not isinstance(stage.config, dict):
+        raise ConfigError(f"{where}: config must be a mapping of keys")
+    if stage.kind == "eval" and set(stage.config) - EVAL_KEYS:
+        raise ConfigError(f"{where}: unknown eval keys {sorted(set(stage.config) - EVAL_KEYS)} (eval takes "
+                          f"{sorted(EVAL_KEYS)})")
+    if stage.kind == "rejection_sampling":
+        from posttrain.synth.rejection import RejectionConfig
+
+        known = set(RejectionConfig.__dataclass_fields__) | {"n"}
+        if set(stage.config) - known:
+            raise ConfigError(f"{where}: unknown keys {sorted(set(stage.config) - known)} (rejection_sampling "
+                              f"takes {sorted(known)})")
+    for part in str(stage.data or "").split("+"):
+        name = part.strip()[1:].partition(".")[0] if part.strip().startswith("@") else None
+        if name is not None and name != "cold_start" and name not in earlier:
+            raise ConfigError(f"{where}: data '{part.strip()}' names no earlier stage (earlier: "
+                              f"{', '.join(['cold_start', *sorted(earlier)])})")
 
 
 # --------------------------------------------------------------------------- stage runners
@@ -246,11 +280,7 @@ def run_rejection(run: Run, stage: Stage, out: Path) -> dict:
     from posttrain.models import load_model
     from posttrain.synth.rejection import RejectionConfig, rejection_sample_to
 
-    known = {f for f in RejectionConfig.__dataclass_fields__}
-    bad = set(stage.config) - known - {"n"}
-    if bad:
-        raise ConfigError(f"stage '{stage.name}': unknown keys {sorted(bad)} (rejection_sampling takes "
-                          f"{sorted(known | {'n'})})")
+    known = {f for f in RejectionConfig.__dataclass_fields__}  # (other keys were refused by load_recipe)
     cfg = RejectionConfig(**{k: v for k, v in stage.config.items() if k in known})
     n = int(stage.config.get("n", len(run.fresh_questions)))
     model, tok = load_model(run.model, with_tokenizer=True, inference=True)
@@ -276,7 +306,7 @@ def run_online_rl(run: Run, stage: Stage, out: Path) -> dict:
 
     cls = {"grpo": online_rl.GRPOConfig, "rloo": online_rl.RLOOConfig, "ppo": online_rl.PPOConfig}[stage.kind]
     overrides = [f"model.name_or_path={run.model}", f"output_dir={out}", "resume=true", "merge_lora=true",
-                 f"data.train={run.data_files(stage.data)[0] if stage.data else run.files['prompts']}",
+                 f"data.train={','.join(run.data_files(stage.data)) if stage.data else run.files['prompts']}",
                  "rewards=task_verifier,think_format", "tensorboard=false", "eval_limit=0"]
     cfg = load_config(cls, None, overrides + _flatten("", stage.config))
     res = online_rl.train(cfg)
@@ -289,7 +319,13 @@ def run_preference(run: Run, stage: Stage, out: Path) -> dict:
     mod, cls = (dpo, dpo.DPOConfig) if stage.kind == "dpo" else (reward, reward.RewardConfig)
     if not stage.data:
         raise ConfigError(f"stage '{stage.name}': {stage.kind} needs data (preference rows)")
-    cfg = load_config(cls, None, _train_overrides(run, out, run.data_files(stage.data)) + _flatten("", stage.config))
+    files = run.data_files(stage.data, allow_empty=True)
+    if not files:  # e.g. rejection sampling wrote no pairs
+        warn(f"stage '{stage.name}': every data source ({stage.data}) is empty; no training"
+             + (", the model goes on unchanged" if stage.kind == "dpo" else ", no reward model"))
+        return {"model": run.model, "skipped": "no preference rows"} if stage.kind == "dpo" else \
+            {"skipped": "no preference rows"}
+    cfg = load_config(cls, None, _train_overrides(run, out, files) + _flatten("", stage.config))
     res = mod.train(cfg)
     outputs = {"eval": res.eval}
     if stage.kind == "dpo":
@@ -498,7 +534,8 @@ def _check_fingerprint(out: Path, fingerprint: str, name: str) -> None:
     stage from before fingerprints were recorded is reused with a warning."""
     path = out / FINGERPRINT
     if path.is_file():
-        if json.loads(path.read_text()).get("fingerprint") != fingerprint:
+        made_nothing = all(p.name == FINGERPRINT for p in out.iterdir())  # it stopped before writing anything
+        if json.loads(path.read_text()).get("fingerprint") != fingerprint and not made_nothing:
             raise ConfigError(
                 f"{out}: stage '{name}' in this run directory was made by a different recipe or task data "
                 f"(its config, data or model, or an earlier stage's, changed since); nothing was reused or "

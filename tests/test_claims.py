@@ -34,6 +34,10 @@ def test_programmatic_solutions_have_no_errors(task):
     ("7 / 2 = 3.5", []),
     ("The equation is 5x - 7 = 8. Add 7 to both sides: 5x = 8 + 7.", []),
     ("No numbers here.", []),
+    # numbers with thousands separators are not read (a match inside one misread them: '000 + 234 = 1')
+    ("1,000 + 234 = 1,234.", []),
+    ("So 1,049 - 720 = 329.", []),
+    ("1000 + 234 = 1,234.", []),
 ])
 def test_claims(text, errors):
     assert arithmetic_errors(text) == errors

@@ -25,6 +25,17 @@ def test_help(argv, capsys):
         assert "model.lora_r" in out and "data.too_long" in out  # every config key documented
 
 
+def test_overrides_may_follow_options(capsys):
+    from posttrain.cli import parse_args
+
+    args = parse_args(["run", "recipes/reasoning.yaml", "--quick", "model=m", "output_dir=o"])
+    assert args.quick and args.overrides == ["model=m", "output_dir=o"]
+    assert parse_args(["sft", "--resume", "lr=1e-4"]).overrides == ["lr=1e-4"]
+    with pytest.raises(SystemExit):
+        parse_args(["run", "recipes/reasoning.yaml", "--quick", "--nope"])
+    assert "unrecognized arguments: --nope" in capsys.readouterr().err
+
+
 def test_data_inspect_good_and_bad(tiny_model_dir, tmp_path, capsys):
     good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "2+2?", "completion": "4"}] * 3)
     assert main(["data", "inspect", str(good), "--model", str(tiny_model_dir)]) == 0

@@ -56,6 +56,39 @@ def test_recipe_errors(tmp_path):
     bad.write_text("modle: x\n")
     with pytest.raises(ConfigError, match="unknown recipe keys"):
         load_recipe(bad)
+    # found before any stage runs: a data reference to no earlier stage, keys of no use, eval typos
+    for body, msg in (("  - {name: a, kind: sft, data: '@rs'}\n  - {name: rs, kind: rejection_sampling}\n",
+                       r"stage 'a': data '@rs' names no earlier stage"),
+                      ("  - {name: a, kind: sft, dat: '@cold_start'}\n", r"stage 'a': unknown keys \['dat'\]"),
+                      ("  - {name: e, kind: eval, config: {max_new_token: 8}}\n", r"unknown eval keys \['max_new_token'\]"),
+                      ("  - {name: r, kind: rejection_sampling, config: {kk: 2}}\n", r"unknown keys \['kk'\]")):
+        bad.write_text("stages:\n" + body)
+        with pytest.raises(ConfigError, match=msg):
+            load_recipe(bad)
+
+
+def test_preference_stage_on_no_pairs_is_passed_over(tmp_path):
+    """Rejection sampling that wrote no pairs leaves a following DPO stage nothing to train on:
+    passed over with a warning (as an SFT stage is), the model going on unchanged."""
+    import types
+
+    from posttrain.pipeline import Stage, run_preference
+
+    run = types.SimpleNamespace(model="m", data_files=lambda spec, allow_empty=False: [])
+    out = run_preference(run, Stage("dpo", "dpo", {}, "@rs.pairs", {}), tmp_path)
+    assert out == {"model": "m", "skipped": "no preference rows"}
+
+
+def test_a_stage_that_stopped_before_writing_anything_does_not_pin_the_recipe(tmp_path):
+    from posttrain.pipeline import _check_fingerprint
+
+    stage = tmp_path / "round2"
+    stage.mkdir()
+    (stage / "fingerprint.json").write_text(json.dumps({"fingerprint": "old"}))
+    _check_fingerprint(stage, "new", "round2")  # nothing made by the old recipe: no refusal
+    (stage / "config.yaml").write_text("x: 1\n")
+    with pytest.raises(ConfigError, match="made by a different recipe"):
+        _check_fingerprint(stage, "new", "round2")
 
 
 def test_rejection_filters(monkeypatch, smol_tokenizer):

@@ -129,6 +129,16 @@ def test_splits_are_disjoint():
     assert not train & test and len(test) == 100
 
 
+def test_a_sum_and_its_commuted_twin_share_a_split():
+    """'What is 45 + 80?' in training makes 'What is 80 + 45?' no held-out question."""
+    def operands(ps):
+        return {frozenset((p.meta["a"], p.meta["b"])) for p in ps if p.meta["op"] == "+"}
+
+    train = operands(arithmetic_problems(2000, "train", seed=0, ops="+"))
+    test = operands(arithmetic_problems(400, "test", seed=0, ops="+"))
+    assert len(test) > 300 and not train & test
+
+
 def test_extract_answer_and_bad_responses():
     assert extract_answer("<think>x</think><answer> 42 </answer>") == "42"
     assert extract_answer("no tags") is None

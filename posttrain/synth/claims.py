@@ -42,8 +42,11 @@ _NUM = r"-?\d+"
 # a chain of at least two integers joined by + - * /, then "= integer" not followed by more
 # digits, a decimal point, an opening parenthesis or an operator (the right side is then an
 # expression, as in "-12 + 12 = 12 - 12"); a leading minus only where it cannot be a binary operator
-_EQUATION = re.compile(r"(?<![\w.])(" + _NUM + r"(?:\s*[-+*/]\s*\d+)+)\s*=\s*(" + _NUM + r")(?!\d|\.\d|\s*\(|\s*[-+*/]\s*\d)")
-_COMPARE = re.compile(r"(?<![\w.])(" + _NUM + r")\s*(>=|<=|<|>)\s*(" + _NUM + r")(?!\w|\.\d)")
+# (numbers written with thousands separators, 1,234, are not read: no match starts or ends
+# inside one)
+_EQUATION = re.compile(r"(?<![\w.,])(" + _NUM + r"(?:\s*[-+*/]\s*\d+)+)\s*=\s*(" + _NUM
+                       + r")(?!\d|[.,]\d|\s*\(|\s*[-+*/]\s*\d)")
+_COMPARE = re.compile(r"(?<![\w.,])(" + _NUM + r")\s*(>=|<=|<|>)\s*(" + _NUM + r")(?!\w|[.,]\d)")
 _PLACES = {"thousands": 1000, "hundreds": 100, "tens": 10, "ones": 1}
 _PLACE_VALUE = re.compile(r"(?<![\w.])(\d+)\s*=\s*((?:\d+\s+(?:thousands|hundreds|tens|ones)\s*\+\s*)*"
                           r"\d+\s+ones)\b")

@@ -179,7 +179,8 @@ def arithmetic_problem(rng: random.Random, split: str, digits: tuple[int, int] =
         b = rng.randint(10 ** (n - 1), 10**n - 1)
         if op == "-" and b > a:
             a, b = b, a
-        key = f"{a}{op}{b}"
+        # a + b and b + a are one question: one split for both (as GCD's operands are sorted)
+        key = f"{min(a, b)}+{max(a, b)}" if op == "+" else f"{a}-{b}"
         if _split_of(key) != split:
             continue
         if op == "+":
