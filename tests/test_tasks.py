@@ -214,3 +214,18 @@ def test_task_verifiers_by_hand():
     assert not ok("<think>t</think><answer>5 * 5 + 3</answer>", "x", numbers=[1, 2, 5], target=28)  # 3 not given
     assert not ok("<think>t</think><answer>5 * 5 * 5</answer>", "x", numbers=[5, 5], target=125)  # 5 used 3 times
     assert not ok("<think>t</think><answer>__import__('os')</answer>", "1 + 1", numbers=[1, 1], target=2)
+
+
+@pytest.mark.parametrize("written, ok", [
+    ("1,234", True), ("1234", True), ("+1234", True), ("1234.", True), (" 1234 ", True),
+    ("12,34", False), ("1 234", False), ("1234.5", False), ("1,2345", False), ("x = 1234", False),
+])
+def test_integer_answers_as_they_may_be_written(written, ok):
+    from posttrain.synth.tasks import VERIFIERS
+
+    assert VERIFIERS["addition"](f"<answer>{written}</answer>", "1234") == ok
+    assert VERIFIERS["gcd"](f"<answer>{written}</answer>", "1234") == ok
+    linear = VERIFIERS["linear"]
+    assert linear(f"<answer>{written}</answer>", "1234") == (ok or written == "x = 1234")
+    assert linear("<answer>X = -3.</answer>", "-3") and linear("<answer>x=-3</answer>", "-3")
+    assert not linear("<answer>y = -3</answer>", "-3")

@@ -211,11 +211,7 @@ def arithmetic_problems(n: int, split: str, seed: int = 0, digits: tuple[int, in
 
 def verify_arithmetic(response: str, answer: str, **_) -> bool:
     """True when the response's ``<answer>`` holds the exact integer ``answer``."""
-    got = extract_answer(response)
-    if got is None:
-        return False
-    got = got.replace(",", "").strip()
-    return re.fullmatch(r"-?\d+", got) is not None and int(got) == int(answer)
+    return _int_answer(response, answer)
 
 
 # --------------------------------------------------------------------------- wrong solutions (preference, PRM data)
@@ -270,15 +266,21 @@ def step_row(p: Problem, rng: random.Random, wrong: bool) -> dict[str, Any]:
 # --------------------------------------------------------------------------- linear equations
 
 
+#: An integer as an answer may write it: a sign, and thousands separators only where they belong.
+_INTEGER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)")
+
+
 def _int_answer(response: str, answer: str, prefix: str = "") -> bool:
-    """True when the ``<answer>`` holds the integer ``answer`` (optionally written ``x = 5``)."""
+    """True when the ``<answer>`` holds the integer ``answer``: ``-1,234``, ``+579``, ``6.`` (a
+    closing full stop), and with ``prefix`` also ``x = 5`` / ``X=5``; not ``12,34`` or ``1 2``."""
     got = extract_answer(response)
     if got is None:
         return False
-    got = got.replace(",", "").replace(" ", "")
-    if prefix and got.startswith(prefix + "="):
-        got = got[len(prefix) + 1 :]
-    return re.fullmatch(r"-?\d+", got) is not None and int(got) == int(answer)
+    got = got.strip().removesuffix(".").strip()
+    if prefix:
+        named = re.match(rf"{re.escape(prefix)}\s*=\s*", got, re.IGNORECASE)
+        got = got[named.end():] if named else got
+    return _INTEGER.fullmatch(got) is not None and int(got.replace(",", "")) == int(answer)
 
 
 def division_line(n: int, d: int) -> str:
