@@ -99,7 +99,8 @@ def find_runs(roots: list[str | Path]) -> list[dict]:
     stage directories are shown as part of the recipe, not on their own."""
     found = []
     for root in map(Path, roots):
-        candidates = [root] + (sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else [])
+        recipe = (root / "recipe.yaml").is_file()  # its subdirectories are its stages
+        candidates = [root] + (sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() and not recipe else [])
         for d in candidates:
             info = run_info(d)
             if info:

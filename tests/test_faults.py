@@ -145,3 +145,6 @@ def test_runs_lists_finished_running_and_stopped(tmp_path):
     got = {Path(r["run"]).name: (r["state"], r["progress"], r["headline"]) for r in find_runs([tmp_path])}
     assert got == {"done": ("finished", "step 3", "loss/train 1.5"), "live": ("running", "step 3", "loss/train 1.5"),
                    "killed": ("stopped", "step 3", "loss/train 1.5")}
+    # a recipe's directory as the root: one run, its stages inside it
+    (tmp_path / "recipe.yaml").write_text("name: r\nstages: []\n")
+    assert [Path(r["run"]) for r in find_runs([tmp_path])] == [tmp_path]
