@@ -127,6 +127,7 @@ def setup_run(output_dir: str | Path, stage: str, cfg: Any, inputs: list[str] | 
     if is_main_process():
         if overwrite and not resume:
             shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+            shutil.rmtree(out / "cache", ignore_errors=True)  # a stage's cached features of the old run
             (out / "metrics.jsonl").unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
@@ -193,12 +194,12 @@ class TrainConfig:
     adam_beta1: float = doc("AdamW beta1.", 0.9)
     adam_beta2: float = doc("AdamW beta2.", 0.999)
     schedule: str = doc("LR schedule after warmup: cosine, linear, constant_with_warmup, constant.", "cosine")
-    warmup_ratio: float = doc("Share of steps with linear LR warmup.", 0.03)
+    warmup_ratio: float = doc("Share of steps with linear LR warmup (rounded up, as HF's get_warmup_steps).", 0.03)
     max_grad_norm: float = doc("Gradient clipping norm (0 = off).", 1.0)
     eval_every: int = doc("Evaluate on held-out data every N steps (0 = at the end only).", 0)
     eval_batch_size: int = doc("Examples per eval batch.", 16)
     save_every: int = doc("Write a resumable checkpoint every N steps (0 = only at the end).", 0)
-    keep_last: int = doc("Checkpoints to keep (older ones are deleted).", 2)
+    keep_last: int = doc("Checkpoints to keep (older ones are deleted; 0 = keep all).", 2)
     resume: bool = doc("Continue from the last complete checkpoint in output_dir.", False)
     overwrite: bool = doc("Start over in an output_dir that holds a run of this stage (without it that is an "
                           "error): its checkpoints are deleted, its model replaced at the end.", False)
@@ -399,7 +400,7 @@ def _clip_grad_norm(groups: list[list[torch.Tensor]], max_norm: float) -> float:
 def open_training(cfg: TrainConfig, model, total_steps: int, extra: dict | None = None) -> Trainable:
     """AdamW + warmup/decay schedule for ``model`` (and ``extra`` modules) as ``cfg`` says."""
     return Trainable(model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
-                     warmup_steps=round(cfg.warmup_ratio * total_steps), total_steps=total_steps,
+                     warmup_steps=math.ceil(cfg.warmup_ratio * total_steps), total_steps=total_steps,
                      schedule=cfg.schedule, extra=extra, parallel=cfg.parallel)
 
 
@@ -612,6 +613,13 @@ def _num(v):
     if isinstance(v, float):
         return round(v, 6)
     return v
+
+
+def last_train_loss(run_dir: Path, start: int) -> float:
+    """The train loss a resumed run (``start`` > 0) reports until a step logs its own: the last
+    logged one (a finished run resumed trains nothing); NaN for a fresh run."""
+    losses = [r["loss/train"] for r in read_metrics(run_dir) if "loss/train" in r] if start else []
+    return losses[-1] if losses else float("nan")
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -127,6 +127,13 @@ def test_too_long_policies(smol_tokenizer):
     rec2 = to_sft_record(Row({"prompt": "q", "completion": "answer " * 50}, "x"), "prompt_completion")
     assert tokenize_record(smol_tokenizer, rec2, 40, "truncate_prompt", stats) == []
     assert stats.dropped_too_long == 2
+    # cut to start at the first trained token, that token would have nothing before it: dropped;
+    # one prompt token more and it is kept
+    (full,) = tokenize_record(smol_tokenizer, rec, 10**6, "error", TokenizeStats())
+    first = next(i for i, x in enumerate(full.labels) if x != IGNORE)
+    assert tokenize_record(smol_tokenizer, rec, len(full.labels) - first, "truncate_prompt", stats) == []
+    (kept,) = tokenize_record(smol_tokenizer, rec, len(full.labels) - first + 1, "truncate_prompt", stats)
+    assert kept.labels[0] == IGNORE and kept.labels[1] != IGNORE
 
 
 def test_readers_agree(tmp_path):

@@ -388,6 +388,13 @@ def test_dpo_learns_and_caches_reference(tiny_model_dir, pairs_file, tmp_path, m
     assert metrics[0]["loss/train"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 1
     dpo.train(stage_cfg(dpo.DPOConfig, tiny_model_dir, pairs_file, tmp_path / "dpo2", "beta=0.5", *extra))
     assert calls["n"] == 2  # a second run on the same model and data reuses the cached reference
+    if extra:  # starting from a trained adapter: it is part of the reference (not the bare base)
+        start = dpo.train(stage_cfg(dpo.DPOConfig, tiny_model_dir, pairs_file, tmp_path / "dpo3", "lr=1e-2",
+                                    "max_steps=2", *extra, "model.lora_dropout=0"))  # (with dropout train != eval)
+        again = dpo.train(stage_cfg(dpo.DPOConfig, start.model_dir, pairs_file, tmp_path / "dpo4", "lr=0",
+                                    "max_steps=1", *extra))
+        first = next(m for m in __import__("posttrain").engine.read_metrics(again.run_dir) if "loss/train" in m)
+        assert first["loss/train"] == pytest.approx(math.log(2), abs=1e-4)
 
 
 def test_dpo_resume_reaches_same_weights(tiny_model_dir, pairs_file, tmp_path, monkeypatch):

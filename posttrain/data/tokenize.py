@@ -180,7 +180,7 @@ def length_cut(examples: list[TokenizedExample], max_length: int, too_long: str,
         )
     cut = n - max_length
     first_trained = min(next(i for i, x in enumerate(e.labels) if x != IGNORE) for e in examples)
-    if too_long == "truncate_prompt" and cut <= first_trained:
+    if too_long == "truncate_prompt" and cut < first_trained:  # a token of the prompt must stay to predict from
         stats.truncated += 1
         return cut
     stats.dropped_too_long += 1

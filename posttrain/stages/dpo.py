@@ -139,10 +139,8 @@ def reference_logprobs(cfg: DPOConfig, policy, pairs: list[PreferencePair], pad_
         ref = load_model(cfg.ref_model, dtype, device)
         out = pair_logprobs(ref, pairs, cfg.ref_batch_size, pad_id, device, share_prefix=cfg.share_prefix)
         del ref
-    elif hasattr(policy, "disable_adapter"):  # LoRA: the base weights are the reference
-        with policy.disable_adapter():
-            out = pair_logprobs(policy, pairs, cfg.ref_batch_size, pad_id, device, share_prefix=cfg.share_prefix)
-    else:  # full fine-tuning: the starting weights, before any update
+    else:  # the policy as it starts, before any update: the same model, no second copy (fresh LoRA
+        # adapters add exactly 0; an adapter the run starts from is part of the starting policy)
         out = pair_logprobs(policy, pairs, cfg.ref_batch_size, pad_id, device, share_prefix=cfg.share_prefix)
     log(f"reference log-probs of {len(pairs)} pairs in {time.perf_counter() - t0:.1f} s")
     if cfg.ref_cache and is_main_process():
@@ -230,7 +228,7 @@ def train(cfg: DPOConfig, data: PreferenceData | None = None) -> DPOResult:
 
     # ---------------------------------------------------------------- train
     t.model.train()
-    loss_value = float("nan")
+    loss_value = engine.last_train_loss(run_dir, start)
     with engine.progress() as bar:
         task = bar.add_task("dpo", total=total_steps, completed=start, status="")
         for step in range(start + 1, total_steps + 1):

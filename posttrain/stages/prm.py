@@ -125,7 +125,7 @@ def train(cfg: PRMConfig) -> PRMResult:
 
     # ---------------------------------------------------------------- train
     t.model.train()
-    loss_value = float("nan")
+    loss_value = engine.last_train_loss(run_dir, start)
     with engine.progress() as bar:
         task = bar.add_task("prm", total=total_steps, completed=start, status="")
         for step in range(start + 1, total_steps + 1):

@@ -142,7 +142,11 @@ def pair_features(model, pairs: list[PreferencePair], pad_id: int, batch_size: i
 
 
 def cached_features(run_dir: Path, model, pairs, pad_id, batch_size, device, name: str) -> torch.Tensor:
-    key = hashlib.sha256(f"{model.config._name_or_path}|{data_fingerprint(pairs)}".encode()).hexdigest()[:16]
+    # the backbone's files (retrained in place, it is another backbone) and precision, and the data
+    src = Path(model.config._name_or_path)
+    weights = engine.file_fingerprint(src) if src.exists() else ""
+    precision = f"{next(model.parameters()).dtype}|{getattr(model, 'posttrain_autocast', None)}"
+    key = hashlib.sha256(f"{src}|{weights}|{precision}|{data_fingerprint(pairs)}".encode()).hexdigest()[:16]
     path = run_dir / "cache" / f"features-{name}-{key}.pt"
     if path.is_file():
         log(f"{name} features: cached ({path})")
@@ -225,7 +229,7 @@ def train(cfg: RewardConfig, data: PreferenceData | None = None) -> RewardResult
 
     # ---------------------------------------------------------------- train
     t.model.train()
-    loss_value = float("nan")
+    loss_value = engine.last_train_loss(run_dir, start)
     with engine.progress() as bar:
         task = bar.add_task("rm", total=total_steps, completed=start, status="")
         for step in range(start + 1, total_steps + 1):

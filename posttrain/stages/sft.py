@@ -100,10 +100,7 @@ def train(cfg: SFTConfig, data: SFTData | None = None) -> SFTResult:
 
     # ---------------------------------------------------------------- train
     t.model.train()
-    loss_value, tokens_seen, t_start = float("nan"), 0, time.perf_counter()
-    if start:  # resumed: the last logged loss until a step logs its own (a finished run logs none)
-        losses = [r["loss/train"] for r in engine.read_metrics(run_dir) if "loss/train" in r]
-        loss_value = losses[-1] if losses else loss_value
+    loss_value, tokens_seen, t_start = engine.last_train_loss(run_dir, start), 0, time.perf_counter()
     with engine.progress("sft") as bar:
         task = bar.add_task("sft", total=total_steps, completed=start, status="")
         for step in range(start + 1, total_steps + 1):
