@@ -73,6 +73,10 @@ def render_prompts(tok, conversations: list[list[dict[str, str]]]) -> list[str]:
     return [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
 
 
+def _has_stop(text: str, stops: list[str]) -> bool:
+    return any(s and s in text for s in stops)
+
+
 def _cut_at_stop(text: str, stops: list[str]) -> str:
     cuts = [text.find(s) for s in stops if s and s in text]
     return text[: min(cuts)] if cuts else text
@@ -82,8 +86,7 @@ def _stop_token_end(tok, seq: list[int], stops: list[str]) -> int | None:
     """The length of the shortest prefix of ``seq`` whose text holds a stop string, or None.
     (A prefix's text only grows with it, so a binary search finds the first.)"""
     def holds(n: int) -> bool:
-        text = tok.decode(seq[:n], skip_special_tokens=True)
-        return any(st and st in text for st in stops)
+        return _has_stop(tok.decode(seq[:n], skip_special_tokens=True), stops)
 
     if not stops or not holds(len(seq)):
         return None
@@ -667,7 +670,7 @@ def sample(model, tok, prompt_ids: list[list[int]], cfg: SamplingConfig, seed: i
                             seq.pop()
                     out_ids[i] = seq
                     text = tok.decode(seq, skip_special_tokens=True)
-                    truncated[i] = eos not in seq and not any(st and st in text for st in cfg.stop)
+                    truncated[i] = eos not in seq and not _has_stop(text, cfg.stop)
     finally:
         model.train(was_training)
     texts = [_cut_at_stop(tok.decode(c, skip_special_tokens=True), cfg.stop) for c in out_ids]

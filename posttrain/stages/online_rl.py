@@ -675,8 +675,8 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                                              cfg.clip_eps_high or None, cfg.loss_agg, cfg.sampling.max_new_tokens,
                                              cfg.kl_estimator, cfg.kl_ratio_correction)
                         # micro-batch share of the minibatch, so accumulation equals one big batch
-                        share = (sum(lengths[i] for i in idx) / mb_tokens) if cfg.loss_agg == "token_mean" \
-                            else len(idx) / mb_seqs
+                        tok_share = sum(lengths[i] for i in idx) / mb_tokens
+                        share = tok_share if cfg.loss_agg == "token_mean" else len(idx) / mb_seqs
                         loss = loss * (share * w)  # (w = 0: an FSDP rank's placeholder)
                         acc["loss/policy"] += float(loss.detach())
                         if value_head is not None:
@@ -684,7 +684,6 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                             vl = clipped_value_loss(v, rows_tokens(per_token, offsets, "values", idx).to(t.device),
                                                     rows_tokens(per_token, offsets, "returns", idx).to(t.device), cfg.value_clip)
                             # a token mean over the minibatch whatever loss_agg is: weighted by tokens
-                            tok_share = sum(lengths[i] for i in idx) / mb_tokens
                             vl = aggregate(vl, seq, len(idx), "token_mean") * (tok_share * w)
                             loss = loss + cfg.vf_coef * vl
                             acc["loss/value"] += float(vl.detach())
