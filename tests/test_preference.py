@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -335,6 +336,20 @@ def test_reward_model_trains_and_scores(tiny_model_dir, pairs_file, tmp_path, ex
         with torch.no_grad():
             hf_score = hf(torch.tensor([rm.tokenize(prompts[0], "6")])).logits.item()
         assert math.isclose(hf_score, scores[0], abs_tol=1e-4)
+
+
+def test_frozen_reward_model_resumed_logs_each_step_once(tiny_model_dir, pairs_file, tmp_path):
+    """The frozen mode's head has no checkpoints: ``resume=true`` trains it again, and its
+    metrics replace the earlier run's instead of following them."""
+    from posttrain.stages.reward import RewardConfig, train
+
+    out = tmp_path / "rm"
+    args = ("frozen_backbone=true", "lr=1e-2", "log_every=1")
+    train(stage_cfg(RewardConfig, tiny_model_dir, pairs_file, out, *args))
+    train(stage_cfg(RewardConfig, tiny_model_dir, pairs_file, out, *args, "resume=true"))
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in recs if "loss/train" in r]
+    assert train_steps == list(range(1, 7))
 
 
 def test_prm_trains_and_scores_steps(tiny_model_dir, tmp_path):

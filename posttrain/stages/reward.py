@@ -225,7 +225,9 @@ def train(cfg: RewardConfig, data: PreferenceData | None = None) -> RewardResult
     log(f"rm ({mode}): {len(data.train)} train / {len(data.eval)} eval pairs, {total_steps} steps of "
         f"{cfg.batch_size}x{cfg.grad_accum} pairs, {trainable_params:,} params trained, on "
         f"{engine.describe_device(t.device, dtype)}")
-    start, metrics = (0, engine.Metrics(run_dir, cfg.tensorboard)) if head is not None else engine.resume(cfg, run_dir, t)
+    # the frozen mode's head has no checkpoints: a resumed run trains it again from step 0, its
+    # earlier records dropped (the features come back from the cache)
+    start, metrics = engine.resume(replace(cfg, resume=False) if head is not None else cfg, run_dir, t)
 
     # ---------------------------------------------------------------- train
     t.model.train()
