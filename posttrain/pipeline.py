@@ -483,12 +483,14 @@ def run_recipe(recipe: Recipe) -> dict:
     log(f"recipe '{recipe.name}': {len(recipe.stages)} stages on {recipe.model}, tasks {recipe.tasks}, "
         f"{len(run.train_questions)} cold-start / {len(run.fresh_questions)} fresh / {len(run.test_questions)} test "
         f"questions; run directory {run.dir}")
-    timings = {}
+    timings, ran = {}, []
     for stage in recipe.stages:
         out = run.dir / stage.name
         done = out / DONE
         if done.is_file():
-            outputs = json.loads(done.read_text())["outputs"]
+            record = json.loads(done.read_text())
+            outputs = record["outputs"]
+            timings[stage.name] = record.get("seconds")  # (the invocation that finished it)
             log(f"stage '{stage.name}' ({stage.kind}): already finished, skipped")
         else:
             console.rule(f"stage {stage.name} ({stage.kind})")
@@ -497,6 +499,7 @@ def run_recipe(recipe: Recipe) -> dict:
             ts = time.time()
             outputs = RUNNERS[stage.kind](run, stage, out)
             timings[stage.name] = round(time.time() - ts, 1)
+            ran.append(stage.name)
             tmp = done.with_name(DONE + ".tmp")
             tmp.write_text(json.dumps({"kind": stage.kind, "seconds": timings[stage.name], "model_in": run.model,
                                        "outputs": outputs}, indent=2))
@@ -506,8 +509,10 @@ def run_recipe(recipe: Recipe) -> dict:
             run.model = outputs["model"]
         if stage.kind == "eval":
             run.evals.append((stage.name, outputs["metrics"]))
+    # seconds and ran: this invocation; stage_seconds: every stage, those finished by an earlier one
+    # included (a stage resumed from a checkpoint counts the invocation that finished it)
     summary = {"recipe": recipe.name, "final_model": run.model, "seconds": round(time.time() - t0, 1),
-               "stage_seconds": timings, "evals": {name: m for name, m in run.evals}}
+               "ran": ran, "stage_seconds": timings, "evals": {name: m for name, m in run.evals}}
     if run.evals:
         summary["plot"] = str(plot_accuracy(run.evals, run.dir / "accuracy.png"))
         print_summary(run.evals)

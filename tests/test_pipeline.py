@@ -39,10 +39,12 @@ def test_recipe_runs_end_to_end_and_resumes(recipe, tiny_model_dir, tmp_path, mo
                                                                       f"{len(r.stages)}/{len(r.stages)} stages")]
     # a second run finds every stage finished and redoes nothing ...
     again = run_recipe(r)
-    assert again["stage_seconds"] == {} and again["final_model"] == summary["final_model"]
+    assert again["ran"] == [] and again["final_model"] == summary["final_model"]
+    assert again["stage_seconds"] == summary["stage_seconds"]  # the times of the run that made them
     # ... and a stage killed before it finished (no marker) is run again, alone
     (run / r.stages[-1].name / "stage_done.json").unlink()
-    assert list(run_recipe(r)["stage_seconds"]) == [r.stages[-1].name]
+    third = run_recipe(r)
+    assert third["ran"] == [r.stages[-1].name] and list(third["stage_seconds"]) == [s.name for s in r.stages]
 
 
 def test_recipe_errors(tmp_path):
