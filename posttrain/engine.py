@@ -338,6 +338,17 @@ class Trainable:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
+    def skip_schedule(self, n: int) -> None:
+        """Advance the learning-rate schedule by ``n`` optimizer steps that were planned but not
+        taken (online RL's dynamic sampling, when a step found fewer groups than its batch), so
+        that the schedule still ends where it was planned to."""
+        import warnings
+
+        with warnings.catch_warnings():  # (torch warns when the optimizer has not stepped yet)
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(n):
+                self.scheduler.step()
+
     @property
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]

@@ -828,6 +828,22 @@ def test_dynamic_sampling_trains_only_groups_with_spread(tiny_model_dir, prompt_
         rl_cfg(online_rl.PPOConfig, tiny_model_dir, prompt_file, tmp_path / "x", "dynamic_sampling=true")
 
 
+def test_dynamic_sampling_short_of_groups_keeps_the_schedule(tiny_model_dir, prompt_file, tmp_path):
+    """One rollout a step finds about half the batch's groups with spread: the step runs fewer
+    optimizer steps of minibatch_size, and the learning-rate schedule still ends at zero on the
+    last step (it skipped the steps not taken)."""
+    from posttrain.stages import online_rl
+
+    res = online_rl.train(rl_cfg(online_rl.GRPOConfig, tiny_model_dir, prompt_file, tmp_path / "ds", "max_steps=3",
+                                 "batch_size=4", "dynamic_sampling=true", "max_sampling_rounds=1",
+                                 "minibatch_size=4", "sample_every=0", "schedule=linear", "warmup_ratio=0"),
+                          [half_constant])
+    m = [r for r in engine.read_metrics(res.run_dir) if "reward/mean" in r]
+    planned = 4 * 4 // 4  # batch 4 x group 4 completions in minibatches of 4
+    assert any(r["train/optimizer_steps"] < planned for r in m)  # a step came up short
+    assert m[-1]["train/lr"] == 0.0  # the linear schedule ran to its end
+
+
 @pytest.mark.parametrize("estimator", ["grpo", "ppo"])
 def test_micro_batches_sum_to_the_whole_batch_update(tiny_model_dir, prompt_file, tmp_path, estimator):
     """Passes of 1 completion (or 3, grouped shortest first) accumulate to the update of one pass

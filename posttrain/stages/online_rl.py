@@ -161,7 +161,9 @@ class RLConfig(engine.TrainConfig):
                                  "dropped and groups of further prompts, drawn at random, are sampled until the "
                                  "step has batch_size groups with spread (group and rloo only).", False)
     max_sampling_rounds: int = doc("Dynamic sampling: rollouts per step at most (the first one included); "
-                                   "a step trains the groups with spread it has found by then.", 4)
+                                   "a step trains the groups with spread it has found by then (with a "
+                                   "minibatch_size below the batch, in fewer optimizer steps of that size; "
+                                   "the learning-rate schedule skips the steps not taken).", 4)
     eval_limit: int = doc("Evaluate (greedy) on at most this many eval prompts (0 = all).", 64)
     sample_every: int = doc("Write rollout samples to samples.jsonl every N steps (0 = never).", 5)
 
@@ -702,6 +704,9 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                                 p.grad = torch.zeros_like(p)
                     grad_norm = t.step(cfg.max_grad_norm)
                     n_updates += 1
+            # dynamic sampling may find fewer groups than the batch: fewer minibatches of the
+            # configured size ran, and the schedule skips the steps not taken (planned: opt_steps)
+            t.skip_schedule(cfg.num_iterations * -(-n_completions // mb) - n_updates)
             t_train = time.perf_counter() - t_train
             acc = distributed.all_sum({**acc, "train_tokens": train_tokens})
             train_tokens = int(acc.pop("train_tokens"))
@@ -714,7 +719,8 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                 rec.update({"rollout/sampling_rounds": len(sampled), "rollout/groups_sampled": len(every) // G,
                             "rollout/groups_with_spread": sum(len(x.with_spread(cfg)) for x in sampled),
                             "reward/sampled_mean": float(every.nanmean()) if every.numel() else 0.0})
-            rec.update({"train/grad_norm": grad_norm, "train/lr": t.lr, "perf/step_s": dt,
+            rec.update({"train/grad_norm": grad_norm, "train/lr": t.lr, "train/optimizer_steps": n_updates,
+                        "perf/step_s": dt,
                         "train/skipped_frac": 1.0 - sum(trained) / max(len(trained), 1),
                         "perf/rollout_s": roll.seconds, "perf/train_tokens_per_s": train_tokens / max(t_train, 1e-9),
                         "perf/peak_rss_mb": engine.peak_rss_mb()})
