@@ -234,11 +234,20 @@ class EpochBatches:
     length-grouped shuffle, so a resumed run needs only the step number to continue.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, epochs: float | None = None):
         self.lengths = lengths
         self.batch_size, self.seed = batch_size, seed
         self.per_epoch = math.ceil(len(lengths) / batch_size)
+        # a run planned in epochs ends with its last micro-batch: its last optimizer step is short
+        # when the micro-batches do not fill grad_accum evenly (as in HF's Trainer), instead of
+        # taking batches of a further epoch (rows trained once more than the rest)
+        self.limit = math.ceil(self.per_epoch * epochs) if epochs else None
         self._cache: dict[int, list[list[int]]] = {}
+
+    @classmethod
+    def for_config(cls, lengths: list[int], cfg: TrainConfig) -> EpochBatches:
+        """The batches of a stage run by ``cfg``: bounded by its epochs unless it counts max_steps."""
+        return cls(lengths, cfg.batch_size, cfg.seed, None if cfg.max_steps else cfg.epochs)
 
     def __getitem__(self, m: int) -> list[int]:
         from posttrain.data.tokenize import length_grouped_batches
@@ -250,7 +259,9 @@ class EpochBatches:
 
     def for_step(self, step: int, grad_accum: int) -> list[list[int]]:
         """The micro-batches of optimizer step ``step`` (1-based)."""
-        return [self[(step - 1) * grad_accum + j] for j in range(grad_accum)]
+        first = (step - 1) * grad_accum
+        end = first + grad_accum if self.limit is None else min(first + grad_accum, self.limit)
+        return [self[m] for m in range(first, end)]
 
 
 # --------------------------------------------------------------------------- model + optimizer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -157,3 +158,22 @@ def test_sparse_tied_embedding_grad_is_the_dense_one(tiny_model_dir):
         assert not g.is_sparse
         grads.append(g)
     torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("epochs,accum", [(1, 2), (2, 3), (1.5, 4), (1, 1)])
+def test_a_run_in_epochs_trains_each_row_once_an_epoch(epochs, accum):
+    """Steps of grad_accum micro-batches cover the planned epochs exactly: the last step is
+    short when the micro-batches do not fill it (rows of a further epoch were taken before)."""
+    cfg = load_config(SFTConfig, None, [f"epochs={epochs}", f"grad_accum={accum}", "batch_size=2"])
+    batches = engine.EpochBatches.for_config([10, 20, 30, 40, 50, 60, 70, 80, 90], cfg)  # 5 batches an epoch
+    steps = cfg.total_steps(batches.per_epoch)
+    seen = [i for s in range(1, steps + 1) for idx in batches.for_step(s, accum) for i in idx]
+    assert all(batches.for_step(s, accum) for s in range(1, steps + 1))
+    whole, part = divmod(epochs * 5, 5)
+    counts = [seen.count(i) for i in range(9)]
+    assert sum(len(batches[m]) for m in range(math.ceil(epochs * 5))) == len(seen)  # no batch past the plan
+    if not part:
+        assert counts == [whole] * 9
+    assert max(counts) - min(counts) <= 1
+    unbounded = engine.EpochBatches([10] * 9, 2, 0)  # max_steps: the stream goes on as long as asked
+    assert len(unbounded.for_step(3, 4)) == 4

@@ -114,7 +114,7 @@ def train(cfg: PRMConfig) -> PRMResult:
     model, tok, dtype = prepare_scoring_model(cfg.model, "token", lower_frozen=cfg.parallel != "fsdp")
     train_ex, eval_ex, bad = load_step_data(tok, cfg)
     pad = tok.pad_token_id
-    batches = engine.EpochBatches([len(e.input_ids) for e in train_ex], cfg.batch_size, cfg.seed)
+    batches = engine.EpochBatches.for_config([len(e.input_ids) for e in train_ex], cfg)
     total_steps = cfg.total_steps(batches.per_epoch)
     trainable_params, total_params = count_parameters(model)
     t = engine.open_training(cfg, model, total_steps)

@@ -216,7 +216,7 @@ def train(cfg: RewardConfig, data: PreferenceData | None = None) -> RewardResult
             return r_c, r_r, batch
 
     lengths = [max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in data.train]
-    batches = engine.EpochBatches(lengths, cfg.batch_size, cfg.seed)
+    batches = engine.EpochBatches.for_config(lengths, cfg)
     total_steps = cfg.total_steps(batches.per_epoch)
     trained = head if head is not None else model
     trainable_params, _ = count_parameters(trained)

@@ -89,7 +89,7 @@ def train(cfg: SFTConfig, data: SFTData | None = None) -> SFTResult:
     trainable_params, total_params = count_parameters(model)
     if data is None:
         data = load_sft_data(tok, cfg.data, cfg.seed)
-    batches = engine.EpochBatches([len(e.input_ids) for e in data.train], cfg.batch_size, cfg.seed)
+    batches = engine.EpochBatches.for_config([len(e.input_ids) for e in data.train], cfg)
     total_steps = cfg.total_steps(batches.per_epoch)
     t = engine.open_training(cfg, model, total_steps)
     log(f"sft: {len(data.train)} train / {len(data.eval)} eval examples, {total_steps} steps of "
