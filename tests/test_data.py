@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -86,6 +87,67 @@ def test_loss_mask_multi_turn(smol_tokenizer):
             {"role": "user", "content": "b"}, {"role": "assistant", "content": "second answer"}]
     ex = tokenize_conversation(smol_tokenizer, msgs)
     assert trained_text(smol_tokenizer, ex) == ["first answer<|im_end|>", "second answer<|im_end|>"]
+
+
+# chat templates of other model families, on the SmolLM2 tokenizer with their special tokens added
+QWEN2 = ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + "
+         "'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud.<|im_end|>\\n' }}"
+         "{%- endif %}{%- for message in messages %}{%- if message.role != 'system' or not loop.first %}"
+         "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+         "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+LLAMA3 = ("{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + "
+          "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+          "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+PHI3 = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}")
+GEMMA = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
+         "{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\\n' + "
+         "message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+         "{{ '<start_of_turn>model\\n' }}{% endif %}")
+TEMPLATES = {  # template, special tokens added, bos, eos, end-of-turn marker
+    "chatml": (None, [], None, None, "<|im_end|>"),
+    "qwen2": (QWEN2, [], None, None, "<|im_end|>"),
+    "llama3": (LLAMA3, ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+               "<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>"),
+    "phi3": (PHI3, ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], None, "<|endoftext|>", "<|end|>"),
+    "gemma": (GEMMA, ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", "<end_of_turn>"),
+}
+
+
+@pytest.mark.parametrize("family", list(TEMPLATES))
+def test_loss_mask_under_other_families_templates(smol_tokenizer, family):
+    """Multi-turn masks cover each assistant text and its end-of-turn marker, nothing else, with
+    templates that inject a system prompt (Qwen2), trim the text (Llama-3, Gemma) or close the
+    conversation with EOS (Phi-3); a conversation may open with an assistant turn."""
+    template, added, bos, eos, eot = TEMPLATES[family]
+    tok = copy.deepcopy(smol_tokenizer)
+    if template:
+        tok.chat_template = template
+        tok.add_special_tokens({"additional_special_tokens": added})
+        if bos:
+            tok.bos_token = bos
+        if eos:
+            tok.eos_token = eos
+    trims = family in ("llama3", "gemma")
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "first answer\n"},
+            {"role": "user", "content": "b"}, {"role": "assistant", "content": "second answer"}]
+    first = "first answer" if trims else "first answer\n"
+    ex = tokenize_conversation(tok, msgs)
+    assert trained_text(tok, ex) == [first + eot, "second answer" + eot]
+    opening = [{"role": "assistant", "content": "I greet first"}, {"role": "user", "content": "ok"},
+               {"role": "assistant", "content": "fine"}]
+    assert trained_text(tok, tokenize_conversation(tok, opening)) == ["I greet first" + eot, "fine" + eot]
+
+
+def test_a_template_that_rewrites_a_reply_makes_a_bad_row(smol_tokenizer):
+    tok = copy.deepcopy(smol_tokenizer)
+    tok.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] | upper + "
+                         "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                         "{% endif %}")
+    with pytest.raises(BadRowError, match=r"f.jsonl:3: field 'messages': assistant turn 1"):
+        tokenize_conversation(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                              "f.jsonl:3")
 
 
 def test_assistant_turns_with_weight_0_are_not_trained(smol_tokenizer):
@@ -259,10 +321,20 @@ def test_load_sft_data_mixture_and_skip(tmp_path, smol_tokenizer):
     cfg = load_config(DataConfig, None, ["skip_bad_rows=true", "eval_fraction=0.1", "mixture_size=40"])
     cfg.train = [DataSource(str(tmp_path / "a.jsonl"), weight=1), DataSource(str(tmp_path / "b.jsonl"), weight=1)]
     data = load_sft_data(smol_tokenizer, cfg, seed=0)
-    assert len(data.train) + len(data.eval) == 40 and len(data.eval) == 4
+    assert len(data.train) == 40 and len(data.eval) == 4  # 3 of a's 30 rows and 1 of b's 10 held out first
     assert data.bad.total == 1
-    n_text = sum(ex.labels == ex.input_ids for ex in data.train + data.eval)
-    assert n_text == 20
+    assert sum(ex.labels == ex.input_ids for ex in data.train) == 20  # b repeated to its half of the mixture
+    assert sum(ex.labels == ex.input_ids for ex in data.eval) == 1
+
+
+def test_rows_held_out_of_a_repeated_source_stay_out_of_training(tmp_path, smol_tokenizer):
+    write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "completion": f"x{i}"} for i in range(10)])
+    write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"b{i}", "completion": f"y{i}"} for i in range(100)])
+    cfg = load_config(DataConfig, None, ["eval_fraction=0.1"])
+    cfg.train = [DataSource(str(tmp_path / "a.jsonl"), weight=3), DataSource(str(tmp_path / "b.jsonl"), weight=1)]
+    data = load_sft_data(smol_tokenizer, cfg, seed=0)
+    train, held = ({tuple(ex.input_ids) for ex in part} for part in (data.train, data.eval))
+    assert len(held) == 11 and not train & held
 
 
 def test_length_grouped_batches_cover_everything_once():

@@ -356,7 +356,7 @@ def test_prm_trains_and_scores_steps(tiny_model_dir, tmp_path):
     from transformers import AutoModelForTokenClassification
 
     from posttrain.rewards.process import ProcessRewardModel
-    from posttrain.stages.prm import PRMConfig, first_wrong, train
+    from posttrain.stages.prm import PRMConfig, first_wrong, steps_right, train
 
     rows = []
     for i in range(40):
@@ -372,6 +372,12 @@ def test_prm_trains_and_scores_steps(tiny_model_dir, tmp_path):
     assert len(scores) == 2 and all(0 < s < 1 for s in scores)
     assert AutoModelForTokenClassification.from_pretrained(res.model_dir).config.num_labels == 1
     assert first_wrong([0.9, 0.2, 0.8]) == 1 and first_wrong([1, 1]) == 2
+    # one rule for a step's rightness: a soft label of 0.5 is right, for step and solution accuracy alike
+    logits, labels = torch.tensor([0.3, -0.1]), torch.tensor([1.0, 0.5])
+    assert steps_right(logits, labels) == 1 and first_wrong(labels.tolist()) == 2
+    assert first_wrong(torch.sigmoid(logits).tolist()) == 1
+    # steps are scored stripped, as they were trained
+    assert prm.score_steps("What is 3 * 2 + 1?", ["3 * 2 = 6\n", " 6 + 1 = 7"]) == pytest.approx(scores)
 
 
 def test_prm_bad_rows(tmp_path):

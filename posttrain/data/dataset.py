@@ -5,7 +5,9 @@ default) and a mixture weight. Several sources form a mixture: each source contr
 ``total * weight / sum(weights)`` examples, where ``total`` is the sum of all source
 sizes unless ``mixture_size`` is set; a source asked for more examples than it has is
 repeated (then sampled without replacement for the remainder), one asked for fewer is
-subsampled, both seeded. With one source nothing is resampled.
+subsampled, both seeded. With one source nothing is resampled. Without eval data,
+``eval_fraction`` of each source is held out before the mixture is drawn (``mixture_size``
+counts training examples).
 """
 
 from __future__ import annotations
@@ -53,12 +55,14 @@ class DataConfig:
     train: list[DataSource] = doc("Training data: one or more sources (a mixture).", default_factory=list)
     eval: list[DataSource] = doc("Held-out data for eval loss/perplexity; empty = split off eval_fraction.",
                                  default_factory=list)
-    eval_fraction: float = doc("Share of train rows held out when no eval data is given (0 = none).", 0.05)
+    eval_fraction: float = doc("Share of train rows held out when no eval data is given, of each source "
+                                      "before the mixture is drawn (0 = none).", 0.05)
     max_length: int = doc("Maximum tokens per example.", 1024)
     too_long: str = doc("Examples longer than max_length: error, truncate_prompt (drop tokens from the left, "
                         "never trained ones) or drop (counted).", "error")
     skip_bad_rows: bool = doc("Skip and count bad rows instead of stopping at the first.", False)
-    mixture_size: int = doc("Total examples drawn from a multi-source mixture (0 = sum of source sizes).", 0)
+    mixture_size: int = doc("Training examples drawn from a multi-source mixture (0 = sum of source "
+                                    "sizes).", 0)
     max_examples: int = doc("Use at most this many training examples (0 = all); for quick runs.", 0)
 
     def validate(self) -> None:
@@ -143,23 +147,29 @@ def tokenize_split(records: list, eval_records: list, tokenize_one, bad: BadRows
 
 def split_records(per_source: list[list], cfg: DataConfig, seed: int, read_eval,
                   bad: BadRows | None = None) -> tuple[list, list]:
-    """(train, eval) records: the weighted mixture, then the eval set (given, or split off)."""
+    """(train, eval) records: the eval set (given, or ``eval_fraction`` of each source held out),
+    then the weighted mixture of the rest."""
     for s, recs in zip(cfg.train, per_source):
         if not recs:
             skipped = f" ({bad.summary()}; the first: {bad.errors[0]})" if bad is not None and bad.errors else ""
             raise ConfigError(f"{s.path}: no usable rows{skipped}")
-    records = mix(per_source, [s.weight for s in cfg.train], seed, cfg.mixture_size)
+    train_parts = per_source
     if cfg.eval:
         eval_records = [r for s in cfg.eval for r in read_eval(s)]
-    elif cfg.eval_fraction > 0 and len(records) >= 20:
+    elif cfg.eval_fraction > 0 and sum(len(recs) for recs in per_source) >= 20:
+        # held out of each source before the mixture: a source repeated to reach its weight
+        # would otherwise leave copies of its held-out rows in training
         rng = random.Random(seed + 1)
-        idx = list(range(len(records)))
-        rng.shuffle(idx)
-        held = set(idx[: max(1, int(len(records) * cfg.eval_fraction))])
-        eval_records = [records[i] for i in sorted(held)]
-        records = [r for i, r in enumerate(records) if i not in held]
+        train_parts, eval_records = [], []
+        for recs in per_source:
+            idx = list(range(len(recs)))
+            rng.shuffle(idx)
+            held = set(idx[: max(1, int(len(recs) * cfg.eval_fraction))]) if len(recs) > 1 else set()
+            eval_records += [recs[i] for i in sorted(held)]
+            train_parts.append([r for i, r in enumerate(recs) if i not in held])
     else:
         eval_records = []
+    records = mix(train_parts, [s.weight for s in cfg.train], seed, cfg.mixture_size)
     if cfg.max_examples:
         records = records[: cfg.max_examples]
     return records, eval_records

@@ -4,7 +4,7 @@ Loss mask. A conversation is rendered once by the model's chat template and toke
 with character offsets. For each assistant turn ``i`` the template is also rendered for
 ``messages[:i]`` with the generation prompt and for ``messages[:i+1]``: the characters
 between the two are that turn's content and end-of-turn marker. Tokens inside those
-spans are trained on, up to and including the first EOS token after the content (the
+spans are trained on, up to and including the first special token after the content (the
 template's end-of-turn token, ``<|im_end|>`` for ChatML) and nothing after it (the
 newline between turns is not predicted). System and user turns and the generation prompt
 (``<|im_start|>assistant\\n``) are never trained on. Plain ``text`` rows train on every
@@ -78,13 +78,33 @@ def _render(tok, messages, add_generation_prompt: bool) -> str:
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def assistant_char_spans(tok, messages: list[dict[str, str]], train_from: int = 0
+def _special_strings(tok) -> list[str]:
+    """The text of the tokenizer's special tokens (end-of-turn markers among them)."""
+    out = set(tok.all_special_tokens)
+    out.update(t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if getattr(t, "special", False))
+    return [x for x in out if x]
+
+
+def _find_content(upto: str, content: str, start: int) -> tuple[int, int]:
+    """(where, length) of an assistant message's text in its render, searched from the end (the
+    message is the last one rendered); templates that trim it (Llama-3, Gemma: ``| trim``)
+    are matched by the trimmed text. (-1, 0) when the template changed it otherwise."""
+    for text in dict.fromkeys((content, content.strip(), content.rstrip(), content.lstrip())):
+        at = upto.rfind(text)
+        if at >= start and text:
+            return at, len(text)
+    return -1, 0
+
+
+def assistant_char_spans(tok, messages: list[dict[str, str]], train_from: int = 0, origin: str = ""
                          ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans to train on (see module docstring).
 
     Only assistant turns at index ``>= train_from`` are trained on (preference data trains
     on the completion only, never on assistant turns inside its prompt), and none marked
-    ``"weight": 0`` (OpenAI's fine-tuning format).
+    ``"weight": 0`` (OpenAI's fine-tuning format). A turn's span ends with the first special
+    token after its text (the end-of-turn marker: ``<|im_end|>``, ``<|eot_id|>``,
+    ``<end_of_turn>``, ``<|end|>``), or where its render ends when there is none.
     """
     if not getattr(tok, "chat_template", None):
         raise ChatTemplateError(
@@ -94,29 +114,36 @@ def assistant_char_spans(tok, messages: list[dict[str, str]], train_from: int = 
     full = _render(tok, messages, add_generation_prompt=False)
     spans = []
     eos = tok.eos_token or ""
+    special = None
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or i < train_from or m.get("weight", 1) == 0:
             continue
         before = _render(tok, messages[:i], add_generation_prompt=True) if i else ""
         upto = _render(tok, messages[: i + 1], add_generation_prompt=False)
+        if eos and upto.endswith(eos) and not full.startswith(upto):
+            upto = upto[: -len(eos)]  # a template that closes the conversation with EOS (Phi-3)
         if not full.startswith(upto) or not upto.startswith(before):
             raise ChatTemplateError(
                 "the chat template does not render conversations as prefixes of each other, so assistant "
                 "turns cannot be located (templates that rewrite earlier turns are not supported yet)"
             )
-        content_at = upto.find(m["content"], len(before))
+        content_at, n = _find_content(upto, m["content"], len(before))
         if content_at < 0:
-            raise ChatTemplateError("the chat template altered an assistant message's text")
-        end = content_at + len(m["content"])
-        eos_at = upto.find(eos, end) if eos else -1
-        end = eos_at + len(eos) if eos_at >= 0 else len(upto.rstrip())
-        spans.append((len(before), end))
+            raise BadRowError(origin, "messages", f"assistant turn {i}: the chat template changed its text, so it "
+                              "cannot be located in the rendered conversation")
+        end = content_at + n
+        special = _special_strings(tok) if special is None else special
+        marks = [at + len(x) for x in special if (at := upto.find(x, end)) >= 0]
+        end = min(marks) if marks else len(upto.rstrip())
+        # a first turn has no render before it: its span starts at its text, not at the
+        # template's opening (BOS, an injected system prompt, the assistant header)
+        spans.append((len(before) if i else content_at, end))
     return full, spans
 
 
 def tokenize_conversation(tok, messages: list[dict[str, str]], origin: str = "", train_from: int = 0
                           ) -> TokenizedExample:
-    text, spans = assistant_char_spans(tok, messages, train_from)
+    text, spans = assistant_char_spans(tok, messages, train_from, origin)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     labels = [IGNORE] * len(ids)
@@ -124,7 +151,9 @@ def tokenize_conversation(tok, messages: list[dict[str, str]], origin: str = "",
         if e <= s:
             continue
         for a, b in spans:
-            if s >= a and e <= b:
+            # a token that ends inside a span is trained, one that starts before it included (a
+            # Qwen2-style pre-tokenizer merges the header's newline with the text's first ones)
+            if a < e <= b:
                 labels[t] = ids[t]
                 break
     return TokenizedExample(ids, labels, origin)

@@ -79,7 +79,8 @@ class ProcessRewardModel:
 
         examples = []
         for p, steps in zip(prompts, step_lists):
-            ids, pos = tokenize_steps(self.tok, p, steps, self.separator)
+            # stripped as the training rows' steps were (posttrain.data.steps.to_step_record)
+            ids, pos = tokenize_steps(self.tok, p, [s.strip() for s in steps], self.separator)
             examples.append(StepExample(ids, pos, [0.0] * len(pos), ""))
         if not any(e.positions for e in examples):
             return [[] for _ in examples]

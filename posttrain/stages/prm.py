@@ -7,7 +7,7 @@ Objective (Lightman et al. 2023, "Let's verify step by step"; Math-Shepherd, Wan
 TRL's ``PRMTrainer`` (a token-classification head at each step separator), with one
 logit and BCE instead of two-class cross-entropy, so soft labels work.
 
-Reported: step accuracy (σ(s_k) > 0.5 agrees with label > 0.5) and solution accuracy (the
+Reported: step accuracy (σ(s_k) >= 0.5 agrees with label >= 0.5, the rule of first_wrong) and solution accuracy (the
 first step predicted wrong, or none, is the first step labelled wrong, or none: the
 question a verifier asks of a PRM). The result is ``model/``, loadable with
 ``AutoModelForTokenClassification`` and by :class:`posttrain.rewards.ProcessRewardModel`.
@@ -72,6 +72,12 @@ def load_step_data(tok, cfg: PRMConfig) -> tuple[list[StepExample], list[StepExa
     return train, evals, bad
 
 
+def steps_right(logits: torch.Tensor, labels: torch.Tensor) -> int:
+    """Steps whose prediction agrees with the label: a step is right at >= 0.5 (a logit >= 0),
+    the rule of :func:`first_wrong` (a soft label of exactly 0.5 counts as right in both)."""
+    return int(((logits >= 0) == (labels >= 0.5)).sum())
+
+
 def first_wrong(probs_or_labels: list[float]) -> int:
     """Index of the first step below 0.5, or the number of steps when all pass."""
     return next((k for k, v in enumerate(probs_or_labels) if v < 0.5), len(probs_or_labels))
@@ -94,7 +100,7 @@ def evaluate(model, examples: list[StepExample], batch_size: int, pad_id: int, d
         labels = b["labels"].to(device)
         loss_sum += float(step_bce_loss(logits, labels)) * labels.numel()
         steps += labels.numel()
-        step_ok += int(((logits > 0) == (labels > 0.5)).sum())
+        step_ok += steps_right(logits, labels)
         probs, k = torch.sigmoid(logits).tolist(), 0
         for e in chunk:
             sol_ok += first_wrong(probs[k : k + len(e.labels)]) == first_wrong(e.labels)
@@ -142,7 +148,7 @@ def train(cfg: PRMConfig) -> PRMResult:
                 loss = step_bce_loss(logits, labels) * (w * labels.numel() / n_steps)
                 t.backward(loss)
                 loss_value += float(loss.detach())
-                correct += int(((logits.detach() > 0) == (labels > 0.5)).sum()) if w else 0
+                correct += steps_right(logits.detach(), labels) if w else 0
             grad_norm = t.step(cfg.max_grad_norm)
             sums = distributed.all_sum({"loss": loss_value, "correct": correct})
             loss_value, correct = sums["loss"], int(sums["correct"])
