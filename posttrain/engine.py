@@ -125,10 +125,11 @@ def setup_run(output_dir: str | Path, stage: str, cfg: Any, inputs: list[str] | 
     check_run_dir(out, stage, resume, overwrite)
     distributed.barrier()  # every rank has looked before rank 0 deletes anything
     if is_main_process():
-        if overwrite and not resume:
-            shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
-            shutil.rmtree(out / "cache", ignore_errors=True)  # a stage's cached features of the old run
-            (out / "metrics.jsonl").unlink(missing_ok=True)
+        if overwrite and not resume:  # the old run's results, so that none outlives it
+            for d in (CHECKPOINT_DIR, "cache", "model", "model-merged", "adapter", "tensorboard"):
+                shutil.rmtree(out / d, ignore_errors=True)  # (cache: a stage's cached features)
+            for f in ("metrics.jsonl", "samples.jsonl"):
+                (out / f).unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
         manifest = {
@@ -202,7 +203,7 @@ class TrainConfig:
     keep_last: int = doc("Checkpoints to keep (older ones are deleted; 0 = keep all).", 2)
     resume: bool = doc("Continue from the last complete checkpoint in output_dir.", False)
     overwrite: bool = doc("Start over in an output_dir that holds a run of this stage (without it that is an "
-                          "error): its checkpoints are deleted, its model replaced at the end.", False)
+                          "error): its checkpoints, models, metrics and caches are deleted first.", False)
     merge_lora: bool = doc("Under LoRA, also save the adapter merged into the base as model-merged/.", False)
     log_every: int = doc("Log metrics every N steps.", 1)
     tensorboard: bool = doc("Also write TensorBoard event files.", True)
@@ -444,14 +445,32 @@ def resume(cfg: TrainConfig, run_dir: Path, trainable: Trainable) -> tuple[int, 
 # --------------------------------------------------------------------------- checkpoints
 
 
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the complete directory ``tmp`` to ``final``. An existing ``final`` is renamed aside
+    first and deleted after, so ``final`` is never a mix of the two nor a half-deleted one."""
+    old = final.with_name(f".old-{final.name}-{os.getpid()}")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_model_dir(model, tokenizer, out: Path, merge_lora: bool = False,
-                   state_dict: dict[str, torch.Tensor] | None = None) -> None:
+                   state_dict: dict[str, torch.Tensor] | None = None, atomic: bool = True) -> None:
     """Save a plain HF directory (safetensors + tokenizer); a peft adapter under LoRA.
 
     With ``merge_lora`` a LoRA model is saved merged into its base weights instead;
     ``state_dict`` (an FSDP model's gathered weights, :meth:`Trainable.full_state`) replaces
-    the model's own.
+    the model's own. ``atomic``: written beside ``out`` and moved in whole (:func:`replace_dir`),
+    so a model saved over another leaves none of its files (an old adapter beside new full
+    weights loaded as the adapter).
     """
+    final, out = out, out.with_name(f".tmp-{out.name}-{os.getpid()}") if atomic else out
+    if atomic:
+        for kind in (".tmp", ".old"):  # left by a killed save
+            for stale in final.parent.glob(f"{kind}-{final.name}-*"):
+                shutil.rmtree(stale, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     if merge_lora and hasattr(model, "merge_and_unload"):
         from posttrain.models import merged_for_export
@@ -465,6 +484,8 @@ def save_model_dir(model, tokenizer, out: Path, merge_lora: bool = False,
         model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    if atomic:
+        replace_dir(out, final)
 
 
 def save_final(run_dir: Path, trainable: Trainable, tokenizer, cfg: TrainConfig, stage: str, step: int) -> Path:
@@ -509,10 +530,10 @@ def save_checkpoint(run_dir: Path, trainable: Trainable, tokenizer, state: dict[
         optim_state = get_optimizer_state_dict(trainable.model, trainable.optimizer,
                                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if trainable.accelerator.is_main_process:
-        for stale in root.glob(".tmp-step-*"):  # left by a killed write
+        for stale in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:  # left by a killed write
             shutil.rmtree(stale, ignore_errors=True)
         try:
-            save_model_dir(trainable.unwrapped(), tokenizer, tmp, state_dict=model_state)
+            save_model_dir(trainable.unwrapped(), tokenizer, tmp, state_dict=model_state, atomic=False)
             faults.point("checkpoint")
             torch.save(optim_state if trainable.fsdp else trainable.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(trainable.scheduler.state_dict(), tmp / "scheduler.pt")
@@ -520,9 +541,7 @@ def save_checkpoint(run_dir: Path, trainable: Trainable, tokenizer, state: dict[
             if trainable.extra:
                 torch.save({k: m.state_dict() for k, m in trainable.extra.items()}, tmp / "extra_modules.pt")
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_dir(tmp, final)  # (a resumed run writes its last step again)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise OSError(
@@ -530,6 +549,7 @@ def save_checkpoint(run_dir: Path, trainable: Trainable, tokenizer, state: dict[
                 f"{latest_checkpoint(run_dir) or 'none'}"
             ) from e
         for old in checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+            (old / "trainer_state.json").unlink(missing_ok=True)  # no longer complete, then gone
             shutil.rmtree(old, ignore_errors=True)
     trainable.accelerator.wait_for_everyone()
     return final

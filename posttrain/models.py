@@ -101,7 +101,7 @@ class ModelConfig:
     dtype: str = doc(
         "Precision: auto (float32 weights with bf16 autocast on CUDA and on CPUs whose bf16 matmul measures "
         "faster, else float32), bf16-mixed (float32 weights, bf16 autocast), float32, bfloat16 (pure bf16 "
-        "weights: fastest, but AdamW updates below 1/256 of a weight round away), float16.",
+        "weights: fastest, but AdamW updates below 1/256 of a weight round away).",
         "auto",
     )
     lora: bool = doc("Train LoRA adapters (peft) instead of all weights.", False)
@@ -125,9 +125,12 @@ class ModelConfig:
         "posttrain.attention), sdpa, eager, flash_attention_2.", "auto")
 
     def validate(self) -> None:
-        if self.dtype not in ("auto", "bf16-mixed", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"model.dtype: {self.dtype!r} is not one of auto, bf16-mixed, float32, bfloat16, "
-                              "float16")
+        if self.dtype == "float16":
+            raise ConfigError("model.dtype: float16 weights cannot be trained here (AdamW's state in float16 and "
+                              "no loss scaling: its squared gradients underflow to 0 and the loss diverges); use "
+                              "auto, bf16-mixed, bfloat16 or float32")
+        if self.dtype not in ("auto", "bf16-mixed", "float32", "bfloat16"):
+            raise ConfigError(f"model.dtype: {self.dtype!r} is not one of auto, bf16-mixed, float32, bfloat16")
         if self.lora_base_dtype not in ("auto", "float32"):
             raise ConfigError(f"model.lora_base_dtype: {self.lora_base_dtype!r} is not auto or float32")
         if self.lora and self.lora_r <= 0:
@@ -237,13 +240,17 @@ def convert_gguf(gguf_file: Path, target: Path) -> Path:
 def resolve_model_path(name_or_path: str) -> Path:
     """A local directory for ``name_or_path``; raises ModelNotFoundError listing what was tried."""
     tried = []
+    p = Path(name_or_path).expanduser()
+    # a local directory first (one named 'default' is not the embedded model), made absolute:
+    # transformers records the path in the model's config and peft in an adapter's, which must
+    # then load from any working directory
+    model_dir = p.is_dir() and ((p / "config.json").is_file() or (p / "adapter_config.json").is_file())
+    if model_dir:
+        return p.resolve()
     if name_or_path.lower() in (EMBEDDED_NAME, "embedded", "default"):
         return embedded_model_dir()
     tried.append(f"embedded alias '{EMBEDDED_NAME}' (name does not match)")
-    p = Path(name_or_path).expanduser()
     if p.is_dir():
-        if (p / "config.json").is_file() or (p / "adapter_config.json").is_file():
-            return p
         tried.append(f"local directory {p} (exists but has no config.json or adapter_config.json)")
     else:
         tried.append(f"local directory {p} (does not exist)")
@@ -558,6 +565,8 @@ def prepare_model(cfg: ModelConfig, device: torch.device | str = "cpu", lower_fr
     ``lower_frozen`` is False (FSDP shards need one dtype)."""
     precision = pick_precision(cfg.dtype, device)
     model, tok = load_model(cfg.name_or_path, precision, device, cfg.attn_implementation, with_tokenizer=True)
+    if hasattr(model, "peft_config"):  # the source is a LoRA adapter (another run's model/)
+        model = _start_from_adapter(model, cfg)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model, cfg.lora)
         model.config.use_cache = False
@@ -567,6 +576,33 @@ def prepare_model(cfg: ModelConfig, device: torch.device | str = "cpu", lower_fr
     if cfg.gradient_checkpointing and torch.device(device).type == "cpu":
         allocator.release_between_layers(model)  # the heap's freed pages back, layer by layer
     return model, tok, precision
+
+
+def is_adapter(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` is a peft LoRA adapter directory (not a whole model)."""
+    try:
+        return (resolve_model_path(str(name_or_path)) / "adapter_config.json").is_file()
+    except ModelNotFoundError:
+        return False
+
+
+def _start_from_adapter(model, cfg: ModelConfig):
+    """A run starting from a LoRA adapter: full fine-tuning trains the model it makes (merged);
+    LoRA continues that adapter, which must then be the one the config asks for (a new adapter
+    would be saved against the bare base, which is not the model it was trained on)."""
+    if not cfg.lora:
+        merged = model.merge_and_unload()
+        merged.requires_grad_(True)
+        return merged
+    have = model.peft_config["default"]
+    want_targets = set(cfg.lora_target_modules) if cfg.lora_target_modules else set(have.target_modules)
+    if (have.r, have.lora_alpha, set(have.target_modules)) != (cfg.lora_r, cfg.lora_alpha, want_targets):
+        raise ConfigError(
+            f"model.name_or_path: {cfg.name_or_path} is a LoRA adapter (r={have.r}, alpha={have.lora_alpha}, "
+            f"targets {sorted(have.target_modules)}); a LoRA run from it continues that adapter, so set "
+            f"model.lora_r={have.r} model.lora_alpha={have.lora_alpha} (and no other lora_target_modules), "
+            "or start from its merged model (model-merged/, or model.lora=false for full fine-tuning)")
+    return model
 
 
 def enable_checkpointing(model, lora: bool) -> None:
@@ -633,8 +669,10 @@ def prepare_scoring_model(cfg: ModelConfig, kind: str, device: torch.device | st
     tok = load_tokenizer(path)
     distinct_pad_token(tok)
     auto = AutoModelForSequenceClassification if kind == "sequence" else AutoModelForTokenClassification
-    model = auto.from_pretrained(path, num_labels=1, dtype=dtype, attn_implementation=_hf_attention(cfg.attn_implementation),
-                                 pad_token_id=tok.pad_token_id)
+    with loading(path):
+        model = auto.from_pretrained(path, num_labels=1, dtype=dtype,
+                                     attn_implementation=_hf_attention(cfg.attn_implementation),
+                                     pad_token_id=tok.pad_token_id)
     model.to(device)
     _use_attention(model, cfg.attn_implementation)
     set_precision(model, precision)

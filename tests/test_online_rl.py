@@ -828,6 +828,27 @@ def test_dynamic_sampling_trains_only_groups_with_spread(tiny_model_dir, prompt_
         rl_cfg(online_rl.PPOConfig, tiny_model_dir, prompt_file, tmp_path / "x", "dynamic_sampling=true")
 
 
+def test_kl_reference_of_a_run_continuing_an_adapter_is_where_it_starts(tiny_model_dir, prompt_file, tmp_path):
+    """GRPO under LoRA from another run's adapter continues it; the KL reference is the starting
+    policy (the adapter merged), not the bare base the adapter was trained from: the first
+    step's KL is 0, as from a plain model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.stages import online_rl
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lcfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, lcfg).save_pretrained(tmp_path / "adapter")  # B != 0: not the base
+    res = online_rl.train(rl_cfg(online_rl.GRPOConfig, tiny_model_dir, prompt_file, tmp_path / "g", "max_steps=1",
+                                 "beta=0.1", "model.lora=true", "model.lora_r=4", "model.lora_alpha=8",
+                                 "model.lora_target_modules=[q_proj,v_proj]", "sample_every=0",
+                                 f"model.name_or_path={tmp_path / 'adapter'}"), [e_fraction])
+    m = [r for r in engine.read_metrics(res.run_dir) if "policy/kl" in r]
+    assert m[0]["policy/kl"] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_dynamic_sampling_short_of_groups_keeps_the_schedule(tiny_model_dir, prompt_file, tmp_path):
     """One rollout a step finds about half the batch's groups with spread: the step runs fewer
     optimizer steps of minibatch_size, and the learning-rate schedule still ends at zero on the

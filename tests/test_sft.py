@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,6 +120,67 @@ def test_a_finished_run_is_not_started_over_by_accident(tiny_model_dir, chat_fil
     train(cfg_for(tiny_model_dir, chat_file, out, "max_steps=1", "overwrite=true"))
     assert [c.name for c in engine.checkpoints(out)] == ["step-1"]
     assert (out / "model" / "model.safetensors").read_bytes() != before
+
+
+def test_overwrite_leaves_none_of_the_old_model(tiny_model_dir, chat_file, tmp_path):
+    """A LoRA run overwritten by full fine-tuning: model/ holds the new weights alone (an old
+    adapter_config.json beside them made every loader load the old adapter)."""
+    from posttrain.models import load_model
+
+    out = tmp_path / "run"
+    train(cfg_for(tiny_model_dir, chat_file, out, "max_steps=1", "model.lora=true", "model.lora_r=4",
+                  "merge_lora=true"))
+    train(cfg_for(tiny_model_dir, chat_file, out, "max_steps=1", "overwrite=true"))
+    assert not (out / "model" / "adapter_config.json").exists() and not (out / "model-merged").exists()
+    assert not hasattr(load_model(out / "model"), "peft_config")
+    assert not [p.name for p in out.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+
+
+def test_a_checkpoint_written_again_is_replaced_whole(tiny_model_dir, chat_file, tmp_path, monkeypatch):
+    """A resumed finished run writes its last checkpoint again: killed while the old one goes,
+    the directory named step-N is still the old complete one (it was deleted file by file)."""
+    out = tmp_path / "run"
+    train(cfg_for(tiny_model_dir, chat_file, out, "max_steps=2"))
+    old = (out / "checkpoints" / "step-2" / "model.safetensors").read_bytes()
+
+    def killed(path, *a, **k):  # the first file deleted, then the process is gone
+        (Path(path) / "model.safetensors").unlink(missing_ok=True)
+        raise KeyboardInterrupt("killed while deleting")
+
+    monkeypatch.setattr(engine.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for(tiny_model_dir, chat_file, out, "max_steps=2", "resume=true"))
+    monkeypatch.undo()
+    ckpt = engine.latest_checkpoint(out)
+    assert ckpt.name == "step-2" and (ckpt / "model.safetensors").read_bytes() == old
+
+
+def test_starting_from_a_lora_adapter(tiny_model_dir, chat_file, tmp_path, monkeypatch):
+    """From another run's adapter: full fine-tuning trains the model it makes; LoRA continues it
+    (other adapter settings are a config error: a new adapter would be saved against the bare
+    base); its recorded base path is absolute, so it loads from any working directory."""
+    from posttrain.models import ModelConfig, count_parameters, load_model, prepare_model
+
+    monkeypatch.chdir(tiny_model_dir.parent)
+    res = train(cfg_for(tiny_model_dir.name, chat_file, tmp_path / "run", "max_steps=2", "model.lora=true",
+                        "model.lora_r=4", "model.lora_alpha=8"))
+    monkeypatch.chdir(tmp_path)
+    adapter = json.loads((res.model_dir / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(tiny_model_dir.resolve())
+    merged = load_model(res.model_dir, "float32", inference=True)
+    ids = torch.tensor([[1, 5, 9, 14]])
+    full, _, _ = prepare_model(ModelConfig(name_or_path=str(res.model_dir), dtype="float32"))
+    trained, total = count_parameters(full)
+    assert trained == total and not hasattr(full, "peft_config")
+    with torch.no_grad():
+        assert torch.allclose(full(ids).logits, merged(ids).logits, atol=1e-5)
+    lora, _, _ = prepare_model(ModelConfig(name_or_path=str(res.model_dir), dtype="float32", lora=True, lora_r=4,
+                                           lora_alpha=8))
+    assert lora.peft_config["default"].r == 4 and count_parameters(lora)[0] < total
+    with pytest.raises(ConfigError, match="is a LoRA adapter .*model.lora_r=4 model.lora_alpha=8"):
+        prepare_model(ModelConfig(name_or_path=str(res.model_dir), lora=True, lora_r=8))
+    with pytest.raises(ConfigError, match="float16 weights cannot be trained"):
+        ModelConfig(dtype="float16").validate()
 
 
 def test_resuming_with_other_model_settings_is_a_config_error(tiny_model_dir, chat_file, tmp_path):

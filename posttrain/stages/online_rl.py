@@ -77,6 +77,7 @@ from posttrain.models import (
     ModelConfig,
     autocast,
     count_parameters,
+    is_adapter,
     load_model,
     prepare_model,
     resolve_model_path,
@@ -528,8 +529,14 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
 
         prm = STEP_VERIFIERS[cfg.step_verifier]()
     ref_model = None
-    if cfg.beta and not cfg.model.lora:  # full fine-tuning keeps a frozen copy as the reference
-        ref_model = load_model(cfg.model.name_or_path, dtype).eval().requires_grad_(False)
+    # the reference is the starting policy: under LoRA the base with the adapters disabled, unless
+    # the run continues another run's adapter (the base is then not where it starts); a frozen
+    # copy otherwise (an adapter loaded merged)
+    if cfg.beta and (not cfg.model.lora or is_adapter(cfg.model.name_or_path)):
+        ref_model = load_model(cfg.model.name_or_path, dtype)
+        if hasattr(ref_model, "peft_config"):
+            ref_model = ref_model.merge_and_unload()
+        ref_model.eval().requires_grad_(False)
     value_head = None  # the critic (PPO)
     if cfg.advantage == "gae":
         backbone = None
