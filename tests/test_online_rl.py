@@ -232,6 +232,28 @@ def test_reward_functions_on_strings():
     assert exact_answer(None, ["5"], answer=[None]) == [None]  # no reference: no score
 
 
+def test_math_equal_never_evaluates_model_text(tmp_path, monkeypatch):
+    """Without math-verify the answer goes to sympy as a plain expression only: no code runs,
+    exponent towers are refused instead of computed, thousands separators are numbers."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_math_verify(name, *a, **k):
+        if name.startswith("math_verify"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_math_verify)
+    marker = tmp_path / "ran"
+    attacks = [f"<answer>__import__('os').system('touch {marker}')</answer>", "<answer>exec(chr(112))</answer>",
+               "<answer>9^9^9^9</answer>", "<answer>9^(999*999*999)</answer>", "<answer>x.subs(x, 0)</answer>"]
+    assert math_equal(None, attacks, answer=["0", "0", "1", "1", "0"]) == [0.0] * 5
+    assert not marker.exists()
+    good = ["The total is 1,234.", "<answer>x^2 + 2*x + 1</answer>", "<answer>2^10</answer>", "<answer>2**-3</answer>"]
+    assert math_equal(None, good, answer=["1234", "(x+1)^2", "1024", "1/8"]) == [1.0] * 4
+
+
 def test_reward_set_weights_and_errors():
     rs = RewardSet.build([exact_answer, think_format], [1.0, 0.5])
     total, per_fn = rs(["q", "q"], ["<think>x</think><answer>4</answer>", "4"], {"answer": ["4", "5"]})

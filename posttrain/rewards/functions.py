@@ -75,22 +75,58 @@ def tagged_answer(prompts, completions, **fields) -> list[float | None]:
     return out
 
 
+# what the sympy fallback of math_equal reads: numbers, names, + - * / ^ and brackets. Model
+# text must never reach Python's eval (sympify evaluates its input: ``__import__('os')...``),
+# so no underscores, quotes or commas, no attribute access, and exponents that stay small
+# (``9^9^9^9`` would compute for ever)
+_SYMPY_SAFE = re.compile(r"[0-9A-Za-z\s+\-*/^().]{1,200}")
+_EXPONENT = re.compile(r"(?:\^|\*\*)\s*(?!(?:-?\d{1,3}|[A-Za-z])(?![\w(^]|\s*(?:\^|\*\*)))")
+
+
+def _sympy_expr(text: str):
+    """``text`` parsed by sympy without evaluation, or None when it is not a plain expression."""
+    import sympy
+    from sympy.parsing.sympy_parser import parse_expr, standard_transformations
+
+    text = text.strip().replace("^", "**")
+    if (not _SYMPY_SAFE.fullmatch(text) or re.search(r"[A-Za-z)]\s*\.", text)
+            or _EXPONENT.search(text)):
+        return None
+    names = {k: getattr(sympy, k) for k in ("Integer", "Float", "Rational", "Symbol", "Function", "Add", "Mul", "Pow",
+                                           "sqrt", "pi", "E")}
+    try:
+        return parse_expr(text, local_dict={}, global_dict={"__builtins__": {}, **names},
+                          transformations=standard_transformations, evaluate=False)
+    except Exception:  # noqa: BLE001 - any parse failure: not an expression
+        return None
+
+
+def _math_same(a: str, b: str) -> bool:
+    """``a`` equals ``b``: as numbers (thousands separators allowed), else symbolically, else as text."""
+    x, y = _as_number(a), _as_number(b)
+    if x is not None and y is not None:
+        return x == y
+    ea, eb = _sympy_expr(a), _sympy_expr(b)
+    if ea is not None and eb is not None:
+        import sympy
+
+        try:
+            return bool(sympy.simplify(ea - eb) == 0)
+        except Exception:  # noqa: BLE001 - sympy cannot compare them: fall back to the text
+            pass
+    return a.strip() == b.strip()
+
+
 def math_equal(prompts, completions, **fields) -> list[float | None]:
-    """1.0 when the final answer is mathematically equal to ``answer`` (sympy or math-verify)."""
+    """1.0 when the final answer is mathematically equal to ``answer`` (math-verify when
+    installed, else numbers, then sympy on plain expressions: never ``eval`` of model text)."""
     try:  # math-verify handles LaTeX and many notations; optional
         from math_verify import parse, verify
 
         def same(a: str, b: str) -> bool:
             return bool(verify(parse(b), parse(a)))
     except ImportError:
-        import sympy
-
-        def same(a: str, b: str) -> bool:
-            try:
-                return bool(sympy.simplify(sympy.sympify(a.replace("^", "**")) - sympy.sympify(b.replace("^", "**")))
-                            == 0)
-            except (sympy.SympifyError, TypeError, SyntaxError, ValueError, AttributeError):
-                return a.strip() == b.strip()
+        same = _math_same
 
     out = []
     for c, ref in zip(completions, _answers(fields, len(completions))):
