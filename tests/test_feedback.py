@@ -3,6 +3,7 @@ rows loading in the SFT and DPO stages, and the constitutional and RLAIF recipes
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -15,7 +16,13 @@ from posttrain.synth.constitutional import (
     load_constitution,
     revision_messages,
 )
-from posttrain.synth.judge import judge_pairs, judge_text, judged_preference_rows, letter_ids
+from posttrain.synth.judge import (
+    DEFAULT_QUESTION,
+    judge_pairs,
+    judge_text,
+    judged_preference_rows,
+    letter_ids,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,6 +70,38 @@ def test_judge_preference_is_the_order_averaged_letter_softmax(tiny_model_dir):
         assert got[i].p_ba == pytest.approx(float(p_ba), abs=1e-5)
         assert got[i].p_first == pytest.approx(float(p_ab + p_ba) / 2, abs=1e-5)
         assert got[i].confidence == pytest.approx(abs(float(p_ab + p_ba) - 1), abs=1e-5)
+
+
+def test_judge_letters_positions_and_plain_judges(smol_tokenizer):
+    """The letters are the tokens that follow '(' (a SentencePiece tokenizer encodes a lone 'A'
+    as '▁A'); a text's score does not depend on its left-padded batch-mates, also for learned
+    absolute positions (GPT-2); a judge without a chat template reads plain text; no pairs, no
+    judgements."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from posttrain.synth.judge import ANSWER_PREFIX, TEMPLATE, option_logprobs
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "\u2581", "(", "A", "B", "\u2581A", "\u2581B",
+                                         "\u2581("])}
+    sp = Tokenizer(models.BPE(vocab=vocab, merges=[("\u2581", "A"), ("\u2581", "B"), ("\u2581", "(")],
+                              unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    sp.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    sp_tok = PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    assert sp_tok.convert_ids_to_tokens(list(letter_ids(sp_tok))) == ["A", "B"]
+
+    tok = copy.deepcopy(smol_tokenizer)
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=32, n_layer=2, n_head=2)).eval()
+    texts = ["Which is better? " + ANSWER_PREFIX, "A much longer question about which response is better? " + ANSWER_PREFIX]
+    alone = option_logprobs(gpt2, tok, texts[:1])
+    batched = option_logprobs(gpt2, tok, texts)
+    assert torch.allclose(alone[0], batched[0], atol=1e-5)
+    tok.chat_template = None
+    assert judge_text(tok, "p", "a", "b") == TEMPLATE.format(prompt="p", question=DEFAULT_QUESTION, a="a", b="b") + \
+        "\n" + ANSWER_PREFIX
+    assert judge_pairs(gpt2, tok, [], [], []) == []
 
 
 def test_judged_rows_put_the_preferred_first():

@@ -43,18 +43,28 @@ ANSWER_PREFIX = "The answer is: ("
 
 
 def judge_text(tok, prompt: str, a: str, b: str, question: str = DEFAULT_QUESTION) -> str:
-    """The exact text the judge scores: chat-rendered template plus the begun answer."""
+    """The exact text the judge scores: chat-rendered template plus the begun answer (a judge
+    without a chat template, a base model, reads the template and the answer as plain text)."""
     user = TEMPLATE.format(prompt=prompt, question=question, a=a, b=b)
+    if not getattr(tok, "chat_template", None):
+        return f"{user}\n{ANSWER_PREFIX}"
     return tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                    add_generation_prompt=True) + ANSWER_PREFIX
 
 
 def letter_ids(tok) -> tuple[int, int]:
-    """Token ids of the option letters as they follow ``(``."""
-    ids = [tok(x, add_special_tokens=False)["input_ids"] for x in ("A", "B")]
-    if any(len(i) != 1 for i in ids):
-        raise ValueError("the judge's tokenizer does not encode 'A' and 'B' as single tokens")
-    return ids[0][0], ids[1][0]
+    """Token ids of the option letters as they follow ``(``: read off the encoding of the answer
+    prefix with each letter (a SentencePiece tokenizer encodes a lone ``A`` as ``▁A``, which is
+    not the token that follows ``(``)."""
+    prefix = tok(ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
+    out = []
+    for letter in ("A", "B"):
+        ids = tok(ANSWER_PREFIX + letter, add_special_tokens=False)["input_ids"]
+        if ids[: len(prefix)] != prefix or len(ids) != len(prefix) + 1:
+            raise ValueError(f"the judge's tokenizer does not encode {letter!r} after {ANSWER_PREFIX!r} as one "
+                             "token of its own")
+        out.append(ids[-1])
+    return out[0], out[1]
 
 
 @torch.no_grad()
@@ -70,7 +80,12 @@ def option_logprobs(model, tok, texts: list[str], batch_size: int = 8) -> torch.
     try:
         for s in range(0, len(texts), batch_size):
             enc = tok(texts[s : s + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-            logits = model(**{k: v.to(device) for k, v in enc.items()}).logits[:, -1].float()
+            mask = enc["attention_mask"].to(device)
+            # positions counted from each row's first real token: left padding must not shift
+            # them (models with learned absolute positions scored a text by its batch-mates)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=enc["input_ids"].to(device), attention_mask=mask,
+                           position_ids=pos).logits[:, -1].float()
             logp = torch.log_softmax(logits, -1)
             out.append(logp[:, [a_id, b_id]].cpu())
     finally:
@@ -90,6 +105,8 @@ class Judgement:
 def judge_pairs(model, tok, prompts: list[str], first: list[str], second: list[str],
                 question: str = DEFAULT_QUESTION, batch_size: int = 8) -> list[Judgement]:
     """Judge every (prompt, first, second) in both orders (see module docstring)."""
+    if not prompts:
+        return []
     texts = [judge_text(tok, p, a, b, question) for p, a, b in zip(prompts, first, second)]
     texts += [judge_text(tok, p, b, a, question) for p, a, b in zip(prompts, first, second)]
     probs = torch.softmax(option_logprobs(model, tok, texts, batch_size), -1)  # (2N, 2) over {A, B}
