@@ -27,9 +27,10 @@ Stage kinds (``kind:``) and what flows between them:
 * ``cai``: Constitutional AI critique -> revision (:mod:`posttrain.synth.constitutional`) on the
   bundled red-team and helpfulness prompts (the last ``held_out`` of each file are kept for
   evaluation): writes SFT rows (``@STAGE``) and (revision, original) pairs (``@STAGE.pairs``).
-* ``judge``: two sampled responses per prompt, judged by an AI judge from option-letter
-  log-probs in both orders (:mod:`posttrain.synth.judge`), red-team prompts on harmlessness and
-  the others on helpfulness: soft-labelled pairs (``soft_labels: false``: hard labels).
+* ``judge``: two sampled responses per prompt, judged by an AI judge (``judge:``, default the
+  recipe's starting model) from option-letter log-probs in both orders
+  (:mod:`posttrain.synth.judge`), red-team prompts on harmlessness and the others on
+  helpfulness: soft-labelled pairs (``soft_labels: false``: hard labels).
 * ``win_rate``: the current model against the starting one on the held-out prompts, judged in
   both orders: harmlessness (red-team prompts) and helpfulness win rates (share of prompts won)
   and the judge's mean probabilities.
@@ -144,6 +145,23 @@ def load_recipe(path: str | Path, quick: bool = False, overrides: list[str] | No
 STAGE_OPTIONS = {"cai": {"prompts", "held_out", "constitution"}, "judge": {"prompts", "held_out", "judge"},
                  "win_rate": {"prompts", "held_out", "judge"}}
 EVAL_KEYS = {"max_new_tokens", "batch_size"}
+JUDGE_KEYS = {"max_new_tokens", "temperature", "min_confidence", "soft_labels", "n"}
+WIN_RATE_KEYS = {"max_new_tokens"}
+
+
+def _config_keys(kind: str) -> set[str] | None:
+    """The ``config`` keys a stage of ``kind`` reads (None: a training stage, checked by its config class)."""
+    if kind == "eval":
+        return EVAL_KEYS
+    if kind == "rejection_sampling":
+        from posttrain.synth.rejection import RejectionConfig
+
+        return set(RejectionConfig.__dataclass_fields__) | {"n"}
+    if kind == "cai":
+        from posttrain.synth.constitutional import CAIConfig
+
+        return set(CAIConfig.__dataclass_fields__) | {"n"}
+    return {"judge": JUDGE_KEYS, "win_rate": WIN_RATE_KEYS}.get(kind)
 
 
 def _check_stage(recipe: Path, stage: Stage, earlier: set[str]) -> None:
@@ -156,16 +174,15 @@ def _check_stage(recipe: Path, stage: Stage, earlier: set[str]) -> None:
                           f"config, data{''.join(', ' + k for k in sorted(allowed))})")
     if not isinstance(stage.config, dict):
         raise ConfigError(f"{where}: config must be a mapping of keys")
-    if stage.kind == "eval" and set(stage.config) - EVAL_KEYS:
-        raise ConfigError(f"{where}: unknown eval keys {sorted(set(stage.config) - EVAL_KEYS)} (eval takes "
-                          f"{sorted(EVAL_KEYS)})")
-    if stage.kind == "rejection_sampling":
-        from posttrain.synth.rejection import RejectionConfig
-
-        known = set(RejectionConfig.__dataclass_fields__) | {"n"}
-        if set(stage.config) - known:
-            raise ConfigError(f"{where}: unknown keys {sorted(set(stage.config) - known)} (rejection_sampling "
-                              f"takes {sorted(known)})")
+    known = _config_keys(stage.kind)
+    if known is not None and set(stage.config) - known:
+        raise ConfigError(f"{where}: unknown {stage.kind} keys {sorted(set(stage.config) - known)} ({stage.kind} "
+                          f"takes {sorted(known)})")
+    if "held_out" in stage.options:
+        held = stage.options["held_out"]
+        if not isinstance(held, int) or isinstance(held, bool) or held < (1 if stage.kind == "win_rate" else 0):
+            raise ConfigError(f"{where}: held_out must be a whole number of prompts per file, at least "
+                              f"{1 if stage.kind == 'win_rate' else 0}, not {held!r}")
     for part in str(stage.data or "").split("+"):
         name = part.strip()[1:].partition(".")[0] if part.strip().startswith("@") else None
         if name is not None and name != "cold_start" and name not in earlier:
@@ -280,8 +297,7 @@ def run_rejection(run: Run, stage: Stage, out: Path) -> dict:
     from posttrain.models import load_model
     from posttrain.synth.rejection import RejectionConfig, rejection_sample_to
 
-    known = {f for f in RejectionConfig.__dataclass_fields__}  # (other keys were refused by load_recipe)
-    cfg = RejectionConfig(**{k: v for k, v in stage.config.items() if k in known})
+    cfg = RejectionConfig(**{k: v for k, v in stage.config.items() if k != "n"})  # (keys checked at load)
     n = int(stage.config.get("n", len(run.fresh_questions)))
     model, tok = load_model(run.model, with_tokenizer=True, inference=True)
     rows, pairs = out / "rows.jsonl", out / "pairs.jsonl"
@@ -357,7 +373,8 @@ def _prompt_split(stage: Stage, held_out: bool) -> list[tuple[str, str]]:
     out = []
     for f in files:
         rows = load_prompt_rows(f)
-        out += rows[-n_held:] if held_out else rows[:-n_held]
+        cut = max(len(rows) - n_held, 0)  # (held_out 0: all of them trained on, none held out)
+        out += rows[cut:] if held_out else rows[:cut]
     limit = int(stage.config.get("n", 0))
     return out[:limit] if limit else out
 
@@ -366,10 +383,12 @@ def run_cai(run: Run, stage: Stage, out: Path) -> dict:
     from posttrain.models import load_model
     from posttrain.synth.constitutional import CAIConfig, critique_and_revise_to, load_constitution
 
-    known = set(CAIConfig.__dataclass_fields__)
-    cfg = CAIConfig(**{k: v for k, v in stage.config.items() if k in known})
+    cfg = CAIConfig(**{k: v for k, v in stage.config.items() if k != "n"})  # (keys checked at load)
     model, tok = load_model(run.model, with_tokenizer=True, inference=True)
-    prompts, kinds = map(list, zip(*_prompt_split(stage, held_out=False)))
+    rows = _prompt_split(stage, held_out=False)
+    if not rows:
+        raise ConfigError(f"stage '{stage.name}': no training prompts (every prompt is held out)")
+    prompts, kinds = map(list, zip(*rows))
     sft, pairs, n = critique_and_revise_to(out, model, tok, prompts,
                                            load_constitution(stage.options.get("constitution")), cfg, kinds=kinds)
     log(f"{stage.name}: {n['sft']} revised responses, {n['pairs']} (revision, original) pairs")
@@ -381,17 +400,20 @@ def _aspect(kind: str) -> str:
     return "harmlessness" if kind == "harmful" else "helpfulness"
 
 
-def _load_judge(stage: Stage, default):
-    """``(model, tokenizer)`` of the stage's ``judge`` option, else ``default``."""
+def _load_judge(run: Run, stage: Stage, loaded: dict):
+    """``(model, tokenizer)`` of the stage's ``judge`` option, else of the recipe's starting model
+    (not the model being trained: it would judge its own samples); ``loaded``: models already
+    in memory by path."""
     from posttrain.models import load_model
 
-    return load_model(stage.options["judge"], with_tokenizer=True, inference=True) if stage.options.get("judge") else default
+    path = str(stage.options.get("judge") or run.recipe.model)
+    return loaded.get(path) or load_model(path, with_tokenizer=True, inference=True)
 
 
 def run_judge(run: Run, stage: Stage, out: Path) -> dict:
     """Two sampled responses per prompt from the current model, judged by ``judge`` (default:
-    the current model) in both orders, red-team prompts on harmlessness and the others on
-    helpfulness; writes preference pairs, soft-labelled unless ``soft_labels: false``."""
+    the recipe's starting model) in both orders, red-team prompts on harmlessness and the others
+    on helpfulness; writes preference pairs, soft-labelled unless ``soft_labels: false``."""
     from posttrain.models import load_model
     from posttrain.rollout import SamplingConfig, generate
     from posttrain.synth.journal import fingerprint, run_chunks
@@ -401,7 +423,7 @@ def run_judge(run: Run, stage: Stage, out: Path) -> dict:
     rows = _prompt_split(stage, held_out=False)
     sc = SamplingConfig(max_new_tokens=int(stage.config.get("max_new_tokens", 128)),
                         temperature=float(stage.config.get("temperature", 0.9)), batch_size=16)
-    judge, judge_tok = _load_judge(stage, (model, tok))
+    judge, judge_tok = _load_judge(run, stage, {str(run.model): (model, tok)})
     min_conf, chunk = float(stage.config.get("min_confidence", 0.0)), 16
     soft = bool(stage.config.get("soft_labels", True))
 
@@ -421,7 +443,7 @@ def run_judge(run: Run, stage: Stage, out: Path) -> dict:
             js += j
         return {"pairs": pairs}, {"judged": len(js), "confidence": sum(j.confidence for j in js)}
 
-    key = fingerprint("judge", sc.__dict__, rows, min_conf, soft, run.model, stage.options.get("judge"))
+    key = fingerprint("judge", sc.__dict__, rows, min_conf, soft, run.model, stage.options.get("judge") or run.recipe.model)
     counts, parts = run_chunks({"pairs": out / "pairs.jsonl"}, len(rows), chunk, key, produce, stage.name)
     judged = sum(p["judged"] for p in parts)
     log(f"{stage.name}: judged {judged} pairs, kept {counts['pairs']} (mean confidence "
@@ -434,7 +456,8 @@ def run_win_rate(run: Run, stage: Stage, out: Path) -> dict:
     orders by the starting model (or ``judge``): per prompt file, the win rate of the current
     model (share of prompts whose response the judge prefers) and the judge's mean probability.
     Red-team prompts (rows of ``kind: harmful``) are judged on harmlessness, the others on
-    helpfulness (:data:`posttrain.synth.judge.QUESTIONS`)."""
+    helpfulness (:data:`posttrain.synth.judge.QUESTIONS`); a file mixing both gets a win rate
+    for each (``file:harmlessness``, ``file:helpfulness``)."""
     from posttrain.models import load_model
     from posttrain.rollout import SamplingConfig, generate
     from posttrain.synth.constitutional import load_prompt_rows
@@ -444,21 +467,20 @@ def run_win_rate(run: Run, stage: Stage, out: Path) -> dict:
     sc = SamplingConfig(max_new_tokens=int(stage.config.get("max_new_tokens", 128)), batch_size=16)
     new, tok = load_model(run.model, with_tokenizer=True, inference=True)
     base, base_tok = load_model(run.recipe.model, with_tokenizer=True, inference=True)
-    judge, judge_tok = _load_judge(stage, (base, base_tok))
+    judge, judge_tok = _load_judge(run, stage, {str(run.recipe.model): (base, base_tok)})
     result, mean_p, samples, judged_on = {}, {}, [], {}
     for f in files:
         rows = load_prompt_rows(f)[-n_held:]
-        prompts = [p for p, _ in rows]
-        kinds = {k for _, k in rows}
-        aspect = _aspect(kinds.pop() if len(kinds) == 1 else "")  # a file of harmful prompts only: harmlessness
-        convs = [[{"role": "user", "content": p}] for p in prompts]
-        after, before = generate(new, tok, convs, sc), generate(base, base_tok, convs, sc)
-        js = judge_pairs(judge, judge_tok, prompts, after, before, question=QUESTIONS[aspect])
-        result[Path(f).stem] = win_rate(js)
-        mean_p[Path(f).stem] = mean_preference(js)
-        judged_on[Path(f).stem] = aspect
-        samples += [{"file": Path(f).stem, "judged_on": aspect, "prompt": p, "before": b, "after": a,
-                     "p_after_better": j.p_first} for p, a, b, j in zip(prompts, after, before, js)]
+        aspects = sorted({_aspect(k) for _, k in rows})
+        for aspect in aspects:  # a file mixing kinds: a win rate for each
+            prompts = [p for p, k in rows if _aspect(k) == aspect]
+            name = Path(f).stem if len(aspects) == 1 else f"{Path(f).stem}:{aspect}"
+            convs = [[{"role": "user", "content": p}] for p in prompts]
+            after, before = generate(new, tok, convs, sc), generate(base, base_tok, convs, sc)
+            js = judge_pairs(judge, judge_tok, prompts, after, before, question=QUESTIONS[aspect])
+            result[name], mean_p[name], judged_on[name] = win_rate(js), mean_preference(js), aspect
+            samples += [{"file": Path(f).stem, "judged_on": aspect, "prompt": p, "before": b, "after": a,
+                         "p_after_better": j.p_first} for p, a, b, j in zip(prompts, after, before, js)]
     (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     log(f"{stage.name}: win rate of the trained model over the starting one ({n_held} held-out prompts per file): "
         + ", ".join(f"{k} {v:.1%} ({judged_on[k]}; mean judge probability {mean_p[k]:.3f})"

@@ -206,6 +206,28 @@ def test_feedback_recipes_end_to_end(recipe, tiny_model_dir, tmp_path, monkeypat
     assert "win_rates: samples" in report and json.dumps(rates)[:20] in report.replace("&quot;", '"')
 
 
+def test_held_out_and_config_keys_of_feedback_stages(tmp_path):
+    """held_out 0 trains on every prompt (it held out everything); a negative one, and misspelt
+    cai / judge / win_rate keys, are errors when the recipe loads."""
+    from posttrain.config import ConfigError
+    from posttrain.pipeline import Stage, _prompt_split, load_recipe
+
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"q{i}", "kind": "harmful" if i % 2 else "helpful"}) + "\n"
+                         for i in range(6)))
+    stage = Stage("c", "cai", {}, None, {"prompts": [str(f)], "held_out": 0})
+    assert len(_prompt_split(stage, held_out=False)) == 6 and _prompt_split(stage, held_out=True) == []
+    stage.options["held_out"] = 2
+    assert [p for p, _ in _prompt_split(stage, held_out=True)] == ["q4", "q5"]
+    for kind, body in (("cai", "config: {revison: 3}"), ("judge", "config: {min_confidnce: 0.5}"),
+                       ("win_rate", "config: {max_tokens: 8}"), ("win_rate", "held_out: 0"),
+                       ("cai", "held_out: -1")):
+        r = tmp_path / "r.yaml"
+        r.write_text(f"stages:\n  - name: s\n    kind: {kind}\n    {body}\n")
+        with pytest.raises(ConfigError, match="unknown .* keys|held_out must be"):
+            load_recipe(r)
+
+
 def test_cli_cai_and_judge(tiny_model_dir, tmp_path, capsys):
     from posttrain.cli import main
     from tests.conftest import write_jsonl
@@ -248,6 +270,7 @@ def test_revisions_about_the_exercise_are_not_kept(monkeypatch, smol_tokenizer):
     assert cai.is_meta_revision("The response presents one view") and not cai.is_meta_revision("The egg boils.")
     sft, pref = cai.critique_and_revise(None, smol_tokenizer, ["p1", "p2"], cai.load_constitution(None),
                                         cai.CAIConfig(revisions=1))
-    assert [r["messages"][1]["content"] for r in sft] == ["Sure, here is how.", "Here you go, kindly."]
+    # SL-CAI data is revisions only: the unrevised (here harmful) answer is not trained on
+    assert [r["messages"][1]["content"] for r in sft] == ["Here you go, kindly."]
     assert [p["prompt"] for p in pref] == ["p2"]  # no pair where nothing was revised
     assert [t["kept"] for r in pref for t in r["trail"]] == [True]

@@ -111,9 +111,11 @@ def _math_same(a: str, b: str) -> bool:
         import sympy
 
         try:
-            return bool(sympy.simplify(ea - eb) == 0)
+            same = bool(sympy.simplify(ea - eb) == 0)
         except Exception:  # noqa: BLE001 - sympy cannot compare them: fall back to the text
-            pass
+            same = None
+        if same is not None:
+            return same
     return a.strip() == b.strip()
 
 

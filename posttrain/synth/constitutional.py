@@ -9,8 +9,9 @@ For every prompt ``x`` (Bai et al. 2022, "Constitutional AI", §3):
 3. the principle's revision request is appended and the model rewrites: ``y'``;
 4. with ``revisions > 1`` steps 2–3 repeat on ``y'`` with a newly drawn principle.
 
-Outputs: SFT rows ``(x, y')`` (SL-CAI) and preference rows ``(x, chosen = y', rejected = y)``,
-each keeping the principle, critique and revision for inspection. Every step is a batched,
+Outputs: SFT rows ``(x, y')`` (SL-CAI; only where a revision was kept: an answer no revision
+changed is not SL-CAI data) and preference rows ``(x, chosen = y', rejected = y)``, each
+keeping the principle, critique and revision for inspection. Every step is a batched,
 text-in text-out call of :func:`posttrain.rollout.generate`. The constitution is a YAML list
 of ``{name, critique, revision}``; the default (seven principles) is
 ``posttrain/assets/constitution.yaml``.
@@ -198,8 +199,10 @@ def critique_and_revise(model, tok, prompts: list[str], constitution: list[Princ
                 current[i] = revised[i]
     sft, pref = [], []
     for p, y, y2, t in zip(prompts, original, current, trail):
+        if not any(s["kept"] for s in t):  # no revision kept: y2 is the unrevised answer, not SL-CAI data
+            continue
         sft.append({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": y2}],
-                    "principles": [s["principle"] for s in t]})
+                    "principles": [s["principle"] for s in t if s["kept"]]})
         if y2 != y and y and y2:
             pref.append({"prompt": p, "chosen": y2, "rejected": y, "trail": t})
     return sft, pref
