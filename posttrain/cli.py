@@ -310,6 +310,8 @@ def cmd_judge(args) -> int:
             prompts.append(d["prompt"])
             first.append(many[i])
             second.append(many[j])
+    if not prompts:
+        raise ConfigError(f"{args.data}: no usable rows" + (f" ({bad.summary()})" if bad.total else ""))
     judge, tok = load_model(args.judge, with_tokenizer=True, inference=True)
     js = judge_pairs(judge, tok, prompts, first, second, question=args.question)
     rows = judged_preference_rows(prompts, first, second, js, args.min_confidence, soft_labels=not args.hard_labels)

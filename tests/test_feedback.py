@@ -255,6 +255,10 @@ def test_cli_cai_and_judge(tiny_model_dir, tmp_path, capsys):
         main(["judge", "--data", str(one), "--judge", str(tiny_model_dir), "--out", str(tmp_path / "j1.jsonl")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "r1.jsonl:1: field 'responses'" in err
+    with pytest.raises(SystemExit) as e:  # every row skipped: said, not a traceback from torch
+        main(["judge", "--data", str(one), "--judge", str(tiny_model_dir), "--out", str(tmp_path / "j1.jsonl"),
+              "--skip-bad-rows"])
+    assert e.value.code == 2 and "r1.jsonl: no usable rows (skipped 1 bad rows" in capsys.readouterr().err
 
 
 def test_revisions_about_the_exercise_are_not_kept(monkeypatch, smol_tokenizer):
