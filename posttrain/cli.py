@@ -71,9 +71,11 @@ def cmd_stage(args) -> int:
         overrides.append("resume=true")
     cfg = load_config(_stage_config_cls(args.command), args.config, overrides)
     result = importlib.import_module(STAGES[args.command][0]).train(cfg)
+    from posttrain.engine import is_main_process
     from posttrain.report import write_report
 
-    log(f"report: {write_report(result.run_dir)}")
+    if is_main_process():  # (under torchrun every rank gets here: one writes)
+        log(f"report: {write_report(result.run_dir)}")
     return 0
 
 
@@ -138,11 +140,15 @@ def _inspect_preference(args, tok, path: Path, bad) -> list[int]:
 
 def cmd_data_inspect(args) -> int:
     from posttrain.data.dataset import DataSource, read_sft_records
-    from posttrain.data.formats import detect_sft_format, to_prompt_record
+    from posttrain.data.formats import SFT_FORMATS, detect_sft_format, to_prompt_record
     from posttrain.data.loading import BadRowError, BadRows, iter_rows
+    from posttrain.data.preference import PREFERENCE_FORMATS
     from posttrain.data.tokenize import TokenizeStats, tokenize_record
     from posttrain.models import load_tokenizer, resolve_model_path
 
+    formats = {"sft": SFT_FORMATS, "preference": PREFERENCE_FORMATS}.get(args.kind, ())
+    if args.format != "auto" and args.format not in formats:
+        raise ConfigError(f"--format: {args.format!r} is not a {args.kind} format (auto, {', '.join(formats)})")
     path = Path(args.file)
     bad = BadRows(skip=True)
     tok = load_tokenizer(resolve_model_path(args.model))
@@ -157,11 +163,13 @@ def cmd_data_inspect(args) -> int:
             except BadRowError as e:
                 bad.handle(e)
         console.print(f"{len(records)} prompt rows")
-        lengths = [len(tok.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True)) for r in records]
-        for r in records[: args.n]:
+        from posttrain.rollout import render_prompts
+
+        texts = render_prompts(tok, [r.messages for r in records])
+        lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        for r, text in list(zip(records, texts))[: args.n]:
             console.print(f"[dim]{r.origin}[/dim]")
-            console.print(tok.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False),
-                          markup=False, highlight=False)
+            console.print(text, markup=False, highlight=False)
     else:
         first = next(iter(iter_rows(path, BadRows(skip=True))), None)
         fmt = args.format
@@ -190,7 +198,7 @@ def cmd_data_inspect(args) -> int:
         if trained:
             console.print(f"trained tokens per example: mean {statistics.mean(trained):.1f}, total {sum(trained)}")
     if lengths:
-        q = statistics.quantiles(lengths, n=20) if len(lengths) > 1 else [lengths[0]] * 19
+        q = statistics.quantiles(lengths, n=20, method="inclusive") if len(lengths) > 1 else [lengths[0]] * 19
         console.print(f"token lengths: n={len(lengths)} min={min(lengths)} mean={statistics.mean(lengths):.1f} "
                       f"median={statistics.median(lengths):.0f} p95={q[18]:.0f} max={max(lengths)}")
     if bad.total:
@@ -218,11 +226,21 @@ def cmd_generate(args) -> int:
             records.append(to_prompt_record(row))
         except BadRowError as e:
             bad.handle(e)
+    if not records:
+        raise ConfigError(f"{args.prompts}: no usable rows" + (f" ({bad.summary()})" if bad.total else ""))
+    if args.out:  # before the model runs: a wrong folder said at once, not after the generation
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(args.model, with_tokenizer=True, inference=True)
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                          batch_size=args.batch_size, seed=args.seed)
     completions = generate(model, tok, [r.messages for r in records], cfg)
-    lines = [json.dumps({"prompt": r.messages, "completion": c, **r.fields}) + "\n" for r, c in zip(records, completions)]
+    # the row's other columns kept, a reference 'completion' of the prompts file under 'reference'
+    lines = []
+    for r, c in zip(records, completions):
+        fields = dict(r.fields)
+        if "completion" in fields:
+            fields.setdefault("reference", fields.pop("completion"))
+        lines.append(json.dumps({**fields, "prompt": r.messages, "completion": c}) + "\n")
     if args.out:
         Path(args.out).write_text("".join(lines))
         log(f"wrote {len(completions)} completions to {args.out}")
@@ -341,6 +359,10 @@ def cmd_synth(args) -> int:
     from posttrain.synth.tasks import arithmetic_problems, preference_row, step_row
 
     lo, _, hi = args.digits.partition("-")
+    if not (lo.isdigit() and (hi or lo).isdigit() and 0 < int(lo) <= int(hi or lo)):
+        raise ConfigError(f"--digits: {args.digits!r} is not N or MIN-MAX with 0 < MIN <= MAX")
+    if not args.ops or set(args.ops) - set("+-"):
+        raise ConfigError(f"--ops: {args.ops!r} is not +, - or +-")
     problems = arithmetic_problems(args.n, args.split, seed=args.seed, digits=(int(lo), int(hi or lo)), ops=args.ops)
     rng = random.Random(args.seed)
     make = {"sft": lambda p, i: p.as_sft_row(), "prompts": lambda p, i: p.as_prompt_row(),
@@ -511,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-k", type=int, default=1, help="samples per question for pass@k (1 = greedy only)")
     e.add_argument("--temperature", type=float, default=0.8, help="sampling temperature for pass@k")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--dtype", default="auto",
+    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weights dtype to decode in: auto (bfloat16 where mixed precision is picked, else "
                         "float32, decoded from float16 weights packed for fbgemm on x86 CPUs), float32 "
                         "(decoded in float32 throughout) or bfloat16")

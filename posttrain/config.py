@@ -169,6 +169,32 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def _is_text(tp: Any) -> bool:
+    """``tp`` is ``str``, or a list of them."""
+    if typing.get_origin(tp) in (list, tuple):
+        return all(a is str for a in typing.get_args(tp)[:1])
+    return tp is str
+
+
+def _parse_value(raw: str, tp: Any, where: str) -> Any:
+    """The value of ``key=raw`` for a field annotated ``tp``: text fields keep the text as written
+    (YAML would read ``###`` as nothing, ``Question:`` as a mapping, ``2024-01-01`` as a date and
+    ``1.10`` as 1.1); a list of text from ``[a, b]`` or ``a,b``; anything else read as YAML."""
+    if raw == "":
+        return ""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else ()
+    if args and type(None) in args and raw.lower() in ("null", "none", "~"):
+        return None
+    text_tp = next((a for a in args if a is not type(None)), tp) if args else tp
+    if _is_text(text_tp) and not (typing.get_origin(text_tp) in (list, tuple) and raw.startswith("[")):
+        quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+        return raw[1:-1] if quoted else raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: cannot read {raw!r} ({str(e).splitlines()[0]})") from None
+
+
 def _set_dotted(data: dict[str, Any], cls: type, dotted: str, raw: str) -> None:
     parts = dotted.split(".")
     node, tp = data, cls
@@ -178,7 +204,7 @@ def _set_dotted(data: dict[str, Any], cls: type, dotted: str, raw: str) -> None:
         if part not in hints:
             raise ConfigError(f"unknown config key '{where}'.{_suggest(part, list(hints))}")
         if i == len(parts) - 1:
-            node[part] = yaml.safe_load(raw) if raw != "" else ""
+            node[part] = _parse_value(raw, hints[part], dotted)
             return
         sub = hints[part]
         if not _is_section(sub):

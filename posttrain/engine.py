@@ -630,7 +630,7 @@ class Metrics:
         """Drop records past ``step`` (a resumed run rewrites them)."""
         if not (self.active and self.path.is_file()):
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        keep = [json.dumps(r) for r in read_jsonl(self.path) if r.get("step", 0) <= step]
         _atomic_write_text(self.path, "".join(k + "\n" for k in keep))
 
     def log(self, step: int, values: dict[str, float]) -> None:
@@ -664,11 +664,25 @@ def last_train_loss(run_dir: Path, start: int) -> float:
     return losses[-1] if losses else float("nan")
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL log this project appends to (metrics, samples); a line cut off by a
+    crash or a full disk (the last one) is passed over, not an error that hides the rest."""
+    path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    out = []
+    for ln in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(ln) if ln.strip() else None
+        except ValueError:
+            rec = None
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
 # --------------------------------------------------------------------------- progress

@@ -143,6 +143,10 @@ def run_eval(model_path: str, data: str, out: str | None = None, limit: int = 0,
     items = load_eval_items(data, bad)
     if limit:
         items = items[:limit]
+    if not items:
+        from posttrain.config import ConfigError
+
+        raise ConfigError(f"{data}: no eval rows")
     model, tok = load_model(model_path, dtype, with_tokenizer=True, inference=True)
     log(f"eval: {len(items)} questions from {data} with {model_path} ({Precision(next(model.parameters()).dtype)})")
     # --dtype float32 asked for float32 itself: decode in it too, not from float16 packed weights

@@ -112,7 +112,19 @@ def load_recipe(path: str | Path, quick: bool = False, overrides: list[str] | No
         key, _, value = item.partition("=")
         if key not in ("model", "output_dir", "n_train", "n_test", "seed"):
             raise ConfigError(f"recipe override '{key}': only model, output_dir, n_train, n_test, seed can be set")
-        raw[key] = yaml.safe_load(value)
+        raw[key] = value.strip()  # (checked with the file's values below)
+    for key in ("model", "output_dir", "name"):
+        if key in raw and (raw[key] is None or not str(raw[key]).strip()):
+            raise ConfigError(f"{p}: {key} is empty")
+    for key in ("n_train", "n_test", "seed"):
+        if key in raw:
+            try:
+                raw[key] = int(str(raw[key]))
+            except ValueError:
+                raise ConfigError(f"{p}: {key} must be a whole number, not {raw[key]!r}") from None
+            if raw[key] < 0 or (key != "seed" and raw[key] == 0):
+                raise ConfigError(f"{p}: {key} must be {'positive' if key != 'seed' else 'at least 0'}, "
+                                  f"not {raw[key]}")
     allowed = {"name", "model", "output_dir", "tasks", "n_train", "n_test", "stages", "seed"}
     unknown = set(raw) - allowed
     if unknown:

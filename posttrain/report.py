@@ -13,7 +13,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from posttrain.engine import read_metrics
+from posttrain.engine import read_jsonl, read_metrics
 
 
 def _series(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
@@ -41,6 +41,8 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path | N
     losses = sorted(k for k in series if k.startswith("loss/"))
     others = [k for k in sorted(series) if not k.startswith("loss/") and len(series[k][0]) > 1]
     panels = ([losses] if losses else []) + [[k] for k in others]
+    if not panels:  # nothing with a curve to draw (one point of each metric)
+        return None
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False)
@@ -102,7 +104,7 @@ def write_recipe_report(run_dir: Path) -> Path:
 
 def _samples_table(path: Path, title: str, limit: int = 50) -> list[str]:
     """HTML of the first ``limit`` rows of a ``samples.jsonl`` (nothing when there is none)."""
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    rows = read_jsonl(path)
     if not rows:
         return []
     keys = list(rows[0])

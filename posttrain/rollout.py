@@ -70,6 +70,11 @@ class SamplingConfig:
 
 
 def render_prompts(tok, conversations: list[list[dict[str, str]]]) -> list[str]:
+    if not getattr(tok, "chat_template", None):
+        from posttrain.data.tokenize import ChatTemplateError
+
+        raise ChatTemplateError("the tokenizer has no chat template; prompting with conversations needs one (use a "
+                                "chat/instruct model)")
     return [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from posttrain.engine import STATUS_FILE, latest_checkpoint
+from posttrain.engine import STATUS_FILE, latest_checkpoint, read_metrics
 
 
 def _alive(pid: int) -> bool:
@@ -33,8 +33,8 @@ def _alive(pid: int) -> bool:
 
 def _state(run: Path, complete: bool) -> str:
     f = run / STATUS_FILE
-    if not f.is_file():
-        return "finished" if complete else "unknown"
+    if not f.is_file():  # (a run killed before it wrote its status: not running, not finished)
+        return "finished" if complete else "stopped"
     st = json.loads(f.read_text())
     if st.get("state") == "finished":
         return "finished"
@@ -44,13 +44,9 @@ def _state(run: Path, complete: bool) -> str:
 
 
 def _last_metrics(run: Path) -> dict:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return {}
     last: dict = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            last.update(json.loads(line))
+    for rec in read_metrics(run):
+        last.update(rec)
     return last
 
 
@@ -71,9 +67,9 @@ def run_info(run: Path) -> dict | None:
         evals = summary.get("evals") or {}
         if evals:
             name, metrics = list(evals.items())[-1]
-            accs = [m["accuracy"] for m in metrics.values() if isinstance(m, dict) and "accuracy" in m]
-            if accs:
-                info["headline"] = f"{name}: accuracy {sum(accs) / len(accs):.1%}"
+            overall = metrics.get("all") if isinstance(metrics, dict) else None
+            if isinstance(overall, dict) and "accuracy" in overall:  # (over every question, not a mean of tasks)
+                info["headline"] = f"{name}: accuracy {overall['accuracy']:.1%}"
         if not complete and info["state"] == "finished":
             info["state"] = "stopped"
         return info

@@ -73,6 +73,66 @@ def test_generate(tiny_model_dir, tmp_path):
                  "--max-new-tokens", "5"]) == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == [1, 2] and all(isinstance(r["completion"], str) for r in rows)
+    # a prompt/completion file: the model's output is the completion, the file's is the reference;
+    # the output folder is made first
+    pc = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "What is 2+2?", "completion": "REFERENCE ANSWER"}])
+    out = tmp_path / "new" / "out.jsonl"
+    assert main(["generate", str(tiny_model_dir), "--prompts", str(pc), "--out", str(out), "--max-new-tokens", "3"]) == 0
+    row = json.loads(out.read_text())
+    assert row["reference"] == "REFERENCE ANSWER" and row["completion"] != "REFERENCE ANSWER"
+
+
+def test_override_values_keep_their_text():
+    """key=value: text fields take the text as written (YAML read '###' as nothing, 'Question:' as
+    a mapping, a date as a date, 1.10 as 1.1); lists from [a, b] or a,b; unreadable YAML is a
+    config error naming the key."""
+    from posttrain.config import ConfigError, load_config
+    from posttrain.stages.online_rl import GRPOConfig
+
+    cfg = load_config(GRPOConfig, None, ["sampling.stop=###", "output_dir=2024-01-01", "model.name_or_path=1.10",
+                                         "model.lora_target_modules=[q_proj, v_proj]", "lr=3e-4", "model.lora=true"])
+    assert (cfg.sampling.stop, cfg.output_dir, cfg.model.name_or_path) == (["###"], "2024-01-01", "1.10")
+    assert cfg.model.lora_target_modules == ["q_proj", "v_proj"] and cfg.lr == 3e-4 and cfg.model.lora is True
+    assert load_config(GRPOConfig, None, ["sampling.stop=Question:"]).sampling.stop == ["Question:"]
+    with pytest.raises(ConfigError, match=r"sampling.stop: cannot read '\['"):
+        load_config(GRPOConfig, None, ["sampling.stop=["])
+
+
+def test_plausible_mistakes_are_clear_errors(tiny_model_dir, tmp_path, capsys):
+    """Each of these was a traceback (or a hang): now a one-line error and exit 2."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    for argv, msg in ((["synth", "arithmetic", "--digits", "1", "--split", "test", "--n", "30", "--out",
+                        str(tmp_path / "s.jsonl")], "too few distinct questions"),
+                      (["synth", "arithmetic", "--digits", "3-2"], "--digits"),
+                      (["synth", "arithmetic", "--ops", "x"], "--ops"),
+                      (["eval", str(tiny_model_dir), "--data", str(empty)], "no eval rows"),
+                      (["data", "inspect", str(empty), "--format", "xyz", "--model", str(tiny_model_dir)],
+                       "--format: 'xyz' is not a sft format"),
+                      (["run", str(REPO / "recipes" / "reasoning.yaml"), "n_train=1e3"], "n_train must be a whole"),
+                      (["eval", str(tiny_model_dir), "--data", str(empty), "--dtype", "bf16"], "invalid choice")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and msg in capsys.readouterr().err, argv
+
+
+def test_runs_and_reports_survive_a_cut_off_metrics_line(tmp_path):
+    """A metrics.jsonl whose last line a crash cut off: runs, report and resume read the rest."""
+    from posttrain import engine
+    from posttrain.report import plot_metrics
+    from posttrain.runs import find_runs
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"stage": "sft"}))
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss/train": 2.0}\n{"step": 2, "loss/train": 1.5}\n{"step": 3, "ti')
+    assert [r["step"] for r in engine.read_metrics(run)] == [1, 2]
+    assert find_runs([tmp_path])[0]["headline"] == "loss/train 1.5"
+    engine.Metrics(run, tensorboard=False).truncate_after(1)
+    assert [r["step"] for r in engine.read_metrics(run)] == [1]
+    (run / "metrics.jsonl").write_text('{"step": 1, "eval/accuracy": 0.5}\n')
+    assert plot_metrics(run) is None  # one point of one metric: nothing to draw, no error
 
 
 def test_synth_writes_rows(tmp_path):

@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from posttrain.config import ConfigError
 from posttrain.reasoning import extract_answer, format_solution, is_well_formatted  # noqa: F401 (re-exported)
 
 PLACES = ["ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands"]
@@ -200,8 +201,12 @@ def arithmetic_problems(n: int, split: str, seed: int = 0, digits: tuple[int, in
                         ops: str = "+-") -> list[Problem]:
     """``n`` distinct questions of ``split`` ('train' or 'test'), operands of ``digits`` digits."""
     rng = random.Random(f"arithmetic-{split}-{seed}" + ("" if (digits, ops) == ((2, 3), "+-") else f"-{digits}-{ops}"))
-    seen, out = set(), []
+    seen, out, draws = set(), [], 0
     while len(out) < n:
+        draws += 1
+        if draws > 1_000 + 100 * n:  # (far past what a split with n questions needs: it has fewer)
+            raise ConfigError(f"the {split} split of {digits[0]}-{digits[1]} digit {ops} questions has too few "
+                              f"distinct questions for {n} (found {len(out)})")
         p = arithmetic_problem(rng, split, digits, ops)
         if p.question not in seen:
             seen.add(p.question)
