@@ -63,7 +63,7 @@ def test_recipe_errors(tmp_path):
                        r"stage 'a': data '@rs' names no earlier stage"),
                       ("  - {name: a, kind: sft, dat: '@cold_start'}\n", r"stage 'a': unknown keys \['dat'\]"),
                       ("  - {name: e, kind: eval, config: {max_new_token: 8}}\n", r"unknown eval keys \['max_new_token'\]"),
-                      ("  - {name: r, kind: rejection_sampling, config: {kk: 2}}\n", r"unknown keys \['kk'\]")):
+                      ("  - {name: r, kind: rejection_sampling, config: {kk: 2}}\n", r"unknown rejection_sampling keys \['kk'\]")):
         bad.write_text("stages:\n" + body)
         with pytest.raises(ConfigError, match=msg):
             load_recipe(bad)
