@@ -563,6 +563,15 @@ def load_checkpoint(ckpt: Path, trainable: Trainable) -> dict[str, Any]:
             ("full fine-tuning", "LoRA")
         raise ConfigError(f"{ckpt} was written by {written}, and this run is set up for {now}: resume with the "
                           "run's own settings (its config.yaml), or start over (overwrite=true)")
+    if (ckpt / "adapter_config.json").is_file():
+        saved = json.loads((ckpt / "adapter_config.json").read_text())
+        have = model.peft_config["default"]
+        was = (saved.get("r"), saved.get("lora_alpha"), sorted(saved.get("target_modules") or []))
+        now_set = (have.r, have.lora_alpha, sorted(have.target_modules or []))
+        if was != now_set:
+            raise ConfigError(f"{ckpt} holds a LoRA adapter of r={was[0]}, alpha={was[1]}, targets {was[2]}, and this "
+                              f"run is set up for r={now_set[0]}, alpha={now_set[1]}, targets {now_set[2]}: resume with "
+                              "the run's own settings (its config.yaml), or start over (overwrite=true)")
     if trainable.fsdp:  # every rank reads the full state and keeps its shards
         from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import (

@@ -188,6 +188,11 @@ def test_resuming_with_other_model_settings_is_a_config_error(tiny_model_dir, ch
     train(cfg_for(tiny_model_dir, chat_file, out, "max_steps=2"))
     with pytest.raises(ConfigError, match="written by full fine-tuning, and this run is set up for LoRA"):
         train(cfg_for(tiny_model_dir, chat_file, out, "max_steps=3", "resume=true", "model.lora=true"))
+    lora = tmp_path / "lora"
+    train(cfg_for(tiny_model_dir, chat_file, lora, "max_steps=2", "model.lora=true", "model.lora_r=4"))
+    with pytest.raises(ConfigError, match="holds a LoRA adapter of r=4, .* set up for r=8"):
+        train(cfg_for(tiny_model_dir, chat_file, lora, "max_steps=3", "resume=true", "model.lora=true",
+                      "model.lora_r=8"))
 
 
 def test_a_non_finite_loss_stops_the_run_before_the_weights_change(tiny_model_dir, chat_file, tmp_path):
