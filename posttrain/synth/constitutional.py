@@ -87,7 +87,8 @@ def load_constitution(path: str | Path | None = None) -> list[Principle]:
 
 
 def principles_for(constitution: list[Principle], kind: str) -> list[Principle]:
-    """The principles that apply to a prompt of ``kind`` (all of them for an unknown kind)."""
+    """The principles that apply to a prompt of ``kind``: those without ``applies_to`` and those
+    naming ``kind`` (every principle for no kind, or when none fits)."""
     fit = [c for c in constitution if not c.applies_to or kind in c.applies_to] if kind else constitution
     return fit or constitution
 
