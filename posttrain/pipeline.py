@@ -382,13 +382,17 @@ def _prompt_split(stage: Stage, held_out: bool) -> list[tuple[str, str]]:
     from posttrain.synth.constitutional import load_prompt_rows
 
     files, n_held = _prompt_files(stage)
-    out = []
+    per_file = []
     for f in files:
         rows = load_prompt_rows(f)
         cut = max(len(rows) - n_held, 0)  # (held_out 0: all of them trained on, none held out)
-        out += rows[cut:] if held_out else rows[:cut]
+        per_file.append(rows[cut:] if held_out else rows[:cut])
     limit = int(stage.config.get("n", 0))
-    return out[:limit] if limit else out
+    if not limit:
+        return [r for rows in per_file for r in rows]
+    # n prompts drawn from the files in turn (the first n of the first file would leave out the others)
+    turns = [rows[i] for i in range(max(map(len, per_file), default=0)) for rows in per_file if i < len(rows)]
+    return turns[:limit]
 
 
 def run_cai(run: Run, stage: Stage, out: Path) -> dict:

@@ -219,6 +219,10 @@ def test_held_out_and_config_keys_of_feedback_stages(tmp_path):
     assert len(_prompt_split(stage, held_out=False)) == 6 and _prompt_split(stage, held_out=True) == []
     stage.options["held_out"] = 2
     assert [p for p, _ in _prompt_split(stage, held_out=True)] == ["q4", "q5"]
+    g = tmp_path / "g.jsonl"
+    g.write_text("".join(json.dumps({"prompt": f"g{i}"}) + "\n" for i in range(6)))
+    both = Stage("c", "cai", {"n": 3}, None, {"prompts": [str(f), str(g)], "held_out": 2})
+    assert [p for p, _ in _prompt_split(both, held_out=False)] == ["q0", "g0", "q1"]  # n taken from both files
     for kind, body in (("cai", "config: {revison: 3}"), ("judge", "config: {min_confidnce: 0.5}"),
                        ("win_rate", "config: {max_tokens: 8}"), ("win_rate", "held_out: 0"),
                        ("cai", "held_out: -1")):
