@@ -58,7 +58,9 @@ def load_eval_items(path: str | Path, bad: BadRows) -> list[EvalItem]:
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct (Chen et al. 2021)."""
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021); needs n >= k."""
+    if not 0 <= c <= n or k < 1 or n < k:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (n={n}, c={c}, k={k})")
     if n - c < k:
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)

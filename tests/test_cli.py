@@ -189,6 +189,8 @@ def test_pass_at_k_by_hand():
 
     # n=4 samples, c=1 correct, k=2: 1 - C(3,2)/C(4,2) = 1 - 3/6 = 0.5
     assert pass_at_k(4, 1, 2) == pytest.approx(0.5) and pass_at_k(4, 0, 2) == 0.0 and pass_at_k(4, 3, 2) == 1.0
+    with pytest.raises(ValueError, match="needs"):  # fewer samples than k: undefined (it said 1.0 for c=0)
+        pass_at_k(1, 0, 2)
 
 
 def test_readme_config_reference_is_current():
