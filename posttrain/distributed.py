@@ -18,8 +18,12 @@ loop in every process (rank). The rules, in one place:
   This is the all-reduce DDP does, without its overlap of communication with backward.
 * **Online RL** splits the *prompts* of a step across ranks (every rank samples whole
   groups), then gathers the rollout and rewards, so group statistics are always computed
-  over whole groups and every rank holds the same advantages.
-* Only rank 0 writes checkpoints, logs and metrics; every rank resumes from them.
+  over whole groups and every rank holds the same advantages. Each rank samples its groups
+  with its own seed, so sampled (not greedy) rollouts on N processes are other draws than
+  on one, and the weights then differ as two seeds' do; from the same samples the update
+  is the same.
+* Only rank 0 writes checkpoints, logs and metrics; every rank resumes from them (each rank
+  its own random state: ``rng_state_R.pt``, so dropout continues as it would have).
 
 **FSDP** (``parallel=fsdp``, full fine-tuning): each decoder layer and the root model are
 wrapped with PyTorch's ``fully_shard`` (FSDP2), so parameters, gradients and AdamW state are
@@ -167,14 +171,20 @@ def full_params(model):
     from torch.distributed.fsdp import FSDPModule
 
     mods = [m for m in model.modules() if isinstance(m, FSDPModule)] if fsdp() else []
-    for m in mods:
+    # the root (the outermost) keeps its own setting: FSDP leaves it gathered after its forward,
+    # which the training passes rely on (its head weight is applied to its output states);
+    # set to reshard, its head's gradient stayed one rank's slice, never summed
+    inner = mods[1:]
+    for m in inner:
         m.set_reshard_after_forward(False)
+    for m in mods:
         m.unshard()
     try:
         yield model
     finally:
         for m in mods:
             m.reshard()
+        for m in inner:
             m.set_reshard_after_forward(True)
 
 

@@ -338,6 +338,10 @@ class Trainable:
         the pre-clip grad norm."""
         faults.point("step")
         distributed.all_reduce_grads_(self.extra_params if self.fsdp else self.params)
+        if self.fsdp and self.world_size > 1:  # their loss was scaled up for FSDP's mean: a sum of those
+            for p in self.extra_params:        # is world_size times the step's gradient
+                if p.grad is not None:
+                    p.grad.div_(self.world_size)
         norm = _clip_grad_norm([self.model_params, self.extra_params], max_grad_norm)
         if not math.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
@@ -349,6 +353,13 @@ class Trainable:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def optimizer_owner(self) -> torch.nn.Module:
+        """The module holding every parameter the optimizer steps (the model, and the extra
+        modules beside it): what torch's distributed optimizer state dict is read against."""
+        if not self.extra:
+            return self.model
+        return torch.nn.ModuleDict({"model": self.model, **self.extra})
 
     def skip_schedule(self, n: int) -> None:
         """Advance the learning-rate schedule by ``n`` optimizer steps that were planned but not
@@ -524,10 +535,11 @@ def save_checkpoint(run_dir: Path, trainable: Trainable, tokenizer, state: dict[
     final = root / f"step-{state['step']}"
     tmp = root / f".tmp-step-{state['step']}-{os.getpid()}"
     model_state, optim_state = trainable.full_state(), None
+    rngs = distributed.gather_objects(rng_state())  # each rank's own (its dropout masks), rank order
     if trainable.fsdp:  # gather the sharded optimizer state to rank 0 (a collective)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        optim_state = get_optimizer_state_dict(trainable.model, trainable.optimizer,
+        optim_state = get_optimizer_state_dict(trainable.optimizer_owner(), trainable.optimizer,
                                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if trainable.accelerator.is_main_process:
         for stale in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:  # left by a killed write
@@ -537,7 +549,9 @@ def save_checkpoint(run_dir: Path, trainable: Trainable, tokenizer, state: dict[
             faults.point("checkpoint")
             torch.save(optim_state if trainable.fsdp else trainable.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(trainable.scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(rng_state(), tmp / "rng_state.pt")
+            torch.save(rngs[0], tmp / "rng_state.pt")
+            for r, rank_rng in enumerate(rngs[1:], start=1):
+                torch.save(rank_rng, tmp / f"rng_state_{r}.pt")
             if trainable.extra:
                 torch.save({k: m.state_dict() for k, m in trainable.extra.items()}, tmp / "extra_modules.pt")
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
@@ -587,8 +601,8 @@ def load_checkpoint(ckpt: Path, trainable: Trainable) -> dict[str, Any]:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(model, state, options=opts)
-        set_optimizer_state_dict(model, trainable.optimizer, torch.load(ckpt / "optimizer.pt", weights_only=False),
-                                 options=opts)
+        set_optimizer_state_dict(trainable.optimizer_owner(), trainable.optimizer,
+                                 torch.load(ckpt / "optimizer.pt", weights_only=False), options=opts)
     elif (ckpt / "adapter_config.json").is_file():
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -609,7 +623,8 @@ def load_checkpoint(ckpt: Path, trainable: Trainable) -> dict[str, Any]:
     if not trainable.fsdp:
         trainable.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
     trainable.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(ckpt / "rng_state.pt", weights_only=False))
+    mine = ckpt / f"rng_state_{distributed.rank()}.pt"
+    set_rng_state(torch.load(mine if mine.is_file() else ckpt / "rng_state.pt", weights_only=False))
     if trainable.extra:
         states = torch.load(ckpt / "extra_modules.pt", weights_only=False)
         for k, m in trainable.extra.items():

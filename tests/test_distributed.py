@@ -21,7 +21,7 @@ import yaml
 from conftest import write_jsonl
 from safetensors.torch import load_file
 
-from posttrain import distributed
+from posttrain import distributed, engine
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -243,3 +243,47 @@ def test_ppo_runs_under_two_processes(tiny_model_dir, tmp_path):
     assert [r["step"] for r in rows if "loss/value" in r] == [1, 2]
     assert (run / "value_head.safetensors").is_file() and (run / "model" / "model.safetensors").is_file()
     assert len((run / "samples.jsonl").read_text().splitlines()) == 2 * 3  # one per prompt, each step once
+
+
+def test_ppo_under_fsdp_takes_the_one_process_gradients(tiny_model_dir, tmp_path):
+    """PPO with FSDP on 2 processes, greedy rollouts scored by a (random) reward model, so both
+    runs see the same samples and rewards: the same gradient norm each step (the head's gradient
+    was one rank's slice after a rollout resharded the root, the value head's twice its size),
+    and a checkpoint written and resumed (the optimizer state of the value head beside the
+    sharded model failed to gather)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm = tmp_path / "rm"
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).save_pretrained(rm)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(rm)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"What is {i} + {i}?", "answer": str(2 * i)}
+                                                       for i in range(8)])
+    args = [f"model.name_or_path={tiny_model_dir}", f"data.train={prompts}", f"rewards=[rm:{rm}]",
+            "sampling.temperature=0", "sampling.max_new_tokens=6", "group_size=1", "batch_size=4", "minibatch_size=4",
+            "max_steps=2", "beta=0.1", "tensorboard=false", "save_every=1", "data.eval_fraction=0",
+            "parallel=fsdp"]
+    one, two = one_vs_two("ppo", args, tmp_path, tmp_path / "home")
+    norms = [[r["train/grad_norm"] for r in engine.read_metrics(d) if "train/grad_norm" in r] for d in (one, two)]
+    assert norms[0][0] > 0 and norms[0] == pytest.approx(norms[1], rel=1e-4)
+    launch("ppo", [*args, f"output_dir={two}", "max_steps=3", "resume=true"], 2, tmp_path / "home")
+    assert [r["step"] for r in engine.read_metrics(two) if "loss/value" in r] == [1, 2, 3]
+
+
+def test_resumed_two_process_run_draws_each_ranks_own_dropout(tiny_model_dir, varied_chat, tmp_path):
+    """LoRA dropout on 2 processes, killed after step 2 and resumed: the same adapter as the run
+    that was not stopped (every rank restored rank 0's RNG, so rank 1 drew rank 0's masks)."""
+    from safetensors.torch import load_file
+
+    from posttrain.faults import run_with_kills
+
+    args = [f"model.name_or_path={tiny_model_dir}", f"data.train={varied_chat}", "batch_size=5", "grad_accum=2",
+            "lr=1e-3", "max_steps=4", "tensorboard=false", "save_every=1", "model.lora=true", "model.lora_r=4",
+            "model.lora_dropout=0.3"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    launch("sft", [*args, f"output_dir={whole}"], 2, tmp_path / "home")
+    env = {"POSTTRAIN_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    assert run_with_kills(command("sft", [*args, "resume=true", f"output_dir={resumed}"], 2), ["step:3"],
+                          env) == ["killed at step:3"]
+    a, b = (load_file(str(d / "model" / "adapter_model.safetensors")) for d in (whole, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -138,6 +138,8 @@ def pair_features(model, pairs: list[PreferencePair], pad_id: int, batch_size: i
             h = h.float().cpu().view(2, -1, h.shape[-1]).transpose(0, 1)  # (b, 2, H)
             out = h if out is None else torch.cat([out, h])
             bar.update(task, advance=h.shape[0])
+    if out is None:  # no pairs (a rank whose share of a small set is empty)
+        out = torch.empty(0, 2, model.config.hidden_size)
     return out
 
 
