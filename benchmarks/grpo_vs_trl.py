@@ -319,6 +319,10 @@ def parse_args(argv=None):
                    help="TRL's per_device_train_batch_size (8: TRL's default, all completions in one pass)")
     p.add_argument("--posttrain-set", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra posttrain config override, e.g. model.gradient_checkpointing=true (repeatable)")
+    p.add_argument("--trl-checkpointing", action="store_true",
+                   help="run TRL with gradient checkpointing (TRL's own GRPOConfig default; posttrain's too): the "
+                        "equal-settings memory comparison. Without it TRL runs without, its faster setting, and "
+                        "the peak-RSS ratio compares posttrain with checkpointing against TRL without")
     p.add_argument("--only", choices=["posttrain", "trl"], action="append", help="run only these (repeatable)")
     p.add_argument("--json", default=str(C.RESULTS / "grpo_vs_trl.json"), help="where to write the summary")
     a = p.parse_args(argv)
@@ -357,7 +361,8 @@ def main(argv=None) -> int:
           "tokens", flush=True)
 
     plan = [("posttrain", run_posttrain, {**base, "extra": a.posttrain_set}),
-            ("trl", run_trl, {**base, "order": order, "settings": dict(TRL_FAST), "micro_batch": a.trl_micro_batch,
+            ("trl", run_trl, {**base, "order": order, "micro_batch": a.trl_micro_batch,
+                              "settings": {**TRL_FAST, "gradient_checkpointing": a.trl_checkpointing},
                               "keep_freed_memory": not a.trl_default_malloc})]
     if a.only:
         plan = [p for p in plan if p[0] in a.only]

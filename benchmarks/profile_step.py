@@ -12,7 +12,7 @@ then, once the CPU is idle, one step timed by phase (no profiler) and one profil
 GEMMs (an operand with the vocabulary dimension), LM-head softmax/cross-entropy,
 attention, optimizer + clipping, and everything else (element-wise: RMSNorm, RoPE, SiLU,
 residual adds, copies). GEMM FLOPs come from the recorded shapes, so each GEMM group's
-achieved GFLOP/s can be compared with the fp32 2048x2048 matmul rate.
+achieved GFLOP/s can be compared with the 2048x2048 matmul rate in the step's compute dtype.
 """
 
 from __future__ import annotations
@@ -143,7 +143,10 @@ def main(argv=None) -> int:
         ops[(ev.key, str(shapes)[:70])] += ev.self_cpu_time_total / 1e6
         calls[(ev.key, str(shapes)[:70])] += ev.count
     total = sum(cats.values())
-    mm = C.matmul_gflops(reps=8, quiet_trials=3, max_s=60)
+    from posttrain.models import pick_precision
+
+    mm_dtype = pick_precision("auto", "cpu").compute  # the matmuls of a step run in it (bf16 under autocast)
+    mm = C.matmul_gflops(reps=8, quiet_trials=3, max_s=60, dtype=mm_dtype)
 
     print(f"batch {a.batch}: {tuple(batch['input_ids'].shape)} ({a.batching}), {tokens} non-padding tokens, "
           f"{num_targets(batch['labels'])} trained; {dtype}, {torch.get_num_threads()} threads")
@@ -154,7 +157,7 @@ def main(argv=None) -> int:
     for k, v in phases.items():
         print(f"  {k:<40} {v:6.2f} s")
     print(f"profiled step: {total:.2f} s of operator self time (wall share approximated by share of that total); "
-          f"fp32 2048x2048 matmul {mm['gflops']:.1f} GFLOP/s")
+          f"{str(mm_dtype).removeprefix('torch.')} 2048x2048 matmul {mm['gflops']:.1f} GFLOP/s")
     rows_out = []
     for c, v in sorted(cats.items(), key=lambda kv: -kv[1]):
         rate = flops[c] / v / 1e9 if flops[c] else None

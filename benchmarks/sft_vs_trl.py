@@ -16,7 +16,7 @@ What is held equal
     ``train_sampling_strategy="sequential"``), so both runs see the same tokens, the same
     padding and the same final batch, and their losses are comparable step by step.
     Optimiser: AdamW (0.9, 0.999), no weight decay, grad-norm clip 1.0, the same peak lr,
-    cosine schedule with ``round(0.03 * steps)`` warmup steps, batch size, steps and
+    cosine schedule with ``ceil(0.03 * steps)`` warmup steps (posttrain's rule since cf7c6ff), batch size, steps and
     ``max_length``.
 
 Loss mask (the fairest comparable setting)
@@ -93,6 +93,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -189,7 +190,7 @@ def run_trl(spec: dict) -> dict:
     args = SFTConfig(
         output_dir=spec["out_dir"], max_steps=spec["steps"], per_device_train_batch_size=spec["batch_size"],
         gradient_accumulation_steps=1, learning_rate=spec["lr"], lr_scheduler_type="cosine",
-        warmup_steps=round(0.03 * spec["steps"]), weight_decay=0.0, max_grad_norm=1.0, max_length=max_length,
+        warmup_steps=math.ceil(0.03 * spec["steps"]), weight_decay=0.0, max_grad_norm=1.0, max_length=max_length,
         assistant_only_loss=True, chat_template_path=spec["template_file"], logging_steps=1, seed=0,
         report_to="none", save_strategy="no", eval_strategy="no", train_sampling_strategy="sequential",
         use_cpu=True,
