@@ -186,13 +186,18 @@ def _parse_value(raw: str, tp: Any, where: str) -> Any:
     if args and type(None) in args and raw.lower() in ("null", "none", "~"):
         return None
     text_tp = next((a for a in args if a is not type(None)), tp) if args else tp
-    if _is_text(text_tp) and not (typing.get_origin(text_tp) in (list, tuple) and raw.startswith("[")):
-        quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
-        return raw[1:-1] if quoted else raw
+    double_quoted = len(raw) >= 2 and raw[0] == raw[-1] == '"'  # (YAML reads its escapes: "\n\n")
+    if _is_text(text_tp) and not double_quoted and not (typing.get_origin(text_tp) in (list, tuple)
+                                                        and raw.startswith("[")):
+        single_quoted = len(raw) >= 2 and raw[0] == raw[-1] == "'"
+        return raw[1:-1] if single_quoted else raw
     try:
-        return yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: cannot read {raw!r} ({str(e).splitlines()[0]})") from None
+    if double_quoted and _is_text(text_tp) and typing.get_origin(text_tp) in (list, tuple) and isinstance(value, str):
+        return [value]  # one quoted item, kept whole (a list from text is otherwise split at commas)
+    return value
 
 
 def _set_dotted(data: dict[str, Any], cls: type, dotted: str, raw: str) -> None:

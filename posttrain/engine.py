@@ -27,6 +27,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,15 @@ def check_run_dir(out: Path, stage: str, resume: bool, overwrite: bool) -> None:
         raise ConfigError(f"output_dir: {what}; a {stage} run needs a directory of its own")
     if not resume and not overwrite:
         raise ConfigError(f"output_dir: {what}: pass resume=true to continue it, overwrite=true to start over "
-                          "(its checkpoints are deleted), or choose another output_dir")
+                          "(its checkpoints, models and metrics are deleted), or choose another output_dir")
+
+
+def _inside(path: str, directory: Path) -> bool:
+    """Whether the local path ``path`` lies inside ``directory``."""
+    try:
+        return bool(path) and Path(path).expanduser().resolve().is_relative_to(directory.resolve())
+    except (OSError, ValueError):
+        return False
 
 
 def setup_run(output_dir: str | Path, stage: str, cfg: Any, inputs: list[str] | None = None) -> Path:
@@ -126,7 +135,11 @@ def setup_run(output_dir: str | Path, stage: str, cfg: Any, inputs: list[str] | 
     distributed.barrier()  # every rank has looked before rank 0 deletes anything
     if is_main_process():
         if overwrite and not resume:  # the old run's results, so that none outlives it
-            for d in (CHECKPOINT_DIR, "cache", "model", "model-merged", "adapter", "tensorboard"):
+            # (its models are kept when the new run starts from one of them: model/ is then
+            # replaced whole when the new one is saved)
+            start = getattr(getattr(cfg, "model", None), "name_or_path", "")
+            models = () if _inside(start, out) else ("model", "model-merged", "adapter")
+            for d in (CHECKPOINT_DIR, "cache", "tensorboard", *models):
                 shutil.rmtree(out / d, ignore_errors=True)  # (cache: a stage's cached features)
             for f in ("metrics.jsonl", "samples.jsonl"):
                 (out / f).unlink(missing_ok=True)
@@ -442,6 +455,9 @@ def resume(cfg: TrainConfig, run_dir: Path, trainable: Trainable) -> tuple[int, 
     """(step to continue after, metrics log): restores the last complete checkpoint when
     ``cfg.resume`` and drops logged records past it (the resumed run rewrites them)."""
     start = 0
+    if cfg.resume and is_main_process():
+        recover_checkpoints(run_dir)
+    distributed.barrier()
     ckpt = latest_checkpoint(run_dir) if cfg.resume else None
     if ckpt is not None:
         start = load_checkpoint(ckpt, trainable)["step"]
@@ -468,14 +484,16 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 
 def save_model_dir(model, tokenizer, out: Path, merge_lora: bool = False,
-                   state_dict: dict[str, torch.Tensor] | None = None, atomic: bool = True) -> None:
+                   state_dict: dict[str, torch.Tensor] | None = None, atomic: bool = True,
+                   extra: Callable[[Path], None] | None = None) -> None:
     """Save a plain HF directory (safetensors + tokenizer); a peft adapter under LoRA.
 
     With ``merge_lora`` a LoRA model is saved merged into its base weights instead;
     ``state_dict`` (an FSDP model's gathered weights, :meth:`Trainable.full_state`) replaces
     the model's own. ``atomic``: written beside ``out`` and moved in whole (:func:`replace_dir`),
     so a model saved over another leaves none of its files (an old adapter beside new full
-    weights loaded as the adapter).
+    weights loaded as the adapter). ``extra(dir)`` writes further files (a reward model's
+    metadata and head) into the directory before it is moved in.
     """
     final, out = out, out.with_name(f".tmp-{out.name}-{os.getpid()}") if atomic else out
     if atomic:
@@ -495,6 +513,8 @@ def save_model_dir(model, tokenizer, out: Path, merge_lora: bool = False,
         model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    if extra is not None:
+        extra(out)
     if atomic:
         replace_dir(out, final)
 
@@ -522,6 +542,18 @@ def checkpoints(run_dir: Path) -> list[Path]:
         if d.is_dir() and d.name.startswith("step-") and d.name[5:].isdigit() and (d / "trainer_state.json").is_file():
             found.append(d)
     return sorted(found, key=lambda d: int(d.name[5:]))
+
+
+def recover_checkpoints(run_dir: Path) -> None:
+    """A checkpoint written again was renamed aside (``.old-step-N-PID``) before the new one took
+    its name: killed between the two renames, the old complete one is put back."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    for old in sorted(root.glob(".old-step-*")) if root.is_dir() else []:
+        step = old.name[len(".old-step-"):].split("-")[0]
+        final = root / f"step-{step}"
+        if step.isdigit() and not final.exists() and (old / "trainer_state.json").is_file():
+            os.replace(old, final)
+            log(f"recovered {final} (a write of it was killed)")
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -45,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,16 +113,23 @@ def load_recipe(path: str | Path, quick: bool = False, overrides: list[str] | No
         key, _, value = item.partition("=")
         if key not in ("model", "output_dir", "n_train", "n_test", "seed"):
             raise ConfigError(f"recipe override '{key}': only model, output_dir, n_train, n_test, seed can be set")
-        raw[key] = value.strip()  # (checked with the file's values below)
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        raw[key] = value  # (checked with the file's values below)
     for key in ("model", "output_dir", "name"):
         if key in raw and (raw[key] is None or not str(raw[key]).strip()):
             raise ConfigError(f"{p}: {key} is empty")
     for key in ("n_train", "n_test", "seed"):
         if key in raw:
-            try:
-                raw[key] = int(str(raw[key]))
-            except ValueError:
-                raise ConfigError(f"{p}: {key} must be a whole number, not {raw[key]!r}") from None
+            v = raw[key]
+            if isinstance(v, float) and v.is_integer():  # (YAML: 1000.0, 1e3)
+                v = int(v)
+            if isinstance(v, str) and re.fullmatch(r"[+-]?\d+", v.strip()):
+                v = int(v)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ConfigError(f"{p}: {key} must be a whole number, not {raw[key]!r}")
+            raw[key] = v
             if raw[key] < 0 or (key != "seed" and raw[key] == 0):
                 raise ConfigError(f"{p}: {key} must be {'positive' if key != 'seed' else 'at least 0'}, "
                                   f"not {raw[key]}")

@@ -94,6 +94,8 @@ def test_override_values_keep_their_text():
     assert (cfg.sampling.stop, cfg.output_dir, cfg.model.name_or_path) == (["###"], "2024-01-01", "1.10")
     assert cfg.model.lora_target_modules == ["q_proj", "v_proj"] and cfg.lr == 3e-4 and cfg.model.lora is True
     assert load_config(GRPOConfig, None, ["sampling.stop=Question:"]).sampling.stop == ["Question:"]
+    assert load_config(GRPOConfig, None, ['sampling.stop="\\n\\n"']).sampling.stop == ["\n\n"]  # YAML's escapes
+    assert load_config(GRPOConfig, None, ["output_dir='runs/my run'"]).output_dir == "runs/my run"
     with pytest.raises(ConfigError, match=r"sampling.stop: cannot read '\['"):
         load_config(GRPOConfig, None, ["sampling.stop=["])
 

@@ -138,6 +138,12 @@ def test_loss_mask_under_other_families_templates(smol_tokenizer, family):
     opening = [{"role": "assistant", "content": "I greet first"}, {"role": "user", "content": "ok"},
                {"role": "assistant", "content": "fine"}]
     assert trained_text(tok, tokenize_conversation(tok, opening)) == ["I greet first" + eot, "fine" + eot]
+    # a one-letter text found where it is, not inside the closing marker; an empty reply trains
+    # the end-of-turn marker alone (a reward model scores empty completions)
+    one = [{"role": "assistant", "content": "d"}, {"role": "user", "content": "e"}, {"role": "assistant", "content": "d"}]
+    assert trained_text(tok, tokenize_conversation(tok, one)) == ["d" + eot, "d" + eot]
+    empty = [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]
+    assert trained_text(tok, tokenize_conversation(tok, empty)) == [eot]
 
 
 def test_a_template_that_rewrites_a_reply_makes_a_bad_row(smol_tokenizer):

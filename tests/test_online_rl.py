@@ -250,8 +250,10 @@ def test_math_equal_never_evaluates_model_text(tmp_path, monkeypatch):
                "<answer>9^9^9^9</answer>", "<answer>9^(999*999*999)</answer>", "<answer>x.subs(x, 0)</answer>"]
     assert math_equal(None, attacks, answer=["0", "0", "1", "1", "0"]) == [0.0] * 5
     assert not marker.exists()
-    good = ["The total is 1,234.", "<answer>x^2 + 2*x + 1</answer>", "<answer>2^10</answer>", "<answer>2**-3</answer>"]
-    assert math_equal(None, good, answer=["1234", "(x+1)^2", "1024", "1/8"]) == [1.0] * 4
+    good = ["The total is 1,234.", "<answer>x^2 + 2*x + 1</answer>", "<answer>2^10</answer>", "<answer>2**-3</answer>",
+            "<answer>2^(1/2)</answer>", "<answer>x^(2)</answer>"]
+    assert math_equal(None, good, answer=["1234", "(x+1)^2", "1024", "1/8", "sqrt(2)", "x^2"]) == [1.0] * 6
+    assert math_equal(None, ["<answer>1,2</answer>", "<answer>9^(9^9)</answer>"], answer=["12", "1"]) == [0.0, 0.0]
 
 
 def test_reward_set_weights_and_errors():

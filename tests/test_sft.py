@@ -134,6 +134,10 @@ def test_overwrite_leaves_none_of_the_old_model(tiny_model_dir, chat_file, tmp_p
     assert not (out / "model" / "adapter_config.json").exists() and not (out / "model-merged").exists()
     assert not hasattr(load_model(out / "model"), "peft_config")
     assert not [p.name for p in out.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+    # starting over from the run's own model: it is not deleted before it is loaded
+    train(cfg_for(tiny_model_dir, chat_file, out, "max_steps=1", "overwrite=true",
+                  f"model.name_or_path={out / 'model'}"))
+    assert (out / "model" / "model.safetensors").is_file()
 
 
 def test_a_checkpoint_written_again_is_replaced_whole(tiny_model_dir, chat_file, tmp_path, monkeypatch):
@@ -153,6 +157,21 @@ def test_a_checkpoint_written_again_is_replaced_whole(tiny_model_dir, chat_file,
     monkeypatch.undo()
     ckpt = engine.latest_checkpoint(out)
     assert ckpt.name == "step-2" and (ckpt / "model.safetensors").read_bytes() == old
+    # killed between the two renames (the old one aside, the new one not yet in): put back on resume
+    real_replace = engine.os.replace
+
+    def killed_between(src, dst):
+        if Path(dst).name == "step-2" and not Path(dst).exists() and ".tmp-step" in str(src):
+            raise KeyboardInterrupt("killed between the renames")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(engine.os, "replace", killed_between)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for(tiny_model_dir, chat_file, out, "max_steps=2", "resume=true"))
+    monkeypatch.undo()
+    assert engine.latest_checkpoint(out) is None  # only .old-step-2-* is left ...
+    engine.recover_checkpoints(out)  # ... which a resume puts back first
+    assert (engine.latest_checkpoint(out) / "model.safetensors").read_bytes() == old
 
 
 def test_starting_from_a_lora_adapter(tiny_model_dir, chat_file, tmp_path, monkeypatch):

@@ -86,14 +86,28 @@ def _special_strings(tok) -> list[str]:
 
 
 def _find_content(upto: str, content: str, start: int) -> tuple[int, int]:
-    """(where, length) of an assistant message's text in its render, searched from the end (the
-    message is the last one rendered); templates that trim it (Llama-3, Gemma: ``| trim``)
-    are matched by the trimmed text. (-1, 0) when the template changed it otherwise."""
+    """(where, length) of an assistant message's text in its render, searched from ``start`` (where
+    the template's text for the turn ends); templates that trim it (Llama-3, Gemma: ``| trim``)
+    are matched by the trimmed text. An empty text is at ``start``. (-1, 0) when the template
+    changed it otherwise."""
+    if not content.strip():
+        return start, 0
     for text in dict.fromkeys((content, content.strip(), content.rstrip(), content.lstrip())):
-        at = upto.rfind(text)
-        if at >= start and text:
+        at = upto.find(text, start)
+        if at >= 0:
             return at, len(text)
     return -1, 0
+
+
+_PROBE = "\ue000posttrain-probe\ue000"
+
+
+def _first_turn_opening(tok, message: dict) -> int:
+    """Where the text of a conversation's first message begins in its render: the template's
+    opening (BOS, an injected system prompt, the role header) comes before it. Found by rendering
+    a probe text in its place (a search for the text itself can stop early, inside the opening)."""
+    probe = _render(tok, [{**message, "content": _PROBE}], add_generation_prompt=False)
+    return max(probe.find(_PROBE), 0)
 
 
 def assistant_char_spans(tok, messages: list[dict[str, str]], train_from: int = 0, origin: str = ""
@@ -127,7 +141,8 @@ def assistant_char_spans(tok, messages: list[dict[str, str]], train_from: int = 
                 "the chat template does not render conversations as prefixes of each other, so assistant "
                 "turns cannot be located (templates that rewrite earlier turns are not supported yet)"
             )
-        content_at, n = _find_content(upto, m["content"], len(before))
+        start = len(before) if i else _first_turn_opening(tok, m)
+        content_at, n = _find_content(upto, m["content"], start)
         if content_at < 0:
             raise BadRowError(origin, "messages", f"assistant turn {i}: the chat template changed its text, so it "
                               "cannot be located in the rendered conversation")
@@ -137,7 +152,7 @@ def assistant_char_spans(tok, messages: list[dict[str, str]], train_from: int = 
         end = min(marks) if marks else len(upto.rstrip())
         # a first turn has no render before it: its span starts at its text, not at the
         # template's opening (BOS, an injected system prompt, the assistant header)
-        spans.append((len(before) if i else content_at, end))
+        spans.append((start, end))
     return full, spans
 
 
@@ -151,9 +166,10 @@ def tokenize_conversation(tok, messages: list[dict[str, str]], origin: str = "",
         if e <= s:
             continue
         for a, b in spans:
-            # a token that ends inside a span is trained, one that starts before it included (a
-            # Qwen2-style pre-tokenizer merges the header's newline with the text's first ones)
-            if a < e <= b:
+            # tokens wholly inside a span: one that starts in the header (a pre-tokenizer merging
+            # the header's newline with the text's first whitespace) is not what the model
+            # generates after the prompt, which ends with that newline as a token of its own
+            if s >= a and e <= b:
                 labels[t] = ids[t]
                 break
     return TokenizedExample(ids, labels, origin)

@@ -38,9 +38,12 @@ def final_answer(text: str, strict: bool = False) -> str | None:
 
 
 def _as_number(s: str) -> float | None:
-    s = s.replace(",", "").strip().rstrip(".")
-    m = re.fullmatch(r"-?\d+(?:\.\d+)?", s)
-    return float(s) if m else None
+    """``s`` as a number: digits with an optional sign and decimals, commas only as thousands
+    separators (``1,234``; ``1,2`` is not twelve)."""
+    s = s.strip().rstrip(".")
+    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):
+        s = s.replace(",", "")
+    return float(s) if re.fullmatch(r"-?\d+(?:\.\d+)?", s) else None
 
 
 def _answers(fields: dict, n: int) -> list:
@@ -80,7 +83,8 @@ def tagged_answer(prompts, completions, **fields) -> list[float | None]:
 # so no underscores, quotes or commas, no attribute access, and exponents that stay small
 # (``9^9^9^9`` would compute for ever)
 _SYMPY_SAFE = re.compile(r"[0-9A-Za-z\s+\-*/^().]{1,200}")
-_EXPONENT = re.compile(r"(?:\^|\*\*)\s*(?!(?:-?\d{1,3}|[A-Za-z])(?![\w(^]|\s*(?:\^|\*\*)))")
+_EXPONENT = re.compile(r"(?:\^|\*\*)\s*(?!(?:-?\d{1,3}|[A-Za-z]|\(\s*-?\d{1,3}(?:\s*/\s*\d{1,3})?\s*\)|\(\s*[A-Za-z]\s*\))"
+                       r"(?![\w(^]|\s*(?:\^|\*\*)))")
 
 
 def _sympy_expr(text: str):

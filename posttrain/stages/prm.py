@@ -173,9 +173,9 @@ def train(cfg: PRMConfig) -> PRMResult:
     model_dir = run_dir / "model"
     state = t.full_state()
     if t.accelerator.is_main_process:
-        engine.save_model_dir(t.unwrapped(), tok, model_dir, merge_lora=cfg.model.lora, state_dict=state)
-        (model_dir / PRM_META).write_text(json.dumps({"kind": "process", "step_separator": cfg.step_separator,
-                                                      "eval": ev}, indent=2))
+        meta = {"kind": "process", "step_separator": cfg.step_separator, "eval": ev}
+        engine.save_model_dir(t.unwrapped(), tok, model_dir, merge_lora=cfg.model.lora, state_dict=state,
+                              extra=lambda d: (d / PRM_META).write_text(json.dumps(meta, indent=2)))
     engine.finish_run(run_dir, metrics)
     summary = f"prm done: {total_steps} steps, train loss {loss_value:.4f}"
     if ev:

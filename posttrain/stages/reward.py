@@ -288,17 +288,18 @@ def train(cfg: RewardConfig, data: PreferenceData | None = None) -> RewardResult
 def save_reward_model(model, tok, out: Path, head, cfg: RewardConfig, ev: dict,
                       state_dict: dict | None = None) -> None:
     """``out`` as an ``AutoModelForSequenceClassification`` directory (LoRA merged) + metadata."""
-    out.mkdir(parents=True, exist_ok=True)
     info = {"kind": "outcome", "read_at": "last token of the chat-rendered conversation", "head": "linear",
             "mode": "frozen" if cfg.frozen_backbone else "lora" if cfg.model.lora else "full", "eval": ev}
     if head is not None and not cfg.head_hidden:
         _, score = backbone_and_score_head(model)
         score.weight.data.copy_(head.weight.data.to(score.weight.dtype))
-    engine.save_model_dir(model, tok, out, merge_lora=cfg.model.lora, state_dict=state_dict)
-    if head is not None and cfg.head_hidden:
-        from safetensors.torch import save_file
+    def metadata(d: Path) -> None:  # written into the directory before it is moved in whole
+        if head is not None and cfg.head_hidden:
+            from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out / MLP_HEAD_FILE))
-        info.update(head="mlp", head_hidden=cfg.head_hidden,
-                    note="the MLP head is in reward_head.safetensors; load with posttrain.rewards.RewardModel")
-    (out / REWARD_META).write_text(json.dumps(info, indent=2))
+            save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(d / MLP_HEAD_FILE))
+            info.update(head="mlp", head_hidden=cfg.head_hidden,
+                        note="the MLP head is in reward_head.safetensors; load with posttrain.rewards.RewardModel")
+        (d / REWARD_META).write_text(json.dumps(info, indent=2))
+
+    engine.save_model_dir(model, tok, out, merge_lora=cfg.model.lora, state_dict=state_dict, extra=metadata)
