@@ -105,15 +105,17 @@ def _stop_token_end(tok, seq: list[int], stops: list[str]) -> int | None:
 @torch.no_grad()
 def generate(model, tok, conversations: list[list[dict[str, str]]], cfg: SamplingConfig | None = None,
              streamer=None, progress: str | None = None, prefixes: list[str] | None = None,
-             stop_when: Callable[[int, str], bool] | None = None) -> list[str]:
+             stop_when: Callable[[int, str], bool] | None = None, truncated: list[bool] | None = None) -> list[str]:
     """Completions (text, special tokens removed) for chat ``conversations``, in input order.
     ``progress``: show a bar with this label, advanced per batch (not inside another bar).
     ``prefixes``: text the assistant's turn already starts with, one per conversation; the
     completion continues it (what is returned is the continuation alone).
     ``stop_when(i, text)``: asked each time conversation ``i``'s completion ends a line (its
     ``text`` so far); True ends that completion there (our decoding loop only: with ``stop``
-    strings or a streamer it is never asked)."""
+    strings or a streamer it is never asked). ``truncated``: a list filled with one flag per
+    conversation, True where the completion ran to ``max_new_tokens`` without EOS or a stop."""
     cfg = cfg or SamplingConfig()
+    flags = [False] * len(conversations)
     texts = render_prompts(tok, conversations)
     if prefixes is not None:
         if len(prefixes) != len(texts):
@@ -144,7 +146,10 @@ def generate(model, tok, conversations: list[list[dict[str, str]]], cfg: Samplin
                 new = continue_batch(gen, tok, enc["input_ids"], enc["attention_mask"], cfg,
                                      cfg.seed * 100_003 + b, streamer, check)
                 for row, i in enumerate(idx):
-                    results[i] = _cut_at_stop(tok.decode(new[row], skip_special_tokens=True), cfg.stop)
+                    text = tok.decode(new[row], skip_special_tokens=True)
+                    results[i] = _cut_at_stop(text, cfg.stop)
+                    flags[i] = (len(new[row]) >= cfg.max_new_tokens and tok.eos_token_id not in new[row]
+                                and not _has_stop(text, cfg.stop))
                 if bar is not None:
                     bar.update(bar_task, advance=len(idx), status=f"{max(map(len, new), default=0)} tokens")
     finally:
@@ -152,6 +157,8 @@ def generate(model, tok, conversations: list[list[dict[str, str]]], cfg: Samplin
         model.train(was_training)
         if bar is not None:
             bar.stop()
+    if truncated is not None:
+        truncated[:] = flags
     return results
 
 

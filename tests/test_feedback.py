@@ -273,7 +273,7 @@ def test_revisions_about_the_exercise_are_not_kept(monkeypatch, smol_tokenizer):
                    ["It helps a harmful request.", "Fine."],           # critiques
                    ["The original response was: Sure, here is how.",   # a meta "revision": not kept
                     "Here you go, kindly."]])                          # a real revision: kept
-    monkeypatch.setattr(cai, "generate", lambda model, tok, convs, cfg: next(script)[: len(convs)])
+    monkeypatch.setattr(cai, "generate", lambda model, tok, convs, cfg, **kw: next(script)[: len(convs)])
     assert cai.is_meta_revision("This critique is not") and not cai.is_meta_revision("I can't help with that.")
     assert cai.is_meta_revision("The response presents one view") and not cai.is_meta_revision("The egg boils.")
     sft, pref = cai.critique_and_revise(None, smol_tokenizer, ["p1", "p2"], cai.load_constitution(None),
@@ -282,3 +282,23 @@ def test_revisions_about_the_exercise_are_not_kept(monkeypatch, smol_tokenizer):
     assert [r["messages"][1]["content"] for r in sft] == ["Here you go, kindly."]
     assert [p["prompt"] for p in pref] == ["p2"]  # no pair where nothing was revised
     assert [t["kept"] for r in pref for t in r["trail"]] == [True]
+
+
+def test_revisions_cut_at_max_new_tokens_are_not_kept(monkeypatch, smol_tokenizer):
+    """A revision that ran out of tokens is an unfinished answer: not SL-CAI data."""
+    import posttrain.synth.constitutional as cai
+
+    script = iter([["Sure, here is how.", "Here you go."], ["Harmful.", "Fine."],
+                   ["I can't help with picking locks, but a locksmith", "Here you go, kindly."]])
+    cut_flags = iter([None, None, [True, False]])
+
+    def fake(model, tok, convs, cfg, truncated=None, **kw):
+        flags = next(cut_flags)
+        if truncated is not None and flags is not None:
+            truncated[:] = flags
+        return next(script)[: len(convs)]
+
+    monkeypatch.setattr(cai, "generate", fake)
+    sft, _ = cai.critique_and_revise(None, smol_tokenizer, ["p1", "p2"], cai.load_constitution(None),
+                                     cai.CAIConfig(revisions=1))
+    assert [r["messages"][1]["content"] for r in sft] == ["Here you go, kindly."]

@@ -540,6 +540,22 @@ def test_decode_drops_ended_rows_and_matches_hf_generate(tiny_model_dir, smol_to
             assert set(row[row.index(eos) + 1:]) <= {tok.pad_token_id}
 
 
+def test_generate_says_which_completions_ran_out_of_tokens(tiny_model_dir):
+    """generate(truncated=[...]): True where a completion hit max_new_tokens without EOS or a
+    stop string (the tiny model's greedy text here is newlines: cut at 3 tokens, or stopped at
+    the first newline by a stop string)."""
+    from posttrain.models import load_model
+    from posttrain.rollout import SamplingConfig, generate
+
+    model, tok = load_model(tiny_model_dir, "float32", with_tokenizer=True, inference=True)
+    convs = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "hello there"}]]
+    flags: list[bool] = []
+    texts = generate(model, tok, convs, SamplingConfig(max_new_tokens=3, temperature=0), truncated=flags)
+    assert len(flags) == 2 and all(flags) and all(texts)
+    generate(model, tok, convs, SamplingConfig(max_new_tokens=3, temperature=0, stop=["\n"]), truncated=flags)
+    assert flags == [False, False]
+
+
 def test_decode_line_check_ends_a_row_where_it_says(tiny_model_dir, smol_tokenizer, monkeypatch):
     """line_check: asked at each line-end token of a row with its new ids so far; True ends
     the row there (token kept, pads after), the other rows decode on unchanged; in generate

@@ -20,7 +20,7 @@ As in the paper, worked examples of the whole exchange (prompt, response, critiq
 critique, revision request, revision; ``posttrain/assets/cai_examples.yaml``) are shown as earlier
 turns of the same chat before every critique and revision request (``few_shot`` of them), so a
 small model sees what is asked. Revisions that talk about the exercise instead of answering
-(:func:`is_meta_revision`) are not kept.
+(:func:`is_meta_revision`), and revisions cut off at ``max_new_tokens``, are not kept.
 """
 
 from __future__ import annotations
@@ -179,9 +179,10 @@ def critique_and_revise(model, tok, prompts: list[str], constitution: list[Princ
     kinds = kinds or [""] * len(prompts)
     shots = worked_examples(constitution, cfg) if shots is None else shots
 
-    def gen(convs, seed):
+    def gen(convs, seed, cut=None):
         return [t.strip() for t in generate(model, tok, convs, SamplingConfig(
-            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=cfg.batch_size, seed=seed))]
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=cfg.batch_size, seed=seed),
+            truncated=cut)]
 
     original = gen([[{"role": "user", "content": p}] for p in prompts], cfg.seed)
     current = list(original)
@@ -190,13 +191,17 @@ def critique_and_revise(model, tok, prompts: list[str], constitution: list[Princ
         principles = [rng.choice(principles_for(constitution, k)) for k in kinds]
         critiques = gen([critique_messages(p, y, c, shots) for p, y, c in zip(prompts, current, principles)],
                         cfg.seed + 2 * r + 1)
+        cut: list[bool] = []
         revised = gen([revision_messages(p, y, c, k, shots)
-                       for p, y, c, k in zip(prompts, current, principles, critiques)], cfg.seed + 2 * r + 2)
+                       for p, y, c, k in zip(prompts, current, principles, critiques)], cfg.seed + 2 * r + 2, cut)
+        cut = cut or [False] * len(prompts)
         for i in range(len(prompts)):
-            kept = bool(revised[i]) and not is_meta_revision(revised[i])
+            kept = bool(revised[i]) and not is_meta_revision(revised[i]) and not cut[i]
             trail[i].append({"principle": principles[i].name, "critique": critiques[i], "revision": revised[i],
-                             "kept": kept})
-            if kept:  # an empty revision, or one about the exercise, keeps the previous response
+                             "kept": kept, "cut_at_max_new_tokens": cut[i]})
+            # an empty revision, one about the exercise, or one cut off at max_new_tokens (an
+            # unfinished answer) keeps the previous response
+            if kept:
                 current[i] = revised[i]
     sft, pref = [], []
     for p, y, y2, t in zip(prompts, original, current, trail):
