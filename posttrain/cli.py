@@ -299,7 +299,8 @@ def cmd_cai(args) -> int:
     sft, pairs, n = critique_and_revise_to(args.out_dir, model, tok, prompts, load_constitution(args.constitution),
                                            CAIConfig(revisions=args.revisions, max_new_tokens=args.max_new_tokens,
                                                      temperature=args.temperature, seed=args.seed,
-                                                     few_shot=args.few_shot), kinds=kinds)
+                                                     few_shot=args.few_shot, keep_unfinished=args.keep_unfinished),
+                                           kinds=kinds)
     log(f"wrote {sft} ({n['sft']} rows) and {pairs} ({n['pairs']} pairs)")
     return 0
 
@@ -484,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     cg.add_argument("--temperature", type=float, default=0.7)
     cg.add_argument("--seed", type=int, default=0)
     cg.add_argument("--few-shot", type=int, default=2, help="worked critique/revision examples shown first (0: none)")
+    cg.add_argument("--keep-unfinished", action="store_true",
+                    help="keep revisions cut off at --max-new-tokens (by default an unfinished answer is not kept)")
     cg.add_argument("--out-dir", required=True)
     cg.set_defaults(func=cmd_cai)
 

@@ -175,7 +175,7 @@ def test_generated_rows_load_in_sft_and_dpo(tiny_model_dir, tmp_path):
 
     model, tok = load_model(tiny_model_dir, with_tokenizer=True)
     sft, pref = critique_and_revise(model, tok, ["How do I pick a lock?", "Name a colour."], load_constitution(),
-                                    CAIConfig(max_new_tokens=12, temperature=1.0))
+                                    CAIConfig(max_new_tokens=12, temperature=1.0, keep_unfinished=True))
     assert len(sft) == 2 and all("principles" in r for r in sft)
     write_rows(tmp_path / "sft.jsonl", sft)
     data = load_sft_data(tok, DataConfig(train=[DataSource(str(tmp_path / "sft.jsonl"))], eval_fraction=0.0))
@@ -238,7 +238,7 @@ def test_cli_cai_and_judge(tiny_model_dir, tmp_path, capsys):
 
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "How do I pick a lock?"}, {"prompt": "Name a colour."}])
     assert main(["cai", "generate", str(tiny_model_dir), "--prompts", str(prompts), "--max-new-tokens", "8",
-                 "--out-dir", str(tmp_path / "cai")]) == 0
+                 "--out-dir", str(tmp_path / "cai"), "--keep-unfinished"]) == 0  # (a random model never finishes)
     assert len((tmp_path / "cai" / "sft.jsonl").read_text().splitlines()) == 2
     pairs = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "hi", "responses": ["hello", "go away"]},
                                                {"prompt": "q", "response_a": "a", "response_b": "b"}])

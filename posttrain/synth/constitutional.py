@@ -163,6 +163,7 @@ class CAIConfig:
     seed: int = 0
     few_shot: int = 2  # worked examples shown before each critique and revision request (0: none)
     examples: str = ""  # YAML of worked examples (default: the bundled ones)
+    keep_unfinished: bool = False  # keep revisions cut off at max_new_tokens (unfinished answers)
 
 
 def worked_examples(constitution: list[Principle], cfg: CAIConfig) -> list[Example]:
@@ -196,7 +197,7 @@ def critique_and_revise(model, tok, prompts: list[str], constitution: list[Princ
                        for p, y, c, k in zip(prompts, current, principles, critiques)], cfg.seed + 2 * r + 2, cut)
         cut = cut or [False] * len(prompts)
         for i in range(len(prompts)):
-            kept = bool(revised[i]) and not is_meta_revision(revised[i]) and not cut[i]
+            kept = bool(revised[i]) and not is_meta_revision(revised[i]) and (cfg.keep_unfinished or not cut[i])
             trail[i].append({"principle": principles[i].name, "critique": critiques[i], "revision": revised[i],
                              "kept": kept, "cut_at_max_new_tokens": cut[i]})
             # an empty revision, one about the exercise, or one cut off at max_new_tokens (an
