@@ -80,7 +80,8 @@ def test_stage_killed_anywhere_resumes_exactly(stage, tiny_model_dir, tmp_path, 
 
 def test_synthesis_killed_mid_chunk_has_no_duplicate_or_missing_rows(tiny_model_dir, tmp_path, monkeypatch):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about topic {i}."} for i in range(40)])
-    args = ["cai", "generate", tiny_model_dir, "--prompts", prompts, "--max-new-tokens", "6"]
+    args = ["cai", "generate", tiny_model_dir, "--prompts", prompts, "--max-new-tokens", "6",
+            "--keep-unfinished"]  # (a random model never finishes within 6 tokens)
     env = env_for(tmp_path)
     reference_run(monkeypatch, tmp_path, *args, "--out-dir", tmp_path / "ref")
     # 40 prompts = 3 chunks of 16: killed after chunk 2's rows are appended but before its
