@@ -168,10 +168,23 @@ class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss); the message says where and why."""
 
 
+def process_start_time(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch; Linux ``/proc``), None where unknown:
+    with the pid it tells a run's process from a later one that reuses its pid."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines() if ln.startswith("btime"))
+        return round(boot + int(fields[19]) / os.sysconf("SC_CLK_TCK"), 2)
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 def write_status(run_dir: Path, state: str) -> None:
-    """``status.json``: ``running`` (with this process's pid and host) or ``finished``; a run
-    whose status says running but whose process is gone was killed (see ``posttrain runs``)."""
-    status = {"state": state, "pid": os.getpid(), "host": platform.node(), "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    """``status.json``: ``running`` (with this process's pid, its start time and the host) or
+    ``finished``; a run whose status says running but whose process is gone was killed (see
+    ``posttrain runs``)."""
+    status = {"state": state, "pid": os.getpid(), "pid_started": process_start_time(os.getpid()),
+              "host": platform.node(), "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
     _atomic_write_text(Path(run_dir) / STATUS_FILE, json.dumps(status))
 
 

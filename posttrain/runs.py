@@ -17,16 +17,21 @@ from pathlib import Path
 
 import yaml
 
-from posttrain.engine import STATUS_FILE, latest_checkpoint, read_metrics
+from posttrain.engine import STATUS_FILE, latest_checkpoint, process_start_time, read_metrics
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, started: float | None = None) -> bool:
+    """Whether the process that wrote a run's status is still running: ``pid`` exists and, where
+    its start time was recorded, started then (a later process may reuse the pid)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    now_started = process_start_time(pid)
+    if started is not None and now_started is not None:
+        return abs(now_started - started) < 2.0
     cmdline = Path(f"/proc/{pid}/cmdline")
     return not cmdline.is_file() or b"posttrain" in cmdline.read_bytes() or b"python" in cmdline.read_bytes()
 
@@ -38,7 +43,7 @@ def _state(run: Path, complete: bool) -> str:
     st = json.loads(f.read_text())
     if st.get("state") == "finished":
         return "finished"
-    if st.get("host") == platform.node() and not _alive(int(st.get("pid", -1))):
+    if st.get("host") == platform.node() and not _alive(int(st.get("pid", -1)), st.get("pid_started")):
         return "stopped"
     return "running" if st.get("host") == platform.node() else f"running on {st.get('host')}"
 

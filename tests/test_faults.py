@@ -135,7 +135,7 @@ def test_runs_lists_finished_running_and_stopped(tmp_path):
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True)
-    for name, state in (("done", "finished"), ("live", "running"), ("killed", "running")):
+    for name, state in (("done", "finished"), ("live", "running"), ("killed", "running"), ("reused", "running")):
         d = tmp_path / name
         d.mkdir()
         (d / "manifest.json").write_text(json.dumps({"stage": "sft"}))
@@ -143,9 +143,13 @@ def test_runs_lists_finished_running_and_stopped(tmp_path):
         write_status(d, state)
     status = json.loads((tmp_path / "killed" / "status.json").read_text())
     (tmp_path / "killed" / "status.json").write_text(json.dumps({**status, "pid": int(gone.stdout)}))
+    # a live process that reuses a killed run's pid (here: this one, started at another time)
+    status = json.loads((tmp_path / "reused" / "status.json").read_text())
+    assert status["pid_started"] is not None
+    (tmp_path / "reused" / "status.json").write_text(json.dumps({**status, "pid_started": status["pid_started"] - 60}))
     got = {Path(r["run"]).name: (r["state"], r["progress"], r["headline"]) for r in find_runs([tmp_path])}
     assert got == {"done": ("finished", "step 3", "loss/train 1.5"), "live": ("running", "step 3", "loss/train 1.5"),
-                   "killed": ("stopped", "step 3", "loss/train 1.5")}
+                   "killed": ("stopped", "step 3", "loss/train 1.5"), "reused": ("stopped", "step 3", "loss/train 1.5")}
     # a recipe's directory as the root: one run, its stages inside it
     (tmp_path / "recipe.yaml").write_text("name: r\nstages: []\n")
     assert [Path(r["run"]) for r in find_runs([tmp_path])] == [tmp_path]
