@@ -485,6 +485,14 @@ def resume(cfg: TrainConfig, run_dir: Path, trainable: Trainable) -> tuple[int, 
 # --------------------------------------------------------------------------- checkpoints
 
 
+def clear_leftovers(parent: Path, name: str) -> None:
+    """Delete the ``.tmp-NAME-*`` and ``.old-NAME-*`` directories a killed :func:`replace_dir`
+    write left in ``parent``."""
+    for kind in (".tmp", ".old"):
+        for stale in parent.glob(f"{kind}-{name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move the complete directory ``tmp`` to ``final``. An existing ``final`` is renamed aside
     first and deleted after, so ``final`` is never a mix of the two nor a half-deleted one."""
@@ -510,9 +518,7 @@ def save_model_dir(model, tokenizer, out: Path, merge_lora: bool = False,
     """
     final, out = out, out.with_name(f".tmp-{out.name}-{os.getpid()}") if atomic else out
     if atomic:
-        for kind in (".tmp", ".old"):  # left by a killed save
-            for stale in final.parent.glob(f"{kind}-{final.name}-*"):
-                shutil.rmtree(stale, ignore_errors=True)
+        clear_leftovers(final.parent, final.name)
     out.mkdir(parents=True, exist_ok=True)
     if merge_lora and hasattr(model, "merge_and_unload"):
         from posttrain.models import merged_for_export
@@ -587,8 +593,7 @@ def save_checkpoint(run_dir: Path, trainable: Trainable, tokenizer, state: dict[
         optim_state = get_optimizer_state_dict(trainable.optimizer_owner(), trainable.optimizer,
                                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if trainable.accelerator.is_main_process:
-        for stale in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:  # left by a killed write
-            shutil.rmtree(stale, ignore_errors=True)
+        clear_leftovers(root, "step")  # (every step's: .tmp-step-N-PID, .old-step-N-PID)
         try:
             save_model_dir(trainable.unwrapped(), tokenizer, tmp, state_dict=model_state, atomic=False)
             faults.point("checkpoint")

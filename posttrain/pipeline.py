@@ -199,10 +199,10 @@ def _check_stage(recipe: Path, stage: Stage, earlier: set[str]) -> None:
         raise ConfigError(f"{where}: unknown {stage.kind} keys {sorted(set(stage.config) - known)} ({stage.kind} "
                           f"takes {sorted(known)})")
     if "held_out" in stage.options:
-        held = stage.options["held_out"]
-        if not isinstance(held, int) or isinstance(held, bool) or held < (1 if stage.kind == "win_rate" else 0):
-            raise ConfigError(f"{where}: held_out must be a whole number of prompts per file, at least "
-                              f"{1 if stage.kind == 'win_rate' else 0}, not {held!r}")
+        held, least = stage.options["held_out"], 1 if stage.kind == "win_rate" else 0
+        if not isinstance(held, int) or isinstance(held, bool) or held < least:
+            raise ConfigError(f"{where}: held_out must be a whole number of prompts per file, at least {least}, "
+                              f"not {held!r}")
     for part in str(stage.data or "").split("+"):
         name = part.strip()[1:].partition(".")[0] if part.strip().startswith("@") else None
         if name is not None and name != "cold_start" and name not in earlier:
@@ -424,13 +424,17 @@ def _aspect(kind: str) -> str:
     return "harmlessness" if kind == "harmful" else "helpfulness"
 
 
+def _judge_path(run: Run, stage: Stage) -> str:
+    """The stage's ``judge`` option, else the recipe's starting model (not the model being
+    trained: it would judge its own samples)."""
+    return str(stage.options.get("judge") or run.recipe.model)
+
+
 def _load_judge(run: Run, stage: Stage, loaded: dict):
-    """``(model, tokenizer)`` of the stage's ``judge`` option, else of the recipe's starting model
-    (not the model being trained: it would judge its own samples); ``loaded``: models already
-    in memory by path."""
+    """``(model, tokenizer)`` of :func:`_judge_path`; ``loaded``: models already in memory by path."""
     from posttrain.models import load_model
 
-    path = str(stage.options.get("judge") or run.recipe.model)
+    path = _judge_path(run, stage)
     return loaded.get(path) or load_model(path, with_tokenizer=True, inference=True)
 
 
@@ -467,7 +471,7 @@ def run_judge(run: Run, stage: Stage, out: Path) -> dict:
             js += j
         return {"pairs": pairs}, {"judged": len(js), "confidence": sum(j.confidence for j in js)}
 
-    key = fingerprint("judge", sc.__dict__, rows, min_conf, soft, run.model, stage.options.get("judge") or run.recipe.model)
+    key = fingerprint("judge", sc.__dict__, rows, min_conf, soft, run.model, _judge_path(run, stage))
     counts, parts = run_chunks({"pairs": out / "pairs.jsonl"}, len(rows), chunk, key, produce, stage.name)
     judged = sum(p["judged"] for p in parts)
     log(f"{stage.name}: judged {judged} pairs, kept {counts['pairs']} (mean confidence "

@@ -82,6 +82,16 @@ def _has_stop(text: str, stops: list[str]) -> bool:
     return any(s and s in text for s in stops)
 
 
+def _ran_out(ids: list[int], text: str, eos: int | None, cfg: SamplingConfig) -> bool:
+    """A completion cut at ``max_new_tokens``: neither EOS nor a stop string ended it."""
+    return len(ids) >= cfg.max_new_tokens and eos not in ids and not _has_stop(text, cfg.stop)
+
+
+def left_padded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch: counted from each row's first real token."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def _cut_at_stop(text: str, stops: list[str]) -> str:
     cuts = [text.find(s) for s in stops if s and s in text]
     return text[: min(cuts)] if cuts else text
@@ -148,8 +158,7 @@ def generate(model, tok, conversations: list[list[dict[str, str]]], cfg: Samplin
                 for row, i in enumerate(idx):
                     text = tok.decode(new[row], skip_special_tokens=True)
                     results[i] = _cut_at_stop(text, cfg.stop)
-                    flags[i] = (len(new[row]) >= cfg.max_new_tokens and tok.eos_token_id not in new[row]
-                                and not _has_stop(text, cfg.stop))
+                    flags[i] = _ran_out(new[row], text, tok.eos_token_id, cfg)
                 if bar is not None:
                     bar.update(bar_task, advance=len(idx), status=f"{max(map(len, new), default=0)} tokens")
     finally:
@@ -540,7 +549,7 @@ def _decode(model, ids, mask, max_new_tokens, eos, pad, temperature, top_k, top_
     B = ids.shape[0]
     out = ids.new_full((B, max_new_tokens), pad)
     live = torch.arange(B, device=ids.device)  # original row of each row still in the batch
-    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    position_ids = left_padded_positions(mask)
     past = preallocated_cache(model, ids.shape[1] + max_new_tokens)
     key = _cache_argument(model)
     rows, inverse = torch.unique(torch.cat([ids, mask.to(ids.dtype)], 1), dim=0, return_inverse=True)
@@ -682,7 +691,7 @@ def sample(model, tok, prompt_ids: list[list[int]], cfg: SamplingConfig, seed: i
                             seq.pop()
                     out_ids[i] = seq
                     text = tok.decode(seq, skip_special_tokens=True)
-                    truncated[i] = eos not in seq and not _has_stop(text, cfg.stop)
+                    truncated[i] = _ran_out(seq, text, eos, cfg)
     finally:
         model.train(was_training)
     texts = [_cut_at_stop(tok.decode(c, skip_special_tokens=True), cfg.stop) for c in out_ids]
