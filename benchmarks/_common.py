@@ -48,14 +48,16 @@ def posttrain_overrides(model_dir: str, train_file: str, out_dir: str, steps: in
 
 
 def posttrain_batches(model_dir: str, train_file: str, steps: int, batch_size: int, max_length: int,
-                      lr: float) -> tuple[list[list[int]], list[int]]:
-    """(example indices of each of the ``steps`` batches posttrain will train on, token lengths).
+                      lr: float) -> tuple[list[list[int]], list[int], list[int]]:
+    """(example indices of each of the ``steps`` batches posttrain will train on, token lengths,
+    trained positions of each example: the tokens the loss is taken at).
 
     Computed with posttrain's own loader and ``EpochBatches``, from the same config as
     the run, so another trainer can be fed exactly the same batches.
     """
     from posttrain.config import load_config
     from posttrain.data.dataset import load_sft_data
+    from posttrain.data.tokenize import IGNORE
     from posttrain.models import load_tokenizer
     from posttrain.stages.sft import SFTConfig
 
@@ -71,7 +73,34 @@ def posttrain_batches(model_dir: str, train_file: str, steps: int, batch_size: i
         from posttrain.stages.sft import EpochBatches
 
         batches = EpochBatches(data.train, cfg.batch_size, cfg.seed)
-    return [list(batches[m]) for m in range(steps)], [len(e.input_ids) for e in data.train]
+    targets = [sum(1 for t in e.labels[1:] if t != IGNORE) for e in data.train]
+    return [list(batches[m]) for m in range(steps)], [len(e.input_ids) for e in data.train], targets
+
+
+def head_parameters(model_dir: str) -> dict[str, int]:
+    """Parameters of the LM head and of the input embedding (the same matrix when tied)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    cfg = getattr(cfg, "text_config", cfg)
+    head = cfg.vocab_size * cfg.hidden_size
+    return {"head": head, "embedding": head, "tied": bool(getattr(cfg, "tie_word_embeddings", False))}
+
+
+def executed_flops(batch: list[int], lengths: list[int], targets: list[int], params: int, head: dict,
+                   padded_body: bool, head_at_targets: bool) -> float:
+    """Matmul FLOPs one training step executes (forward + backward, 6 per parameter per token).
+
+    The decoder body runs over every token it is given (padding included when ``padded_body``),
+    the LM head over every body position or only the trained ones (``head_at_targets``), and
+    the input embedding is a lookup (its gradient a scatter, no matmul). Attention's own
+    score/value products (quadratic in the length) are left out, as in the 6PT rule.
+    """
+    real = sum(lengths[i] for i in batch)
+    body_tokens = len(batch) * max(lengths[i] for i in batch) if padded_body else real
+    head_tokens = sum(targets[i] for i in batch) if head_at_targets else body_tokens
+    body_params = params - head["head"] - (0 if head["tied"] else head["embedding"])
+    return 6.0 * (body_params * body_tokens + head["head"] * head_tokens)
 
 
 def padding_share(batches: list[list[int]], lengths: list[int]) -> float:
@@ -185,7 +214,7 @@ def window_throughput(step_ends: list[float], step_tokens: list[int], step_cpu: 
             per_step.append({"step": k + 1, "s": round(step_ends[k] - step_ends[k - 1], 3), "tokens": step_tokens[k],
                              "other_cores_busy": load.get("other_cores_busy"),
                              "self_cores_busy": load.get("self_cores_busy")})
-        quiet = [p for p in per_step if (p["other_cores_busy"] or 0.0) < quiet_below]
+        quiet = [p for p in per_step if p["step"] in quiet_steps(per_step, quiet_below)]
         res["per_step"] = per_step
         res["quiet_steps"] = len(quiet)
         res["quiet_tokens_per_s"] = (sum(p["tokens"] for p in quiet) / sum(p["s"] for p in quiet)
@@ -335,6 +364,11 @@ def run_one(name: str, fn, spec: dict, work: Path, wait_quiet_s: float) -> dict:
     return r
 
 
+def quiet_steps(per_step: list[dict], quiet_below: float = 0.1) -> list[int]:
+    """The window steps (numbers) during which other processes kept under ``quiet_below`` cores busy."""
+    return [p["step"] for p in per_step if (p["other_cores_busy"] or 0.0) < quiet_below]
+
+
 def pick_quiet(r: dict, key: str) -> tuple[float, str]:
     """A run's ``key`` figure (``tokens_per_s``, ``s_per_step``) over its quiet window steps when at
     least 2 (or all) were quiet, else over all steps, flagged LOADED; with a note of the basis."""
@@ -376,7 +410,7 @@ def window_step_times(step_ends: list[float], step_cpu: list[dict] | None = None
             per_step.append({"step": k + 1, "s": round(step_ends[k] - step_ends[k - 1], 3),
                              "other_cores_busy": load.get("other_cores_busy"),
                              "self_cores_busy": load.get("self_cores_busy")})
-        quiet = [p for p in per_step if (p["other_cores_busy"] or 0.0) < quiet_below]
+        quiet = [p for p in per_step if p["step"] in quiet_steps(per_step, quiet_below)]
         res["per_step"] = per_step
         res["quiet_steps"] = len(quiet)
         res["quiet_s_per_step"] = sum(p["s"] for p in quiet) / len(quiet) if quiet else float("nan")

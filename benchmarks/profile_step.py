@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="posttrain-profile-"))
     rows = C.sft_rows(a.steps * a.batch_size)
     train_file = C.write_jsonl(rows, work / "train.jsonl")
-    batches, _ = C.posttrain_batches(model_dir, str(train_file), a.steps, a.batch_size, a.max_length, 1e-4)
+    batches, _, _ = C.posttrain_batches(model_dir, str(train_file), a.steps, a.batch_size, a.max_length, 1e-4)
     model, tok, dtype = prepare_model(ModelConfig(name_or_path=model_dir))
     examples = [tokenize_conversation(tok, rows[i]["messages"]) for i in batches[a.batch]]
     batch = collate(examples, a.batching, tok.pad_token_id)

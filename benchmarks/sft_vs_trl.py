@@ -322,7 +322,8 @@ def main(argv=None) -> int:
     model_dir = str(embedded_model_dir())
     n = a.steps * a.batch_size
     train_file = C.write_jsonl(C.sft_rows(n), work / "train.jsonl")
-    batches, lengths = C.posttrain_batches(model_dir, str(train_file), a.steps, a.batch_size, a.max_length, a.lr)
+    batches, lengths, targets = C.posttrain_batches(model_dir, str(train_file), a.steps, a.batch_size, a.max_length,
+                                                    a.lr)
     if max(lengths) > a.max_length:
         raise SystemExit(f"an example has {max(lengths)} tokens > --max-length {a.max_length}")
     order = [i for b in batches for i in b]
@@ -372,7 +373,9 @@ def main(argv=None) -> int:
     peak = max(quiet_mm or [mm_before["gflops"], mm_after["gflops"]])
     print(f"\n{mm_name} 2048x2048 matmul after the runs: {mm_after['gflops']:.1f} GFLOP/s "
           f"({'quiet' if mm_after['quiet'] else 'LOADED'}; reference: {peak:.1f})", flush=True)
-    summary = summarize(a, results, peak, mm_before, mm_after, pad_grouped, pad_random, mach, started, n, lengths)
+    work_done = {"batches": batches, "lengths": lengths, "targets": targets, "head": C.head_parameters(model_dir)}
+    summary = summarize(a, results, peak, mm_before, mm_after, pad_grouped, pad_random, mach, started, n, lengths,
+                        work_done)
     print_table(summary)
     out = Path(a.json)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -382,7 +385,28 @@ def main(argv=None) -> int:
     return 0 if all("error" not in r for r in results.values()) else 1
 
 
-def summarize(a, results, peak, mm_before, mm_after, pad_grouped, pad_random, mach, started, n, lengths) -> dict:
+def executed_share(name: str, r: dict, a, work_done: dict | None, steps: list[int]) -> float | None:
+    """Executed matmul FLOPs over the rate's steps as a share of 6 x params x their real tokens.
+
+    posttrain takes the LM head only at trained positions and its body over the batch as
+    collated (right-padded unless ``batching=flatten``); TRL's SFTTrainer (1.16, on a CPU) takes
+    the head at every position it runs, padding included unless ``padding_free``.
+    """
+    if not work_done or not r.get("params") or name not in ("posttrain", "trl_fast", "trl_default"):
+        return None
+    if name == "posttrain":
+        padded, at_targets = _kv(a.posttrain_set).get("batching", "pad") != "flatten", True
+    else:
+        padded, at_targets = not (r.get("settings") or {}).get("padding_free"), False
+    b, lengths, targets = work_done["batches"], work_done["lengths"], work_done["targets"]
+    done = sum(C.executed_flops(b[k - 1], lengths, targets, r["params"], work_done["head"], padded, at_targets)
+               for k in steps)
+    model = sum(6.0 * r["params"] * sum(lengths[i] for i in b[k - 1]) for k in steps)
+    return done / model
+
+
+def summarize(a, results, peak, mm_before, mm_after, pad_grouped, pad_random, mach, started, n, lengths,
+              work_done: dict | None = None) -> dict:
     runs = {}
     ok = {k: r for k, r in results.items() if "error" not in r}
     # posttrain and trl_fast train on the same batches: compare them over the steps quiet in both
@@ -396,9 +420,13 @@ def summarize(a, results, peak, mm_before, mm_after, pad_grouped, pad_random, ma
         if use_paired and name in ("posttrain", "trl_fast"):
             rate = paired["a"] if name == "posttrain" else paired["b"]
             basis = f"steps {paired['steps']} (quiet in both runs)"
+            rate_steps = paired["steps"]
         else:
             rate, basis = C.pick_quiet(r, "tokens_per_s")
+            per_step = r.get("per_step") or []
+            rate_steps = C.quiet_steps(per_step) if basis.startswith("quiet") else [p["step"] for p in per_step]
         flops = 6 * params * rate if params else float("nan")
+        factor = executed_share(name, {**r, "params": params}, a, work_done, rate_steps) if rate_steps else None
         runs[name] = {
             "steps": r["steps"], "tokens_per_s": round(rate, 1), "rate_basis": basis,
             "tokens_per_s_all_steps": round(r["tokens_per_s"], 1),
@@ -409,6 +437,8 @@ def summarize(a, results, peak, mm_before, mm_after, pad_grouped, pad_random, ma
             "final_loss": r["losses"][-1] if r["losses"] else None, "losses": r["losses"],
             "rss_train_mb": round(r["rss_train_mb"], 1), "rss_exit_mb": round(r["rss_exit_mb"], 1),
             "params": params, "achieved_gflops": round(flops / 1e9, 1), "flop_share": round(flops / 1e9 / peak, 3),
+            "executed_flops_per_model_flop": round(factor, 4) if factor else None,
+            "executed_flop_share": round(factor * flops / 1e9 / peak, 3) if factor else None,
             "dtype": r.get("dtype"), "settings": r.get("settings"), "resolved": r.get("resolved"),
             "labels_match": r.get("labels_match"), "load_in_window": r.get("load"),
             "waited_for_quiet": r.get("waited_for_quiet"), "loadavg_after": r.get("loadavg_after"),
@@ -431,6 +461,9 @@ def summarize(a, results, peak, mm_before, mm_after, pad_grouped, pad_random, ma
     if "flop_share" in pt:
         targets["posttrain_flop_share"] = {"value": pt["flop_share"], "target": ">= 0.75",
                                            "pass": pt["flop_share"] >= 0.75}
+    if pt.get("executed_flop_share") is not None:
+        targets["posttrain_executed_flop_share"] = {"value": pt["executed_flop_share"], "target": ">= 0.75",
+                                                    "pass": pt["executed_flop_share"] >= 0.75}
     if "tokens_per_s" in pt and "tokens_per_s" in runs.get("trl_default", {}):
         targets["speedup_vs_trl_default"] = {
             "value": round(pt["tokens_per_s"] / runs["trl_default"]["tokens_per_s"], 2), "target": "info",
@@ -468,6 +501,10 @@ def print_table(s: dict) -> None:
     print(f"{mm.get('dtype', 'float32')} matmul reference: {mm['reference']} GFLOP/s (before {mm['before']['gflops']:.1f}, "
           f"after {mm['after']['gflops']:.1f}); GFLOP/s = 6 x {params} "
           "params x tok/s")
+    for name, r in runs.items():
+        if r.get("executed_flop_share") is not None:
+            print(f"{name}: executes {r['executed_flops_per_model_flop']:.3f} x the 6PT FLOPs (padding, and the LM "
+                  f"head where it runs), so {r['executed_flop_share']:.1%} of the matmul by executed FLOPs")
     for name, t in s["targets"].items():
         verdict = "info" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
         print(f"  {verdict:<5} {name}: {t['value']} (target {t['target']})")

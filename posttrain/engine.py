@@ -39,6 +39,7 @@ import yaml
 from posttrain import allocator, distributed, faults
 from posttrain.config import ConfigError, check_bounds, doc
 from posttrain.data.dataset import DataConfig
+from posttrain.fileio import atomic_write, replace_tree
 from posttrain.log import is_main_process, log, warn
 from posttrain.models import ModelConfig, unwrap_peft
 
@@ -116,10 +117,10 @@ def check_run_dir(out: Path, stage: str, resume: bool, overwrite: bool) -> None:
                           "(its checkpoints, models and metrics are deleted), or choose another output_dir")
 
 
-def _inside(path: str, directory: Path) -> bool:
+def inside(path: str | Path, directory: Path) -> bool:
     """Whether the local path ``path`` lies inside ``directory``."""
     try:
-        return bool(path) and Path(path).expanduser().resolve().is_relative_to(directory.resolve())
+        return bool(str(path)) and Path(path).expanduser().resolve().is_relative_to(Path(directory).resolve())
     except (OSError, ValueError):
         return False
 
@@ -138,7 +139,7 @@ def setup_run(output_dir: str | Path, stage: str, cfg: Any, inputs: list[str] | 
             # (its models are kept when the new run starts from one of them: model/ is then
             # replaced whole when the new one is saved)
             start = getattr(getattr(cfg, "model", None), "name_or_path", "")
-            models = () if _inside(start, out) else ("model", "model-merged", "adapter")
+            models = () if inside(start, out) else ("model", "model-merged", "adapter")
             for d in (CHECKPOINT_DIR, "cache", "tensorboard", *models):
                 shutil.rmtree(out / d, ignore_errors=True)  # (cache: a stage's cached features)
             for f in ("metrics.jsonl", "samples.jsonl"):
@@ -155,7 +156,7 @@ def setup_run(output_dir: str | Path, stage: str, cfg: Any, inputs: list[str] | 
             "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "cuda": torch.cuda.is_available(),
                      "world_size": distributed.world_size()},
         }
-        _atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
+        atomic_write(out / "manifest.json", json.dumps(manifest, indent=2))
         write_status(out, "running")
     distributed.barrier()
     return out
@@ -185,7 +186,7 @@ def write_status(run_dir: Path, state: str) -> None:
     ``posttrain runs``)."""
     status = {"state": state, "pid": os.getpid(), "pid_started": process_start_time(os.getpid()),
               "host": platform.node(), "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    _atomic_write_text(Path(run_dir) / STATUS_FILE, json.dumps(status))
+    atomic_write(Path(run_dir) / STATUS_FILE, json.dumps(status))
 
 
 def finish_run(run_dir: Path, metrics: Metrics) -> None:
@@ -193,12 +194,6 @@ def finish_run(run_dir: Path, metrics: Metrics) -> None:
     metrics.close()
     if is_main_process():
         write_status(run_dir, "finished")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- shared training config
@@ -486,22 +481,11 @@ def resume(cfg: TrainConfig, run_dir: Path, trainable: Trainable) -> tuple[int, 
 
 
 def clear_leftovers(parent: Path, name: str) -> None:
-    """Delete the ``.tmp-NAME-*`` and ``.old-NAME-*`` directories a killed :func:`replace_dir`
+    """Delete the ``.tmp-NAME-*`` and ``.old-NAME-*`` directories a killed :func:`posttrain.fileio.replace_tree`
     write left in ``parent``."""
     for kind in (".tmp", ".old"):
         for stale in parent.glob(f"{kind}-{name}-*"):
             shutil.rmtree(stale, ignore_errors=True)
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move the complete directory ``tmp`` to ``final``. An existing ``final`` is renamed aside
-    first and deleted after, so ``final`` is never a mix of the two nor a half-deleted one."""
-    old = final.with_name(f".old-{final.name}-{os.getpid()}")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_model_dir(model, tokenizer, out: Path, merge_lora: bool = False,
@@ -511,7 +495,7 @@ def save_model_dir(model, tokenizer, out: Path, merge_lora: bool = False,
 
     With ``merge_lora`` a LoRA model is saved merged into its base weights instead;
     ``state_dict`` (an FSDP model's gathered weights, :meth:`Trainable.full_state`) replaces
-    the model's own. ``atomic``: written beside ``out`` and moved in whole (:func:`replace_dir`),
+    the model's own. ``atomic``: written beside ``out`` and moved in whole (:func:`posttrain.fileio.replace_tree`),
     so a model saved over another leaves none of its files (an old adapter beside new full
     weights loaded as the adapter). ``extra(dir)`` writes further files (a reward model's
     metadata and head) into the directory before it is moved in.
@@ -535,7 +519,7 @@ def save_model_dir(model, tokenizer, out: Path, merge_lora: bool = False,
     if extra is not None:
         extra(out)
     if atomic:
-        replace_dir(out, final)
+        replace_tree(out, final)
 
 
 def save_final(run_dir: Path, trainable: Trainable, tokenizer, cfg: TrainConfig, stage: str, step: int) -> Path:
@@ -605,7 +589,7 @@ def save_checkpoint(run_dir: Path, trainable: Trainable, tokenizer, state: dict[
             if trainable.extra:
                 torch.save({k: m.state_dict() for k, m in trainable.extra.items()}, tmp / "extra_modules.pt")
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-            replace_dir(tmp, final)  # (a resumed run writes its last step again)
+            replace_tree(tmp, final)  # (a resumed run writes its last step again)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise OSError(
@@ -705,7 +689,7 @@ class Metrics:
         if not (self.active and self.path.is_file()):
             return
         keep = [json.dumps(r) for r in read_jsonl(self.path) if r.get("step", 0) <= step]
-        _atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+        atomic_write(self.path, "".join(k + "\n" for k in keep))
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.active:

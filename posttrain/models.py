@@ -46,6 +46,7 @@ import torch
 
 from posttrain import allocator
 from posttrain.config import ConfigError, doc
+from posttrain.fileio import replace_tree
 from posttrain.log import log
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
@@ -228,8 +229,7 @@ def convert_gguf(gguf_file: Path, target: Path) -> Path:
     (tmp / "posttrain_converted.json").write_text(
         json.dumps({"source": str(gguf_file), "version": EMBEDDED_CACHE_VERSION, "seconds": time.time() - t0})
     )
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    replace_tree(tmp, target)
     log(f"converted in {time.time() - t0:.0f} s -> {target}")
     return target
 

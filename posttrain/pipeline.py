@@ -54,7 +54,8 @@ from typing import Any
 import yaml
 
 from posttrain.config import ConfigError, load_config
-from posttrain.engine import write_status
+from posttrain.engine import file_fingerprint, inside, write_status
+from posttrain.fileio import atomic_write
 from posttrain.log import console, log, warn
 
 KINDS = ("eval", "sft", "rejection_sampling", "grpo", "rloo", "ppo", "dpo", "rm", "cai", "judge", "win_rate")
@@ -241,7 +242,7 @@ class Run:
         chain = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
         self.fingerprints: dict[str, str] = {}
         for stage in recipe.stages:
-            chain = self.fingerprints[stage.name] = stage_fingerprint(chain, recipe.model, stage)
+            chain = self.fingerprints[stage.name] = stage_fingerprint(chain, recipe.model, stage, self.dir)
             _check_fingerprint(self.dir / stage.name, chain, stage.name)
         self.files = {name: write_rows(data / f"{name}.jsonl", r) for name, r in rows.items()}
 
@@ -550,10 +551,8 @@ def run_recipe(recipe: Recipe) -> dict:
             outputs = RUNNERS[stage.kind](run, stage, out)
             timings[stage.name] = round(time.time() - ts, 1)
             ran.append(stage.name)
-            tmp = done.with_name(DONE + ".tmp")
-            tmp.write_text(json.dumps({"kind": stage.kind, "seconds": timings[stage.name], "model_in": run.model,
-                                       "outputs": outputs}, indent=2))
-            tmp.replace(done)
+            atomic_write(done, json.dumps({"kind": stage.kind, "seconds": timings[stage.name], "model_in": run.model,
+                                           "outputs": outputs}, indent=2))
         run.outputs[stage.name] = outputs
         if "model" in outputs:
             run.model = outputs["model"]
@@ -576,12 +575,37 @@ def run_recipe(recipe: Recipe) -> dict:
     return summary
 
 
-def stage_fingerprint(previous: str, model: str, stage: Stage) -> str:
+def stage_fingerprint(previous: str, model: str, stage: Stage, run_dir: Path | None = None) -> str:
     """What made a stage's directory: the fingerprint before it (for the first stage, the digest
-    of the run's task data), the recipe's starting model, and the stage's kind, data and config."""
+    of the run's task data), the recipe's starting model, and the stage's kind, data and config;
+    and the files outside the run directory that these name (a data file, a local model, a
+    judge), by size and modification time, so that a resumed run does not reuse a stage made
+    from an older version of one."""
     spec = {"previous": previous, "model": model, "kind": stage.kind, "data": stage.data,
             "config": stage.config, "options": stage.options}
+    named = [model, *[p for p in stage.data.split("+") if not p.strip().startswith("@")],
+             *_strings(stage.config), *_strings(stage.options)]
+    files = {}
+    for text in named:
+        path = Path(text.strip()).expanduser() if 0 < len(text.strip()) < 4096 else None
+        if path is None or not path.exists() or (run_dir and inside(path, run_dir)):
+            continue
+        if path.is_dir() and inside(Path.cwd(), path):  # a value such as "." is not a file the stage reads
+            continue
+        files[text.strip()] = file_fingerprint(path)
+    if files:  # (absent otherwise: the fingerprints of recipes that name no file stay as they were)
+        spec["files"] = files
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return []
 
 
 def _check_fingerprint(out: Path, fingerprint: str, name: str) -> None:

@@ -153,3 +153,41 @@ def test_runs_lists_finished_running_and_stopped(tmp_path):
     # a recipe's directory as the root: one run, its stages inside it
     (tmp_path / "recipe.yaml").write_text("name: r\nstages: []\n")
     assert [Path(r["run"]) for r in find_runs([tmp_path])] == [tmp_path]
+
+
+def test_atomic_writes_flush_before_rename_and_leave_the_old_file_on_failure(tmp_path, monkeypatch):
+    from posttrain import fileio
+
+    synced, order = [], []
+    real_fsync = os.fsync
+    monkeypatch.setattr(fileio.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                        real_fsync(fd)))
+    real_replace = os.replace
+    monkeypatch.setattr(fileio.os, "replace", lambda a, b: (order.append(("replace", str(a), str(b))),
+                                                            real_replace(a, b)))
+    target = tmp_path / "a.json"
+    fileio.atomic_write(target, "old")
+    tmp_name = str(tmp_path / f"a.json.tmp-{os.getpid()}")
+    assert synced[0] == tmp_name and order[0] == ("replace", tmp_name, str(target))  # data flushed, then renamed
+    assert synced[1] == str(tmp_path)  # then the directory entry
+
+    def broken(p):
+        p.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        fileio.atomic_write(target, broken)
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+    # a directory: every file flushed before it takes the final name; the old one is gone after
+    new, final = tmp_path / "new", tmp_path / "model"
+    (final).mkdir()
+    (final / "adapter.bin").write_text("stale")
+    (new / "sub").mkdir(parents=True)
+    (new / "w.safetensors").write_text("w")
+    (new / "sub" / "x").write_text("x")
+    synced.clear()
+    fileio.replace_tree(new, final)
+    assert {str(new / "w.safetensors"), str(new / "sub" / "x")} <= set(synced)
+    assert sorted(p.name for p in final.rglob("*")) == ["sub", "w.safetensors", "x"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "model"]

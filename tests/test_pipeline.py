@@ -93,6 +93,37 @@ def test_a_stage_that_stopped_before_writing_anything_does_not_pin_the_recipe(tm
         _check_fingerprint(stage, "new", "round2")
 
 
+def test_a_stage_fingerprint_covers_the_files_outside_the_run_it_names(tmp_path, monkeypatch):
+    import os
+
+    from posttrain.pipeline import Stage, stage_fingerprint
+
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "runs" / "r"
+    (run_dir / "data").mkdir(parents=True)
+    ext = tmp_path / "extra.jsonl"
+    ext.write_text('{"text": "a"}\n')
+    inner = run_dir / "data" / "test.jsonl"
+    inner.write_text("x\n")
+    sft = Stage("sft", "sft", {"data.eval": str(inner), "sampling": {"stop": "."}}, f"@rs+{ext}", {})
+    plain = Stage("sft", "sft", {"lr": 1e-4}, "", {})
+    before = stage_fingerprint("p", "smollm2-135m-instruct", sft, run_dir)
+    plain_before = stage_fingerprint("p", "smollm2-135m-instruct", plain, run_dir)
+    assert plain_before == stage_fingerprint("p", "smollm2-135m-instruct", plain)  # no file named: as before
+    inner.write_text("rewritten by the run\n")  # the run's own files are the chain's business
+    os.utime(inner, (1, 1))
+    assert stage_fingerprint("p", "smollm2-135m-instruct", sft, run_dir) == before
+    ext.write_text('{"text": "changed"}\n')
+    os.utime(ext, (2, 2))
+    assert stage_fingerprint("p", "smollm2-135m-instruct", sft, run_dir) != before
+    model = tmp_path / "my-model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    fp = stage_fingerprint("p", str(model), plain, run_dir)
+    (model / "model.safetensors").write_text("w")
+    assert stage_fingerprint("p", str(model), plain, run_dir) != fp
+
+
 def test_rejection_filters(monkeypatch, smol_tokenizer):
     import posttrain.synth.rejection as rej
     from posttrain.synth.tasks import problems

@@ -24,7 +24,6 @@ log-probs -> loss -> backward -> clip -> step -> log -> eval / checkpoint -> fin
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from posttrain import distributed, engine
 from posttrain.config import ConfigError, doc
 from posttrain.data.dataset import PreferenceData, load_preference_data, report_loading
 from posttrain.data.preference import PreferencePair, collate_pairs
+from posttrain.fileio import atomic_write
 from posttrain.log import is_main_process, log
 from posttrain.logprobs import sequence_logprobs
 from posttrain.losses import DPO_LOSSES, dpo_loss
@@ -144,10 +144,7 @@ def reference_logprobs(cfg: DPOConfig, policy, pairs: list[PreferencePair], pad_
         out = pair_logprobs(policy, pairs, cfg.ref_batch_size, pad_id, device, share_prefix=cfg.share_prefix)
     log(f"reference log-probs of {len(pairs)} pairs in {time.perf_counter() - t0:.1f} s")
     if cfg.ref_cache and is_main_process():
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + f".tmp-{os.getpid()}")
-        torch.save(out, tmp)
-        os.replace(tmp, cache)
+        atomic_write(cache, lambda tmp: torch.save(out, tmp))
     return out
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,6 +35,7 @@ from posttrain import distributed, engine
 from posttrain.config import ConfigError, doc
 from posttrain.data.dataset import PreferenceData, load_preference_data, report_loading
 from posttrain.data.preference import PreferencePair, collate_pairs
+from posttrain.fileio import atomic_write
 from posttrain.log import is_main_process, log
 from posttrain.losses import bradley_terry_loss
 from posttrain.models import autocast, backbone_and_score_head, count_parameters, prepare_scoring_model
@@ -163,10 +163,7 @@ def cached_features(run_dir: Path, model, pairs, pad_id, batch_size, device, nam
             feats[idx] = part
     log(f"{name} features of {len(pairs)} pairs in {time.perf_counter() - t0:.1f} s")
     if is_main_process():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        torch.save(feats, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: torch.save(feats, tmp))
     return feats
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain import faults
+from posttrain.fileio import atomic_write
 from posttrain.log import log
 
 Produce = Callable[[int, int, int], tuple[dict[str, list[dict]], dict[str, Any]]]
@@ -77,9 +78,7 @@ def run_chunks(outputs: dict[str, str | Path], n_items: int, chunk_size: int, ke
             faults.point("synth")
             state["chunks_done"] = c + 1
             state["stats"].append(stats)
-            tmp = marker.with_name(marker.name + f".tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(state))
-            os.replace(tmp, marker)
+            atomic_write(marker, json.dumps(state))
             bar.update(task, advance=1, status=" ".join(f"{k} {v}" for k, v in state["rows"].items()))
     return dict(state["rows"]), list(state["stats"])
 

@@ -30,6 +30,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from posttrain.fileio import atomic_write
 from posttrain.reasoning import parse_reasoning
 from posttrain.rollout import SamplingConfig, generate
 from posttrain.synth.claims import arithmetic_errors, first_false_claim
@@ -254,14 +255,7 @@ def rejection_sample(model, tok, questions: list[Problem], cfg: RejectionConfig)
 
 def write_rows(path: str | Path, rows: list[dict]) -> Path:
     """Write JSONL atomically (a killed write never leaves a half file under the final name)."""
-    import os
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def rejection_sample_to(path: str | Path, model, tok, questions: list[Problem], cfg: RejectionConfig,
