@@ -87,6 +87,22 @@ def _ran_out(ids: list[int], text: str, eos: int | None, cfg: SamplingConfig) ->
     return len(ids) >= cfg.max_new_tokens and eos not in ids and not _has_stop(text, cfg.stop)
 
 
+def _own_tokens(tok, seq: list[int], eos: int | None, pad: int | None, stops: list[str]) -> list[int]:
+    """A decoded row's own tokens: up to its EOS (kept) or the end of its stop string, without
+    the padding that fills a row that ended before the batch's longest."""
+    # a row the HF path stopped at a stop string is filled with pad after it, which is the EOS
+    # token for many models: the ids end where the text stopped
+    cut = _stop_token_end(tok, seq, stops)
+    if cut is not None and eos not in seq[:cut]:
+        return seq[:cut]
+    if eos in seq:
+        return seq[: seq.index(eos) + 1]
+    seq = list(seq)
+    while seq and seq[-1] == pad and pad != eos:
+        seq.pop()
+    return seq
+
+
 def left_padded_positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids of a left-padded batch: counted from each row's first real token."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -158,7 +174,9 @@ def generate(model, tok, conversations: list[list[dict[str, str]]], cfg: Samplin
                 for row, i in enumerate(idx):
                     text = tok.decode(new[row], skip_special_tokens=True)
                     results[i] = _cut_at_stop(text, cfg.stop)
-                    flags[i] = _ran_out(new[row], text, tok.eos_token_id, cfg)
+                    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+                    own = _own_tokens(tok, new[row], tok.eos_token_id, pad, cfg.stop)
+                    flags[i] = _ran_out(own, text, tok.eos_token_id, cfg)
                 if bar is not None:
                     bar.update(bar_task, advance=len(idx), status=f"{max(map(len, new), default=0)} tokens")
     finally:
@@ -630,7 +648,9 @@ def continue_batch(model, tok, ids: torch.Tensor, mask: torch.Tensor, cfg: Sampl
         params["stop_strings"] = cfg.stop
     if cfg.temperature > 0:
         torch.manual_seed(seed)
-        params.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
+        # top_k 0 = off (None would let transformers fill in its default of 50: a filter our own
+        # loop and the trainer's log-probs do not apply)
+        params.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
     else:
         params.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     inner = unwrap_peft(model)
@@ -678,18 +698,7 @@ def sample(model, tok, prompt_ids: list[list[int]], cfg: SamplingConfig, seed: i
                 ids, mask = left_pad([prompt_ids[i] for i in rows], pad)
                 new = continue_batch(gen, tok, ids, mask, cfg, seed * 100_003 + b)
                 for r, i in enumerate(rows):
-                    seq = new[r]
-                    # a row the HF path stopped at a stop string is filled with pad after it,
-                    # which is the EOS token for many models: the ids end where the text stopped
-                    cut = _stop_token_end(tok, seq, cfg.stop)
-                    if cut is not None and eos not in seq[:cut]:
-                        seq = seq[:cut]
-                    elif eos in seq:
-                        seq = seq[: seq.index(eos) + 1]
-                    else:
-                        while seq and seq[-1] == pad and pad != eos:
-                            seq.pop()
-                    out_ids[i] = seq
+                    out_ids[i] = seq = _own_tokens(tok, new[r], eos, pad, cfg.stop)
                     text = tok.decode(seq, skip_special_tokens=True)
                     truncated[i] = _ran_out(seq, text, eos, cfg)
     finally:

@@ -590,6 +590,15 @@ def test_decode_line_check_ends_a_row_where_it_says(tiny_model_dir, smol_tokeniz
     assert {i for i, _ in seen} == {0, 1, 2} and all(texts[i].startswith(text) for i, text in seen)
     cut = generate(model, tok, convs, cfg, stop_when=lambda i, text: i == 1)  # conversation 1 ends at its first token
     assert cut[0] == texts[0] and cut[2] == texts[2] and texts[1].startswith(cut[1]) and len(cut[1]) < len(texts[1])
+    # a row stop_when ended is not "truncated", also where padding is not the EOS token (Qwen2.5)
+    import copy
+
+    padded = copy.deepcopy(tok)
+    padded.pad_token = "<|endoftext|>"
+    assert padded.pad_token_id != padded.eos_token_id
+    flags: list[bool] = []
+    generate(model, padded, convs, cfg, stop_when=lambda i, text: i == 1, truncated=flags)
+    assert flags == [True, False, True]  # (the tiny model's rows 0 and 2 run to max_new_tokens)
 
 
 def decoding_model(arch: str, tiny_model_dir, tok):
