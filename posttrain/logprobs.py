@@ -25,6 +25,64 @@ import torch.nn.functional as F
 from posttrain.data.tokenize import IGNORE
 from posttrain.models import final_hidden_states, gathered, unwrap_peft
 
+#: causal LMs whose logits are exactly ``lm_head(decoder(...).last_hidden_state)`` (no scaling or capping)
+PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3"}
+
+
+def head_transform(model) -> tuple[float, float | None]:
+    """``(scale, softcap)`` a causal LM applies to its LM head's output, read from its config:
+    Cohere's ``logit_scale`` (multiplied), Granite's ``logits_scaling`` (divided), Gemma-2/3's
+    ``final_logit_softcapping`` (``cap * tanh(z / cap)``, after the scaling).
+
+    The log-prob path applies the head to the decoder's states itself, so for an architecture
+    outside :data:`PLAIN_HEAD` this is checked once per model against the model's own forward
+    on a few tokens: one that transforms its logits some other way is refused, not trained on
+    wrong log-probs. (Under FSDP the config is trusted: its root forward must run first.)
+    """
+    base = unwrap_peft(model)
+    base = getattr(base, "module", base)
+    known = getattr(base, "_posttrain_head_transform", None)
+    if known is not None:
+        return known
+    cfg = base.config.get_text_config()
+    scale = float(getattr(cfg, "logit_scale", None) or 1.0) / float(getattr(cfg, "logits_scaling", None) or 1.0)
+    cap = getattr(cfg, "final_logit_softcapping", None) or None
+    found = (scale, float(cap) if cap else None)
+    from posttrain import distributed
+
+    if getattr(cfg, "model_type", "") not in PLAIN_HEAD and not distributed.fsdp():
+        _check_head_transform(model, found)
+    base._posttrain_head_transform = found
+    return found
+
+
+def _transformed(logits: torch.Tensor, scale: float, cap: float | None) -> torch.Tensor:
+    logits = logits * scale if scale != 1.0 else logits
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
+@torch.no_grad()
+def _check_head_transform(model, found: tuple[float, float | None]) -> None:
+    from posttrain.config import ConfigError
+
+    decoder, head = decoder_and_head(model)
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        ids = torch.arange(1, 9, device=device).unsqueeze(0) % unwrap_peft(model).config.get_text_config().vocab_size
+        ref = model(input_ids=ids, use_cache=False).logits[0].float()
+        h = decoder(input_ids=ids, use_cache=False).last_hidden_state[0]
+        ours = _transformed(head(h).float(), *found)
+    finally:
+        model.train(was_training)
+    if not torch.allclose(ours, ref, rtol=1e-2, atol=1e-2 * (1.0 + float(ref.abs().max()))):
+        kind = getattr(unwrap_peft(model).config, "model_type", "?")
+        raise ConfigError(
+            f"model type {kind!r}: its logits are not lm_head(decoder states) with the scaling and soft-capping "
+            f"posttrain knows (logit_scale, logits_scaling, final_logit_softcapping; max difference "
+            f"{float((ours - ref).abs().max()):.3g}), so posttrain's log-probs would be wrong for it: not supported")
+
 
 def decoder_and_head(model):
     """(decoder returning hidden states, output head) of a causal LM, peft-wrapped or not."""
@@ -85,12 +143,14 @@ def _states_logprobs(model, head, h, targets, temperature, extras):
     for name in extras:
         if name not in ("entropy", "hidden"):
             raise ValueError(f"unknown extra {name!r} (entropy, hidden)")
-    if isinstance(head, torch.nn.Linear):
-        # mixed precision: the head's matmuls run in bf16 too (the softmax sums stay fp32)
-        lp, ent = head_logprobs(h, gathered(head.weight), gathered(head.bias), targets, temperature,
+    scale, cap = head_transform(model)
+    if isinstance(head, torch.nn.Linear) and cap is None:
+        # mixed precision: the head's matmuls run in bf16 too (the softmax sums stay fp32); a
+        # logit scale is a temperature: softmax(s z / t) = softmax(z / (t / s))
+        lp, ent = head_logprobs(h, gathered(head.weight), gathered(head.bias), targets, temperature / scale,
                                 want_entropy, compute_dtype=getattr(model, "posttrain_autocast", None))
-    else:  # a wrapped head (e.g. LoRA on lm_head): plain autograd over the full logits
-        lp, ent = _full_head_logprobs(head(h).float(), targets, temperature, want_entropy)
+    else:  # a wrapped head (e.g. LoRA on lm_head) or soft-capped logits: plain autograd over the full logits
+        lp, ent = _full_head_logprobs(_transformed(head(h).float(), scale, cap), targets, temperature, want_entropy)
     if not extras:
         return lp
     return (lp, *[ent if name == "entropy" else h for name in extras])

@@ -689,6 +689,32 @@ def prepare_scoring_model(cfg: ModelConfig, kind: str, device: torch.device | st
     return model, tok, precision
 
 
+def sliding_window(config) -> int | None:
+    """The attention window of a model whose (some) layers attend to the last ``w`` tokens only
+    (Mistral v0.1, Gemma-2/3's local layers, Qwen2 with ``use_sliding_window``); None when every
+    layer attends to the whole sequence."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(cfg, "sliding_window", None)
+    if not window or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    types = getattr(cfg, "layer_types", None)
+    if types is not None and not any("sliding" in str(t) for t in types):
+        return None
+    return int(window)
+
+
+def prefix_sharing_exact(config, longest: int, what: str) -> bool:
+    """Whether rows that share a prompt (one sequence, a block mask) give the same log-probs as
+    separate rows for sequences up to ``longest`` tokens: not past a sliding window, which the
+    shared row's mask does not carry. Says so when it turns sharing off."""
+    window = sliding_window(config)
+    if window is None or longest <= window:
+        return True
+    log(f"{what}: prefix sharing off: this model's sliding attention window ({window} tokens) is shorter than the "
+        f"longest sequence ({longest}); each sequence runs in its own row")
+    return False
+
+
 def final_hidden_states(model, inner, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                         position_ids: torch.Tensor | None = None, causal_lm: bool = False) -> torch.Tensor:
     """``(B, T, H)`` final (normed) hidden states of ``model`` whose decoder/backbone is ``inner``.

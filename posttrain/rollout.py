@@ -492,10 +492,6 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
-# causal LMs whose logits are exactly ``lm_head(decoder(...).last_hidden_state)`` (no scaling or capping)
-_PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3"}
-
-
 def prefill(model, cache, **inputs):
     """``(cache, logits of each row's last position)`` after running the prompts through ``model``.
 
@@ -506,10 +502,10 @@ def prefill(model, cache, **inputs):
     4.7 s prefill of 48 prompts (1.0 of 3.7 s in float32), once per generated batch.
     """
     from posttrain import distributed
-    from posttrain.logprobs import decoder_and_head
+    from posttrain.logprobs import PLAIN_HEAD, decoder_and_head
 
     # not under FSDP: its root module's forward must run first (lazy init, parameter gathering)
-    if getattr(unwrap_peft(model).config, "model_type", "") in _PLAIN_HEAD and not distributed.fsdp():
+    if getattr(unwrap_peft(model).config, "model_type", "") in PLAIN_HEAD and not distributed.fsdp():
         decoder, head = decoder_and_head(model)
         key = _cache_argument(decoder)
         out = decoder(use_cache=True, **({key: cache} if cache is not None else {}), **inputs)

@@ -39,6 +39,63 @@ def test_token_logprobs_match_full_log_softmax(tiny_model_dir):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def _tiny(kind: str):
+    import transformers
+
+    common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    if kind == "cohere":
+        return transformers.CohereForCausalLM(transformers.CohereConfig(**common, logit_scale=0.0625))
+    if kind == "granite":
+        return transformers.GraniteForCausalLM(transformers.GraniteConfig(**common, logits_scaling=4.0))
+    cfg = transformers.Gemma2Config(**common, final_logit_softcapping=3.0, query_pre_attn_scalar=8)
+    cfg._attn_implementation = "eager"
+    return transformers.Gemma2ForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("kind", ["cohere", "granite", "gemma2"])
+def test_token_logprobs_apply_the_models_logit_scaling_and_softcapping(kind):
+    """Cohere multiplies its logits, Granite divides them, Gemma-2 soft-caps them after the LM
+    head: the log-probs (and their gradients) are those of the model's own forward."""
+    torch.manual_seed(0)
+    model = _tiny(kind).eval()
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # logits large enough for the cap and the scales to matter
+    ref = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float() / 0.7, -1).gather(-1, ids[:, 1:, None])[..., 0]
+    got = token_logprobs(model, ids, ids, temperature=0.7)
+    torch.testing.assert_close(got, ref.flatten(), atol=2e-5, rtol=1e-5)
+    got.sum().backward()
+    ours = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    ref_lp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float() / 0.7, -1).gather(-1, ids[:, 1:, None])
+    ref_lp.sum().backward()
+    torch.testing.assert_close(ours, model.lm_head.weight.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_token_logprobs_refuse_a_model_whose_logits_they_cannot_reproduce(monkeypatch):
+    """An architecture outside the plain-head list is checked once against its own forward."""
+    import transformers
+
+    from posttrain import logprobs
+    from posttrain.config import ConfigError
+
+    monkeypatch.setattr(logprobs, "PLAIN_HEAD", set())  # llama checked like an unknown architecture
+    common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    ids = torch.randint(0, 97, (1, 6))
+    plain = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).eval()
+    token_logprobs(plain, ids, ids)  # its forward is lm_head(decoder states): accepted
+
+    class Scaled(transformers.LlamaForCausalLM):  # a transform no config key announces
+        def forward(self, *a, **k):
+            out = super().forward(*a, **k)
+            out.logits = out.logits * 3.0
+            return out
+
+    with pytest.raises(ConfigError, match="not supported"):
+        token_logprobs(Scaled(transformers.LlamaConfig(**common)).eval(), ids, ids)
+
+
 def test_sft_loss_equals_transformers_loss(tiny_model_dir):
     """Cross-check with the reference implementation: HF's shifted, -100-masked token-mean CE."""
     model = load_model(tiny_model_dir, "float32")

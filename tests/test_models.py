@@ -153,3 +153,23 @@ def _checkpointing_on(model) -> bool:
     inner = models.unwrap_peft(model)
     name = "is_activation_checkpointing" if hasattr(type(inner), "is_activation_checkpointing") else "is_gradient_checkpointing"
     return bool(getattr(inner, name))
+
+
+def test_sliding_window_models_run_shared_prefix_rows_only_within_their_window():
+    """A prompt-sharing row's block mask carries no sliding window, so sharing is turned off
+    where a sequence can pass the window (the same log-probs as separate rows otherwise)."""
+    import transformers
+
+    from posttrain.models import prefix_sharing_exact, sliding_window
+
+    small = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    assert sliding_window(transformers.LlamaConfig(**small)) is None
+    assert sliding_window(transformers.MistralConfig(**small, sliding_window=16)) == 16
+    assert sliding_window(transformers.MistralConfig(**small, sliding_window=None)) is None
+    assert sliding_window(transformers.Qwen2Config(**small)) is None  # use_sliding_window off by default
+    assert sliding_window(transformers.Qwen2Config(**small, use_sliding_window=True, sliding_window=16,
+                                                   max_window_layers=0)) == 16
+    assert sliding_window(transformers.Gemma2Config(**small, sliding_window=16)) == 16
+    mistral = transformers.MistralConfig(**small, sliding_window=16)
+    assert prefix_sharing_exact(mistral, 16, "dpo") and not prefix_sharing_exact(mistral, 17, "dpo")
+    assert prefix_sharing_exact(transformers.LlamaConfig(**small), 10_000, "dpo")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -38,7 +38,14 @@ from posttrain.fileio import atomic_write
 from posttrain.log import is_main_process, log
 from posttrain.logprobs import sequence_logprobs
 from posttrain.losses import DPO_LOSSES, dpo_loss
-from posttrain.models import count_parameters, load_model, posttrain_home, prepare_model, resolve_model_path
+from posttrain.models import (
+    count_parameters,
+    load_model,
+    posttrain_home,
+    prefix_sharing_exact,
+    prepare_model,
+    resolve_model_path,
+)
 
 
 @dataclass
@@ -209,6 +216,9 @@ def train(cfg: DPOConfig, data: PreferenceData | None = None) -> DPOResult:
     model, tok, dtype = prepare_model(cfg.model, lower_frozen=cfg.parallel != "fsdp")
     if data is None:
         data = load_preference_data(tok, cfg.data, cfg.seed)
+    longest = max((len(x.input_ids) for p in data.train + data.eval for x in (p.chosen, p.rejected)), default=0)
+    if cfg.share_prefix and not prefix_sharing_exact(model.config, longest, "dpo"):
+        cfg = replace(cfg, share_prefix=False)
     pad = tok.pad_token_id
     device = next(model.parameters()).device
     ref_train = reference_logprobs(cfg, model, data.train, pad, device, dtype)

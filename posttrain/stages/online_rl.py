@@ -79,6 +79,7 @@ from posttrain.models import (
     count_parameters,
     is_adapter,
     load_model,
+    prefix_sharing_exact,
     prepare_model,
     resolve_model_path,
     set_precision,
@@ -547,6 +548,8 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
     G = cfg.group_size
     # a separate critic reads its own padded rows; one completion per prompt has nothing to share
     share_prefix = cfg.share_prefix and G > 1 and not (value_head is not None and value_head.backbone is not None)
+    longest = max((len(p.ids) for p in prompts + eval_prompts), default=0) + cfg.sampling.max_new_tokens
+    share_prefix = share_prefix and prefix_sharing_exact(model.config, longest, stage)
     row_group = G if share_prefix else 0  # completions per packed row (0: padded rows)
     pair_cost = attention_pair_cost(model.config)  # shared rows only where they pay
     batches = engine.EpochBatches([len(p.ids) for p in prompts], cfg.batch_size, cfg.seed)
