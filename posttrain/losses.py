@@ -77,10 +77,14 @@ def bradley_terry_loss(
         label: ``(B,)`` or scalar probability that chosen is preferred (soft labels).
         center_coef: η of the centering term (0 = off).
     """
-    z = r_chosen - r_rejected
-    if margin is not None:
-        z = z - margin
-    loss = weighted_mean(soft_logsigmoid_loss(z, label), weight)
+    d = r_chosen - r_rejected
+    if margin is None:
+        per_pair = soft_logsigmoid_loss(d, label)
+    else:  # each side must win by the margin: -(q log σ(d - m) + (1 - q) log σ(-d - m))
+        per_pair = -F.logsigmoid(d - margin)
+        if not (isinstance(label, float) and label == 1.0):
+            per_pair = label * per_pair - (1 - label) * F.logsigmoid(-d - margin)
+    loss = weighted_mean(per_pair, weight)
     if center_coef:
         loss = loss + center_coef * weighted_mean((r_chosen + r_rejected) ** 2, weight)
     return loss

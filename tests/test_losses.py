@@ -42,8 +42,8 @@ def test_token_logprobs_match_full_log_softmax(tiny_model_dir):
 def _tiny(kind: str):
     import transformers
 
-    common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    common = {"vocab_size": 97, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 64}
     if kind == "cohere":
         return transformers.CohereForCausalLM(transformers.CohereConfig(**common, logit_scale=0.0625))
     if kind == "granite":
@@ -81,7 +81,7 @@ def test_token_logprobs_refuse_a_model_whose_logits_they_cannot_reproduce(monkey
     from posttrain.config import ConfigError
 
     monkeypatch.setattr(logprobs, "PLAIN_HEAD", set())  # llama checked like an unknown architecture
-    common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    common = {"vocab_size": 97, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4}
     ids = torch.randint(0, 97, (1, 6))
     plain = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).eval()
     token_logprobs(plain, ids, ids)  # its forward is lm_head(decoder states): accepted

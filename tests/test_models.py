@@ -162,7 +162,7 @@ def test_sliding_window_models_run_shared_prefix_rows_only_within_their_window()
 
     from posttrain.models import prefix_sharing_exact, sliding_window
 
-    small = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    small = {"vocab_size": 97, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
     assert sliding_window(transformers.LlamaConfig(**small)) is None
     assert sliding_window(transformers.MistralConfig(**small, sliding_window=16)) == 16
     assert sliding_window(transformers.MistralConfig(**small, sliding_window=None)) is None

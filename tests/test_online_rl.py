@@ -119,6 +119,21 @@ def test_gae_matches_plain_loop():
         assert adv[i, n:].abs().sum() == 0
 
 
+def test_ppo_leaves_an_unscored_completion_out_of_its_advantages_and_whitening():
+    """γ = λ = 1, β = 0, values 0: the scored completions (rewards 0 and 1, 3 tokens each) have
+    GAE advantages 0 and 1 on every token, whitened over those 6 tokens to -1 and +1; the
+    unscored one (NaN) gets advantage 0 and its own values as returns, whatever they are."""
+    from posttrain.rollout import Rollout
+    from posttrain.stages.online_rl import PPOConfig, token_advantages
+
+    roll = Rollout([[1]] * 3, [[5, 6, 7]] * 3, ["a", "b", "c"], [False] * 3, 0.0, {})
+    cfg = PPOConfig(group_size=1, gamma=1.0, lam=1.0, beta=0.0)
+    values = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.3, 0.2, 0.1])
+    out = token_advantages(cfg, roll, torch.tensor([0.0, 1.0, float("nan")]), [3, 3, 3], {"values": values})
+    torch.testing.assert_close(out["adv"], torch.tensor([-1.0] * 3 + [1.0] * 3 + [0.0] * 3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out["returns"], torch.tensor([0.0] * 3 + [1.0] * 3 + [0.3, 0.2, 0.1]))
+
+
 def test_whiten_masked():
     x, m = torch.tensor([1.0, 3.0, 100.0]), torch.tensor([1.0, 1.0, 0.0])
     torch.testing.assert_close(whiten(x, m), torch.tensor([-1.0, 1.0, 0.0]), atol=1e-4, rtol=0)

@@ -134,6 +134,17 @@ def test_bradley_terry_by_hand():
     # soft label q = 0.5 on a gap of 0: -(0.5 log σ(0) + 0.5 log σ(0)) = log 2
     assert math.isclose(float(bradley_terry_loss(torch.zeros(1), torch.zeros(1), label=0.5)), math.log(2),
                         abs_tol=1e-6)
+    # margin 1 with q = 0.5: either side must win by the margin, so a tie is the minimum:
+    # 0.5 log(1 + e^(1 - d)) + 0.5 log(1 + e^(1 + d)) at d = 0 is log(1 + e) = 1.313262, and at
+    # d = +1: 0.5 log 2 + 0.5 log(1 + e^2) = 0.5 * 0.693147 + 0.5 * 2.126928 = 1.410038
+    m = torch.ones(1)
+    assert math.isclose(float(bradley_terry_loss(torch.zeros(1), torch.zeros(1), margin=m, label=0.5)), 1.313262,
+                        abs_tol=1e-6)
+    assert math.isclose(float(bradley_terry_loss(torch.ones(1), torch.zeros(1), margin=m, label=0.5)), 1.410038,
+                        abs_tol=1e-6)
+    # q = 0 (rejected is better) with chosen ahead by 0.5: -log σ(-0.5 - 1) = log(1 + e^1.5) = 1.701413
+    assert math.isclose(float(bradley_terry_loss(torch.full((1,), 0.5), torch.zeros(1), margin=m, label=0.0)),
+                        1.701413, abs_tol=1e-6)
 
 
 def test_dpo_family_by_hand():

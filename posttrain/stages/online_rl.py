@@ -103,8 +103,12 @@ def _rl_model() -> ModelConfig:
     step, and they set the run's peak memory. In ``benchmarks/grpo_vs_trl.py`` on machine D
     (``--only posttrain``, passes of 4 completions of <= 64 tokens): peak RSS 2,556 -> 2,001 MB
     at 7.33 -> 7.82 s/step; recipes that train long completions on a roomy machine turn it off
-    for speed."""
-    return ModelConfig(gradient_checkpointing=True)
+    for speed.
+
+    LoRA dropout is off by default (0.05 elsewhere): the old log-probs of a rollout are taken
+    without dropout, so with it the first update pass's ratio was not 1 (off-policy by the
+    dropout mask, growing with the adapters' size; TRL's ``disable_dropout`` does the same)."""
+    return ModelConfig(gradient_checkpointing=True, lora_dropout=0.0)
 
 
 @dataclass
@@ -458,8 +462,14 @@ def token_advantages(cfg: RLConfig, roll: Rollout, rewards: torch.Tensor, length
         for i, n in enumerate(lengths):
             per_tok[i, n - 1] += score[i]
         adv, ret = gae(per_tok, values, mask, cfg.gamma, cfg.lam)
+        # no score (NaN), no signal: advantage 0, left out of the whitening statistics, and the
+        # critic's target its own estimate
+        scored = ~torch.isnan(rewards.float().cpu())
+        adv_mask = mask * scored[:, None]
         if cfg.whiten_advantages:
-            adv = whiten(adv, mask)
+            adv = whiten(adv, adv_mask)
+        adv = adv * adv_mask
+        ret = torch.where(scored[:, None], ret, values * mask)
         return {"adv": adv[sel], "returns": ret[sel]}
     if step_rewards is not None:
         if cfg.missing_eos_penalty:  # a cut completion's last step (its outcome, if scored) pays the penalty
@@ -558,6 +568,8 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
     mb = cfg.minibatch_size or n_completions
     opt_steps = total_steps * cfg.num_iterations * -(-n_completions // mb)
     t = engine.open_training(cfg, model, opt_steps, extra={"value_head": value_head} if value_head else None)
+    if ref_model is not None:  # (loaded on the CPU; the micro-batches it scores are on the policy's device)
+        ref_model.to(t.device)
     trainable_params, total_params = count_parameters(model)
     log(f"{stage}: {len(prompts)} prompts ({len(eval_prompts)} eval), {total_steps} steps of {cfg.batch_size} "
         f"prompts x {G} completions, rewards {[reward_name(f) for f in reward_set.functions]}"
