@@ -284,6 +284,42 @@ def test_undecodable_files_and_rows_name_their_line(tmp_path):
             list(iter_rows(tmp_path / name, BadRows(skip=True)))
 
 
+def test_csv_long_cells_json_looking_text_and_repeated_columns(tmp_path):
+    """A cell past Python's default CSV field limit (131,072 characters) is read, with the row
+    after it; JSON-looking text stays text where the column is not structured (a JSON-output
+    completion); a column named twice is an error at the header; a JSON array in a .jsonl
+    file, JSON lines in a .json file and UTF-16 text say what the file is."""
+    import csv as csv_module
+
+    long = "word " * 40_000
+    with open(tmp_path / "long.csv", "w", newline="") as fh:
+        w = csv_module.writer(fh)
+        w.writerows([["prompt", "completion"], ["p1", "c1"], [long + "\nmore", "c2"], ["p3", "c3"]])
+    bad = BadRows()
+    rows = list(iter_rows(tmp_path / "long.csv", bad))
+    assert [r.data["completion"] for r in rows] == ["c1", "c2", "c3"] and bad.total == 0
+    assert len(rows[1].data["prompt"]) == len(long) + 5
+    msgs = json.dumps([{"role": "user", "content": "q"}])
+    with open(tmp_path / "js.csv", "w", newline="") as fh:
+        csv_module.writer(fh).writerows([["prompt", "completion"], ['{"name": "x"}', "[1, 2, 3]"], [msgs, "a"]])
+    rows = list(iter_rows(tmp_path / "js.csv", BadRows()))
+    assert rows[0].data == {"prompt": '{"name": "x"}', "completion": "[1, 2, 3]"}
+    assert rows[1].data["prompt"] == [{"role": "user", "content": "q"}]  # a prompt given as turns
+    (tmp_path / "dup.csv").write_text("prompt,completion,completion\nq,a,b\n")
+    (tmp_path / "array.jsonl").write_text(json.dumps([ROWS["prompt_completion"]]) + "\n")
+    (tmp_path / "lines.json").write_text(json.dumps(ROWS["prompt_completion"]) + "\n" +
+                                         json.dumps(ROWS["prompt_completion"]) + "\n")
+    (tmp_path / "u16.jsonl").write_bytes(json.dumps(ROWS["prompt_completion"]).encode("utf-16"))
+    (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    for name, msg in (("dup.csv", r"dup.csv:1: field 'completion': column 'completion' appears 2 times"),
+                      ("array.jsonl", r"array.jsonl:1: not a JSON object: got list \(the file holds one JSON array"),
+                      ("lines.json", r"lines.json:2: invalid JSON: Extra data \(one JSON object per line\?"),
+                      ("u16.jsonl", r"u16.jsonl: UTF-16 text"),
+                      ("deep.jsonl", r"deep.jsonl:1: invalid JSON: nested too deeply")):
+        with pytest.raises(BadRowError, match=msg):
+            list(iter_rows(tmp_path / name, BadRows()))
+
+
 def test_missing_and_empty_fields(tmp_path):
     with pytest.raises(BadRowError, match="field 'completion': missing field"):
         to_sft_record(Row({"prompt": "q", "completion": None}, "x:1"), "prompt_completion")

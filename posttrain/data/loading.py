@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -107,6 +108,9 @@ def _raw_rows(path: Path, kind: str, bad: BadRows) -> Iterator[Row]:
                 try:  # (a byte-order mark at the start of the file is not part of the row)
                     line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 except UnicodeDecodeError as e:
+                    if lineno == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+                        raise BadRowError(str(path), None, "UTF-16 text (a byte-order mark says so): save it as "
+                                          "UTF-8") from None
                     bad.handle(BadRowError(origin, None, f"not UTF-8 text: byte 0x{raw[e.start]:02x} at column "
                                            f"{e.start + 1}"))
                     continue
@@ -117,8 +121,13 @@ def _raw_rows(path: Path, kind: str, bad: BadRows) -> Iterator[Row]:
                 except json.JSONDecodeError as e:
                     bad.handle(BadRowError(origin, None, f"invalid JSON: {e.msg} at column {e.colno}"))
                     continue
+                except RecursionError:
+                    bad.handle(BadRowError(origin, None, "invalid JSON: nested too deeply to read"))
+                    continue
                 if not isinstance(obj, dict):
-                    bad.handle(BadRowError(origin, None, f"not a JSON object: got {type(obj).__name__}"))
+                    hint = (" (the file holds one JSON array: name it .json, or write one object per line)"
+                            if lineno == 1 and isinstance(obj, list) else "")
+                    bad.handle(BadRowError(origin, None, f"not a JSON object: got {type(obj).__name__}{hint}"))
                     continue
                 yield Row(obj, origin)
         return
@@ -126,7 +135,11 @@ def _raw_rows(path: Path, kind: str, bad: BadRows) -> Iterator[Row]:
         try:
             obj = json.loads(_utf8_text(path))
         except json.JSONDecodeError as e:
-            raise BadRowError(f"{path}:{e.lineno}", None, f"invalid JSON: {e.msg}") from None
+            hint = (" (one JSON object per line? name the file .jsonl)"
+                    if e.msg == "Extra data" and e.colno == 1 else "")
+            raise BadRowError(f"{path}:{e.lineno}", None, f"invalid JSON: {e.msg}{hint}") from None
+        except RecursionError:
+            raise BadRowError(str(path), None, "invalid JSON: nested too deeply to read") from None
         if isinstance(obj, dict) and isinstance(obj.get("data"), list):
             obj = obj["data"]
         if not isinstance(obj, list):
@@ -170,6 +183,8 @@ def _raw_rows(path: Path, kind: str, bad: BadRows) -> Iterator[Row]:
 def _utf8_text(path: Path) -> str:
     """The file as text (a byte-order mark dropped); a clear error where it is not UTF-8."""
     data = path.read_bytes()
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise BadRowError(str(path), None, "UTF-16 text (a byte-order mark says so): save it as UTF-8")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -180,6 +195,7 @@ def _utf8_text(path: Path) -> str:
 def _csv_rows(path: Path, bad: BadRows) -> Iterator[Row]:
     """CSV rows as strings by header name, each at the line it starts on (a quoted cell may
     span lines); a row with more or fewer cells than the header is a bad row."""
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # (the default, 131,072 characters, cuts long documents)
     reader = csv.reader(io.StringIO(_utf8_text(path), newline=""))
     try:
         header = next(reader)
@@ -187,6 +203,10 @@ def _csv_rows(path: Path, bad: BadRows) -> Iterator[Row]:
         raise BadRowError(str(path), None, "empty CSV file (no header line)") from None
     except csv.Error as e:
         raise BadRowError(f"{path}:1", None, f"unreadable CSV header: {e}") from None
+    repeated = sorted({h for h in header if header.count(h) > 1})
+    if repeated:
+        raise BadRowError(f"{path}:1", repeated[0], f"column {repeated[0]!r} appears {header.count(repeated[0])} "
+                          "times in the header (each row would keep only the last)")
     end = reader.line_num
     while True:
         start = end + 1
@@ -225,14 +245,26 @@ def _unencodable_text(obj: Any, where: str = "") -> str | None:
     return None
 
 
+#: CSV columns whose cells hold structure (JSON lists/objects) in every format that has them
+STRUCTURED_COLUMNS = {"messages", "conversations", "responses", "completions", "ranking", "scores", "steps",
+                      "labels"}
+
+
 def _decode_json_cells(rec: dict[str, Any]) -> dict[str, Any]:
-    """CSV cells that hold JSON lists/objects (e.g. a ``messages`` column) are decoded."""
+    """CSV cells that hold JSON structure are decoded: the columns that always do (a
+    ``messages`` column), and elsewhere a cell that decodes to a message list (a ``prompt``
+    given as turns). Any other cell stays the text it is, JSON-looking or not (a completion
+    that is a JSON object, a ``text`` cell holding ``[1, 2]``)."""
     out = {}
     for k, v in rec.items():
-        if isinstance(v, str) and v[:1] in "[{":
+        if isinstance(v, str) and v.lstrip()[:1] in ("[", "{"):
             try:
-                v = json.loads(v)
-            except json.JSONDecodeError:
-                pass
+                parsed = json.loads(v)
+            except (json.JSONDecodeError, RecursionError):
+                parsed = None
+            message_list = isinstance(parsed, list) and bool(parsed) and all(
+                isinstance(m, dict) and "role" in m for m in parsed)
+            if parsed is not None and (k in STRUCTURED_COLUMNS or message_list):
+                v = parsed
         out[k] = v
     return out
