@@ -89,6 +89,32 @@ def test_loss_mask_multi_turn(smol_tokenizer):
     assert trained_text(smol_tokenizer, ex) == ["first answer<|im_end|>", "second answer<|im_end|>"]
 
 
+def test_prompt_turns_are_context_tool_calls_refused_and_alpaca_history_kept(smol_tokenizer):
+    """prompt/completion: an assistant turn inside a message-list prompt is context, not trained
+    (as TRL trains only the completion); assistant tool calls, which no format here carries
+    to the template, are a bad row rather than dropped; Alpaca's ``history`` pairs become
+    earlier turns, and a non-string ``system`` is a bad row."""
+    row = Row({"prompt": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "WRONG"},
+                          {"role": "user", "content": "2+2?"}], "completion": "4"}, "x:1")
+    ex = tokenize_conversation(smol_tokenizer, to_sft_record(row, "prompt_completion").messages)
+    assert trained_text(smol_tokenizer, ex) == ["4<|im_end|>"]
+    call = {"role": "assistant", "content": "Let me check.",
+            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]}
+    row = Row({"messages": [{"role": "user", "content": "weather?"}, call, {"role": "tool", "content": "sun"},
+                            {"role": "assistant", "content": "Sunny."}]}, "x:2")
+    with pytest.raises(BadRowError, match=r"x:2: field 'messages\[1\].tool_calls': tool calls are not supported"):
+        to_sft_record(row, "messages")
+    row = Row({"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "x:3")
+    with pytest.raises(BadRowError, match=r"'role' and 'content' keys \(OpenAI style\): name the column 'messages'"):
+        to_sft_record(row, "sharegpt")
+    row = Row({"instruction": "and 3 + 3?", "output": "6", "history": [["1 + 1?", "2"]]}, "x:4")
+    assert [m["content"] for m in to_sft_record(row, "alpaca").messages] == ["1 + 1?", "2", "and 3 + 3?", "6"]
+    for bad_row, field in (({"instruction": "q", "output": "a", "system": {"x": 1}}, "system"),
+                           ({"instruction": "q", "output": "a", "history": [["only one"]]}, r"history\[0\]")):
+        with pytest.raises(BadRowError, match=f"field '{field}'"):
+            to_sft_record(Row(bad_row, "x:5"), "alpaca")
+
+
 # chat templates of other model families, on the SmolLM2 tokenizer with their special tokens added
 QWEN2 = ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + "
          "'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud.<|im_end|>\\n' }}"

@@ -85,6 +85,24 @@ def _alpaca_prompt(row: Row) -> str:
     return instruction if not (extra or "").strip() else f"{instruction}\n\n{extra}"
 
 
+def _alpaca_history(row: Row) -> list[dict[str, str]]:
+    """An Alpaca row's earlier turns (``history``: ``[[instruction, output], ...]``, as in
+    LLaMA-Factory's Alpaca format), each a user and an assistant turn (trained, like every
+    assistant turn of a conversation)."""
+    history = row.data.get("history")
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        raise BadRowError(row.origin, "history", f"expected a list of [instruction, output] pairs, got "
+                          f"{type(history).__name__}")
+    out = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise BadRowError(row.origin, f"history[{i}]", "expected an [instruction, output] pair of strings")
+        out += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    return out
+
+
 def _messages(row: Row, key: str, value: Any, *, role_key="role", content_key="content",
               role_map: dict[str, str] | None = None) -> list[dict[str, str]]:
     if value is None:
@@ -98,6 +116,12 @@ def _messages(row: Row, key: str, value: Any, *, role_key="role", content_key="c
         if not isinstance(m, dict):
             raise BadRowError(row.origin, where, f"expected an object, got {type(m).__name__}")
         role, content = m.get(role_key), m.get(content_key)
+        if m.get("tool_calls") or m.get("function_call"):
+            raise BadRowError(row.origin, f"{where}.{'tool_calls' if m.get('tool_calls') else 'function_call'}",
+                              "tool calls are not supported yet (the row would train without them)")
+        if role_map is not None and role is None and m.get("role") is not None and m.get("content") is not None:
+            raise BadRowError(row.origin, f"{where}.{role_key}", f"missing field: this message has 'role' and "
+                              f"'content' keys (OpenAI style): name the column 'messages', not '{key}'")
         if role_map is not None:
             role = role_map.get(str(role).lower()) if role is not None else None
             if role is None:
@@ -145,8 +169,8 @@ def to_sft_record(row: Row, fmt: str) -> SFTRecord:
         return SFTRecord(row.origin, messages=msgs)
     if fmt == "prompt_completion":
         prompt, completion = d.get("prompt"), d.get("completion")
-        if isinstance(prompt, list):
-            p_msgs = _messages(row, "prompt", prompt)
+        if isinstance(prompt, list):  # turns given as context: an assistant turn among them is not trained
+            p_msgs = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in _messages(row, "prompt", prompt)]
         else:
             p_msgs = [{"role": "user", "content": _string(row, "prompt")}]
         if isinstance(completion, list):
@@ -156,10 +180,13 @@ def to_sft_record(row: Row, fmt: str) -> SFTRecord:
             c_msgs = [{"role": "assistant", "content": _string(row, "completion")}]
         return SFTRecord(row.origin, messages=p_msgs + c_msgs)
     if fmt == "alpaca":
-        msgs = [{"role": "user", "content": _alpaca_prompt(row)},
+        msgs = [*_alpaca_history(row), {"role": "user", "content": _alpaca_prompt(row)},
                 {"role": "assistant", "content": _string(row, "output")}]
-        if isinstance(d.get("system"), str) and d["system"].strip():
-            msgs.insert(0, {"role": "system", "content": d["system"]})
+        system = d.get("system")
+        if system is not None and not isinstance(system, str):
+            raise BadRowError(row.origin, "system", f"wrong type: expected a string, got {type(system).__name__}")
+        if system and system.strip():
+            msgs.insert(0, {"role": "system", "content": system})
         return SFTRecord(row.origin, messages=msgs)
     if fmt == "text":
         return SFTRecord(row.origin, text=_string(row, "text"))
