@@ -14,6 +14,7 @@ from posttrain.data.formats import detect_sft_format, to_prompt_record, to_sft_r
 from posttrain.data.loading import BadRowError, BadRows, Row, iter_rows
 from posttrain.data.tokenize import (
     IGNORE,
+    MIN_PROMPT_TOKENS,
     TokenizeStats,
     collate_flatten,
     collate_pad,
@@ -221,13 +222,16 @@ def test_too_long_policies(smol_tokenizer):
     rec2 = to_sft_record(Row({"prompt": "q", "completion": "answer " * 50}, "x"), "prompt_completion")
     assert tokenize_record(smol_tokenizer, rec2, 40, "truncate_prompt", stats) == []
     assert stats.dropped_too_long == 2
-    # cut to start at the first trained token, that token would have nothing before it: dropped;
-    # one prompt token more and it is kept
+    # a cut that would leave fewer than MIN_PROMPT_TOKENS of prompt before the first trained
+    # token (the reply conditioned on a header and nothing else): dropped; at that many, kept
     (full,) = tokenize_record(smol_tokenizer, rec, 10**6, "error", TokenizeStats())
     first = next(i for i, x in enumerate(full.labels) if x != IGNORE)
-    assert tokenize_record(smol_tokenizer, rec, len(full.labels) - first, "truncate_prompt", stats) == []
-    (kept,) = tokenize_record(smol_tokenizer, rec, len(full.labels) - first + 1, "truncate_prompt", stats)
-    assert kept.labels[0] == IGNORE and kept.labels[1] != IGNORE
+    answer = len(full.labels) - first
+    stats = TokenizeStats()
+    assert tokenize_record(smol_tokenizer, rec, answer + MIN_PROMPT_TOKENS - 1, "truncate_prompt", stats) == []
+    (kept,) = tokenize_record(smol_tokenizer, rec, answer + MIN_PROMPT_TOKENS, "truncate_prompt", stats)
+    assert kept.labels[:MIN_PROMPT_TOKENS] == [IGNORE] * MIN_PROMPT_TOKENS and kept.labels[MIN_PROMPT_TOKENS] != IGNORE
+    assert stats.dropped_too_long == 1 and stats.truncated == 1
 
 
 def test_readers_agree(tmp_path):

@@ -88,6 +88,9 @@ def test_ranked_rows_expand_to_weighted_pairs():
     ({"prompt": "q", "chosen": "a", "rejected": "b", "label": float("nan")}, "label", "not a finite number"),
     ({"prompt": "q", "responses": ["a", "b"], "scores": [float("inf"), 0]}, "scores", "finite numbers"),
     ({"prompt": "q", "responses": ["a", "a"], "ranking": [1, 0]}, "responses", "same response twice"),
+    ({"prompt": "q", "responses": ["a", "b"], "ranking": [0, 1.0]}, "ranking", "permutation"),
+    ({"prompt": "q", "responses": ["a", "b"], "ranking": [0, "1"]}, "ranking", "permutation"),
+    ({"prompt": "q", "responses": ["a", "b"], "ranking": [None, 0]}, "ranking", "permutation"),
 ])
 def test_bad_preference_rows_name_file_line_field(tmp_path, row, field, reason):
     fmt = "ranked" if "responses" in row else "auto"
@@ -449,3 +452,18 @@ def test_dpo_resume_reaches_same_weights(tiny_model_dir, pairs_file, tmp_path, m
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     assert [m.get("loss/train") for m in engine.read_metrics(tmp_path / "ref")] == \
         [m.get("loss/train") for m in engine.read_metrics(tmp_path / "cut")]
+
+
+def test_a_ranked_row_too_long_counts_once(tmp_path, smol_tokenizer):
+    """Its three pairs are one row: one bad row (skipped) or one drop, not three."""
+    from posttrain.data.dataset import DataConfig, DataSource, load_preference_data
+
+    rows = [{"prompt": "q", "responses": ["a", "b"], "ranking": [0, 1]}] * 4 + [
+        {"prompt": "q", "responses": ["long " * 40, "x " * 40, "y " * 40], "ranking": [0, 1, 2]}]
+    f = write_jsonl(tmp_path / "p.jsonl", rows)
+    for too_long, skip in (("error", True), ("drop", False)):
+        cfg = DataConfig(train=[DataSource(path=str(f))], max_length=60, too_long=too_long, skip_bad_rows=skip,
+                         eval_fraction=0.0)
+        data = load_preference_data(smol_tokenizer, cfg)
+        assert len(data.train) == 4
+        assert (data.bad.total, data.stats.dropped_too_long) == ((1, 0) if too_long == "error" else (0, 1))

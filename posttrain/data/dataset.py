@@ -125,12 +125,14 @@ def tokenize_split(records: list, eval_records: list, tokenize_one, bad: BadRows
     (dropped; counted in ``stats`` by the tokenizer). Bad rows go to ``bad``; an empty training
     set is an error; what loading skipped or changed is reported."""
     def each(recs):
-        out = []
+        out, bad_origins = [], set()
         for rec in recs:
             try:
                 ex = tokenize_one(rec)
             except BadRowError as e:
-                bad.handle(e)
+                if rec.origin not in bad_origins:  # (the pairs of one ranked row: one bad row)
+                    bad_origins.add(rec.origin)
+                    bad.handle(e)
                 continue
             if isinstance(ex, list):
                 out.extend(ex)

@@ -191,7 +191,8 @@ def ranked_pairs(row: Row) -> list[PreferenceRecord]:
     k = len(comps)
     if "ranking" in row.data:
         ranking = row.data["ranking"]
-        if not isinstance(ranking, list) or sorted(ranking) != list(range(k)):
+        if (not isinstance(ranking, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranking)
+                or sorted(ranking) != list(range(k))):
             raise BadRowError(row.origin, "ranking", f"expected a permutation of 0..{k - 1} (best first), got {ranking!r}")
         better = [(ranking[a], ranking[b]) for a, b in itertools.combinations(range(k), 2)]
     elif "scores" in row.data:

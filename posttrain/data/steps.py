@@ -103,7 +103,7 @@ def tokenize_step_record(tok, rec: StepRecord, separator: str, max_length: int, 
                           "too_long to truncate_prompt or drop, or skip_bad_rows: true)")
     first_step_start = pos[0] - len(tok(rec.steps[0] + separator, add_special_tokens=False)["input_ids"]) + 1
     if too_long == "truncate_prompt" and cut <= first_step_start:
-        stats.truncated += 1
+        stats.count("truncated", rec.origin)
         return StepExample(ids[cut:], [p - cut for p in pos], rec.labels, rec.origin)
-    stats.dropped_too_long += 1
+    stats.count("dropped_too_long", rec.origin)
     return None

@@ -13,8 +13,10 @@ token and end with EOS.
 Too long. ``too_long`` says what happens to a conversation longer than ``max_length``:
 ``error`` (a bad row; with ``skip_bad_rows`` it is counted and skipped), ``drop``
 (skipped and counted, with no error), or ``truncate_prompt`` (tokens are removed from the
-left of the sequence, never from a trained span; if the trained part alone is too long
-the row is dropped and counted). ``text`` rows longer than ``max_length`` are split into
+left of the sequence, never from a trained span; if the trained part alone is too long,
+or so little prompt would remain that the reply is conditioned on almost nothing (fewer than
+``MIN_PROMPT_TOKENS`` tokens, or all of it if shorter), the row is dropped and counted).
+Counts are of rows: a ranked preference row that expands into several pairs counts once. ``text`` rows longer than ``max_length`` are split into
 consecutive windows, all trained on (the usual continued pre-training treatment).
 
 Batching. Both collators give the same loss for the same examples:
@@ -54,14 +56,28 @@ class TokenizedExample:
         return sum(1 for x in self.labels if x != IGNORE)
 
 
+#: the fewest prompt tokens ``truncate_prompt`` leaves before the first trained token (the
+#: generation header, 3-5 tokens in the common templates, and some of the user's text)
+MIN_PROMPT_TOKENS = 16
+
+
 @dataclass
 class TokenizeStats:
-    """What tokenisation did to the data, reported at the end of loading."""
+    """What tokenisation did to the data, reported at the end of loading (rows, by origin:
+    the pairs of one ranked preference row count once)."""
 
     truncated: int = 0
     dropped_too_long: int = 0
     split_text: int = 0
     reasons: Counter = field(default_factory=Counter)
+    seen: dict = field(default_factory=dict, repr=False)
+
+    def count(self, what: str, origin: str) -> None:
+        """One more row of ``what`` (an attribute), unless this origin was counted for it already."""
+        done = self.seen.setdefault(what, set())
+        if origin not in done:
+            done.add(origin)
+            setattr(self, what, getattr(self, what) + 1)
 
     def summary(self) -> str:
         parts = []
@@ -194,7 +210,7 @@ def tokenize_record(
         ex = tokenize_text(tok, rec.text, rec.origin)
         if len(ex.input_ids) <= max_length:
             return [ex]
-        stats.split_text += 1
+        stats.count("split_text", rec.origin)
         return [
             TokenizedExample(ex.input_ids[i : i + max_length], ex.labels[i : i + max_length], rec.origin)
             for i in range(0, len(ex.input_ids), max_length)
@@ -225,10 +241,10 @@ def length_cut(examples: list[TokenizedExample], max_length: int, too_long: str,
         )
     cut = n - max_length
     first_trained = min(next(i for i, x in enumerate(e.labels) if x != IGNORE) for e in examples)
-    if too_long == "truncate_prompt" and cut < first_trained:  # a token of the prompt must stay to predict from
-        stats.truncated += 1
+    if too_long == "truncate_prompt" and first_trained - cut >= min(first_trained, MIN_PROMPT_TOKENS):
+        stats.count("truncated", origin)
         return cut
-    stats.dropped_too_long += 1
+    stats.count("dropped_too_long", origin)
     return None
 
 

@@ -270,10 +270,10 @@ def load_prompts(tok, sources, max_length: int, too_long: str, bad: BadRows,
                         raise BadRowError(row.origin, "prompt", f"too long: {len(ids)} tokens > max_length "
                                           f"{max_length}")
                     if too_long == "drop":
-                        stats.dropped_too_long += 1
+                        stats.count("dropped_too_long", row.origin)
                         continue
                     ids = ids[-max_length:]
-                    stats.truncated += 1
+                    stats.count("truncated", row.origin)
                 out.append(Prompt(rec, ids))
             except BadRowError as e:
                 bad.handle(e)
