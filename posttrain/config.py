@@ -170,10 +170,10 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def _is_text(tp: Any) -> bool:
-    """``tp`` is ``str``, or a list of them."""
+    """``tp`` is ``str`` or a section written as one string (a data source's path), or a list of them."""
     if typing.get_origin(tp) in (list, tuple):
-        return all(a is str for a in typing.get_args(tp)[:1])
-    return tp is str
+        return all(_is_text(a) for a in typing.get_args(tp)[:1])
+    return tp is str or (_is_section(tp) and hasattr(tp, "from_string"))
 
 
 def _parse_value(raw: str, tp: Any, where: str) -> Any:
@@ -221,6 +221,34 @@ def _set_dotted(data: dict[str, Any], cls: type, dotted: str, raw: str) -> None:
         tp = sub
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (YAML keeps the last
+    silently: a second ``data:`` section would replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"{self.name}:{key_node.start_mark.line + 1}: key {key!r} is written twice in one "
+                                  f"mapping (first at line {seen[key]}); YAML would keep only the last")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML config or recipe file, with duplicate keys an error naming file and line."""
+    p = Path(path)
+    loader = _UniqueKeyLoader(p.read_text())
+    loader.name = str(p)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    finally:
+        loader.dispose()
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Load ``cls`` from an optional YAML file, then apply ``key=value`` overrides."""
     data: dict[str, Any] = {}
@@ -228,10 +256,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        loaded = read_yaml(p)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping of config keys at the top level")
         data = loaded or {}

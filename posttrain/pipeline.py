@@ -53,7 +53,7 @@ from typing import Any
 
 import yaml
 
-from posttrain.config import ConfigError, load_config
+from posttrain.config import ConfigError, load_config, read_yaml
 from posttrain.engine import file_fingerprint, inside, write_status
 from posttrain.fileio import atomic_write
 from posttrain.log import console, log, warn
@@ -103,7 +103,7 @@ def load_recipe(path: str | Path, quick: bool = False, overrides: list[str] | No
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"recipe not found: {p}")
-    raw = yaml.safe_load(p.read_text()) or {}
+    raw = read_yaml(p) or {}
     quick_block = raw.pop("quick", {}) or {}
     if quick:
         stage_over = quick_block.pop("stages", {}) or {}

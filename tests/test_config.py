@@ -87,3 +87,21 @@ def test_partial_section_keeps_the_stage_defaults():
 
     cfg = load_config(GRPOConfig, None, ["sampling.max_new_tokens=12"])
     assert cfg.sampling.max_new_tokens == 12 and cfg.sampling.temperature == 1.0
+
+
+def test_a_key_written_twice_in_yaml_is_an_error(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  train: a.jsonl\n  eval: b.jsonl\nlr: 1.0e-4\ndata:\n  max_length: 256\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:5: key 'data' is written twice in one mapping \(first at line 1\)"):
+        load_config(SFTConfig, p)
+
+
+@pytest.mark.parametrize("raw,paths", [
+    ("/tmp/a #1.jsonl", ["/tmp/a #1.jsonl"]),  # not a YAML comment
+    ('"/tmp/x,y.jsonl"', ["/tmp/x,y.jsonl"]),  # quoted: one path, comma and all
+    ("/tmp/a: b.jsonl", ["/tmp/a: b.jsonl"]),  # not a mapping
+    ("a.jsonl,b.jsonl", ["a.jsonl", "b.jsonl"]),
+    ("[{path: a.jsonl, weight: 2}, b.jsonl]", ["a.jsonl", "b.jsonl"]),
+])
+def test_data_path_overrides_are_paths_as_written(raw, paths):
+    assert [s.path for s in load_config(SFTConfig, None, [f"data.train={raw}"]).data.train] == paths

@@ -30,9 +30,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from posttrain.config import ConfigError
+from posttrain.config import ConfigError, read_yaml
 from posttrain.rollout import SamplingConfig, generate
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -61,7 +59,7 @@ class Example:
 def _yaml_list(p: Path, what: str) -> list:
     if not p.is_file():
         raise ConfigError(f"{what} not found: {p}")
-    raw = yaml.safe_load(p.read_text())
+    raw = read_yaml(p)
     if not isinstance(raw, list) or not raw:
         raise ConfigError(f"{p}: {what} is a non-empty YAML list")
     return raw
