@@ -125,12 +125,20 @@ def inside(path: str | Path, directory: Path) -> bool:
         return False
 
 
-def setup_run(output_dir: str | Path, stage: str, cfg: Any, inputs: list[str] | None = None) -> Path:
-    """Create ``output_dir`` with ``config.yaml`` and ``manifest.json``; returns it (see
-    :func:`check_run_dir` for the directories it refuses)."""
+def setup_run(output_dir: str | Path, stage: str, cfg: Any, inputs: list[str] | None = None,
+              check_inputs: bool = True) -> Path:
+    """Create ``output_dir`` (``~`` expanded) with ``config.yaml`` and ``manifest.json``; returns
+    it (see :func:`check_run_dir` for the directories it refuses). With ``check_inputs`` a
+    missing input file is an error before anything is written."""
     distributed.init()
     allocator.keep_freed_memory()
-    out = Path(output_dir)
+    if not str(output_dir).strip():
+        raise ConfigError("output_dir: empty (give the run a directory of its own)")
+    out = Path(output_dir).expanduser()
+    missing = [p for p in inputs or [] if check_inputs and not Path(p).expanduser().exists()]
+    if missing:
+        raise ConfigError(f"data file not found: {missing[0]}" + (f" (and {len(missing) - 1} more)"
+                                                                  if len(missing) > 1 else ""))
     resume, overwrite = getattr(cfg, "resume", False), getattr(cfg, "overwrite", False)
     check_run_dir(out, stage, resume, overwrite)
     distributed.barrier()  # every rank has looked before rank 0 deletes anything
@@ -150,7 +158,8 @@ def setup_run(output_dir: str | Path, stage: str, cfg: Any, inputs: list[str] | 
             "stage": stage,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "command": " ".join(sys.argv),
-            "inputs": {p: file_fingerprint(p) for p in (inputs or []) if Path(p).exists()},
+            "inputs": {p: file_fingerprint(Path(p).expanduser()) for p in (inputs or [])
+                       if Path(p).expanduser().exists()},
             "seed": getattr(cfg, "seed", None),
             "versions": _versions(),
             "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "cuda": torch.cuda.is_available(),

@@ -222,7 +222,7 @@ class Run:
         from posttrain.synth.tasks import problems
 
         self.recipe = recipe
-        self.dir = Path(recipe.output_dir)
+        self.dir = Path(recipe.output_dir).expanduser()
         self.model = recipe.model
         self.outputs: dict[str, dict] = {}
         self.evals: list[tuple[str, dict]] = []

@@ -105,3 +105,22 @@ def test_a_key_written_twice_in_yaml_is_an_error(tmp_path):
 ])
 def test_data_path_overrides_are_paths_as_written(raw, paths):
     assert [s.path for s in load_config(SFTConfig, None, [f"data.train={raw}"]).data.train] == paths
+
+
+def test_a_run_checks_its_directory_and_data_before_writing_anything(tmp_path, monkeypatch):
+    """An empty output_dir (the current directory) and a missing data file are errors before the
+    run directory is made; ~ in output_dir and data paths is the home directory."""
+    from posttrain import engine
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = load_config(SFTConfig, None, ["data.train=~/d.jsonl", "output_dir=~/runs/x"])
+    with pytest.raises(ConfigError, match="output_dir: empty"):
+        engine.setup_run("", "sft", cfg, ["~/d.jsonl"])
+    with pytest.raises(ConfigError, match="data file not found: ~/d.jsonl"):
+        engine.setup_run(cfg.output_dir, "sft", cfg, ["~/d.jsonl"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, no literal "~" directory
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "d.jsonl").write_text('{"text": "a"}\n')
+    out = engine.setup_run(cfg.output_dir, "sft", cfg, ["~/d.jsonl"])
+    assert out == tmp_path / "home" / "runs" / "x" and (out / "manifest.json").is_file()

@@ -88,7 +88,7 @@ def file_kind(path: Path) -> str:
 
 def iter_rows(path: str | Path, bad: BadRows) -> Iterator[Row]:
     """Yield the rows of ``path`` as dicts; malformed rows go to ``bad``."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
     kind = file_kind(path)

@@ -211,7 +211,8 @@ def evaluate(cfg: DPOConfig, model, pairs: list[PreferencePair], ref: torch.Tens
 def train(cfg: DPOConfig, data: PreferenceData | None = None) -> DPOResult:
     """Run DPO as ``cfg`` says; ``data`` may be given pre-tokenized (library use)."""
     # ---------------------------------------------------------------- setup
-    run_dir = engine.setup_run(cfg.output_dir, "dpo", cfg, [s.path for s in cfg.data.train + cfg.data.eval])
+    run_dir = engine.setup_run(cfg.output_dir, "dpo", cfg, [s.path for s in cfg.data.train + cfg.data.eval],
+                               check_inputs=data is None)
     engine.seed_everything(cfg.seed)
     model, tok, dtype = prepare_model(cfg.model, lower_frozen=cfg.parallel != "fsdp")
     if data is None:

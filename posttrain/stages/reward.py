@@ -173,7 +173,8 @@ def cached_features(run_dir: Path, model, pairs, pad_id, batch_size, device, nam
 def train(cfg: RewardConfig, data: PreferenceData | None = None) -> RewardResult:
     """Train a reward model as ``cfg`` says; ``data`` may be given pre-tokenized (library use)."""
     # ---------------------------------------------------------------- setup
-    run_dir = engine.setup_run(cfg.output_dir, "rm", cfg, [s.path for s in cfg.data.train + cfg.data.eval])
+    run_dir = engine.setup_run(cfg.output_dir, "rm", cfg, [s.path for s in cfg.data.train + cfg.data.eval],
+                               check_inputs=data is None)
     engine.seed_everything(cfg.seed)
     model, tok, dtype = prepare_scoring_model(cfg.model, "sequence", lower_frozen=cfg.parallel != "fsdp")
     if data is None:

@@ -83,7 +83,8 @@ def evaluate(model, examples: list[TokenizedExample], batch_size: int, batching:
 def train(cfg: SFTConfig, data: SFTData | None = None) -> SFTResult:
     """Run SFT as ``cfg`` says; ``data`` may be given pre-tokenized (library use)."""
     # ---------------------------------------------------------------- setup
-    run_dir = engine.setup_run(cfg.output_dir, "sft", cfg, [s.path for s in cfg.data.train + cfg.data.eval])
+    run_dir = engine.setup_run(cfg.output_dir, "sft", cfg, [s.path for s in cfg.data.train + cfg.data.eval],
+                               check_inputs=data is None)
     engine.seed_everything(cfg.seed)
     model, tok, dtype = prepare_model(cfg.model, lower_frozen=cfg.parallel != "fsdp")
     trainable_params, total_params = count_parameters(model)
