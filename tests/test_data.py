@@ -387,6 +387,26 @@ def test_mixture_weights():
     assert mix([a, b], [3.0, 1.0], seed=0, total=80) == out  # seeded
 
 
+def test_mixture_composition_is_reported_and_a_vanishing_source_warned(tmp_path, capsys):
+    """Each source's rows and share are logged; a source whose weight rounds to no example is
+    warned about; an eval split too small to make says so; an empty given eval set is an error."""
+    from posttrain.data.dataset import split_records
+
+    a, b = [f"a{i}" for i in range(100)], [f"b{i}" for i in range(5)]
+    cfg = DataConfig(train=[DataSource(path="x/srcA.jsonl"), DataSource(path="srcB.jsonl", weight=0.004)],
+                     eval_fraction=0.0)
+    records, _ = split_records([a, b], cfg, 0, read_eval=None)
+    err = capsys.readouterr().err
+    assert "data mixture: srcA.jsonl 100 rows -> 105 (repeated), srcB.jsonl 5 rows -> 0 (sampled)" in err
+    assert "srcB.jsonl gives the mixture no example at weight 0.004" in err and len(records) == 105
+    cfg = DataConfig(train=[DataSource(path="a.jsonl")], eval_fraction=0.5)
+    split_records([a[:19]], cfg, 0, read_eval=None)
+    assert "eval_fraction 0.5 not applied: 19 rows are too few" in capsys.readouterr().err
+    cfg = DataConfig(train=[DataSource(path="a.jsonl")], eval=[DataSource(path="e.jsonl")])
+    with pytest.raises(ConfigError, match="data.eval: no usable rows in e.jsonl"):
+        split_records([a], cfg, 0, read_eval=lambda s: [])
+
+
 def test_load_sft_data_mixture_and_skip(tmp_path, smol_tokenizer):
     write_jsonl(tmp_path / "a.jsonl", [ROWS["messages"]] * 30 + ["not json"])
     write_jsonl(tmp_path / "b.jsonl", [ROWS["text"]] * 10)

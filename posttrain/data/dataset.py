@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from posttrain.config import ConfigError, check_bounds, doc
 from posttrain.data.formats import SFT_FORMATS, SFTRecord, detect_sft_format, to_sft_record
@@ -25,7 +26,7 @@ from posttrain.data.preference import (
     tokenize_pair,
 )
 from posttrain.data.tokenize import TokenizedExample, TokenizeStats, tokenize_record
-from posttrain.log import log
+from posttrain.log import log, warn
 
 
 @dataclass
@@ -89,16 +90,21 @@ def read_sft_records(source: DataSource, bad: BadRows) -> list[SFTRecord]:
     return records
 
 
+def mixture_counts(sizes: list[int], weights: list[float], total: int = 0) -> list[int]:
+    """Examples each source gives the mixture: ``total`` (default: all rows) shared by weight."""
+    if len(sizes) == 1 and not total:
+        return list(sizes)
+    total = total or sum(sizes)
+    return [round(total * w / sum(weights)) if n else 0 for n, w in zip(sizes, weights)]
+
+
 def mix(sources: list[list], weights: list[float], seed: int, total: int = 0) -> list:
     """Seeded mixture of item lists by weight (see module docstring)."""
     if len(sources) == 1 and not total:
         return list(sources[0])
     rng = random.Random(seed)
-    total = total or sum(len(s) for s in sources)
-    wsum = sum(weights)
     out = []
-    for items, w in zip(sources, weights):
-        want = round(total * w / wsum)
+    for items, want in zip(sources, mixture_counts([len(s) for s in sources], weights, total)):
         if not items or not want:
             continue
         reps, rest = divmod(want, len(items))
@@ -171,7 +177,23 @@ def split_records(per_source: list[list], cfg: DataConfig, seed: int, read_eval,
             train_parts.append([r for i, r in enumerate(recs) if i not in held])
     else:
         eval_records = []
-    records = mix(train_parts, [s.weight for s in cfg.train], seed, cfg.mixture_size)
+        if cfg.eval_fraction > 0:
+            log(f"data: eval_fraction {cfg.eval_fraction} not applied: {sum(map(len, per_source))} rows are too few "
+                "to hold any out (20 at least); no eval split")
+    if cfg.eval and not eval_records:
+        raise ConfigError(f"data.eval: no usable rows in {', '.join(s.path for s in cfg.eval)}")
+    weights = [s.weight for s in cfg.train]
+    counts = mixture_counts([len(r) for r in train_parts], weights, cfg.mixture_size)
+    if len(train_parts) > 1 or cfg.mixture_size:
+        log("data mixture: " + ", ".join(
+            f"{Path(s.path).name} {len(r)} rows -> {n}" + (" (repeated)" if n > len(r) else " (sampled)" if n < len(r)
+                                                             else "")
+            for s, r, n in zip(cfg.train, train_parts, counts)))
+    for s, r, n in zip(cfg.train, train_parts, counts):
+        if r and not n:
+            warn(f"data: {s.path} gives the mixture no example at weight {s.weight} (raise its weight or "
+                 "mixture_size)")
+    records = mix(train_parts, weights, seed, cfg.mixture_size)
     if cfg.max_examples:
         records = records[: cfg.max_examples]
     return records, eval_records
