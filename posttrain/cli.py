@@ -103,22 +103,28 @@ def _mark_trained(tok, ids: list[int], labels: list[int]) -> str:
     return "".join(out)
 
 
+def _say_format(path: Path, detect) -> None:
+    """Print the row format training will read ``path`` as: that of the first row it recognises."""
+    from posttrain.data.loading import BadRowError, BadRows, iter_rows
+
+    for row in iter_rows(path, BadRows(skip=True)):
+        try:
+            fmt = detect(row.data, row.origin)
+        except BadRowError:
+            continue
+        console.print(f"format: [bold]{fmt}[/bold] (recognised from the keys of {row.origin}: {sorted(row.data)})")
+        return
+
+
 def _inspect_preference(args, tok, path: Path, bad) -> list[int]:
     """Print recognised preference pairs with the trained (completion) tokens marked."""
-    from posttrain.data.loading import BadRowError, BadRows, iter_rows
+    from posttrain.data.loading import BadRowError
     from posttrain.data.preference import detect_preference_format, read_preference_records, tokenize_pair
     from posttrain.data.tokenize import TokenizeStats
 
-    first = next(iter(iter_rows(path, BadRows(skip=True))), None)
-    fmt = args.format
-    if fmt == "auto" and first is not None:
-        try:
-            fmt = detect_preference_format(first.data, first.origin)
-            console.print(f"format: [bold]{fmt}[/bold] (recognised from the keys of the first row: {sorted(first.data)})")
-        except BadRowError as e:
-            bad.handle(e)
-            return []
-    records = read_preference_records(str(path), fmt, bad)
+    if args.format == "auto":
+        _say_format(path, detect_preference_format)
+    records = read_preference_records(str(path), args.format, bad)  # (as training reads it)
     stats, pairs = TokenizeStats(), []
     for rec in records:
         try:
@@ -171,16 +177,9 @@ def cmd_data_inspect(args) -> int:
             console.print(f"[dim]{r.origin}[/dim]")
             console.print(text, markup=False, highlight=False)
     else:
-        first = next(iter(iter_rows(path, BadRows(skip=True))), None)
-        fmt = args.format
-        if fmt == "auto" and first is not None:
-            try:
-                fmt = detect_sft_format(first.data, first.origin)
-                console.print(f"format: [bold]{fmt}[/bold] (recognised from the keys of the first row: "
-                              f"{sorted(first.data)})")
-            except BadRowError as e:
-                bad.handle(e)
-        records = read_sft_records(DataSource(path=str(path), format=fmt), bad) if fmt != "auto" else []
+        if args.format == "auto":
+            _say_format(path, detect_sft_format)
+        records = read_sft_records(DataSource(path=str(path), format=args.format), bad)  # (as training reads it)
         stats = TokenizeStats()
         examples = []
         for rec in records:

@@ -46,6 +46,14 @@ def test_data_inspect_good_and_bad(tiny_model_dir, tmp_path, capsys):
     assert main(["data", "inspect", str(bad), "--model", str(tiny_model_dir)]) == 1
     err = capsys.readouterr().err
     assert f"{bad}:2: invalid JSON" in err and f"{bad}:3: field 'completion': wrong type" in err
+    # a first row of no known format: the format comes from the next one, as training reads the file,
+    # and every later bad row is listed too
+    junk = write_jsonl(tmp_path / "junk.jsonl", [{"id": 1}, {"prompt": "2+2?", "completion": "4"},
+                                                 {"messages": [{"role": "user", "content": "q"}]}])
+    assert main(["data", "inspect", str(junk), "--model", str(tiny_model_dir)]) == 1
+    err = capsys.readouterr().err
+    assert f"recognised from the keys of {junk}:2" in err and "1 rows read" in err
+    assert f"{junk}:1: unrecognised row format" in err and f"{junk}:3: field 'prompt': missing field" in err
 
 
 def test_sft_from_recipe_with_overrides(tiny_model_dir, tmp_path):
