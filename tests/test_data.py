@@ -377,6 +377,14 @@ def test_prompt_records():
     assert rec.messages == [{"role": "user", "content": "q"}] and rec.fields == {"answer": "4"}
     rec = to_prompt_record(Row(ROWS["messages"], "x"))
     assert rec.messages[-1]["role"] == "user" and rec.fields["reference"] == "Hello!"
+    sys_only = {"messages": [{"role": "system", "content": "be nice"}]}
+    two = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a1"},
+                        {"role": "assistant", "content": "a2"}]}
+    parts = {"prompt": [{"type": "text", "text": "q"}]}
+    for data, msg in ((sys_only, "no user turn"), (two, "ends with an assistant turn"),
+                      (parts, r"field 'prompt\[0\]': a content part \({'type': 'text'")):
+        with pytest.raises(BadRowError, match=msg):
+            to_prompt_record(Row(data, "x"))
 
 
 def test_mixture_weights():

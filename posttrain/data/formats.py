@@ -119,6 +119,9 @@ def _messages(row: Row, key: str, value: Any, *, role_key="role", content_key="c
         if m.get("tool_calls") or m.get("function_call"):
             raise BadRowError(row.origin, f"{where}.{'tool_calls' if m.get('tool_calls') else 'function_call'}",
                               "tool calls are not supported yet (the row would train without them)")
+        if role is None and "type" in m and role_key not in m:
+            raise BadRowError(row.origin, where, f"a content part ({{'type': {m['type']!r}, ...}}), not a message with "
+                              "a role: content parts are not supported; give the text as a string")
         if role_map is not None and role is None and m.get("role") is not None and m.get("content") is not None:
             raise BadRowError(row.origin, f"{where}.{role_key}", f"missing field: this message has 'role' and "
                               f"'content' keys (OpenAI style): name the column 'messages', not '{key}'")
@@ -218,4 +221,10 @@ def to_prompt_record(row: Row) -> PromptRecord:
     else:
         raise BadRowError(row.origin, "prompt", f"missing field (a prompt row needs 'prompt' or 'messages'; "
                           f"keys: {sorted(d)})")
+    key = "prompt" if "prompt" in d else "messages"
+    if msgs[-1]["role"] == "assistant":
+        raise BadRowError(row.origin, key, "the prompt ends with an assistant turn (a messages row may end with "
+                          "one, the reference answer; not with two)")
+    if not any(m["role"] in ("user", "tool") for m in msgs):
+        raise BadRowError(row.origin, key, "no user turn: nothing for the model to answer")
     return PromptRecord(row.origin, msgs, rest)
