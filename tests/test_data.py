@@ -301,7 +301,8 @@ def test_undecodable_files_and_rows_name_their_line(tmp_path):
     assert [(r.origin.rsplit(":", 1)[1], r.data) for r in rows] == [
         ("2", {"prompt": "two\nlines", "completion": "a"}), ("7", {"prompt": "q", "completion": "a"})]
     assert [e.split(": ", 1)[0].rsplit(":", 1)[1] for e in bad.errors] == ["4", "6"]
-    assert "3 cells where the header has 2 (prompt, completion)" in bad.errors[0]
+    assert "wrong number of cells: 3 where the header has 2 (prompt, completion)" in bad.errors[0]
+    assert bad.counts == {"wrong number of cells": 2}  # (one kind of problem, whatever the counts)
     (tmp_path / "latin1.csv").write_bytes("prompt,completion\ncaf\u00e9,a\n".encode("latin-1"))
     (tmp_path / "empty.csv").write_text("")
     (tmp_path / "fake.parquet").write_text("not parquet")

@@ -222,8 +222,8 @@ def _csv_rows(path: Path, bad: BadRows) -> Iterator[Row]:
         if not cells:  # a blank line
             continue
         if len(cells) != len(header):
-            bad.handle(BadRowError(f"{path}:{start}", None, f"{len(cells)} cells where the header has "
-                                   f"{len(header)} ({', '.join(header)})"))
+            bad.handle(BadRowError(f"{path}:{start}", None, f"wrong number of cells: {len(cells)} where the header "
+                                   f"has {len(header)} ({', '.join(header)})"))
             continue
         yield Row(_decode_json_cells(dict(zip(header, cells))), f"{path}:{start}")
 
