@@ -15,9 +15,12 @@ from pathlib import Path
 
 
 def fsync_file(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    """Flush a file's data to disk (best effort: a filesystem that cannot is passed over)."""
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)  # (Windows flushes writable handles only)
     try:
         os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 

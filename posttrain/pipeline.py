@@ -239,11 +239,12 @@ class Run:
                 "prompts": [q.as_prompt_row() for q in self.fresh_questions],
                 "test": [q.as_prompt_row() for q in self.test_questions]}
         # what made each stage's directory, checked before anything in the run directory is written
-        chain = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+        chain = legacy = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
         self.fingerprints: dict[str, str] = {}
         for stage in recipe.stages:
             chain = self.fingerprints[stage.name] = stage_fingerprint(chain, recipe.model, stage, self.dir)
-            _check_fingerprint(self.dir / stage.name, chain, stage.name)
+            legacy = stage_fingerprint(legacy, recipe.model, stage, self.dir, with_files=False)
+            _check_fingerprint(self.dir / stage.name, chain, stage.name, legacy)
         self.files = {name: write_rows(data / f"{name}.jsonl", r) for name, r in rows.items()}
 
     def data_files(self, spec: str, allow_empty: bool = False) -> list[str]:
@@ -575,22 +576,28 @@ def run_recipe(recipe: Recipe) -> dict:
     return summary
 
 
-def stage_fingerprint(previous: str, model: str, stage: Stage, run_dir: Path | None = None) -> str:
+#: what marks a directory as one a stage reads whole: a model, an adapter, a saved dataset
+_READ_DIRS = ("config.json", "adapter_config.json", "dataset_dict.json", "dataset_info.json", "state.json")
+
+
+def stage_fingerprint(previous: str, model: str, stage: Stage, run_dir: Path | None = None,
+                      with_files: bool = True) -> str:
     """What made a stage's directory: the fingerprint before it (for the first stage, the digest
     of the run's task data), the recipe's starting model, and the stage's kind, data and config;
-    and the files outside the run directory that these name (a data file, a local model, a
-    judge), by size and modification time, so that a resumed run does not reuse a stage made
-    from an older version of one."""
+    and (``with_files``) the files outside the run directory that these name (a data file, a
+    local model, a judge), by size and modification time, so that a resumed run does not reuse a
+    stage made from an older version of one. A directory counts only when it is a model, an
+    adapter or a saved dataset (a config string that happens to name a scratch directory does not)."""
     spec = {"previous": previous, "model": model, "kind": stage.kind, "data": stage.data,
             "config": stage.config, "options": stage.options}
     named = [model, *[p for p in stage.data.split("+") if not p.strip().startswith("@")],
-             *_strings(stage.config), *_strings(stage.options)]
+             *_strings(stage.config), *_strings(stage.options)] if with_files else []
     files = {}
     for text in named:
         path = Path(text.strip()).expanduser() if 0 < len(text.strip()) < 4096 else None
         if path is None or not path.exists() or (run_dir and inside(path, run_dir)):
             continue
-        if path.is_dir() and inside(Path.cwd(), path):  # a value such as "." is not a file the stage reads
+        if path.is_dir() and not any((path / marker).is_file() for marker in _READ_DIRS):
             continue
         files[text.strip()] = file_fingerprint(path)
     if files:  # (absent otherwise: the fingerprints of recipes that name no file stay as they were)
@@ -608,13 +615,19 @@ def _strings(value) -> list[str]:
     return []
 
 
-def _check_fingerprint(out: Path, fingerprint: str, name: str) -> None:
+def _check_fingerprint(out: Path, fingerprint: str, name: str, legacy: str | None = None) -> None:
     """Refuse to reuse a stage directory made by another recipe or other task data. A finished
-    stage from before fingerprints were recorded is reused with a warning."""
+    stage from before fingerprints were recorded is reused with a warning, as is one whose
+    fingerprint is ``legacy`` (recorded before the files a stage names were part of it)."""
     path = out / FINGERPRINT
     if path.is_file():
         made_nothing = all(p.name == FINGERPRINT for p in out.iterdir())  # it stopped before writing anything
-        if json.loads(path.read_text()).get("fingerprint") != fingerprint and not made_nothing:
+        found = json.loads(path.read_text()).get("fingerprint")
+        if legacy is not None and found == legacy != fingerprint and not made_nothing:
+            warn(f"stage '{name}': made before posttrain recorded the files a stage names; reused as it is (the "
+                 f"data files and models it names were not checked for changes)")
+            return
+        if found != fingerprint and not made_nothing:
             raise ConfigError(
                 f"{out}: stage '{name}' in this run directory was made by a different recipe or task data "
                 f"(its config, data or model, or an earlier stage's, changed since); nothing was reused or "

@@ -124,3 +124,11 @@ def test_a_run_checks_its_directory_and_data_before_writing_anything(tmp_path, m
     (tmp_path / "home" / "d.jsonl").write_text('{"text": "a"}\n')
     out = engine.setup_run(cfg.output_dir, "sft", cfg, ["~/d.jsonl"])
     assert out == tmp_path / "home" / "runs" / "x" and (out / "manifest.json").is_file()
+
+
+def test_yaml_merge_keys_still_load_and_may_be_overridden(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("base: &b {lr: 1.0e-3, max_steps: 7}\nmodel: {lora: true}\n<<: *b\nlr: 2.0e-4\n")
+    from posttrain.config import read_yaml
+
+    assert read_yaml(p)["lr"] == 2.0e-4 and read_yaml(p)["max_steps"] == 7

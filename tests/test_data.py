@@ -108,6 +108,8 @@ def test_prompt_turns_are_context_tool_calls_refused_and_alpaca_history_kept(smo
     row = Row({"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "x:3")
     with pytest.raises(BadRowError, match=r"'role' and 'content' keys \(OpenAI style\): name the column 'messages'"):
         to_sft_record(row, "sharegpt")
+    row = Row({"instruction": "and 3 + 3?", "output": "6", "history": ""}, "x:4")  # an empty CSV cell
+    assert len(to_sft_record(row, "alpaca").messages) == 2
     row = Row({"instruction": "and 3 + 3?", "output": "6", "history": [["1 + 1?", "2"]]}, "x:4")
     assert [m["content"] for m in to_sft_record(row, "alpaca").messages] == ["1 + 1?", "2", "and 3 + 3?", "6"]
     for bad_row, field in (({"instruction": "q", "output": "a", "system": {"x": 1}}, "system"),

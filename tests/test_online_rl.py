@@ -403,6 +403,27 @@ def test_bad_reward_stops_with_named_function(tiny_model_dir, prompt_file, tmp_p
         train(rl_cfg(GRPOConfig, tiny_model_dir, prompt_file, tmp_path / "r", "max_steps=1"), [needs_field])
 
 
+def test_online_rl_mixes_its_prompt_sources_as_every_stage(tiny_model_dir, prompt_file, tmp_path, capsys):
+    """Weights, mixture_size and eval_fraction apply to prompt sources as to SFT data."""
+    from posttrain.stages.online_rl import GRPOConfig, train
+
+    other = write_jsonl(tmp_path / "other.jsonl", [{"prompt": f"Say {i}.", "answer": str(i)} for i in range(4)])
+    seen = []
+
+    def record(prompts, completions, **kw):
+        seen.extend(prompts)
+        return [0.0] * len(completions)
+
+    cfg = rl_cfg(GRPOConfig, tiny_model_dir, f"[{{path: {prompt_file}, weight: 0.01}}, {{path: {other}, weight: 10}}]",
+                 tmp_path / "r", "max_steps=1", "batch_size=2", "group_size=2", "data.mixture_size=6",
+                 "data.eval_fraction=0.2", "eval_every=0")
+    train(cfg, [record])
+    err = capsys.readouterr().err
+    assert "data mixture: prompts.jsonl 26 rows -> 0 (sampled), other.jsonl 3 rows -> 6 (repeated)" in err
+    assert "grpo: 6 prompts (7 eval)" in err  # (6 + 1 held out of the two sources)
+    assert all("Say" in str(p) for p in seen[:4])  # the step's 2 x 2 (the final eval follows)
+
+
 def test_step_end_tokens(smol_tokenizer):
     from posttrain.stages.online_rl import split_steps, step_end_tokens
 

@@ -122,6 +122,24 @@ def test_a_stage_fingerprint_covers_the_files_outside_the_run_it_names(tmp_path,
     fp = stage_fingerprint("p", str(model), plain, run_dir)
     (model / "model.safetensors").write_text("w")
     assert stage_fingerprint("p", str(model), plain, run_dir) != fp
+    scratch = tmp_path / "scratch"  # a directory that is no model or dataset: not read whole, not counted
+    scratch.mkdir()
+    named = Stage("sft", "sft", {"note": str(scratch)}, "", {})
+    assert stage_fingerprint("p", "m", named, run_dir) == stage_fingerprint("p", "m", named, run_dir,
+                                                                            with_files=False)
+
+
+def test_a_stage_made_before_files_were_fingerprinted_is_reused_with_a_warning(tmp_path, capsys):
+    from posttrain.pipeline import _check_fingerprint
+
+    stage = tmp_path / "sft"
+    stage.mkdir()
+    (stage / "fingerprint.json").write_text(json.dumps({"fingerprint": "legacy"}))
+    (stage / "config.yaml").write_text("x: 1\n")
+    _check_fingerprint(stage, "new", "sft", legacy="legacy")
+    assert "made before posttrain recorded the files a stage names" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="made by a different recipe"):
+        _check_fingerprint(stage, "new", "sft", legacy="other")
 
 
 def test_rejection_filters(monkeypatch, smol_tokenizer):

@@ -467,3 +467,18 @@ def test_a_ranked_row_too_long_counts_once(tmp_path, smol_tokenizer):
         data = load_preference_data(smol_tokenizer, cfg)
         assert len(data.train) == 4
         assert (data.bad.total, data.stats.dropped_too_long) == ((1, 0) if too_long == "error" else (0, 1))
+
+
+def test_prm_truncation_keeps_the_same_prompt_floor_as_sft(smol_tokenizer):
+    from posttrain.data.steps import StepRecord, tokenize_step_record, tokenize_steps
+    from posttrain.data.tokenize import MIN_PROMPT_TOKENS
+
+    rec = StepRecord("s:1", "a long question " * 10, ["12 * 3 = 36", "36 + 4 = 40"], [1.0, 1.0])
+    ids, pos = tokenize_steps(smol_tokenizer, rec.prompt, rec.steps, "\n")
+    steps_len = len(ids) - (pos[0] - len(smol_tokenizer("12 * 3 = 36\n", add_special_tokens=False)["input_ids"]) + 1)
+    stats = TokenizeStats()
+    assert tokenize_step_record(smol_tokenizer, rec, "\n", steps_len + MIN_PROMPT_TOKENS - 1, "truncate_prompt",
+                                stats) is None
+    kept = tokenize_step_record(smol_tokenizer, rec, "\n", steps_len + MIN_PROMPT_TOKENS, "truncate_prompt", stats)
+    assert kept is not None and len(kept.input_ids) == steps_len + MIN_PROMPT_TOKENS
+    assert (stats.dropped_too_long, stats.truncated) == (1, 1)

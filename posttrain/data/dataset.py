@@ -154,13 +154,14 @@ def tokenize_split(records: list, eval_records: list, tokenize_one, bad: BadRows
 
 
 def split_records(per_source: list[list], cfg: DataConfig, seed: int, read_eval,
-                  bad: BadRows | None = None) -> tuple[list, list]:
+                  bad: BadRows | None = None, stats: TokenizeStats | None = None) -> tuple[list, list]:
     """(train, eval) records: the eval set (given, or ``eval_fraction`` of each source held out),
     then the weighted mixture of the rest."""
     for s, recs in zip(cfg.train, per_source):
         if not recs:
-            skipped = f" ({bad.summary()}; the first: {bad.errors[0]})" if bad is not None and bad.errors else ""
-            raise ConfigError(f"{s.path}: no usable rows{skipped}")
+            why = [f"{bad.summary()}; the first: {bad.errors[0]}"] if bad is not None and bad.errors else []
+            why += [stats.summary()] if stats is not None and stats.summary() else []
+            raise ConfigError(f"{s.path}: no usable rows" + (f" ({'; '.join(why)})" if why else ""))
     train_parts = per_source
     if cfg.eval:
         eval_records = [r for s in cfg.eval for r in read_eval(s)]

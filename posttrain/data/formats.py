@@ -90,7 +90,7 @@ def _alpaca_history(row: Row) -> list[dict[str, str]]:
     LLaMA-Factory's Alpaca format), each a user and an assistant turn (trained, like every
     assistant turn of a conversation)."""
     history = row.data.get("history")
-    if history is None:
+    if history is None or history == "" or history == []:  # (an empty CSV cell)
         return []
     if not isinstance(history, list):
         raise BadRowError(row.origin, "history", f"expected a list of [instruction, output] pairs, got "

@@ -247,7 +247,7 @@ def _unencodable_text(obj: Any, where: str = "") -> str | None:
 
 #: CSV columns whose cells hold structure (JSON lists/objects) in every format that has them
 STRUCTURED_COLUMNS = {"messages", "conversations", "responses", "completions", "ranking", "scores", "steps",
-                      "labels"}
+                      "labels", "history"}
 
 
 def _decode_json_cells(rec: dict[str, Any]) -> dict[str, Any]:

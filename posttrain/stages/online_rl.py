@@ -59,7 +59,7 @@ from posttrain.advantages import (
     whiten,
 )
 from posttrain.config import ConfigError, doc
-from posttrain.data.dataset import report_loading
+from posttrain.data.dataset import DataConfig, report_loading, split_records
 from posttrain.data.formats import PromptRecord, to_prompt_record
 from posttrain.data.loading import BadRowError, BadRows, iter_rows
 from posttrain.data.tokenize import (
@@ -111,11 +111,18 @@ def _rl_model() -> ModelConfig:
     return ModelConfig(gradient_checkpointing=True, lora_dropout=0.0)
 
 
+def _rl_data() -> DataConfig:
+    """Online RL holds no prompts out unless asked (``eval_fraction``: its eval is a rollout per
+    prompt, and its prompts are often few)."""
+    return DataConfig(eval_fraction=0.0)
+
+
 @dataclass
 class RLConfig(engine.TrainConfig):
     """Online RL (``posttrain grpo`` / ``rloo`` / ``ppo``: the same loop, different estimator)."""
 
     model: ModelConfig = field(default_factory=_rl_model)
+    data: DataConfig = field(default_factory=_rl_data)
     output_dir: str = doc("Run directory (config, metrics, samples, checkpoints, final model).", "runs/grpo")
     batch_size: int = doc("Prompts per step.", 4)
     lr: float = doc("Peak learning rate (RL wants small steps: ~1e-6 full, ~1e-5 LoRA).", 1e-6)
@@ -125,7 +132,7 @@ class RLConfig(engine.TrainConfig):
     max_steps: int = doc("Rollout steps to run (0 = from epochs over the prompts).", 50)
     sampling: SamplingConfig = field(default_factory=_rl_sampling)
     group_size: int = doc("Completions sampled per prompt (G).", 8)
-    rewards: list[str] = doc("Reward functions: names (exact_answer, tagged_answer, math_equal, think_format) "
+    rewards: list[str] = doc("Reward functions: names (exact_answer, tagged_answer, math_equal, think_format, task_verifier) "
                              "or rm:PATH for a trained reward model.", default_factory=lambda: ["exact_answer"])
     reward_weights: list[float] = doc("Weight of each reward function (empty = all 1).", default_factory=list)
     advantage: str = doc("Advantage estimator: group (GRPO), rloo, or gae (PPO with a critic).", "group")
@@ -522,12 +529,12 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
     engine.seed_everything(cfg.seed)
     model, tok, dtype = prepare_model(cfg.model, lower_frozen=cfg.parallel != "fsdp")
     bad, stats = BadRows(skip=cfg.data.skip_bad_rows), TokenizeStats()
-    prompts = load_prompts(tok, cfg.data.train, cfg.data.max_length, cfg.data.too_long, bad, stats)
-    eval_prompts = load_prompts(tok, cfg.data.eval, cfg.data.max_length, cfg.data.too_long, bad, stats)
+    read = lambda src: load_prompts(tok, [src], cfg.data.max_length, cfg.data.too_long, bad, stats)
+    # mixed by weight, eval held out, max_examples: as every stage's data (split_records)
+    prompts, eval_prompts = split_records([read(src) for src in cfg.data.train], cfg.data, cfg.seed, read, bad,
+                                          stats)
     if cfg.eval_limit:
         eval_prompts = eval_prompts[: cfg.eval_limit]
-    if not prompts:
-        raise ConfigError(f"no usable prompts ({'; '.join(x for x in (bad.summary(), stats.summary()) if x)})")
     report_loading(bad, stats)
     reward_set = RewardSet.build(reward_functions or cfg.rewards, cfg.reward_weights)
     prm = None
