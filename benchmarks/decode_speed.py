@@ -13,6 +13,14 @@ again in each timed round, so its time is counted).
 
     python benchmarks/decode_speed.py                     # batches of 48, 64 new tokens
     python benchmarks/decode_speed.py --batch 8,48,96 --tokens 96
+    python benchmarks/decode_speed.py --rollout-lora 16   # the rollout path of a LoRA run
+
+``--rollout-lora R`` times what an online-RL run's rollouts run instead: ``posttrain.rollout.sample``
+(greedy, the stage's own loop) on the model as a training stage prepares it (float32 weights,
+LoRA r=R on the default targets, the adapters' B set to small random values so they are not
+zero), decoded as ``sampling.dtype`` float32 (adapters merged in place, fused step) and float16
+(the base packed for fbgemm, adapters unmerged beside it: ``auto`` on an x86 CPU), and the
+same without LoRA; tokens/s over the tokens each way generated (rows stop at EOS).
 """
 
 from __future__ import annotations
@@ -29,7 +37,11 @@ def main() -> None:
     ap.add_argument("--batch", default="48", help="comma-separated batch sizes")
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per row (no EOS stop)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rollout-lora", type=int, default=0, metavar="R",
+                    help="time the rollout path (sample) with and without LoRA rank R instead")
     args = ap.parse_args()
+    if args.rollout_lora:
+        return rollout_lora(args)
 
     from posttrain import decode_step
     from posttrain.models import load_model
@@ -75,6 +87,42 @@ def main() -> None:
         same = [f"{(out[w] == out['hf']).float().mean().item():.1%}" for w in ways[1:]]
         print(f"{batch:>6} " + " ".join(f"{rate[w]:>9.0f} tok/s" for w in ways) + "   "
               + " ".join(f"{rate[w] / rate['hf']:.2f}x" for w in ways[1:]) + "   " + " ".join(same))
+
+def rollout_lora(args) -> None:
+    from posttrain.models import ModelConfig, lora_layers, prepare_model, unwrap_peft
+    from posttrain.rollout import SamplingConfig, sample
+    from posttrain.synth.tasks import problems
+
+    tasks = ("addition", "subtraction", "linear", "gcd")
+    models = {}
+    for name, lora in (("no LoRA", False), (f"LoRA r{args.rollout_lora}", True)):
+        model, tok, _ = prepare_model(ModelConfig(lora=lora, lora_r=args.rollout_lora, lora_alpha=2 * args.rollout_lora,
+                                                  lora_dropout=0.0))
+        gen = torch.Generator().manual_seed(0)
+        for layer in lora_layers(unwrap_peft(model)):
+            for b in layer.lora_B.values():
+                b.weight.data.normal_(0.0, 1e-3, generator=gen)
+        models[name] = model
+    print(f"rollout path (posttrain.rollout.sample, greedy), {torch.get_num_threads()} threads, up to {args.tokens} "
+          f"new tokens; tokens/s, best of {args.rounds} alternating rounds")
+    ways = [(m, d) for m in models for d in ("float32", "float16")]
+    print(f"{'batch':>6} " + " ".join(f"{m + ' ' + d:>22}" for m, d in ways))
+    for batch in [int(b) for b in args.batch.split(",")]:
+        per_task = {t: problems(t, -(-batch // len(tasks)), "test") for t in tasks}
+        qs = [per_task[tasks[i % len(tasks)]][i // len(tasks)].question for i in range(batch)]
+        ids = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=True)["input_ids"] for q in qs]
+        best = dict.fromkeys(ways, 0.0)
+        for _ in range(args.rounds):
+            for m, d in ways:
+                cfg = SamplingConfig(max_new_tokens=args.tokens, temperature=0.0, batch_size=batch, dtype=d)
+                t0 = time.perf_counter()
+                roll = sample(models[m], tok, ids, cfg, seed=0)
+                best[(m, d)] = max(best[(m, d)], roll.num_tokens / (time.perf_counter() - t0))
+        print(f"{batch:>6} " + " ".join(f"{best[w]:>16.0f} tok/s" for w in ways))
+        for m in models:
+            print(f"       {m}: float16 packed / float32 {best[(m, 'float16')] / best[(m, 'float32')]:.2f}x")
+
 
 if __name__ == "__main__":
     main()
