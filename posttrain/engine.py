@@ -41,7 +41,7 @@ from posttrain.config import ConfigError, check_bounds, doc
 from posttrain.data.dataset import DataConfig
 from posttrain.fileio import atomic_write, replace_tree
 from posttrain.log import is_main_process, log, warn
-from posttrain.models import ModelConfig, unwrap_peft
+from posttrain.models import ModelConfig, lora_shape, unwrap_peft
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -621,10 +621,8 @@ def load_checkpoint(ckpt: Path, trainable: Trainable) -> dict[str, Any]:
         raise ConfigError(f"{ckpt} was written by {written}, and this run is set up for {now}: resume with the "
                           "run's own settings (its config.yaml), or start over (overwrite=true)")
     if (ckpt / "adapter_config.json").is_file():
-        saved = json.loads((ckpt / "adapter_config.json").read_text())
-        have = model.peft_config["default"]
-        was = (saved.get("r"), saved.get("lora_alpha"), sorted(saved.get("target_modules") or []))
-        now_set = (have.r, have.lora_alpha, sorted(have.target_modules or []))
+        was = lora_shape(json.loads((ckpt / "adapter_config.json").read_text()))
+        now_set = lora_shape(model.peft_config["default"])
         if was != now_set:
             raise ConfigError(f"{ckpt} holds a LoRA adapter of r={was[0]}, alpha={was[1]}, targets {was[2]}, and this "
                               f"run is set up for r={now_set[0]}, alpha={now_set[1]}, targets {now_set[2]}: resume with "

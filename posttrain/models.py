@@ -594,15 +594,23 @@ def _start_from_adapter(model, cfg: ModelConfig):
         merged = model.merge_and_unload()
         merged.requires_grad_(True)
         return merged
-    have = model.peft_config["default"]
-    want_targets = set(cfg.lora_target_modules) if cfg.lora_target_modules else set(have.target_modules)
-    if (have.r, have.lora_alpha, set(have.target_modules)) != (cfg.lora_r, cfg.lora_alpha, want_targets):
+    r, alpha, targets = have = lora_shape(model.peft_config["default"])
+    if have != lora_shape({"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
+                           "target_modules": cfg.lora_target_modules or targets}):
         raise ConfigError(
-            f"model.name_or_path: {cfg.name_or_path} is a LoRA adapter (r={have.r}, alpha={have.lora_alpha}, "
-            f"targets {sorted(have.target_modules)}); a LoRA run from it continues that adapter, so set "
-            f"model.lora_r={have.r} model.lora_alpha={have.lora_alpha} (and no other lora_target_modules), "
-            "or start from its merged model (model-merged/, or model.lora=false for full fine-tuning)")
+            f"model.name_or_path: {cfg.name_or_path} is a LoRA adapter (r={r}, alpha={alpha}, targets {targets}); "
+            f"a LoRA run from it continues that adapter, so set model.lora_r={r} model.lora_alpha={alpha} (and no "
+            "other lora_target_modules), or start from its merged model (model-merged/, or model.lora=false for "
+            "full fine-tuning)")
     return model
+
+
+def lora_shape(lora_config) -> tuple:
+    """``(r, alpha, sorted target modules)`` of a peft ``LoraConfig`` or a saved
+    ``adapter_config.json`` dict: what must agree for an adapter to be continued."""
+    get = lora_config.get if isinstance(lora_config, dict) else (lambda key: getattr(lora_config, key, None))
+    targets = get("target_modules") or []
+    return get("r"), get("lora_alpha"), sorted([targets] if isinstance(targets, str) else targets)
 
 
 def enable_checkpointing(model, lora: bool) -> None:
