@@ -11,7 +11,6 @@ continues where it stopped when run again.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from posttrain.log import console
@@ -28,16 +27,15 @@ def run_demo(output_dir: str | None = None, quick: bool = False, model: str = EM
     summary = run_recipe(recipe)
     evals = [s for s in recipe.stages if s.kind == "eval"]
     if len(evals) >= 2:
-        show_before_after(Path(recipe.output_dir), evals[0].name, evals[-1].name)
+        show_before_after(Path(recipe.output_dir).expanduser(), evals[0].name, evals[-1].name)
     return summary
 
 
 def show_before_after(run_dir: Path, first: str, last: str, n: int = 3) -> None:
     """A few held-out questions with the first and the last model's answers."""
-    def load(name):
-        return [json.loads(x) for x in (run_dir / name / "samples.jsonl").read_text().splitlines()]
+    from posttrain.engine import read_jsonl
 
-    before, after = load(first), load(last)
+    before, after = (read_jsonl(run_dir / name / "samples.jsonl") for name in (first, last))
     for b, a in list(zip(before, after))[:n]:
         console.rule(f"{b['prompt']}  (answer {b['answer']})")
         console.print(f"[bold]{first}[/bold] " + ("✓" if b["correct"] else "✗"), highlight=False)
