@@ -213,6 +213,7 @@ def cmd_data_inspect(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from posttrain.data.dataset import no_usable_rows
     from posttrain.data.formats import to_prompt_record
     from posttrain.data.loading import BadRowError, BadRows, iter_rows
     from posttrain.models import load_model
@@ -226,7 +227,7 @@ def cmd_generate(args) -> int:
         except BadRowError as e:
             bad.handle(e)
     if not records:
-        raise ConfigError(f"{args.prompts}: no usable rows" + (f" ({bad.summary()})" if bad.total else ""))
+        raise no_usable_rows(args.prompts, bad)
     if args.out:  # before the model runs: a wrong folder said at once, not after the generation
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(args.model, with_tokenizer=True, inference=True)
@@ -305,6 +306,7 @@ def cmd_cai(args) -> int:
 
 
 def cmd_judge(args) -> int:
+    from posttrain.data.dataset import no_usable_rows
     from posttrain.data.loading import BadRowError, BadRows, iter_rows
     from posttrain.models import load_model
     from posttrain.synth.judge import judge_pairs, judged_preference_rows
@@ -329,7 +331,7 @@ def cmd_judge(args) -> int:
             first.append(many[i])
             second.append(many[j])
     if not prompts:
-        raise ConfigError(f"{args.data}: no usable rows" + (f" ({bad.summary()})" if bad.total else ""))
+        raise no_usable_rows(args.data, bad)
     judge, tok = load_model(args.judge, with_tokenizer=True, inference=True)
     js = judge_pairs(judge, tok, prompts, first, second, question=args.question)
     rows = judged_preference_rows(prompts, first, second, js, args.min_confidence, soft_labels=not args.hard_labels)

@@ -153,15 +153,20 @@ def tokenize_split(records: list, eval_records: list, tokenize_one, bad: BadRows
     return train, evals
 
 
+def no_usable_rows(path: str, bad: BadRows | None = None, stats: TokenizeStats | None = None) -> ConfigError:
+    """The error for a source none of whose rows could be used, with what loading skipped."""
+    why = [f"{bad.summary()}; the first: {bad.errors[0]}"] if bad is not None and bad.errors else []
+    why += [stats.summary()] if stats is not None and stats.summary() else []
+    return ConfigError(f"{path}: no usable rows" + (f" ({'; '.join(why)})" if why else ""))
+
+
 def split_records(per_source: list[list], cfg: DataConfig, seed: int, read_eval,
                   bad: BadRows | None = None, stats: TokenizeStats | None = None) -> tuple[list, list]:
     """(train, eval) records: the eval set (given, or ``eval_fraction`` of each source held out),
     then the weighted mixture of the rest."""
     for s, recs in zip(cfg.train, per_source):
         if not recs:
-            why = [f"{bad.summary()}; the first: {bad.errors[0]}"] if bad is not None and bad.errors else []
-            why += [stats.summary()] if stats is not None and stats.summary() else []
-            raise ConfigError(f"{s.path}: no usable rows" + (f" ({'; '.join(why)})" if why else ""))
+            raise no_usable_rows(s.path, bad, stats)
     train_parts = per_source
     if cfg.eval:
         eval_records = [r for s in cfg.eval for r in read_eval(s)]
