@@ -51,6 +51,13 @@ def load_eval_items(path: str | Path, bad: BadRows) -> list[EvalItem]:
             if task not in VERIFIERS:
                 raise BadRowError(row.origin, "task", f"unknown task {task!r} (known: {sorted(VERIFIERS)})")
             extra = {k: v for k, v in rec.fields.items() if k not in ("answer", "task")}
+            try:  # the reference, written as a tagged answer, must pass its own task's verifier
+                reads = VERIFIERS[task](f"<think>.</think><answer>{answer}</answer>", str(answer), **extra)
+            except ValueError as e:
+                raise BadRowError(row.origin, "answer", str(e)) from None
+            if not reads:
+                raise BadRowError(row.origin, "answer", f"{answer!r} is not an answer the {task} task's verifier "
+                                  "accepts")
             items.append(EvalItem(rec.messages, str(answer), task, row.origin, extra))
         except BadRowError as e:
             bad.handle(e)
@@ -95,7 +102,9 @@ def evaluate_items(model, tok, items: list[EvalItem], max_new_tokens: int = 256,
     groups: dict[str, list[dict]] = defaultdict(list)
     samples = []
     for i, (it, resp) in enumerate(zip(items, greedy)):
-        verify = lenient if answer_format == "last_number" else VERIFIERS[it.task]
+        task_verify = VERIFIERS[it.task]
+        verify = task_verify if answer_format != "last_number" else \
+            (lambda r, a, task_verify=task_verify, **kw: task_verify(r, a, **kw) or lenient(r, a))
         s = {"origin": it.origin, "task": it.task, "prompt": it.messages[-1]["content"], "answer": it.answer,
              "response": resp, "correct": bool(verify(resp, it.answer, **it.fields)), "format": is_well_formatted(resp),
              "tokens": len(tok(resp, add_special_tokens=False)["input_ids"])}

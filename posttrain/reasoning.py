@@ -46,7 +46,7 @@ def parse_reasoning(text: str, strict: bool = True) -> Parsed:
     m = FORMAT_RE.match(text)
     if m:
         think, answer = m.group(1).strip(), m.group(2).strip()
-        if "<think>" in think or "<answer>" in think or "<answer>" in answer or "<think>" in answer:
+        if any(tag in part for tag in ("<think>", "</think>", "<answer>", "</answer>") for part in (think, answer)):
             return Parsed(None, None, "nested or repeated tags")
         if not think:
             return Parsed(None, None, "empty <think> block")

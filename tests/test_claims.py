@@ -107,3 +107,8 @@ def test_counts_start_and_stop_where_the_dividend_says(text, cut_before, correct
     assert text[:claim.start] == text[:text.index(cut_before) + len(cut_before)]
     assert claim.corrected == corrected
     assert first_false_claim(text[:claim.start] + claim.corrected) is None
+
+
+def test_typeset_operators_are_read_as_their_ascii_ones():
+    assert arithmetic_errors("3 \u00d7 4 = 13, 12 \u00f7 4 = 3, 7 \u2212 5 = 3, 9 \u2265 10, 9 \u2264 10") == [
+        "3 * 4 = 13", "7 - 5 = 3", "9 >= 10"]

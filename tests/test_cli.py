@@ -192,6 +192,23 @@ def test_eval_reports_accuracy_per_task(tiny_model_dir, tmp_path, monkeypatch):
     out = json.loads((tmp_path / "ev" / "eval.json").read_text())["metrics"]
     assert out["arithmetic"]["accuracy"] == pytest.approx(1 / 3) and out["all"]["format"] == pytest.approx(2 / 3)
     assert out["arithmetic"]["lenient"] == pytest.approx(2 / 3)
+    # last_number: the task verifier's verdict, or else the last number (a tagged x = 3 counts)
+    from posttrain.data.loading import BadRowError, BadRows
+    from posttrain.synth.tasks import problems
+
+    lin = problems("linear", 1, "test")[0]
+    items = ev.load_eval_items(write_jsonl(tmp_path / "l.jsonl", [lin.as_prompt_row()]), BadRows())
+    monkeypatch.setattr(ev, "generate", lambda model, tok, convs, cfg, **kw: [
+        f"<think>x</think><answer>x = {lin.answer}</answer>"] * len(convs))
+    from posttrain.models import load_model
+
+    model, tok = load_model(str(tiny_model_dir), with_tokenizer=True, inference=True)
+    metrics, _ = ev.evaluate_items(model, tok, items, answer_format="last_number")
+    assert metrics["linear"]["accuracy"] == 1.0
+    # a reference its own task's verifier cannot read is a bad row, not a crash at scoring time
+    row = {**probs[0].as_prompt_row(), "answer": "5.0"}
+    with pytest.raises(BadRowError, match=r"q2.jsonl:1: field 'answer': the reference answer '5.0' is not an integer"):
+        ev.load_eval_items(write_jsonl(tmp_path / "q2.jsonl", [row]), BadRows())
 
 
 def test_pass_at_k_by_hand():

@@ -292,6 +292,21 @@ def test_reward_set_weights_and_errors():
         RewardSet.build([broken], [1.0, 2.0])
     with pytest.raises(FileNotFoundError, match="model '/no/such/rm' not found"):
         RewardSet.build(["rm:/no/such/rm"])
+    import numpy as np
+
+    def scalar(prompts, completions, **kw):
+        return 1.0
+
+    def text(prompts, completions, **kw):
+        return "10"
+
+    for fn, msg in ((scalar, "'scalar' raised TypeError"), (text, "'text' raised TypeError: returned str")):
+        with pytest.raises(RewardError, match=msg):
+            RewardSet.build([fn])(["q", "q"], ["a", "b"], {})
+    numpy_total = RewardSet.build([lambda p, c, **k: [np.float32(0.5), np.int64(1)]])(["q", "q"], ["a", "b"], {})[0]
+    assert numpy_total.tolist() == [0.5, 1.0]
+    with pytest.raises(ConfigError, match="reward_weights: nan is not a finite number"):
+        RewardSet.build([exact_answer], [float("nan")])
 
 
 # --------------------------------------------------------------------------- the loop on a tiny model

@@ -229,3 +229,34 @@ def test_integer_answers_as_they_may_be_written(written, ok):
     assert linear(f"<answer>{written}</answer>", "1234") == (ok or written == "x = 1234")
     assert linear("<answer>X = -3.</answer>", "-3") and linear("<answer>x=-3</answer>", "-3")
     assert not linear("<answer>y = -3</answer>", "-3")
+
+
+def test_verdicts_on_adversarial_answers():
+    """Exact numbers (no float rounding), a trailing comma, an empty answer block, stray closing
+    tags, long or deep answers, a reference that is no integer, a 'response' row field."""
+    from posttrain.rewards.functions import exact_answer, math_equal, tagged_answer
+
+    def ex(text, ref, fn=exact_answer):
+        return fn(None, [text], answer=[ref])[0]
+
+    assert ex("<answer>10000000000000001</answer>", "10000000000000000") == 0.0
+    assert ex("<answer>" + "9" * 150 + "</answer>", "8" * 150) == 0.0
+    assert ex("The total is 12, so we are done.", "12") == 1.0 and ex("it is 1,234.", "1234") == 1.0
+    assert ex("<think>x</think><answer></answer> 5", "5") == 0.0  # the block is the answer, empty
+    assert ex("<answer>+5</answer>", "5", tagged_answer) == 1.0 and ex("<answer>\u22125</answer>", "-5") == 1.0
+    bad = parse_reasoning("<think>a</think><answer>5</answer> Actually it is 7. </answer>")
+    assert not bad.ok and bad.error == "nested or repeated tags"
+    assert not parse_reasoning("<think>a</think>b</think><answer>5</answer>").ok
+    for task in ("addition", "countdown"):
+        q = problems(task, 1, "test")[0]
+        assert not VERIFIERS[task]("<think>x</think><answer>" + "1+" * 5000 + "1</answer>", q.answer, **q.meta)
+    assert not VERIFIERS["addition"]("<think>x</think><answer>" + "1" * 4400 + "</answer>", "5")
+    with pytest.raises(ValueError, match="reference answer '5.0' is not an integer"):
+        VERIFIERS["addition"]("<think>x</think><answer>5</answer>", "5.0")
+    q = problems("addition", 1, "test")[0]  # a row field named like the verifier's own argument
+    assert VERIFIERS["addition"](f"<think>x</think><answer>{q.answer}</answer>", q.answer, response="other")
+    import time
+
+    t0 = time.perf_counter()
+    assert ex("<answer>((9^999)^999)^999</answer>", "1", math_equal) == 0.0
+    assert time.perf_counter() - t0 < 10  # the symbolic comparison is cut off (2 s), not run for ever

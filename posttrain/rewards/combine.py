@@ -28,8 +28,9 @@ def reward_name(fn) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
 
 
-def resolve_reward(spec: str | Callable) -> Callable:
-    """A reward callable from a config name (see module docstring) or a callable."""
+def resolve_reward(spec: str | Callable, device: str | torch.device = "cpu") -> Callable:
+    """A reward callable from a config name (see module docstring) or a callable; a reward model
+    (``rm:PATH``) is loaded on ``device`` (the policy's)."""
     if callable(spec):
         return spec
     from posttrain.rewards.functions import REWARD_FUNCTIONS
@@ -37,7 +38,7 @@ def resolve_reward(spec: str | Callable) -> Callable:
     if spec.startswith("rm:"):
         from posttrain.rewards.reward_model import RewardModel
 
-        return RewardModel(spec[3:])
+        return RewardModel(spec[3:], device=device)
     if spec not in REWARD_FUNCTIONS:
         from posttrain.config import ConfigError
 
@@ -51,13 +52,20 @@ class RewardSet:
     weights: list[float]
 
     @classmethod
-    def build(cls, specs: list, weights: list[float] | None = None) -> RewardSet:
-        fns = [resolve_reward(s) for s in specs]
+    def build(cls, specs: list, weights: list[float] | None = None, device: str | torch.device = "cpu") -> RewardSet:
+        from posttrain.config import ConfigError
+
+        fns = [resolve_reward(s, device) for s in specs]
         weights = list(weights) if weights else [1.0] * len(fns)
         if len(weights) != len(fns):
-            from posttrain.config import ConfigError
-
             raise ConfigError(f"reward_weights: {len(weights)} weights for {len(fns)} reward functions")
+        bad = [w for w in weights if not isinstance(w, (int, float)) or not math.isfinite(w)]
+        if bad:
+            raise ConfigError(f"reward_weights: {bad[0]!r} is not a finite number")
+        names = [reward_name(f) for f in fns]
+        for i, f in enumerate(fns):  # two reward models both named after a "model" directory: told apart
+            if names.count(names[i]) > 1 and hasattr(f, "path"):
+                f.__name__ = f"reward_model({f.path})"
         return cls(fns, weights)
 
     def __call__(self, prompts: list, completions: list[str], fields: dict[str, list]
@@ -70,16 +78,20 @@ class RewardSet:
             name = reward_name(fn)
             try:
                 values = fn(prompts, completions, **fields)
+                if isinstance(values, (str, bytes)):
+                    raise TypeError(f"returned {type(values).__name__} {values[:20]!r}, not a list of floats")
+                values = list(values)
             except Exception as e:
                 raise RewardError(f"reward function '{name}' raised {type(e).__name__}: {e} (batch of "
                                   f"{len(completions)}; first completion: {completions[0][:80]!r})") from e
-            values = list(values)
             if len(values) != len(completions):
                 raise RewardError(f"reward function '{name}' returned {len(values)} values for "
                                   f"{len(completions)} completions")
             for i, v in enumerate(values):
                 if v is None:
                     continue
+                if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:  # a numpy or torch scalar
+                    v = values[i] = v.item()
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(float(v)):
                     raise RewardError(f"reward function '{name}' returned {v!r} for sample {i} (prompt "
                                       f"{str(prompts[i])[:60]!r}); expected a float or None")

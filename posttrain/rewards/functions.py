@@ -20,30 +20,38 @@ as lists aligned with the completions (``answer=[...]``, ``task=[...]``). ``None
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
-from posttrain.reasoning import extract_answer, is_well_formatted
+from posttrain.reasoning import ANSWER_RE, extract_answer, is_well_formatted
+from posttrain.synth.tasks import MAX_ANSWER_CHARS
 
-NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+NUMBER_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")  # (a comma only inside thousands: "12, so" is 12)
 
 
 def final_answer(text: str, strict: bool = False) -> str | None:
-    """The ``<answer>`` block's text, else (unless ``strict``) the last number in ``text``."""
+    """The ``<answer>`` block's text, else (unless ``strict``) the last number in ``text``. An
+    empty ``<answer>`` block is an empty answer (no number after it is taken instead)."""
     tagged = extract_answer(text)
     if tagged is not None:
         return tagged
+    if ANSWER_RE.search(text):
+        return ""
     if strict:
         return None
     nums = NUMBER_RE.findall(text)
     return nums[-1] if nums else None
 
 
-def _as_number(s: str) -> float | None:
-    """``s`` as a number: digits with an optional sign and decimals, commas only as thousands
-    separators (``1,234``; ``1,2`` is not twelve)."""
-    s = s.strip().rstrip(".")
-    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):
+def _as_number(s: str) -> Fraction | None:
+    """``s`` as an exact number: digits with an optional sign (``-``, ``+`` or the Unicode minus)
+    and decimals, commas only as thousands separators (``1,234``; ``1,2`` is not twelve).
+    Exact, not a float: 10000000000000001 is not 10000000000000000."""
+    s = s.strip().rstrip(".").replace("\u2212", "-")
+    if len(s) > MAX_ANSWER_CHARS:
+        return None
+    if re.fullmatch(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):
         s = s.replace(",", "")
-    return float(s) if re.fullmatch(r"-?\d+(?:\.\d+)?", s) else None
+    return Fraction(s) if re.fullmatch(r"[-+]?[0-9]+(?:\.[0-9]+)?", s) else None
 
 
 def _answers(fields: dict, n: int) -> list:
@@ -105,8 +113,13 @@ def _sympy_expr(text: str):
         return None
 
 
+#: seconds the symbolic comparison of one answer may take (``((9^999)^999)^999`` would take for ever)
+SYMPY_SECONDS = 2.0
+
+
 def _math_same(a: str, b: str) -> bool:
-    """``a`` equals ``b``: as numbers (thousands separators allowed), else symbolically, else as text."""
+    """``a`` equals ``b``: as numbers (thousands separators allowed), else symbolically (at most
+    :data:`SYMPY_SECONDS`; longer counts as not equal), else as text."""
     x, y = _as_number(a), _as_number(b)
     if x is not None and y is not None:
         return x == y
@@ -115,12 +128,35 @@ def _math_same(a: str, b: str) -> bool:
         import sympy
 
         try:
-            same = bool(sympy.simplify(ea - eb) == 0)
+            same = _time_limited(lambda: bool(sympy.simplify(ea - eb) == 0), SYMPY_SECONDS)
+        except TimeoutError:
+            return False
         except Exception:  # noqa: BLE001 - sympy cannot compare them: fall back to the text
             same = None
         if same is not None:
             return same
     return a.strip() == b.strip()
+
+
+def _time_limited(fn, seconds: float):
+    """``fn()``, raising TimeoutError after ``seconds`` (a SIGALRM timer: Unix, main thread; elsewhere
+    without a limit)."""
+    import signal
+    import threading
+
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        return fn()
+
+    def expire(signum, frame):
+        raise TimeoutError
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def math_equal(prompts, completions, **fields) -> list[float | None]:

@@ -68,23 +68,32 @@ class RewardModel:
                  batch_size: int = 16):
         from transformers import AutoModelForSequenceClassification
 
+        from posttrain.config import ConfigError
+
         self.path = resolve_model_path(str(path))
+        if (self.path / "adapter_config.json").is_file():
+            raise ConfigError(f"{self.path} is a LoRA adapter; score with a whole reward model (a posttrain rm run's "
+                              "model/ directory: the adapter merged, with its score head)")
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.tok = load_tokenizer(self.path)
-        distinct_pad_token(self.tok)
         precision = pick_precision(dtype, self.device)
         self.model = AutoModelForSequenceClassification.from_pretrained(self.path, dtype=precision.weights).to(self.device).eval()
         set_precision(self.model, precision)
         self.head = None
         meta = self.path / REWARD_META
         info = json.loads(meta.read_text()) if meta.is_file() else {}
+        # a reward model from elsewhere (no posttrain metadata) is read as transformers reads it: at
+        # the last token that is not its config's pad token (with pad = EOS, before a closing EOS)
+        self.own_forward = not info and self.model.config.pad_token_id is not None
+        if not self.own_forward:
+            distinct_pad_token(self.tok)
         if info.get("head") == "mlp":
             from safetensors.torch import load_file
 
             self.head = mlp_head(self.model.config.hidden_size, info["head_hidden"])
             self.head.load_state_dict(load_file(str(self.path / MLP_HEAD_FILE)))
-            self.head.to(self.device).eval()
+            self.head.to(self.device, next(self.model.parameters()).dtype).eval()
         self.__name__ = f"reward_model({self.path.name})"
 
     def tokenize(self, prompt, completion: str) -> list[int]:
@@ -102,11 +111,15 @@ class RewardModel:
                     for ids in (self.tokenize(p, c) for p, c in zip(prompts, completions))]
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
         out = [0.0] * len(examples)
+        pad = self.model.config.pad_token_id if self.own_forward else self.tok.pad_token_id
         for s in range(0, len(order), self.batch_size):
             idx = order[s : s + self.batch_size]
-            batch = collate_pad([examples[i] for i in idx], self.tok.pad_token_id)
-            r = sequence_rewards(self.model, batch["input_ids"].to(self.device),
-                                 batch["attention_mask"].to(self.device), self.head)
+            batch = collate_pad([examples[i] for i in idx], pad)
+            ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+            if self.own_forward:
+                r = self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
+            else:
+                r = sequence_rewards(self.model, ids, mask, self.head)
             for i, v in zip(idx, r.tolist()):
                 out[i] = v
         return out

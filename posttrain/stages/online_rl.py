@@ -536,16 +536,6 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
     if cfg.eval_limit:
         eval_prompts = eval_prompts[: cfg.eval_limit]
     report_loading(bad, stats)
-    reward_set = RewardSet.build(reward_functions or cfg.rewards, cfg.reward_weights)
-    prm = None
-    if cfg.process_reward_model:
-        from posttrain.rewards.process import ProcessRewardModel
-
-        prm = ProcessRewardModel(cfg.process_reward_model)
-    elif cfg.step_verifier:
-        from posttrain.synth.claims import STEP_VERIFIERS
-
-        prm = STEP_VERIFIERS[cfg.step_verifier]()
     ref_model = None
     # the reference is the starting policy: under LoRA the base with the adapters disabled, unless
     # the run continues another run's adapter (the base is then not where it starts); a frozen
@@ -559,7 +549,10 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
     if cfg.advantage == "gae":
         backbone = None
         if cfg.critic == "separate":
-            backbone = set_precision(load_model(cfg.model.name_or_path, dtype).get_decoder(), dtype)
+            critic_model = load_model(cfg.model.name_or_path, dtype)
+            if hasattr(critic_model, "merge_and_unload"):  # started from an adapter: its model, merged
+                critic_model = critic_model.merge_and_unload()
+            backbone = set_precision(critic_model.get_decoder().requires_grad_(True), dtype)  # trained whole
         value_head = Critic(model.config.hidden_size, dtype.weights, backbone)
     policy = Policy(cfg, model, value_head, ref_model)
     G = cfg.group_size
@@ -577,6 +570,20 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
     t = engine.open_training(cfg, model, opt_steps, extra={"value_head": value_head} if value_head else None)
     if ref_model is not None:  # (loaded on the CPU; the micro-batches it scores are on the policy's device)
         ref_model.to(t.device)
+    reward_set = RewardSet.build(reward_functions or cfg.rewards, cfg.reward_weights, device=t.device)
+    prm = None
+    if cfg.process_reward_model:
+        from posttrain.rewards.process import ProcessRewardModel
+
+        prm = ProcessRewardModel(cfg.process_reward_model, device=t.device)
+        if prm.separator != cfg.step_separator:
+            raise ConfigError(f"step_separator: {cfg.step_separator!r}, but the process reward model "
+                              f"{cfg.process_reward_model} was trained on steps joined by {prm.separator!r}: set "
+                              f"step_separator={json.dumps(prm.separator)} so that it scores the steps the policy writes")
+    elif cfg.step_verifier:
+        from posttrain.synth.claims import STEP_VERIFIERS
+
+        prm = STEP_VERIFIERS[cfg.step_verifier]()
     trainable_params, total_params = count_parameters(model)
     log(f"{stage}: {len(prompts)} prompts ({len(eval_prompts)} eval), {total_steps} steps of {cfg.batch_size} "
         f"prompts x {G} completions, rewards {[reward_name(f) for f in reward_set.functions]}"

@@ -106,17 +106,23 @@ def evaluate(cfg: RewardConfig, score_batch, pairs: list[PreferencePair]) -> dic
     returns (r_c, r_r, batch) for those eval pairs."""
     if not pairs:
         return {}
-    total, weight, acc, margin = 0.0, 0.0, 0.0, 0.0
+    total, weight, acc, decided, margin = 0.0, 0.0, 0.0, 0.0, 0.0
     mine = distributed.eval_shard(list(range(len(pairs))))  # each rank scores its share; the sums are combined
     for s in range(0, len(mine), cfg.eval_batch_size):
         r_c, r_r, batch = score_batch(mine[s : s + cfg.eval_batch_size])
         w = float(batch["weight"].sum())
         total += float(bt_loss(cfg, r_c, r_r, batch)) * w
         weight += w
-        acc += float((r_c > r_r).float().sum())
+        # accuracy: the side the label prefers scores higher (a soft label below 0.5 prefers the
+        # "rejected" side; a tie, 0.5, prefers neither and is left out)
+        label = batch["label"].to(r_c.device)
+        prefers_chosen, tie = label > 0.5, label == 0.5
+        acc += float(((r_c > r_r) == prefers_chosen)[~tie].float().sum())
+        decided += float((~tie).sum())
         margin += float((r_c - r_r).sum())
-    sums = distributed.eval_sum({"total": total, "weight": weight, "acc": acc, "margin": margin})
-    return {"loss/eval": sums["total"] / sums["weight"], "eval/accuracy": sums["acc"] / len(pairs),
+    sums = distributed.eval_sum({"total": total, "weight": weight, "acc": acc, "decided": decided, "margin": margin})
+    return {"loss/eval": sums["total"] / sums["weight"],
+            "eval/accuracy": sums["acc"] / sums["decided"] if sums["decided"] else float("nan"),
             "eval/margin": sums["margin"] / len(pairs)}
 
 

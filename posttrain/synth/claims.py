@@ -46,7 +46,11 @@ _NUM = r"-?\d+"
 # inside one)
 _EQUATION = re.compile(r"(?<![\w.,])(" + _NUM + r"(?:\s*[-+*/]\s*\d+)+)\s*=\s*(" + _NUM
                        + r")(?!\d|[.,]\d|\s*\(|\s*[-+*/]\s*\d)")
-_COMPARE = re.compile(r"(?<![\w.,])(" + _NUM + r")\s*(>=|<=|<|>)\s*(" + _NUM + r")(?!\w|[.,]\d)")
+_COMPARE = re.compile(r"(?<![\w.,])(" + _NUM + r")\s*(>=|<=|<|>|\u2265|\u2264)\s*(" + _NUM + r")(?!\w|[.,]\d)")
+# the typeset operators a model may write, read as their ASCII ones (one character each, so the
+# positions of the claims in the text stay those of the original)
+_TYPESET = str.maketrans({"\u00d7": "*", "\u00f7": "/", "\u2212": "-"})
+_TYPESET_COMPARE = {"\u2265": ">=", "\u2264": "<="}
 _PLACES = {"thousands": 1000, "hundreds": 100, "tens": 10, "ones": 1}
 _PLACE_VALUE = re.compile(r"(?<![\w.])(\d+)\s*=\s*((?:\d+\s+(?:thousands|hundreds|tens|ones)\s*\+\s*)*"
                           r"\d+\s+ones)\b")
@@ -172,6 +176,7 @@ def false_claims(text: str) -> list[Claim]:
     """The false arithmetic claims of ``text``, by kind (equations, comparisons, place values,
     column digits, column operands, counts), each kind in the order of the text."""
     plain, at = _without_notes(text)
+    plain = plain.translate(_TYPESET)
     claims = []
 
     def add(m, written, corrected):
@@ -184,7 +189,7 @@ def false_claims(text: str) -> list[Claim]:
             add(m, f"{m.group(1).strip()} = {m.group(2)}",
                 "" if value is None else text[at[m.start()]: at[m.start(2)]] + str(value))
     for m in _COMPARE.finditer(plain):
-        a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+        a, op, b = int(m.group(1)), _TYPESET_COMPARE.get(m.group(2), m.group(2)), int(m.group(3))
         if not {">=": a >= b, "<=": a <= b, "<": a < b, ">": a > b}[op]:
             add(m, f"{a} {op} {b}", f"{a} {_FLIP[op]} {b}")
     for m in _PLACE_VALUE.finditer(plain):

@@ -214,7 +214,7 @@ def arithmetic_problems(n: int, split: str, seed: int = 0, digits: tuple[int, in
     return out
 
 
-def verify_arithmetic(response: str, answer: str, **_) -> bool:
+def verify_arithmetic(response: str, answer: str, /, **_) -> bool:
     """True when the response's ``<answer>`` holds the exact integer ``answer``."""
     return _int_answer(response, answer)
 
@@ -272,6 +272,8 @@ def step_row(p: Problem, rng: random.Random, wrong: bool) -> dict[str, Any]:
 
 
 #: An integer as an answer may write it: a sign, and thousands separators only where they belong.
+#: longest answer text a verifier reads (longer: wrong; parsing it is no reward)
+MAX_ANSWER_CHARS = 200
 _INTEGER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)")
 
 
@@ -281,11 +283,15 @@ def _int_answer(response: str, answer: str, prefix: str = "") -> bool:
     got = extract_answer(response)
     if got is None:
         return False
-    got = got.strip().removesuffix(".").strip()
+    got = got.strip().removesuffix(".").strip().replace("\u2212", "-")
     if prefix:
         named = re.match(rf"{re.escape(prefix)}\s*=\s*", got, re.IGNORECASE)
         got = got[named.end():] if named else got
-    return _INTEGER.fullmatch(got) is not None and int(got.replace(",", "")) == int(answer)
+    ref = str(answer).strip().replace("\u2212", "-")
+    if _INTEGER.fullmatch(ref) is None:
+        raise ValueError(f"the reference answer {answer!r} is not an integer")
+    return (len(got) <= MAX_ANSWER_CHARS and _INTEGER.fullmatch(got) is not None
+            and int(got.replace(",", "")) == int(ref.replace(",", "")))
 
 
 def division_line(n: int, d: int) -> str:
@@ -392,7 +398,7 @@ def linear_problem(rng: random.Random, split: str) -> Problem:
         return Problem("linear", question, str(x), format_solution(reasoning, str(x)), {"a": a, "b": b, "c": c})
 
 
-def verify_linear(response: str, answer: str, **_) -> bool:
+def verify_linear(response: str, answer: str, /, **_) -> bool:
     return _int_answer(response, answer, prefix="x")
 
 
@@ -426,7 +432,7 @@ def gcd_problem(rng: random.Random, split: str) -> Problem:
                        format_solution("\n".join(lines), str(x)), {"a": a, "b": b})
 
 
-def verify_gcd(response: str, answer: str, **_) -> bool:
+def verify_gcd(response: str, answer: str, /, **_) -> bool:
     return _int_answer(response, answer)
 
 
@@ -483,7 +489,7 @@ def countdown_problem(rng: random.Random, split: str) -> Problem:
                        {"numbers": nums, "target": target})
 
 
-def verify_countdown(response: str, answer: str, numbers: list[int] | None = None, target: int | None = None,
+def verify_countdown(response: str, answer: str, /, numbers: list[int] | None = None, target: int | None = None,
                      **_) -> bool:
     """The answer expression uses only the given numbers (each at most once) and equals the target.
 
@@ -492,13 +498,13 @@ def verify_countdown(response: str, answer: str, numbers: list[int] | None = Non
     import ast
 
     got = extract_answer(response)
-    if got is None:
+    if got is None or len(got) > MAX_ANSWER_CHARS:
         return False
 
     def evaluate(expr: str) -> tuple[float, list[int]] | None:
         try:
-            tree = ast.parse(expr.replace("×", "*").replace("÷", "/"), mode="eval")
-        except SyntaxError:
+            tree = ast.parse(expr.replace("×", "*").replace("÷", "/").replace("\u2212", "-"), mode="eval")
+        except (SyntaxError, RecursionError, MemoryError, ValueError):
             return None
         used: list[int] = []
 
