@@ -482,3 +482,46 @@ def test_prm_truncation_keeps_the_same_prompt_floor_as_sft(smol_tokenizer):
     kept = tokenize_step_record(smol_tokenizer, rec, "\n", steps_len + MIN_PROMPT_TOKENS, "truncate_prompt", stats)
     assert kept is not None and len(kept.input_ids) == steps_len + MIN_PROMPT_TOKENS
     assert (stats.dropped_too_long, stats.truncated) == (1, 1)
+
+
+def test_reward_model_from_elsewhere_reads_as_transformers_and_adapters_are_refused(smol_tokenizer, tmp_path):
+    """An RM with no posttrain metadata whose pad token is its EOS (TRL's usual setup) scores as
+    transformers' forward does (at the last non-pad token), in a batch of unequal rows; a LoRA
+    adapter directory is refused with a pointer to the whole model."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from posttrain.config import ConfigError
+    from posttrain.rewards.reward_model import RewardModel
+
+    tok = copy.deepcopy(smol_tokenizer)  # a template that ends the conversation on its EOS (as Llama-3's)
+    tok.chat_template = tok.chat_template.replace("'<|im_end|>' + '\n'}}", "'<|im_end|>'}}")
+    assert tok.apply_chat_template([{"role": "user", "content": "q"}], tokenize=False).endswith("<|im_end|>")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_labels=1, pad_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "ext")
+    tok.save_pretrained(tmp_path / "ext")
+    rm = RewardModel(tmp_path / "ext")
+    prompts, completions = ["What is 3 + 3?"] * 2, ["6", "It is six, as 3 + 3 = 6."]
+    got = rm.score(prompts, completions)
+    with torch.no_grad():
+        want = [rm.model(torch.tensor([rm.tokenize(p, c)])).logits.item() for p, c in zip(prompts, completions)]
+    assert rm.tokenize(prompts[0], completions[0])[-1] == tok.eos_token_id  # read before it, as transformers does
+    assert got == pytest.approx(want, abs=1e-5)
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="is a LoRA adapter; score with a whole reward model"):
+        RewardModel(tmp_path / "adapter")
+
+
+def test_reward_model_eval_accuracy_follows_soft_labels():
+    """A pair whose label prefers the 'rejected' side (0.1) is right when that side scores
+    higher; a tie (0.5) is left out of the accuracy."""
+    from posttrain.stages.reward import RewardConfig, evaluate
+
+    r_c, r_r = torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 1.0, 0.0])
+    batch = {"margin": torch.zeros(3), "weight": torch.ones(3), "label": torch.tensor([0.9, 0.1, 0.5])}
+    ev = evaluate(RewardConfig(), lambda idx: (r_c, r_r, batch), [None] * 3)
+    assert ev["eval/accuracy"] == 1.0
