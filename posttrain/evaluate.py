@@ -38,7 +38,7 @@ class EvalItem:
     fields: dict
 
 
-def load_eval_items(path: str | Path, bad: BadRows) -> list[EvalItem]:
+def load_eval_items(path: str | Path, bad: BadRows, answer_format: str = "tagged") -> list[EvalItem]:
     from posttrain.synth.tasks import VERIFIERS
 
     items = []
@@ -51,17 +51,26 @@ def load_eval_items(path: str | Path, bad: BadRows) -> list[EvalItem]:
             if task not in VERIFIERS:
                 raise BadRowError(row.origin, "task", f"unknown task {task!r} (known: {sorted(VERIFIERS)})")
             extra = {k: v for k, v in rec.fields.items() if k not in ("answer", "task")}
-            try:  # the reference, written as a tagged answer, must pass its own task's verifier
-                reads = VERIFIERS[task](f"<think>.</think><answer>{answer}</answer>", str(answer), **extra)
-            except ValueError as e:
-                raise BadRowError(row.origin, "answer", str(e)) from None
-            if not reads:
-                raise BadRowError(row.origin, "answer", f"{answer!r} is not an answer the {task} task's verifier "
-                                  "accepts")
+            if answer_format == "tagged":  # the reference, as a tagged answer, must pass its task's verifier
+                try:
+                    reads = VERIFIERS[task](f"<think>.</think><answer>{answer}</answer>", str(answer), **extra)
+                except ValueError as e:
+                    raise BadRowError(row.origin, "answer", str(e)) from None
+                if not reads:
+                    raise BadRowError(row.origin, "answer", f"{answer!r} is not an answer the {task} task's "
+                                      "verifier accepts")
             items.append(EvalItem(rec.messages, str(answer), task, row.origin, extra))
         except BadRowError as e:
             bad.handle(e)
     return items
+
+
+def _verdict(verify, response: str, answer: str, **fields) -> bool:
+    """The task verifier's verdict, False where it cannot read the reference (a decimal answer)."""
+    try:
+        return bool(verify(response, answer, **fields))
+    except ValueError:
+        return False
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -104,7 +113,7 @@ def evaluate_items(model, tok, items: list[EvalItem], max_new_tokens: int = 256,
     for i, (it, resp) in enumerate(zip(items, greedy)):
         task_verify = VERIFIERS[it.task]
         verify = task_verify if answer_format != "last_number" else \
-            (lambda r, a, task_verify=task_verify, **kw: task_verify(r, a, **kw) or lenient(r, a))
+            (lambda r, a, task_verify=task_verify, **kw: _verdict(task_verify, r, a, **kw) or lenient(r, a))
         s = {"origin": it.origin, "task": it.task, "prompt": it.messages[-1]["content"], "answer": it.answer,
              "response": resp, "correct": bool(verify(resp, it.answer, **it.fields)), "format": is_well_formatted(resp),
              "tokens": len(tok(resp, add_special_tokens=False)["input_ids"])}
@@ -151,7 +160,7 @@ def run_eval(model_path: str, data: str, out: str | None = None, limit: int = 0,
     from posttrain.models import Precision, load_model
 
     bad = BadRows(skip=False)
-    items = load_eval_items(data, bad)
+    items = load_eval_items(data, bad, kw.get("answer_format", "tagged"))
     if limit:
         items = items[:limit]
     if not items:

@@ -205,6 +205,11 @@ def test_eval_reports_accuracy_per_task(tiny_model_dir, tmp_path, monkeypatch):
     model, tok = load_model(str(tiny_model_dir), with_tokenizer=True, inference=True)
     metrics, _ = ev.evaluate_items(model, tok, items, answer_format="last_number")
     assert metrics["linear"]["accuracy"] == 1.0
+    # last_number takes a decimal reference (scored by the last number); tagged refuses it at load
+    dec = write_jsonl(tmp_path / "dec.jsonl", [{"prompt": "half of 7?", "answer": "3.5"}])
+    items = ev.load_eval_items(dec, BadRows(), "last_number")
+    monkeypatch.setattr(ev, "generate", lambda model, tok, convs, cfg, **kw: ["It is 3.5."] * len(convs))
+    assert ev.evaluate_items(model, tok, items, answer_format="last_number")[0]["all"]["accuracy"] == 1.0
     # a reference its own task's verifier cannot read is a bad row, not a crash at scoring time
     row = {**probs[0].as_prompt_row(), "answer": "5.0"}
     with pytest.raises(BadRowError, match=r"q2.jsonl:1: field 'answer': the reference answer '5.0' is not an integer"):

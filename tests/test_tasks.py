@@ -242,6 +242,8 @@ def test_verdicts_on_adversarial_answers():
     assert ex("<answer>10000000000000001</answer>", "10000000000000000") == 0.0
     assert ex("<answer>" + "9" * 150 + "</answer>", "8" * 150) == 0.0
     assert ex("The total is 12, so we are done.", "12") == 1.0 and ex("it is 1,234.", "1234") == 1.0
+    assert ex("it is 1,0000", "0") == 0.0 and ex("values 1,2,3", "3") == 0.0  # no number: malformed commas
+    assert ex("Result: \u22127", "-7") == 1.0
     assert ex("<think>x</think><answer></answer> 5", "5") == 0.0  # the block is the answer, empty
     assert ex("<answer>+5</answer>", "5", tagged_answer) == 1.0 and ex("<answer>\u22125</answer>", "-5") == 1.0
     bad = parse_reasoning("<think>a</think><answer>5</answer> Actually it is 7. </answer>")
@@ -260,3 +262,13 @@ def test_verdicts_on_adversarial_answers():
     t0 = time.perf_counter()
     assert ex("<answer>((9^999)^999)^999</answer>", "1", math_equal) == 0.0
     assert time.perf_counter() - t0 < 10  # the symbolic comparison is cut off (2 s), not run for ever
+    import signal
+
+    signal.signal(signal.SIGALRM, lambda *a: None)
+    signal.setitimer(signal.ITIMER_REAL, 30.0)  # a caller's own timer survives the comparison's
+    try:
+        assert ex("<answer>x*(x+1)</answer>", "x**2+x", math_equal) == 1.0
+        assert 20 < signal.getitimer(signal.ITIMER_REAL)[0] <= 30
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)

@@ -25,7 +25,9 @@ from fractions import Fraction
 from posttrain.reasoning import ANSWER_RE, extract_answer, is_well_formatted
 from posttrain.synth.tasks import MAX_ANSWER_CHARS
 
-NUMBER_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")  # (a comma only inside thousands: "12, so" is 12)
+# a number: a comma only inside thousands ("12, so" is 12; "1,23" and "1,2,3" are no number), the
+# ASCII or the Unicode minus
+NUMBER_RE = re.compile(r"(?<![\d.,])[-\u2212]?\d+(?:,\d{3})*(?:\.\d+)?(?!\d|,\d)")
 
 
 def final_answer(text: str, strict: bool = False) -> str | None:
@@ -150,13 +152,21 @@ def _time_limited(fn, seconds: float):
     def expire(signum, frame):
         raise TimeoutError
 
+    import time
+
+    pending, _ = signal.getitimer(signal.ITIMER_REAL)  # a caller's own timer, re-armed after
+    if pending and pending <= seconds:
+        return fn()  # (it would be cut short by ours; leave the caller's in charge)
     old = signal.signal(signal.SIGALRM, expire)
+    t0 = time.monotonic()
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         return fn()
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+        signal.signal(signal.SIGALRM, old if old is not None else signal.SIG_DFL)
+        if pending:
+            signal.setitimer(signal.ITIMER_REAL, max(pending - (time.monotonic() - t0), 1e-3))
 
 
 def math_equal(prompts, completions, **fields) -> list[float | None]:

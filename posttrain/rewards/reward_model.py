@@ -79,6 +79,9 @@ class RewardModel:
         self.tok = load_tokenizer(self.path)
         precision = pick_precision(dtype, self.device)
         self.model = AutoModelForSequenceClassification.from_pretrained(self.path, dtype=precision.weights).to(self.device).eval()
+        if self.model.config.num_labels != 1:
+            raise ConfigError(f"{self.path}: a classifier of {self.model.config.num_labels} labels, not a reward model "
+                              "(one scalar score)")
         set_precision(self.model, precision)
         self.head = None
         meta = self.path / REWARD_META

