@@ -439,6 +439,14 @@ def test_online_rl_mixes_its_prompt_sources_as_every_stage(tiny_model_dir, promp
     assert all("Say" in str(p) for p in seen[:4])  # the step's 2 x 2 (the final eval follows)
 
 
+def test_an_unknown_reward_is_an_error_before_the_run_starts(tiny_model_dir, prompt_file, tmp_path):
+    from posttrain.stages.online_rl import GRPOConfig, train
+
+    with pytest.raises(ConfigError, match="unknown reward 'exact_answr'"):
+        train(rl_cfg(GRPOConfig, tiny_model_dir, prompt_file, tmp_path / "r", "rewards=[exact_answr]"))
+    assert not (tmp_path / "r").exists()  # nothing written, no model loaded
+
+
 def test_step_end_tokens(smol_tokenizer):
     from posttrain.stages.online_rl import split_steps, step_end_tokens
 

@@ -51,17 +51,31 @@ class RewardSet:
     functions: list[Callable]
     weights: list[float]
 
-    @classmethod
-    def build(cls, specs: list, weights: list[float] | None = None, device: str | torch.device = "cpu") -> RewardSet:
+    @staticmethod
+    def check(specs: list, weights: list[float] | None = None) -> None:
+        """The errors :meth:`build` would raise, without loading any reward model (a run says
+        them before it loads its own model)."""
         from posttrain.config import ConfigError
+        from posttrain.models import resolve_model_path
+        from posttrain.rewards.functions import REWARD_FUNCTIONS
 
-        fns = [resolve_reward(s, device) for s in specs]
-        weights = list(weights) if weights else [1.0] * len(fns)
-        if len(weights) != len(fns):
-            raise ConfigError(f"reward_weights: {len(weights)} weights for {len(fns)} reward functions")
+        for spec in specs:
+            if isinstance(spec, str) and spec.startswith("rm:"):
+                resolve_model_path(spec[3:])
+            elif isinstance(spec, str) and spec not in REWARD_FUNCTIONS:
+                raise ConfigError(f"unknown reward {spec!r}: use one of {sorted(REWARD_FUNCTIONS)} or rm:PATH")
+        weights = list(weights) if weights else [1.0] * len(specs)
+        if len(weights) != len(specs):
+            raise ConfigError(f"reward_weights: {len(weights)} weights for {len(specs)} reward functions")
         bad = [w for w in weights if not isinstance(w, (int, float)) or not math.isfinite(w)]
         if bad:
             raise ConfigError(f"reward_weights: {bad[0]!r} is not a finite number")
+
+    @classmethod
+    def build(cls, specs: list, weights: list[float] | None = None, device: str | torch.device = "cpu") -> RewardSet:
+        cls.check(specs, weights)
+        fns = [resolve_reward(s, device) for s in specs]
+        weights = list(weights) if weights else [1.0] * len(fns)
         names = [reward_name(f) for f in fns]
         for i, f in enumerate(fns):  # two reward models both named after a "model" directory: told apart
             if names.count(names[i]) > 1 and hasattr(f, "path"):

@@ -525,6 +525,7 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
     """Run online RL as ``cfg`` says; ``reward_functions`` (callables) replace ``cfg.rewards``."""
     # ---------------------------------------------------------------- setup
     stage = {"group": "grpo", "rloo": "rloo", "gae": "ppo"}[cfg.advantage]
+    RewardSet.check(reward_functions or cfg.rewards, cfg.reward_weights)  # (before any model loads)
     run_dir = engine.setup_run(cfg.output_dir, stage, cfg, [s.path for s in cfg.data.train + cfg.data.eval])
     engine.seed_everything(cfg.seed)
     model, tok, dtype = prepare_model(cfg.model, lower_frozen=cfg.parallel != "fsdp")

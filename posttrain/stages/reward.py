@@ -121,9 +121,10 @@ def evaluate(cfg: RewardConfig, score_batch, pairs: list[PreferencePair]) -> dic
         decided += float((~tie).sum())
         margin += float((r_c - r_r).sum())
     sums = distributed.eval_sum({"total": total, "weight": weight, "acc": acc, "decided": decided, "margin": margin})
-    return {"loss/eval": sums["total"] / sums["weight"],
-            "eval/accuracy": sums["acc"] / sums["decided"] if sums["decided"] else float("nan"),
-            "eval/margin": sums["margin"] / len(pairs)}
+    out = {"loss/eval": sums["total"] / sums["weight"], "eval/margin": sums["margin"] / len(pairs)}
+    if sums["decided"]:  # (every label a tie: no accuracy to give)
+        out["eval/accuracy"] = sums["acc"] / sums["decided"]
+    return out
 
 
 # --------------------------------------------------------------------------- frozen backbone
@@ -264,7 +265,8 @@ def train(cfg: RewardConfig, data: PreferenceData | None = None) -> RewardResult
             if cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps and data.eval:
                 ev = evaluate(cfg, score_eval, data.eval)
                 metrics.log(step, ev)
-                log(f"step {step}: eval accuracy {ev['eval/accuracy']:.3f}, margin {ev['eval/margin']:.3f}")
+                log(f"step {step}: eval accuracy {ev.get('eval/accuracy', float('nan')):.3f}, margin "
+                    f"{ev['eval/margin']:.3f}")
             if cfg.save_every and step % cfg.save_every == 0 and step != total_steps and head is None:
                 engine.save_checkpoint(run_dir, t, tok, {"step": step, "stage": "rm"}, cfg.keep_last)
 
@@ -283,7 +285,7 @@ def train(cfg: RewardConfig, data: PreferenceData | None = None) -> RewardResult
     engine.finish_run(run_dir, metrics)
     summary = f"rm done: {total_steps} steps, train loss {loss_value:.4f}"
     if ev:
-        summary += f", eval accuracy {ev['eval/accuracy']:.3f}, margin {ev['eval/margin']:.3f}"
+        summary += f", eval accuracy {ev.get('eval/accuracy', float('nan')):.3f}, margin {ev['eval/margin']:.3f}"
     log(f"{summary}; reward model saved to {model_dir}")
     report_loading(data.bad, data.stats)
     return RewardResult(run_dir, model_dir, total_steps, loss_value, ev)
