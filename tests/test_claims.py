@@ -112,3 +112,11 @@ def test_counts_start_and_stop_where_the_dividend_says(text, cut_before, correct
 def test_typeset_operators_are_read_as_their_ascii_ones():
     assert arithmetic_errors("3 \u00d7 4 = 13, 12 \u00f7 4 = 3, 7 \u2212 5 = 3, 9 \u2265 10, 9 \u2264 10") == [
         "3 * 4 = 13", "7 - 5 = 3", "9 >= 10"]
+
+
+def test_a_chain_of_equalities_is_checked_link_by_link():
+    assert arithmetic_errors("2 + 3 = 5 = 6") == ["5 = 6"]
+    assert arithmetic_errors("2 + 3 = 5 = 5 = 7.") == ["5 = 7"]
+    assert arithmetic_errors("2 + 3 = 5 = 5, and 12 + 4 = 16 = 16 + 0") == []  # (an expression on the right: not read)
+    claim = first_false_claim("so 2 + 3 = 5 = 6, then")
+    assert claim.written == "5 = 6" and claim.corrected == " = 5"

@@ -47,6 +47,7 @@ _NUM = r"-?\d+"
 _EQUATION = re.compile(r"(?<![\w.,])(" + _NUM + r"(?:\s*[-+*/]\s*\d+)+)\s*=\s*(" + _NUM
                        + r")(?!\d|[.,]\d|\s*\(|\s*[-+*/]\s*\d)")
 _COMPARE = re.compile(r"(?<![\w.,])(" + _NUM + r")\s*(>=|<=|<|>|\u2265|\u2264)\s*(" + _NUM + r")(?!\w|[.,]\d)")
+_CHAIN = re.compile(r"\s*=\s*(-?\d+)(?!\d|[.,]\d|\s*[-+*/]\s*\d)")
 # the typeset operators a model may write, read as their ASCII ones (one character each, so the
 # positions of the claims in the text stay those of the original)
 _TYPESET = str.maketrans({"\u00d7": "*", "\u00f7": "/", "\u2212": "-"})
@@ -188,6 +189,13 @@ def false_claims(text: str) -> list[Claim]:
         if value != int(m.group(2)):  # None (a division by zero) is false, with nothing to put in its place
             add(m, f"{m.group(1).strip()} = {m.group(2)}",
                 "" if value is None else text[at[m.start()]: at[m.start(2)]] + str(value))
+            continue
+        end = m.end()  # a chain "2 + 3 = 5 = 6": each further "= n" must be the same value
+        while value is not None and (more := _CHAIN.match(plain, end)):
+            if int(more.group(1)) != value:
+                add(more, f"{m.group(2)} = {more.group(1)}", text[at[more.start()]: at[more.start(1)]] + str(value))
+                break
+            end = more.end()
     for m in _COMPARE.finditer(plain):
         a, op, b = int(m.group(1)), _TYPESET_COMPARE.get(m.group(2), m.group(2)), int(m.group(3))
         if not {">=": a >= b, "<=": a <= b, "<": a < b, ">": a > b}[op]:
