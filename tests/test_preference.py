@@ -384,6 +384,12 @@ def test_prm_trains_and_scores_steps(tiny_model_dir, tmp_path):
     prm = ProcessRewardModel(res.model_dir)
     scores = prm.score_steps("What is 3 * 2 + 1?", ["3 * 2 = 6", "6 + 1 = 7"])
     assert len(scores) == 2 and all(0 < s < 1 for s in scores)
+    prompts, solutions = ["What is 3 * 2 + 1?", "What is 2 + 2?", "q"], [["3 * 2 = 6", "6 + 1 = 7"], ["2 + 2 = 4"], []]
+    together = prm.score_many(prompts, solutions)
+    prm.batch_size = 1  # one solution a pass: the same scores
+    alone = prm.score_many(prompts, solutions)
+    assert [len(x) for x in alone] == [2, 1, 0]
+    assert [x for r in alone for x in r] == pytest.approx([x for r in together for x in r], abs=1e-5)
     assert AutoModelForTokenClassification.from_pretrained(res.model_dir).config.num_labels == 1
     assert first_wrong([0.9, 0.2, 0.8]) == 1 and first_wrong([1, 1]) == 2
     # one rule for a step's rightness: a soft label of 0.5 is right, for step and solution accuracy alike

@@ -55,11 +55,13 @@ def step_batch(examples, pad_id: int) -> dict[str, torch.Tensor]:
 class ProcessRewardModel:
     """Scores each step of a solution with a trained PRM (``score_steps``)."""
 
-    def __init__(self, path: str | Path, device: str | torch.device = "cpu", dtype: str = "auto"):
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", dtype: str = "auto",
+                 batch_size: int = 16):
         from transformers import AutoModelForTokenClassification
 
         self.path = Path(path)
         self.device = torch.device(device)
+        self.batch_size = batch_size  # solutions per forward pass
         self.tok = load_tokenizer(self.path)
         distinct_pad_token(self.tok)
         meta = self.path / PRM_META
@@ -82,14 +84,18 @@ class ProcessRewardModel:
             # stripped as the training rows' steps were (posttrain.data.steps.to_step_record)
             ids, pos = tokenize_steps(self.tok, p, [s.strip() for s in steps], self.separator)
             examples.append(StepExample(ids, pos, [0.0] * len(pos), ""))
-        if not any(e.positions for e in examples):
-            return [[] for _ in examples]
-        b = step_batch(examples, self.tok.pad_token_id)
-        probs = torch.sigmoid(step_logits(self.model, b["input_ids"].to(self.device),
-                                          b["attention_mask"].to(self.device), b["rows"].to(self.device),
-                                          b["positions"].to(self.device))).tolist()
-        out, k = [], 0
-        for e in examples:
-            out.append(probs[k : k + len(e.positions)])
-            k += len(e.positions)
+        out: list[list[float]] = []
+        for s in range(0, len(examples), self.batch_size):  # (a step's rollout holds every group's solutions)
+            chunk = examples[s : s + self.batch_size]
+            if not any(e.positions for e in chunk):
+                out += [[] for _ in chunk]
+                continue
+            b = step_batch(chunk, self.tok.pad_token_id)
+            probs = torch.sigmoid(step_logits(self.model, b["input_ids"].to(self.device),
+                                              b["attention_mask"].to(self.device), b["rows"].to(self.device),
+                                              b["positions"].to(self.device))).tolist()
+            k = 0
+            for e in chunk:
+                out.append(probs[k : k + len(e.positions)])
+                k += len(e.positions)
         return out
