@@ -314,6 +314,8 @@ class Trainable:
         from transformers import get_scheduler
 
         distributed.init()
+        self.total_steps = total_steps
+        self.plan: dict[str, Any] = {}  # what fixes the data order (open_training fills it; checkpoints record it)
         self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
         self.world_size = distributed.world_size()
         self.device = self.accelerator.device
@@ -463,9 +465,11 @@ def _clip_grad_norm(groups: list[list[torch.Tensor]], max_norm: float) -> float:
 
 def open_training(cfg: TrainConfig, model, total_steps: int, extra: dict | None = None) -> Trainable:
     """AdamW + warmup/decay schedule for ``model`` (and ``extra`` modules) as ``cfg`` says."""
-    return Trainable(model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
-                     warmup_steps=math.ceil(cfg.warmup_ratio * total_steps), total_steps=total_steps,
-                     schedule=cfg.schedule, extra=extra, parallel=cfg.parallel)
+    t = Trainable(model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
+                  warmup_steps=math.ceil(cfg.warmup_ratio * total_steps), total_steps=total_steps,
+                  schedule=cfg.schedule, extra=extra, parallel=cfg.parallel)
+    t.plan = {k: getattr(cfg, k) for k in ("batch_size", "grad_accum", "seed") if hasattr(cfg, k)}
+    return t
 
 
 def resume(cfg: TrainConfig, run_dir: Path, trainable: Trainable) -> tuple[int, Metrics]:
@@ -477,12 +481,22 @@ def resume(cfg: TrainConfig, run_dir: Path, trainable: Trainable) -> tuple[int, 
     distributed.barrier()
     ckpt = latest_checkpoint(run_dir) if cfg.resume else None
     if ckpt is not None:
+        saved = json.loads((ckpt / "trainer_state.json").read_text())
+        changed = {k: (v, trainable.plan.get(k)) for k, v in (saved.get("plan") or {}).items()
+                   if k in trainable.plan and trainable.plan[k] != v}
+        if changed:  # the data position of the checkpoint is that of its own batches
+            raise ConfigError(f"{ckpt} was written with " + ", ".join(f"{k}={a}" for k, (a, _) in changed.items())
+                              + "; this run has " + ", ".join(f"{k}={b}" for k, (_, b) in changed.items())
+                              + ": resume with the run's own settings (its config.yaml) or start over (overwrite=true)")
+        if saved["step"] > trainable.total_steps:
+            raise ConfigError(f"{ckpt} is at step {saved['step']}, past this run's {trainable.total_steps} steps: resume "
+                              "with at least as many steps (max_steps / epochs), or start over (overwrite=true)")
         start = load_checkpoint(ckpt, trainable)["step"]
         log(f"resumed from {ckpt} (step {start})")
     elif cfg.resume:
         log("resume: no complete checkpoint found, starting from step 0")
     metrics = Metrics(run_dir, cfg.tensorboard)
-    metrics.truncate_after(start)
+    metrics.truncate_after(start, drop_eval_at_end=start > 0 and start == trainable.total_steps)
     return start, metrics
 
 
@@ -597,7 +611,7 @@ def save_checkpoint(run_dir: Path, trainable: Trainable, tokenizer, state: dict[
                 torch.save(rank_rng, tmp / f"rng_state_{r}.pt")
             if trainable.extra:
                 torch.save({k: m.state_dict() for k, m in trainable.extra.items()}, tmp / "extra_modules.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            (tmp / "trainer_state.json").write_text(json.dumps({**state, "plan": trainable.plan}, indent=2))
             replace_tree(tmp, final)  # (a resumed run writes its last step again)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -691,11 +705,14 @@ class Metrics:
             except Exception as e:  # noqa: BLE001 - TensorBoard is a convenience, not a must
                 warn(f"TensorBoard logging disabled: {e}")
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records past ``step`` (a resumed run rewrites them)."""
+    def truncate_after(self, step: int, drop_eval_at_end: bool = False) -> None:
+        """Drop records past ``step`` (a resumed run rewrites them); with ``drop_eval_at_end`` (a
+        finished run resumed, whose final evaluation runs again) also the eval records at ``step``."""
         if not (self.active and self.path.is_file()):
             return
-        keep = [json.dumps(r) for r in read_jsonl(self.path) if r.get("step", 0) <= step]
+        keep = [json.dumps(r) for r in read_jsonl(self.path) if r.get("step", 0) < step or (
+            r.get("step", 0) == step and not (drop_eval_at_end and any(k.startswith("eval/") or k == "loss/eval"
+                                                                       for k in r)))]
         atomic_write(self.path, "".join(k + "\n" for k in keep))
 
     def log(self, step: int, values: dict[str, float]) -> None:

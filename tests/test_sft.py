@@ -263,3 +263,24 @@ def test_a_run_in_epochs_trains_each_row_once_an_epoch(epochs, accum):
     assert max(counts) - min(counts) <= 1
     unbounded = engine.EpochBatches([10] * 9, 2, 0)  # max_steps: the stream goes on as long as asked
     assert len(unbounded.for_step(3, 4)) == 4
+
+
+def test_resume_refuses_other_batches_or_fewer_steps_and_logs_a_finished_runs_eval_once(tiny_model_dir, chat_file,
+                                                                                       tmp_path):
+    """A checkpoint's data position is that of its own batch size, accumulation and seed: resuming
+    with others is an error, as is a max_steps below the checkpoint's step; resuming a finished
+    run evaluates it again without a second eval record."""
+    from posttrain.config import ConfigError
+
+    out = tmp_path / "run"
+    train(cfg_for(tiny_model_dir, chat_file, out, "max_steps=4", "save_every=2", "eval_every=0"))
+    evals = lambda: [r["step"] for r in engine.read_metrics(out) if "loss/eval" in r]
+    assert evals() == [4]
+    train(cfg_for(tiny_model_dir, chat_file, out, "max_steps=4", "save_every=2", "eval_every=0", "resume=true"))
+    assert evals() == [4]
+    for extra, msg in ((["batch_size=2"], "written with batch_size=4; this run has batch_size=2"),
+                       (["seed=7"], "written with seed=0; this run has seed=7"),
+                       (["max_steps=3"], "is at step 4, past this run's 3 steps")):
+        args = ["max_steps=4", "save_every=2", "eval_every=0", "resume=true", *extra]
+        with pytest.raises(ConfigError, match=msg):
+            train(cfg_for(tiny_model_dir, chat_file, out, *args))
