@@ -142,6 +142,8 @@ def generate(model, tok, conversations: list[list[dict[str, str]]], cfg: Samplin
     conversation, True where the completion ran to ``max_new_tokens`` without EOS or a stop."""
     cfg = cfg or SamplingConfig()
     flags = [False] * len(conversations)
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     texts = render_prompts(tok, conversations)
     if prefixes is not None:
         if len(prefixes) != len(texts):
@@ -174,9 +176,7 @@ def generate(model, tok, conversations: list[list[dict[str, str]]], cfg: Samplin
                 for row, i in enumerate(idx):
                     text = tok.decode(new[row], skip_special_tokens=True)
                     results[i] = _cut_at_stop(text, cfg.stop)
-                    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-                    own = _own_tokens(tok, new[row], tok.eos_token_id, pad, cfg.stop)
-                    flags[i] = _ran_out(own, text, tok.eos_token_id, cfg)
+                    flags[i] = _ran_out(_own_tokens(tok, new[row], eos, pad, cfg.stop), text, eos, cfg)
                 if bar is not None:
                     bar.update(bar_task, advance=len(idx), status=f"{max(map(len, new), default=0)} tokens")
     finally:

@@ -108,9 +108,8 @@ def _raw_rows(path: Path, kind: str, bad: BadRows) -> Iterator[Row]:
                 try:  # (a byte-order mark at the start of the file is not part of the row)
                     line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 except UnicodeDecodeError as e:
-                    if lineno == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
-                        raise BadRowError(str(path), None, "UTF-16 text (a byte-order mark says so): save it as "
-                                          "UTF-8") from None
+                    if lineno == 1:
+                        _refuse_utf16(path, raw)
                     bad.handle(BadRowError(origin, None, f"not UTF-8 text: byte 0x{raw[e.start]:02x} at column "
                                            f"{e.start + 1}"))
                     continue
@@ -180,11 +179,16 @@ def _raw_rows(path: Path, kind: str, bad: BadRows) -> Iterator[Row]:
         return
 
 
+def _refuse_utf16(path: Path, head: bytes) -> None:
+    """A file whose first bytes are a UTF-16 byte-order mark is an error that says so."""
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise BadRowError(str(path), None, "UTF-16 text (a byte-order mark says so): save it as UTF-8")
+
+
 def _utf8_text(path: Path) -> str:
     """The file as text (a byte-order mark dropped); a clear error where it is not UTF-8."""
     data = path.read_bytes()
-    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        raise BadRowError(str(path), None, "UTF-16 text (a byte-order mark says so): save it as UTF-8")
+    _refuse_utf16(path, data)
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:

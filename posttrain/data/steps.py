@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from posttrain.data.formats import _string
 from posttrain.data.loading import BadRowError, BadRows, Row, iter_rows
-from posttrain.data.tokenize import MIN_PROMPT_TOKENS, TokenizeStats
+from posttrain.data.tokenize import TokenizeStats, keeps_enough_prompt
 from posttrain.rewards.reward_model import as_messages
 
 
@@ -102,8 +102,7 @@ def tokenize_step_record(tok, rec: StepRecord, separator: str, max_length: int, 
         raise BadRowError(rec.origin, "steps", f"too long: {len(ids)} tokens > max_length {max_length} (set "
                           "too_long to truncate_prompt or drop, or skip_bad_rows: true)")
     first_step_start = pos[0] - len(tok(rec.steps[0] + separator, add_special_tokens=False)["input_ids"]) + 1
-    # (as SFT rows: at least MIN_PROMPT_TOKENS of the prompt stay before the first step)
-    if too_long == "truncate_prompt" and first_step_start - cut >= min(first_step_start, MIN_PROMPT_TOKENS):
+    if too_long == "truncate_prompt" and keeps_enough_prompt(first_step_start, cut):  # (as SFT rows)
         stats.count("truncated", rec.origin)
         return StepExample(ids[cut:], [p - cut for p in pos], rec.labels, rec.origin)
     stats.count("dropped_too_long", rec.origin)

@@ -16,8 +16,9 @@ Too long. ``too_long`` says what happens to a conversation longer than ``max_len
 left of the sequence, never from a trained span; if the trained part alone is too long,
 or so little prompt would remain that the reply is conditioned on almost nothing (fewer than
 ``MIN_PROMPT_TOKENS`` tokens, or all of it if shorter), the row is dropped and counted).
-Counts are of rows: a ranked preference row that expands into several pairs counts once. ``text`` rows longer than ``max_length`` are split into
-consecutive windows, all trained on (the usual continued pre-training treatment).
+Counts are of rows: a ranked preference row that expands into several pairs counts once.
+``text`` rows longer than ``max_length`` are split into consecutive windows, all trained on
+(the usual continued pre-training treatment).
 
 Batching. Both collators give the same loss for the same examples:
 ``pad`` right-pads to the longest row of the batch (batches are grouped by length, so
@@ -59,6 +60,12 @@ class TokenizedExample:
 #: the fewest prompt tokens ``truncate_prompt`` leaves before the first trained token (the
 #: generation header, 3-5 tokens in the common templates, and some of the user's text)
 MIN_PROMPT_TOKENS = 16
+
+
+def keeps_enough_prompt(prompt_tokens: int, cut: int) -> bool:
+    """Whether cutting ``cut`` tokens from the left leaves enough of a ``prompt_tokens``-token
+    prompt: :data:`MIN_PROMPT_TOKENS` of it, or all of it when it is shorter."""
+    return prompt_tokens - cut >= min(prompt_tokens, MIN_PROMPT_TOKENS)
 
 
 @dataclass
@@ -241,7 +248,7 @@ def length_cut(examples: list[TokenizedExample], max_length: int, too_long: str,
         )
     cut = n - max_length
     first_trained = min(next(i for i, x in enumerate(e.labels) if x != IGNORE) for e in examples)
-    if too_long == "truncate_prompt" and first_trained - cut >= min(first_trained, MIN_PROMPT_TOKENS):
+    if too_long == "truncate_prompt" and keeps_enough_prompt(first_trained, cut):
         stats.count("truncated", origin)
         return cut
     stats.count("dropped_too_long", origin)

@@ -23,7 +23,7 @@ import re
 from fractions import Fraction
 
 from posttrain.reasoning import ANSWER_RE, extract_answer, is_well_formatted
-from posttrain.synth.tasks import MAX_ANSWER_CHARS
+from posttrain.synth.tasks import MAX_ANSWER_CHARS, TYPESET_OPERATORS
 
 # a number: a comma only inside thousands ("12, so" is 12; "1,23" and "1,2,3" are no number), the
 # ASCII or the Unicode minus
@@ -48,7 +48,7 @@ def _as_number(s: str) -> Fraction | None:
     """``s`` as an exact number: digits with an optional sign (``-``, ``+`` or the Unicode minus)
     and decimals, commas only as thousands separators (``1,234``; ``1,2`` is not twelve).
     Exact, not a float: 10000000000000001 is not 10000000000000000."""
-    s = s.strip().rstrip(".").replace("\u2212", "-")
+    s = s.strip().rstrip(".").translate(TYPESET_OPERATORS)
     if len(s) > MAX_ANSWER_CHARS:
         return None
     if re.fullmatch(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):

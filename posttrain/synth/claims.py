@@ -35,7 +35,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from posttrain.synth.tasks import PLACES
+from posttrain.synth.tasks import PLACES, TYPESET_OPERATORS
 
 _NOTE = re.compile(r"\s*\((?:carry|carried|borrowed|borrow)\)")
 _NUM = r"-?\d+"
@@ -48,9 +48,6 @@ _EQUATION = re.compile(r"(?<![\w.,])(" + _NUM + r"(?:\s*[-+*/]\s*\d+)+)\s*=\s*("
                        + r")(?!\d|[.,]\d|\s*\(|\s*[-+*/]\s*\d)")
 _COMPARE = re.compile(r"(?<![\w.,])(" + _NUM + r")\s*(>=|<=|<|>|\u2265|\u2264)\s*(" + _NUM + r")(?!\w|[.,]\d)")
 _CHAIN = re.compile(r"\s*=\s*(-?\d+)(?!\d|[.,]\d|\s*[-+*/]\s*\d)")
-# the typeset operators a model may write, read as their ASCII ones (one character each, so the
-# positions of the claims in the text stay those of the original)
-_TYPESET = str.maketrans({"\u00d7": "*", "\u00f7": "/", "\u2212": "-"})
 _TYPESET_COMPARE = {"\u2265": ">=", "\u2264": "<="}
 _PLACES = {"thousands": 1000, "hundreds": 100, "tens": 10, "ones": 1}
 _PLACE_VALUE = re.compile(r"(?<![\w.])(\d+)\s*=\s*((?:\d+\s+(?:thousands|hundreds|tens|ones)\s*\+\s*)*"
@@ -177,7 +174,7 @@ def false_claims(text: str) -> list[Claim]:
     """The false arithmetic claims of ``text``, by kind (equations, comparisons, place values,
     column digits, column operands, counts), each kind in the order of the text."""
     plain, at = _without_notes(text)
-    plain = plain.translate(_TYPESET)
+    plain = plain.translate(TYPESET_OPERATORS)  # (same length: positions kept)
     claims = []
 
     def add(m, written, corrected):

@@ -274,6 +274,9 @@ def step_row(p: Problem, rng: random.Random, wrong: bool) -> dict[str, Any]:
 #: An integer as an answer may write it: a sign, and thousands separators only where they belong.
 #: longest answer text a verifier reads (longer: wrong; parsing it is no reward)
 MAX_ANSWER_CHARS = 200
+#: the typeset operators a model may write, as their ASCII ones (one character each: positions in a
+#: text stay those of the original)
+TYPESET_OPERATORS = str.maketrans({"\u00d7": "*", "\u00f7": "/", "\u2212": "-"})
 _INTEGER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)")
 
 
@@ -283,11 +286,11 @@ def _int_answer(response: str, answer: str, prefix: str = "") -> bool:
     got = extract_answer(response)
     if got is None:
         return False
-    got = got.strip().removesuffix(".").strip().replace("\u2212", "-")
+    got = got.strip().removesuffix(".").strip().translate(TYPESET_OPERATORS)
     if prefix:
         named = re.match(rf"{re.escape(prefix)}\s*=\s*", got, re.IGNORECASE)
         got = got[named.end():] if named else got
-    ref = str(answer).strip().replace("\u2212", "-")
+    ref = str(answer).strip().translate(TYPESET_OPERATORS)
     if _INTEGER.fullmatch(ref) is None:
         raise ValueError(f"the reference answer {answer!r} is not an integer")
     return (len(got) <= MAX_ANSWER_CHARS and _INTEGER.fullmatch(got) is not None
@@ -503,7 +506,7 @@ def verify_countdown(response: str, answer: str, /, numbers: list[int] | None = 
 
     def evaluate(expr: str) -> tuple[float, list[int]] | None:
         try:
-            tree = ast.parse(expr.replace("×", "*").replace("÷", "/").replace("\u2212", "-"), mode="eval")
+            tree = ast.parse(expr.translate(TYPESET_OPERATORS), mode="eval")
         except (SyntaxError, RecursionError, MemoryError, ValueError):
             return None
         used: list[int] = []
