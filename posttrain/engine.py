@@ -235,7 +235,7 @@ class TrainConfig:
     overwrite: bool = doc("Start over in an output_dir that holds a run of this stage (without it that is an "
                           "error): its checkpoints, models, metrics and caches are deleted first.", False)
     merge_lora: bool = doc("Under LoRA, also save the adapter merged into the base as model-merged/.", False)
-    log_every: int = doc("Log metrics every N steps.", 1)
+    log_every: int = doc("Log metrics every N steps (each value the mean over those steps; lr as it stands).", 1)
     tensorboard: bool = doc("Also write TensorBoard event files.", True)
     parallel: str = doc("Under several processes (torchrun / accelerate launch): ddp (each rank holds the model, "
                         "gradients summed) or fsdp (parameters, gradients and optimizer state sharded; full "
@@ -697,6 +697,7 @@ class Metrics:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.active = is_main_process()
         self.tb = None
+        self._window: dict[str, list] = {}  # the values of the train steps not yet logged (log_step)
         if self.active and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -714,6 +715,22 @@ class Metrics:
             r.get("step", 0) == step and not (drop_eval_at_end and any(k.startswith("eval/") or k == "loss/eval"
                                                                        for k in r)))]
         atomic_write(self.path, "".join(k + "\n" for k in keep))
+
+    # a train step's values logged as they stand at the logged step, not as the window's mean
+    CURRENT = frozenset({"train/lr", "perf/peak_rss_mb"})
+
+    def log_step(self, step: int, values: dict[str, Any], every: int, last: int) -> None:
+        """One training step's values; every ``every`` steps (and at step ``last``) the record of
+        the steps since the last one logged: each value's mean over them (as the HF Trainer logs
+        the loss, and TRL its other metrics), ``CURRENT`` ones as they are now. A value missing
+        in some steps (e.g. an accuracy over no pairs) is averaged over the steps that have it."""
+        for k, v in values.items():
+            self._window.setdefault(k, []).append(_num(v))
+        if step % every and step != last:
+            return
+        window, self._window = self._window, {}
+        self.log(step, {k: v[-1] if k in self.CURRENT or not all(isinstance(x, (int, float)) for x in v)
+                        else sum(v) / len(v) for k, v in window.items()})
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.active:

@@ -145,6 +145,24 @@ def test_runs_and_reports_survive_a_cut_off_metrics_line(tmp_path):
     assert plot_metrics(run) is None  # one point of one metric: nothing to draw, no error
 
 
+def test_log_every_logs_the_mean_of_the_window(tmp_path):
+    """log_every=2: each record is the mean of the steps since the last one (HF logs the mean
+    loss, not the last step's), lr and peak RSS as they stand; the last step closes its window."""
+    from posttrain import engine
+
+    m = engine.Metrics(tmp_path, tensorboard=False)
+    for step, (loss, lr, acc) in enumerate([(4.0, 1.0, 0.5), (2.0, 0.5, None), (1.0, 0.25, 1.0),
+                                            (3.0, 0.125, 0.0), (7.0, 0.0625, 1.0)], start=1):
+        m.log_step(step, {"loss/train": loss, "train/lr": lr, "perf/peak_rss_mb": 10.0 * step,
+                          **({"reward/accuracy": acc} if acc is not None else {})}, every=2, last=5)
+    recs = engine.read_metrics(tmp_path)
+    assert [r["step"] for r in recs] == [2, 4, 5]
+    assert [r["loss/train"] for r in recs] == [3.0, 2.0, 7.0]
+    assert [r["train/lr"] for r in recs] == [0.5, 0.125, 0.0625]
+    assert [r["perf/peak_rss_mb"] for r in recs] == [20.0, 40.0, 50.0]
+    assert [r["reward/accuracy"] for r in recs] == [0.5, 0.5, 1.0]  # step 2 had none: step 1's alone
+
+
 def test_synth_writes_rows(tmp_path):
     out = tmp_path / "s.jsonl"
     assert main(["synth", "arithmetic", "--n", "5", "--out", str(out)]) == 0

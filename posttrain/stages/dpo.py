@@ -260,10 +260,9 @@ def train(cfg: DPOConfig, data: PreferenceData | None = None) -> DPOResult:
             sums = distributed.all_sum({"loss": loss_value, "tokens": tokens})
             loss_value, tokens = sums["loss"], int(sums["tokens"])
             bar.update(task, advance=1, status=f"loss {loss_value:.4f} acc {means['reward/accuracy']:.2f}")
-            if step % cfg.log_every == 0 or step == total_steps:
-                metrics.log(step, {"loss/train": loss_value, **means, "train/grad_norm": grad_norm,
-                                   "train/lr": t.lr, "perf/tokens_per_s": tokens / dt, "perf/step_s": dt,
-                                   "perf/peak_rss_mb": engine.peak_rss_mb()})
+            metrics.log_step(step, {"loss/train": loss_value, **means, "train/grad_norm": grad_norm,
+                                    "train/lr": t.lr, "perf/tokens_per_s": tokens / dt, "perf/step_s": dt,
+                                    "perf/peak_rss_mb": engine.peak_rss_mb()}, cfg.log_every, total_steps)
             if cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps and ref_eval is not None:
                 ev = evaluate(cfg, t.model, data.eval, ref_eval, pad, t.device)
                 metrics.log(step, ev)

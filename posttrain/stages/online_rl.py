@@ -757,8 +757,7 @@ def train(cfg: RLConfig, reward_functions: list | None = None) -> RLResult:
                         "train/skipped_frac": 1.0 - sum(trained) / max(len(trained), 1),
                         "perf/rollout_s": roll.seconds, "perf/train_tokens_per_s": train_tokens / max(t_train, 1e-9),
                         "perf/peak_rss_mb": engine.peak_rss_mb()})
-            if step % cfg.log_every == 0 or step == total_steps:
-                metrics.log(step, rec)
+            metrics.log_step(step, rec, cfg.log_every, total_steps)
             bar.update(task, advance=1, status=f"reward {rec['reward/mean']:.3f} len {rec['rollout/length_mean']:.0f}")
             if cfg.sample_every and (step % cfg.sample_every == 0 or step == 1) and engine.is_main_process():
                 with open(samples_path, "a") as fh:

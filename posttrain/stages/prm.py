@@ -154,10 +154,9 @@ def train(cfg: PRMConfig) -> PRMResult:
             loss_value, correct = sums["loss"], int(sums["correct"])
             dt = time.perf_counter() - t0
             bar.update(task, advance=1, status=f"loss {loss_value:.4f}")
-            if step % cfg.log_every == 0 or step == total_steps:
-                metrics.log(step, {"loss/train": loss_value, "train/step_accuracy": correct / n_steps,
-                                   "train/grad_norm": grad_norm, "train/lr": t.lr, "perf/step_s": dt,
-                                   "perf/peak_rss_mb": engine.peak_rss_mb()})
+            metrics.log_step(step, {"loss/train": loss_value, "train/step_accuracy": correct / n_steps,
+                                    "train/grad_norm": grad_norm, "train/lr": t.lr, "perf/step_s": dt,
+                                    "perf/peak_rss_mb": engine.peak_rss_mb()}, cfg.log_every, total_steps)
             if cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps and eval_ex:
                 ev = evaluate(t.model, eval_ex, cfg.eval_batch_size, pad, t.device)
                 metrics.log(step, ev)

@@ -259,9 +259,9 @@ def train(cfg: RewardConfig, data: PreferenceData | None = None) -> RewardResult
             means = distributed.global_means(stats, STAT_KEYS)
             loss_value = distributed.all_sum({"loss": loss_value})["loss"]
             bar.update(task, advance=1, status=f"loss {loss_value:.4f} acc {means['reward/accuracy']:.2f}")
-            if step % cfg.log_every == 0 or step == total_steps:
-                metrics.log(step, {"loss/train": loss_value, **means, "train/grad_norm": grad_norm,
-                                   "train/lr": t.lr, "perf/step_s": dt, "perf/peak_rss_mb": engine.peak_rss_mb()})
+            metrics.log_step(step, {"loss/train": loss_value, **means, "train/grad_norm": grad_norm,
+                                    "train/lr": t.lr, "perf/step_s": dt, "perf/peak_rss_mb": engine.peak_rss_mb()},
+                             cfg.log_every, total_steps)
             if cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps and data.eval:
                 ev = evaluate(cfg, score_eval, data.eval)
                 metrics.log(step, ev)

@@ -126,12 +126,11 @@ def train(cfg: SFTConfig, data: SFTData | None = None) -> SFTResult:
             loss_value, tokens_seen = step_loss, tokens_seen + step_tokens
             rate = step_tokens / dt
             bar.update(task, advance=1, status=f"loss {loss_value:.4f}  {rate:,.0f} tok/s")
-            if step % cfg.log_every == 0 or step == total_steps:
-                metrics.log(step, {
-                    "loss/train": loss_value, "train/grad_norm": grad_norm, "train/lr": t.lr,
-                    "train/trained_tokens": n_targets, "perf/tokens_per_s": rate, "perf/step_s": dt,
-                    "perf/peak_rss_mb": engine.peak_rss_mb(),
-                })
+            metrics.log_step(step, {
+                "loss/train": loss_value, "train/grad_norm": grad_norm, "train/lr": t.lr,
+                "train/trained_tokens": n_targets, "perf/tokens_per_s": rate, "perf/step_s": dt,
+                "perf/peak_rss_mb": engine.peak_rss_mb(),
+            }, cfg.log_every, total_steps)
             if cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps:
                 ev = evaluate(t.model, data.eval, cfg.eval_batch_size, cfg.batching, tok.pad_token_id, t.device)
                 if ev:
