@@ -534,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=0, help="evaluate only the first N questions")
     e.add_argument("--max-new-tokens", type=int, default=256)
     e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("-k", type=int, default=1, help="samples per question for pass@k (1 = greedy only)")
+    e.add_argument("-k", type=int, default=1, help="samples per question: pass@2, 4, ... k and sample accuracy (1 = greedy only)")
     e.add_argument("--temperature", type=float, default=0.8, help="sampling temperature for pass@k")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],

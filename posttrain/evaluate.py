@@ -7,8 +7,11 @@ checks the response. Reported per task and overall:
 * ``accuracy``: greedy decoding, share of responses whose answer verifies (``tagged``: the
   task's verifier, which needs the ``<answer>`` block; ``last_number``: the tagged answer or
   else the last number, the rule of the ``exact_answer`` reward);
-* ``pass@k`` (with ``k > 1``): k samples at ``temperature``, the unbiased estimator of
-  Chen et al. 2021 ``1 - C(n-c, k) / C(n, k)`` with n = k samples per question;
+* ``pass@j`` (with ``k > 1``): n = k samples per question at ``temperature``, and for j = 2, 4,
+  8, ... up to k (and k itself) the unbiased estimator of Chen et al. 2021
+  ``1 - C(n-c, j) / C(n, j)``: how the chance that one of j samples is right grows with j (the
+  room that sampling-based training such as rejection sampling or GRPO has over greedy);
+  ``sample_accuracy`` is pass@1 from the same samples;
 * ``format``: share of responses in the reasoning format (``<think>…</think>`` then
   ``<answer>…</answer>``);
 * ``mean_tokens``: mean response length in tokens.
@@ -82,6 +85,11 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+def pass_ks(k: int) -> list[int]:
+    """The j of the pass@j reported from k samples a question: powers of two from 2, and k."""
+    return sorted({2 ** i for i in range(1, k.bit_length()) if 2 ** i <= k} | ({k} if k > 1 else set()))
+
+
 def evaluate_items(model, tok, items: list[EvalItem], max_new_tokens: int = 256, batch_size: int = 16,
                    k: int = 1, temperature: float = 0.8, seed: int = 0, answer_format: str = "tagged",
                    decode_dtype: str = "auto") -> tuple[dict, list[dict]]:
@@ -132,7 +140,8 @@ def evaluate_items(model, tok, items: list[EvalItem], max_new_tokens: int = 256,
              "format": sum(s["format"] for s in ss) / len(ss),
              "mean_tokens": sum(s["tokens"] for s in ss) / len(ss)}
         if sampled:
-            m[f"pass@{k}"] = sum(pass_at_k(k, s["samples_correct"], k) for s in ss) / len(ss)
+            for j in pass_ks(k):
+                m[f"pass@{j}"] = sum(pass_at_k(k, s["samples_correct"], j) for s in ss) / len(ss)
             m["sample_accuracy"] = sum(s["samples_correct"] for s in ss) / (k * len(ss))
         metrics[task] = m
     return metrics, samples

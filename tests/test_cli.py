@@ -241,6 +241,11 @@ def test_pass_at_k_by_hand():
     assert pass_at_k(4, 1, 2) == pytest.approx(0.5) and pass_at_k(4, 0, 2) == 0.0 and pass_at_k(4, 3, 2) == 1.0
     with pytest.raises(ValueError, match="needs"):  # fewer samples than k: undefined (it said 1.0 for c=0)
         pass_at_k(1, 0, 2)
+    # from 8 samples with 2 right: pass@4 = 1 - C(6,4)/C(8,4) = 1 - 15/70
+    assert pass_at_k(8, 2, 4) == pytest.approx(55 / 70)
+    from posttrain.evaluate import pass_ks
+
+    assert pass_ks(1) == [] and pass_ks(2) == [2] and pass_ks(8) == [2, 4, 8] and pass_ks(12) == [2, 4, 8, 12]
 
 
 def test_readme_config_reference_is_current():
