@@ -440,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, _, help_) in STAGES.items():
         s = sub.add_parser(name, help=help_, epilog=_config_help(_stage_config_cls(name)),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        s.add_argument("--config", help=f"YAML file of config keys (e.g. recipes/{name}.yaml)")
+        s.add_argument("--config", help=f"YAML file of config keys, or a bundled recipe by name (e.g. {name}: "
+                       f"recipes/{name}.yaml)")
         s.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
         s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-4 model.lora=true")
         s.set_defaults(func=cmd_stage)
@@ -479,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     casub = ca.add_subparsers(dest="cai_command", required=True, metavar="ACTION")
     cg = casub.add_parser("generate", help="critique and revise responses to prompts; SFT rows + preference pairs")
     cg.add_argument("model", nargs="?", default=EMBEDDED_NAME)
-    cg.add_argument("--prompts", nargs="+", required=True, help="prompt files (e.g. posttrain/assets/red_team_prompts.jsonl)")
+    cg.add_argument("--prompts", nargs="+", required=True, help="prompt files, one prompt a row (the recipe constitutional reads "
+                    "the red-team and helpfulness prompts bundled in posttrain/assets/)")
     cg.add_argument("--constitution", help="YAML list of {name, critique, revision} (default: the bundled seven)")
     cg.add_argument("--revisions", type=int, default=1)
     cg.add_argument("--max-new-tokens", type=int, default=160)
@@ -503,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.set_defaults(func=cmd_judge)
 
     u = sub.add_parser("run", help="run a recipe: stages feeding each other in one run directory (resumable)")
-    u.add_argument("recipe", help="recipe YAML, e.g. recipes/reasoning.yaml")
+    u.add_argument("recipe", help="recipe YAML, or a bundled recipe by name (e.g. reasoning: recipes/reasoning.yaml)")
     u.add_argument("--quick", action="store_true", help="apply the recipe's quick: block (a smoke run in minutes)")
     u.add_argument("overrides", nargs="*", help="model=..., output_dir=..., n_train=..., n_test=..., seed=...")
     u.set_defaults(func=cmd_run)

@@ -251,13 +251,31 @@ def read_yaml(path: str | Path) -> Any:
         loader.dispose()
 
 
+# the recipes and stage configs shipped inside the package (the checkout's recipes/ links here)
+BUNDLED_RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
+def config_file(path: str | Path, what: str = "config file") -> Path:
+    """The YAML file ``path`` names: that file where it exists, else a bundled recipe of that
+    name (``reasoning``, ``reasoning.yaml`` or ``recipes/reasoning.yaml``, so the README's
+    commands work from any directory and from an installed wheel); a ConfigError naming the
+    bundled ones otherwise."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    name = p.name if p.suffix in (".yaml", ".yml") else p.name + ".yaml"
+    if len(p.parts) <= 2 and (len(p.parts) == 1 or p.parts[0] == "recipes") and (BUNDLED_RECIPES / name).is_file():
+        return BUNDLED_RECIPES / name
+    known = ", ".join(sorted(q.stem for q in BUNDLED_RECIPES.glob("*.yaml")))
+    raise ConfigError(f"{what} not found: {p} (bundled recipes, by name: {known})")
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Load ``cls`` from an optional YAML file, then apply ``key=value`` overrides."""
+    """Load ``cls`` from an optional YAML file (or bundled recipe, :func:`config_file`), then
+    apply ``key=value`` overrides."""
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+        p = config_file(path)
         loaded = read_yaml(p)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping of config keys at the top level")

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from posttrain.config import BUNDLED_RECIPES
 from posttrain.log import console
 from posttrain.models import EMBEDDED_NAME
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "reasoning.yaml"
+RECIPE = BUNDLED_RECIPES / "reasoning.yaml"  # package data: found from an installed wheel too
 
 
 def run_demo(output_dir: str | None = None, quick: bool = False, model: str = EMBEDDED_NAME) -> dict:

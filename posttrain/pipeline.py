@@ -53,7 +53,7 @@ from typing import Any
 
 import yaml
 
-from posttrain.config import ConfigError, load_config, read_yaml
+from posttrain.config import ConfigError, config_file, load_config, read_yaml
 from posttrain.engine import file_fingerprint, inside, write_status
 from posttrain.fileio import atomic_write
 from posttrain.log import console, log, warn
@@ -100,9 +100,7 @@ def _flatten(prefix: str, d: dict) -> list[str]:
 
 def load_recipe(path: str | Path, quick: bool = False, overrides: list[str] | None = None) -> Recipe:
     """Parse and check a recipe; ``quick`` applies its ``quick:`` block."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"recipe not found: {p}")
+    p = config_file(path, "recipe")
     raw = read_yaml(p) or {}
     quick_block = raw.pop("quick", {}) or {}
     if quick:

@@ -248,6 +248,36 @@ def test_pass_at_k_by_hand():
     assert pass_ks(1) == [] and pass_ks(2) == [2] and pass_ks(8) == [2, 4, 8] and pass_ks(12) == [2, 4, 8, 12]
 
 
+def test_recipes_ship_in_the_package_and_are_found_by_name(tmp_path, monkeypatch):
+    """An installed wheel has no checkout around it: the demo's recipe lies inside the package
+    (it was read from the checkout's recipes/, missing from a wheel), the recipes are package
+    data, and a recipe or stage config is found by name from any directory."""
+    import tomllib
+
+    import posttrain
+    from posttrain.config import BUNDLED_RECIPES, ConfigError, config_file
+    from posttrain.demo import RECIPE
+    from posttrain.pipeline import load_recipe
+
+    package = Path(posttrain.__file__).resolve().parent
+    assert RECIPE.is_file() and package in RECIPE.parents and BUNDLED_RECIPES.parent == package
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["posttrain"]
+    assert "recipes/*.yaml" in data and "py.typed" in data and (package / "py.typed").is_file()
+    assert (REPO / "recipes" / "reasoning.yaml").resolve() == RECIPE  # the checkout's path still works
+    monkeypatch.chdir(tmp_path)
+    for name in ("reasoning", "reasoning.yaml", "recipes/reasoning.yaml"):
+        assert config_file(name) == RECIPE
+    assert load_recipe("reasoning", quick=True).stages
+    assert config_file("recipes/sft.yaml") == BUNDLED_RECIPES / "sft.yaml"
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "sft.yaml").write_text("lr: 1.0e-4\n")  # a file of that name wins
+    assert config_file("recipes/sft.yaml") == Path("recipes/sft.yaml")
+    with pytest.raises(ConfigError, match=r"recipe not found: nope.*bundled recipes, by name: .*reasoning"):
+        load_recipe("nope")
+    with pytest.raises(ConfigError, match="config file not found: other/dir/sft.yaml"):
+        config_file("other/dir/sft.yaml")
+
+
 def test_readme_config_reference_is_current():
     """README's config tables are `posttrain config all`; regenerate them when a key changes."""
     from posttrain.cli import config_reference
