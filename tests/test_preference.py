@@ -398,6 +398,8 @@ def test_prm_trains_and_scores_steps(tiny_model_dir, tmp_path):
     assert first_wrong(torch.sigmoid(logits).tolist()) == 1
     # steps are scored stripped, as they were trained
     assert prm.score_steps("What is 3 * 2 + 1?", ["3 * 2 = 6\n", " 6 + 1 = 7"]) == pytest.approx(scores)
+    with pytest.raises(ValueError, match="solution 0: step 1 is empty"):  # (was scored off the separator)
+        prm.score_steps("What is 3 * 2 + 1?", ["3 * 2 = 6", "  ", "6 + 1 = 7"])
 
 
 def test_prm_bad_rows(tmp_path):

@@ -79,8 +79,14 @@ class ProcessRewardModel:
     def score_many(self, prompts: list, step_lists: list[list[str]]) -> list[list[float]]:
         from posttrain.data.steps import StepExample, tokenize_steps
 
+        if len(prompts) != len(step_lists):
+            raise ValueError(f"{len(prompts)} prompts but {len(step_lists)} step lists")
         examples = []
-        for p, steps in zip(prompts, step_lists):
+        for j, (p, steps) in enumerate(zip(prompts, step_lists)):
+            empty = [i for i, s in enumerate(steps) if not s.strip()]
+            if empty:  # (trained on non-empty steps only: its score would be read off the separator alone)
+                raise ValueError(f"solution {j}: step {empty[0]} is empty; a PRM scores non-empty steps (drop the "
+                                 "empty ones, as posttrain.stages.online_rl.split_steps does)")
             # stripped as the training rows' steps were (posttrain.data.steps.to_step_record)
             ids, pos = tokenize_steps(self.tok, p, [s.strip() for s in steps], self.separator)
             examples.append(StepExample(ids, pos, [0.0] * len(pos), ""))
