@@ -8,6 +8,9 @@ import sys
 from rich.console import Console
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
+if not console.is_terminal and "COLUMNS" not in os.environ:
+    # written to a file or pipe (a log, CI): rich's 80 columns cut the tables' headers to "accu…"
+    console.width = 160
 
 
 def is_main_process() -> bool:
