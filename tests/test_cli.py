@@ -248,7 +248,7 @@ def test_pass_at_k_by_hand():
     assert pass_ks(1) == [] and pass_ks(2) == [2] and pass_ks(8) == [2, 4, 8] and pass_ks(12) == [2, 4, 8, 12]
 
 
-def test_recipes_ship_in_the_package_and_are_found_by_name(tmp_path, monkeypatch):
+def test_recipes_ship_in_the_package_and_are_found_by_name(tmp_path, monkeypatch, capsys):
     """An installed wheel has no checkout around it: the demo's recipe lies inside the package
     (it was read from the checkout's recipes/, missing from a wheel), the recipes are package
     data, and a recipe or stage config is found by name from any directory."""
@@ -268,7 +268,9 @@ def test_recipes_ship_in_the_package_and_are_found_by_name(tmp_path, monkeypatch
     for name in ("reasoning", "reasoning.yaml", "recipes/reasoning.yaml"):
         assert config_file(name) == RECIPE
     assert load_recipe("reasoning", quick=True).stages
+    capsys.readouterr()
     assert config_file("recipes/sft.yaml") == BUNDLED_RECIPES / "sft.yaml"
+    assert "recipes/sft.yaml: not in" in capsys.readouterr().err  # a path not found here: says what is read
     (tmp_path / "recipes").mkdir()
     (tmp_path / "recipes" / "sft.yaml").write_text("lr: 1.0e-4\n")  # a file of that name wins
     assert config_file("recipes/sft.yaml") == Path("recipes/sft.yaml")
