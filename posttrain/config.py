@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from posttrain.log import log
+
 T = TypeVar("T")
 
 
@@ -264,10 +266,8 @@ def config_file(path: str | Path, what: str = "config file") -> Path:
     if p.is_file():
         return p
     name = p.name if p.suffix in (".yaml", ".yml") else p.name + ".yaml"
-    if len(p.parts) <= 2 and (len(p.parts) == 1 or p.parts[0] == "recipes") and (BUNDLED_RECIPES / name).is_file():
-        if len(p.parts) == 2 or p.suffix:  # (a path-like name not found here: say which file is read instead)
-            from posttrain.log import log
-
+    if p.parent in (Path("."), Path("recipes")) and (BUNDLED_RECIPES / name).is_file():
+        if p.parent != Path(".") or p.suffix:  # (a path-like name not found here: say which file is read instead)
             log(f"{p}: not in {Path.cwd()}; reading the bundled {BUNDLED_RECIPES / name}")
         return BUNDLED_RECIPES / name
     known = ", ".join(sorted(q.stem for q in BUNDLED_RECIPES.glob("*.yaml")))

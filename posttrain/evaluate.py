@@ -87,7 +87,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def pass_ks(k: int) -> list[int]:
     """The j of the pass@j reported from k samples a question: powers of two from 2, and k."""
-    return sorted({2 ** i for i in range(1, k.bit_length()) if 2 ** i <= k} | ({k} if k > 1 else set()))
+    return sorted({2 ** i for i in range(1, k.bit_length())} | ({k} if k > 1 else set()))
 
 
 def evaluate_items(model, tok, items: list[EvalItem], max_new_tokens: int = 256, batch_size: int = 16,
